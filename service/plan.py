@@ -1,0 +1,171 @@
+"""The plan: a job spec expanded into stages with their batch, step and sample ranges.
+
+Pure and deterministic. Everything derived from it (LR, momentum, resolution, data order) is a
+function of (plan, step), so none of it is checkpointed.
+
+Drop-last semantics: a stage trains on ``subset = floor(data_fraction * N)`` samples. Each epoch
+takes ``steps_per_epoch = subset // global_batch`` full optimizer steps and drops the remainder
+(a different remainder each epoch, since every epoch is a fresh permutation). A fractional
+``epochs`` value runs ``floor(epochs * steps_per_epoch)`` steps; the last, partial epoch takes the
+first steps of its permutation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+
+from pydantic import BaseModel, ConfigDict
+
+from service.spec import JobSpec, LRScalingSpec, ScheduleSpec, SpecError
+
+PLAN_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StagePlan(_Frozen):
+    index: int  # 0-based; shown to users as stage index + 1
+    resolution: int
+    epochs: float
+    data_fraction: float
+    subset_size: int
+    workers: int
+    batch_size: int  # per-worker micro-batch
+    grad_accum: int
+    global_batch: int
+    steps_per_epoch: int
+    steps: int
+    step_start: int  # global optimizer-step range [step_start, step_end)
+    step_end: int
+    sample_start: int  # samples seen before the stage / after it
+    sample_end: int
+    lr_scale: float  # batch-size rule factor, multiplies the LR curve
+    max_lr: float  # curve peak (stage override or schedule.max_lr), before lr_scale
+    pct_start: float
+    compile: bool
+
+    @property
+    def samples(self) -> int:
+        return self.sample_end - self.sample_start
+
+    def epoch_of(self, step: int) -> int:
+        return (step - self.step_start) // self.steps_per_epoch
+
+
+class Plan(_Frozen):
+    version: int = PLAN_VERSION
+    dataset_size: int
+    seed: int
+    schedule: ScheduleSpec
+    lr_scaling: LRScalingSpec
+    reference_batch: int
+    momentum: float  # the optimizer's own momentum / beta1, used where momentum is not cycled
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return self.stages[-1].step_end
+
+    @property
+    def total_samples(self) -> int:
+        return self.stages[-1].sample_end
+
+    def stage_at(self, step: int) -> StagePlan:
+        """The stage that optimizer step ``step`` (0-based, global) belongs to."""
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} is outside the plan's {self.total_steps} optimizer steps")
+        starts = [s.step_start for s in self.stages]
+        return self.stages[bisect.bisect_right(starts, step) - 1]
+
+    def samples_before(self, step: int) -> int:
+        """Samples consumed by all optimizer steps before ``step``."""
+        if step == self.total_steps:
+            return self.total_samples
+        stage = self.stage_at(step)
+        return stage.sample_start + (step - stage.step_start) * stage.global_batch
+
+    def plan_hash(self) -> str:
+        return _hash(self.model_dump_json())
+
+    def stage_hash(self, index: int) -> str:
+        """Hash of what stage ``index`` did: its own numbers and the LR curve parameters."""
+        s = self.stages[index]
+        return _hash(s.model_dump_json() + self.schedule.model_dump_json() + self.lr_scaling.model_dump_json()
+                     + f"{self.dataset_size}/{self.seed}")
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def lr_scale(rule: str, global_batch: int, reference_batch: int) -> float:
+    ratio = global_batch / reference_batch
+    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+
+
+def build_plan(spec: JobSpec, dataset_size: int | None = None) -> Plan:
+    """Expand ``spec`` into a :class:`Plan`. ``dataset_size`` defaults to the size of the spec's
+    training split (which reads the data source's index, not the images)."""
+    if dataset_size is None:
+        from workers.data import dataset_size as _size
+
+        dataset_size = _size(spec.data)
+    problems = []
+    reference = spec.lr_scaling.reference_batch or spec.stages[0].global_batch
+    stages, step, sample = [], 0, 0
+    for i, st in enumerate(spec.stages):
+        subset = math.floor(st.data_fraction * dataset_size)
+        gb = st.global_batch
+        per_epoch = subset // gb
+        steps = math.floor(st.epochs * per_epoch)
+        if per_epoch == 0:
+            problems.append(
+                f"stages[{i}].batch_size: global batch {gb} (batch_size {st.batch_size} x workers {st.workers}"
+                f" x grad_accum {st.grad_accum}) exceeds the stage's {subset} samples"
+                f" (data_fraction {st.data_fraction} x {dataset_size})"
+            )
+            continue
+        if steps == 0:
+            problems.append(
+                f"stages[{i}].epochs: {st.epochs} epochs of {per_epoch} steps is less than one optimizer step"
+            )
+            continue
+        max_lr = st.max_lr or spec.schedule.max_lr
+        pct = st.pct_start or spec.schedule.pct_start
+        if spec.schedule.strategy == "per_stage_onecycle" and not pct * steps > 1:
+            problems.append(
+                f"stages[{i}].pct_start: per_stage_onecycle needs pct_start x steps > 1, got {pct} x {steps}"
+            )
+        if spec.schedule.strategy == "per_stage_cosine" and spec.schedule.min_lr >= max_lr:
+            problems.append(f"stages[{i}].max_lr: must exceed schedule.min_lr {spec.schedule.min_lr}, got {max_lr}")
+        stages.append(
+            StagePlan(
+                index=i, resolution=st.resolution, epochs=st.epochs, data_fraction=st.data_fraction,
+                subset_size=subset, workers=st.workers, batch_size=st.batch_size, grad_accum=st.grad_accum,
+                global_batch=gb, steps_per_epoch=per_epoch, steps=steps,
+                step_start=step, step_end=step + steps, sample_start=sample, sample_end=sample + steps * gb,
+                lr_scale=lr_scale(spec.lr_scaling.rule, gb, reference), max_lr=max_lr, pct_start=pct,
+                compile=st.compile,
+            )
+        )
+        step += steps
+        sample += steps * gb
+    if problems:
+        raise SpecError(problems, source=spec.name)
+    plan = Plan(
+        dataset_size=dataset_size, seed=spec.seed, schedule=spec.schedule, lr_scaling=spec.lr_scaling,
+        reference_batch=reference, momentum=spec.momentum, stages=tuple(stages),
+    )
+    if spec.schedule.strategy == "global_onecycle":
+        from workers.schedules import onecycle_length
+
+        if not spec.schedule.pct_start * onecycle_length(plan) > 1:
+            raise SpecError([
+                f"schedule.pct_start: global_onecycle needs pct_start x total steps > 1,"
+                f" got {spec.schedule.pct_start} x {onecycle_length(plan):g}"
+            ], source=spec.name)
+    return plan

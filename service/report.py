@@ -1,0 +1,83 @@
+"""Human-facing views of a plan and of a run: tables, per-step CSV rows, plots."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+
+from rich.table import Table
+
+from service.plan import Plan
+from workers.schedules import lr_momentum
+
+CSV_FIELDS = ["step", "stage", "epoch", "resolution", "global_batch", "samples_seen", "lr", "momentum"]
+
+
+def step_rows(plan: Plan) -> Iterable[dict]:
+    """One row per optimizer step, as the workers will run it. ``stage`` is 1-based, ``epoch`` 0-based
+    within the stage, ``samples_seen`` counts this step's samples."""
+    for stage in plan.stages:
+        for step in range(stage.step_start, stage.step_end):
+            lr, momentum = lr_momentum(plan, step)
+            yield {
+                "step": step,
+                "stage": stage.index + 1,
+                "epoch": stage.epoch_of(step),
+                "resolution": stage.resolution,
+                "global_batch": stage.global_batch,
+                "samples_seen": plan.samples_before(step) + stage.global_batch,
+                "lr": lr,
+                "momentum": momentum,
+            }
+
+
+def write_csv(plan: Plan, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in step_rows(plan):
+            writer.writerow({**row, "lr": repr(row["lr"]), "momentum": repr(row["momentum"])})
+
+
+def plan_table(plan: Plan, title: str = "") -> Table:
+    table = Table(title=title or None, title_justify="left")
+    for col in ["stage", "res", "data", "samples", "epochs", "workers", "batch/worker", "accum", "global batch",
+                "steps", "LR factor", "LR range"]:
+        table.add_column(col, justify="right")
+    for s in plan.stages:
+        lrs = [lr_momentum(plan, k)[0] for k in range(s.step_start, s.step_end)]
+        table.add_row(
+            str(s.index + 1), f"{s.resolution}px", f"{s.data_fraction:g}", f"{s.subset_size:,}", f"{s.epochs:g}",
+            str(s.workers), str(s.batch_size), str(s.grad_accum), str(s.global_batch), f"{s.steps:,}",
+            f"{s.lr_scale:.4g}", f"{min(lrs):.3g} - {max(lrs):.3g}",
+        )
+    table.add_section()
+    table.add_row("total", "", "", f"{plan.total_samples:,} seen", "", "", "", "", "", f"{plan.total_steps:,}", "", "")
+    return table
+
+
+def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples") -> None:
+    """LR, momentum, resolution and global batch against samples (or steps), stage boundaries dashed.
+    Several plans (e.g. the three strategies) are overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    for label, plan in plans.items():
+        rows = list(step_rows(plan))
+        x = [r["samples_seen"] if x_axis == "samples" else r["step"] for r in rows]
+        for ax, key in zip(axes, ["lr", "momentum", "resolution", "global_batch"], strict=True):
+            ax.plot(x, [r[key] for r in rows], label=label, drawstyle="steps-post" if key in ("resolution", "global_batch") else "default")
+    first = next(iter(plans.values()))
+    for ax, name in zip(axes, ["learning rate", "momentum", "resolution (px)", "global batch"], strict=True):
+        ax.set_ylabel(name)
+        for s in first.stages[1:]:
+            ax.axvline(s.sample_start if x_axis == "samples" else s.step_start, color="grey", linestyle="--", lw=0.8)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[-1].set_xlabel("samples seen" if x_axis == "samples" else "optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,365 @@
+"""The job spec: one versioned, validated YAML file per training job.
+
+Field names here are a contract with users, examples and tests: add fields, never rename them.
+Every validation error is reported as ``path.to.field: what was expected, got what`` (see
+``SpecError``), never as a pydantic traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+
+class SpecError(ValueError):
+    """An invalid job spec. ``problems`` holds one ``path: message`` line per mistake."""
+
+    def __init__(self, problems: list[str], source: str = "job spec"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: invalid job spec\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ModelSpec(_Model):
+    arch: str = Field(description="torchvision.models builder name, e.g. resnet18, resnet50, mobilenet_v3_small")
+    num_classes: Annotated[int, Field(ge=2)]
+    in_channels: Literal[1, 3] = 3
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from workers.models import available_archs
+
+        archs = available_archs()
+        if v not in archs:
+            hint = difflib.get_close_matches(v, archs, n=1)
+            raise ValueError(
+                f"unknown torchvision architecture {v!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "; see torchvision.models.list_models()")
+            )
+        return v
+
+
+class _DataBase(_Model):
+    loader_workers: NonNegInt = Field(2, description="DataLoader worker processes per Ray worker")
+    val_batch_size: PositiveInt = 256
+
+
+class SyntheticData(_DataBase):
+    kind: Literal["synthetic"]
+    size: PositiveInt = Field(description="training samples")
+    val_size: PositiveInt = 512
+    num_classes: Annotated[int, Field(ge=2)] = 10
+
+
+class FashionMNISTData(_DataBase):
+    kind: Literal["fashion_mnist"]
+    root: str | None = Field(None, description="folder with the IDX .gz files; default: Debian's dataset-fashion-mnist")
+
+
+class ImageFolderData(_DataBase):
+    kind: Literal["imagefolder"]
+    train: str = Field(description="local folder or fsspec URL laid out as torchvision's ImageFolder")
+    val: str | None = None
+
+
+DataSpec = Annotated[SyntheticData | FashionMNISTData | ImageFolderData, Field(discriminator="kind")]
+
+
+class SGDSpec(_Model):
+    name: Literal["sgd"]
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: true needs momentum > 0")
+        return self
+
+
+class AdamWSpec(_Model):
+    name: Literal["adamw"]
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+
+
+OptimizerSpec = Annotated[SGDSpec | AdamWSpec, Field(discriminator="name")]
+
+
+class ScheduleSpec(_Model):
+    strategy: Literal["global_onecycle", "per_stage_onecycle", "per_stage_cosine"] = "global_onecycle"
+    max_lr: PositiveFloat
+    pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    div_factor: PositiveFloat = 25.0
+    final_div_factor: PositiveFloat = 1e4
+    anneal: Literal["cos", "linear"] = "cos"
+    cycle_momentum: bool = True
+    base_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    max_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    progress: Literal["samples", "steps"] = "samples"
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _momentum_order(self):
+        if self.cycle_momentum and self.base_momentum > self.max_momentum:
+            raise ValueError(
+                f"base_momentum ({self.base_momentum}) must be <= max_momentum ({self.max_momentum})"
+            )
+        if self.min_lr >= self.max_lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be < max_lr ({self.max_lr})")
+        return self
+
+
+class LRScalingSpec(_Model):
+    rule: Literal["linear", "sqrt", "none"] = "linear"
+    reference_batch: PositiveInt | None = Field(
+        None, description="global batch at which max_lr holds; default: stage 1's global batch"
+    )
+    ramp_steps: NonNegInt = 0
+
+
+class StageSpec(_Model):
+    resolution: Annotated[int, Field(ge=8, le=4096)]
+    epochs: PositiveFloat
+    data_fraction: float = 1.0
+    batch_size: PositiveInt = Field(description="per-worker micro-batch")
+    workers: PositiveInt = 1
+    grad_accum: PositiveInt = 1
+    max_lr: PositiveFloat | None = Field(None, description="per_stage_onecycle / per_stage_cosine override")
+    pct_start: Annotated[float, Field(gt=0, lt=1)] | None = None
+    compile: bool = Field(False, description="torch.compile the model for this stage")
+
+    @field_validator("data_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers * self.grad_accum
+
+
+class CheckpointSpec(_Model):
+    storage: str = Field("./runs", description="fsspec URL or local path; s3://bucket/prefix via s3fs")
+    every_n_steps: NonNegInt = Field(0, description="periodic checkpoints; 0 = stage boundaries only")
+    keep_last: PositiveInt = 2
+    keep_stage_checkpoints: bool = True
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="non-secret fsspec options, e.g. {client_kwargs: {region_name: ...}}"
+    )
+
+
+class ResourcesSpec(_Model):
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+
+
+class FailureSpec(_Model):
+    max_failures: Annotated[int, Field(ge=-1)] = 0
+
+
+class MetricsSpec(_Model):
+    every_n_steps: PositiveInt = Field(5, description="optimizer steps between ray.train.report calls")
+
+
+class PreemptionSpec(_Model):
+    grace_seconds: PositiveFloat = 30.0
+
+
+class TrainSpec(_Model):
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU")
+
+
+class JobSpec(_Model):
+    version: Literal[1] = SPEC_VERSION
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    seed: NonNegInt = 0
+    deterministic: bool = False
+    keep_global_batch: bool = False
+    model: ModelSpec
+    data: DataSpec
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec
+    lr_scaling: LRScalingSpec = LRScalingSpec()
+    stages: Annotated[list[StageSpec], Field(min_length=1)]
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    failure: FailureSpec = FailureSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    preemption: PreemptionSpec = PreemptionSpec()
+    train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if isinstance(self.data, SyntheticData) and self.data.num_classes > self.model.num_classes:
+            raise ValueError(
+                f"data.num_classes ({self.data.num_classes}) exceeds model.num_classes ({self.model.num_classes})"
+            )
+        if isinstance(self.data, FashionMNISTData) and self.model.num_classes < 10:
+            raise ValueError(f"model.num_classes: fashion_mnist has 10 classes, got {self.model.num_classes}")
+        return self
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    @property
+    def momentum(self) -> float:
+        """The optimizer's own momentum (SGD momentum or AdamW beta1), used when it is not cycled."""
+        return self.optimizer.momentum if isinstance(self.optimizer, SGDSpec) else self.optimizer.betas[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and error formatting
+
+
+def load_spec(path: str) -> JobSpec:
+    """Read and validate a job file (local path or fsspec URL)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise SpecError([f"file not found: {path}"], source=path) from None
+    return parse_spec(text, source=path)
+
+
+def parse_spec(text: str, source: str = "job spec") -> JobSpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError([f"malformed YAML at {where}: {problem}"], source=source) from None
+    if not isinstance(raw, dict):
+        raise SpecError([f"expected a mapping of fields at the top level, got {type(raw).__name__}"], source)
+    return validate_spec(raw, source)
+
+
+def validate_spec(raw: dict, source: str = "job spec") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError([_describe(err) for err in e.errors()], source=source) from None
+
+
+def _describe(err: dict) -> str:
+    path, model = _path(err["loc"])
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        known = list(model.model_fields) if model else []
+        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        suffix = f"; did you mean {hint[0]!r}?" if hint else (f"; expected one of {', '.join(known)}" if known else "")
+        return f"{path}: unknown field{suffix}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    if kind in ("literal_error", "union_tag_invalid"):
+        expected = ctx.get("expected") or ctx.get("expected_tags", "")
+        options = [o.strip().strip("'") for o in str(expected).replace(" or ", ",").split(",") if o.strip()]
+        value = ctx.get("tag", got)
+        hint = difflib.get_close_matches(str(value), options, n=1)
+        msg = f"{path}: expected one of {', '.join(repr(o) for o in options)}, got {value!r}"
+        return msg + (f"; did you mean {hint[0]!r}?" if hint else "")
+    if kind == "union_tag_not_found":
+        return f"{path}: missing the {ctx.get('discriminator', 'kind')} field that selects the variant"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{path}: must be {bounds[kind]} {limit}, got {got!r}"
+    if kind == "value_error":
+        return f"{path}: {str(ctx.get('error', err['msg']))}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        expected = kind.replace("_parsing", "").replace("_type", "").replace("_", " ")
+        return f"{path}: expected {expected}, got {got!r}"
+    return f"{path}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+
+
+def _path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """Render a pydantic error location as ``stages[2].data_fraction`` and find the model that owns
+    the last key (for did-you-mean). Discriminator tags that pydantic inserts are dropped."""
+    parts: list[str] = []
+    tp: Any = JobSpec
+    owner: type[BaseModel] | None = JobSpec
+    for item in loc[:-1] if loc else ():
+        tp = _unwrap(tp)
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            args = typing.get_args(tp)
+            tp = args[0] if args else Any
+            continue
+        members = _union_members(tp)
+        if members and item in members:  # discriminator tag inserted by pydantic
+            tp = members[item]
+            continue
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and item in tp.model_fields:
+            parts.append(("." if parts else "") + item)
+            tp = tp.model_fields[item].annotation
+        else:
+            parts.append(("." if parts else "") + str(item))
+            tp = Any
+    tp = _unwrap(tp)
+    owner = tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+    if loc:
+        last = loc[-1]
+        if isinstance(last, int):
+            parts.append(f"[{last}]")
+        elif not (_union_members(tp) and last in _union_members(tp)):
+            parts.append(("." if parts else "") + str(last))
+    return ("".join(parts) or "(top level)"), owner
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return tp
+
+
+def _union_members(tp: Any) -> dict[str, type[BaseModel]]:
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) not in (Union, types.UnionType):
+        return {}
+    out = {}
+    for member in typing.get_args(tp):
+        member = _unwrap(member)
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            for name in ("kind", "name"):
+                field = member.model_fields.get(name)
+                if field is not None and typing.get_origin(field.annotation) is Literal:
+                    out[typing.get_args(field.annotation)[0]] = member
+    return out
+
+
+def json_schema() -> str:
+    return json.dumps(JobSpec.model_json_schema(), indent=2)

@@ -1,0 +1,230 @@
+"""Data: sources (synthetic, Fashion-MNIST, image folders), per-stage transforms, and the sampler.
+
+Which sample goes to which rank at which optimizer step is a pure function of
+(seed, stage, epoch, step) -- see :class:`StageSampler` -- and so is every random crop and flip
+(each sample's augmentation is seeded by (seed, stage, epoch, index)). That is what lets a run
+resume mid-epoch, even on a different number of workers, with no repeated and no skipped samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+from collections.abc import Iterator, Sequence
+
+import fsspec
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+from service.spec import DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
+CROP_SCALE = (0.35, 1.0)  # random-resized-crop area range (as fast.ai / FFCV recipes)
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix-style, stable across processes)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h ^= (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+class SyntheticImages(Dataset):
+    """Deterministic class-conditional images: a per-class low-frequency pattern plus per-sample noise,
+    so a model can learn them (accuracy is a meaningful smoke signal) and every index is reproducible."""
+
+    def __init__(self, size: int, num_classes: int, channels: int, seed: int, split: str, base: int = 32):
+        self.size, self.num_classes, self.channels, self.base = size, num_classes, channels, base
+        self.seed = _mix(seed, 0 if split == "train" else 1)
+        g = torch.Generator().manual_seed(_mix(seed, 7))
+        low = torch.rand(num_classes, channels, 4, 4, generator=g)
+        self.prototypes = torch.nn.functional.interpolate(low, size=(base, base), mode="bilinear")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def label(self, index: int) -> int:
+        return _mix(self.seed, index) % self.num_classes
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        y = self.label(index)
+        g = torch.Generator().manual_seed(_mix(self.seed, index, 1))
+        x = self.prototypes[y] + 0.35 * torch.randn(self.channels, self.base, self.base, generator=g)
+        return (x.clamp(0, 1) * 255).to(torch.uint8), y
+
+
+class IDXImages(Dataset):
+    """Fashion-MNIST (or MNIST) from its gzipped IDX files, held in memory as uint8."""
+
+    def __init__(self, root: str, split: str):
+        prefix = "train" if split == "train" else "t10k"
+        self.images = _read_idx(f"{root}/{prefix}-images-idx3-ubyte.gz")
+        self.labels = _read_idx(f"{root}/{prefix}-labels-idx1-ubyte.gz").long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].unsqueeze(0), int(self.labels[index])
+
+
+def _read_idx(url: str) -> torch.Tensor:
+    with fsspec.open(url, "rb") as f:
+        data = gzip.decompress(f.read())
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
+
+
+def _idx_count(url: str) -> int:
+    with fsspec.open(url, "rb", compression="gzip") as f:
+        return struct.unpack(">I", f.read(8)[4:8])[0]
+
+
+class ImageFolderImages(Dataset):
+    """torchvision's ImageFolder layout (``root/<class>/<image>``) on a local folder or any fsspec URL.
+    JPEGs are decoded in draft mode near the stage resolution, so low-resolution stages decode faster."""
+
+    def __init__(self, root: str, channels: int):
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.mode = "L" if channels == 1 else "RGB"
+        self.classes = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)
+                              if self.fs.isdir(p))
+        if not self.classes:
+            raise ValueError(f"data: no class folders under {root} (expected {root}/<class>/<image>)")
+        self.samples = [
+            (path, label)
+            for label, cls in enumerate(self.classes)
+            for path in sorted(self.fs.find(f"{self.root}/{cls}"))
+            if path.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        self.draft_size = None  # set per stage: decode JPEGs at >= this size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(io.BytesIO(self.fs.cat_file(path))) as img:
+            if self.draft_size and img.format == "JPEG":
+                img.draft(self.mode, (self.draft_size, self.draft_size))
+            img = img.convert(self.mode)
+            return v2.functional.pil_to_tensor(img), label
+
+
+def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset:
+    if isinstance(data, SyntheticData):
+        return SyntheticImages(data.size if split == "train" else data.val_size, data.num_classes, channels, seed, split)
+    if isinstance(data, FashionMNISTData):
+        if channels != 1:
+            raise ValueError("model.in_channels: fashion_mnist images are greyscale, set in_channels: 1")
+        return IDXImages(data.root or FASHION_MNIST_ROOT, split)
+    assert isinstance(data, ImageFolderData)
+    root = data.train if split == "train" else data.val
+    if root is None:
+        raise ValueError("data.val: no validation folder given")
+    return ImageFolderImages(root, channels)
+
+
+def dataset_size(data: DataSpec) -> int:
+    """Training samples, without loading images (the plan needs only this)."""
+    if isinstance(data, SyntheticData):
+        return data.size
+    if isinstance(data, FashionMNISTData):
+        root = data.root or FASHION_MNIST_ROOT
+        path = f"{root}/train-labels-idx1-ubyte.gz"
+        if not os.path.exists(path) and "://" not in root:
+            raise FileNotFoundError(
+                f"data: Fashion-MNIST not found at {root}; install Debian's dataset-fashion-mnist"
+                " (apt-get install dataset-fashion-mnist) or set data.root"
+            )
+        return _idx_count(path)
+    return len(ImageFolderImages(data.train, 3))
+
+
+# ------------------------------------------------------------------------------------- per stage
+
+
+class StageDataset(Dataset):
+    """A source at one stage's resolution. Train: random-resized-crop + horizontal flip; eval: resize +
+    center crop. Each sample's augmentation is seeded by (seed, stage, epoch, index)."""
+
+    def __init__(self, source: Dataset, resolution: int, train: bool, seed: int = 0, stage: int = 0):
+        self.source, self.resolution, self.train = source, resolution, train
+        self.seed, self.stage, self.epoch = seed, stage, 0
+        if isinstance(source, ImageFolderImages):
+            source.draft_size = resolution
+        if train:
+            self.transform = v2.Compose([
+                v2.RandomResizedCrop(resolution, scale=CROP_SCALE, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ])
+        else:
+            self.transform = v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.source[index]
+        if self.train:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.seed, self.stage, self.epoch, index))
+                image = self.transform(image)
+        else:
+            image = self.transform(image)
+        return (image.float() / 255 - MEAN) / STD, label
+
+
+def stage_subset(dataset_size: int, data_fraction: float, seed: int) -> torch.Tensor:
+    """The first ``floor(f * N)`` entries of one seeded permutation: later (larger) stages' subsets
+    contain the earlier ones."""
+    perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(_mix(seed, 11)))
+    return perm[: int(data_fraction * dataset_size)]
+
+
+class StageSampler(Sampler[int]):
+    """The indices one rank reads in one epoch of a stage, starting at optimizer step ``start_step``
+    of that epoch.
+
+    The epoch is a permutation of the stage subset seeded by (seed, stage, epoch). Optimizer step k
+    consumes its entries ``[k * G, (k + 1) * G)`` (G = global batch), laid out as
+    ``[grad_accum, world_size, micro_batch]``: rank r's micro-step a reads row (a, r). Ranks therefore
+    see disjoint samples, and the order depends only on the step, so resuming at step k on another
+    world size (with the same global batch) reads exactly the remaining samples."""
+
+    def __init__(self, subset: torch.Tensor, seed: int, stage: int, epoch: int, steps: int, micro_batch: int,
+                 world_size: int, rank: int, grad_accum: int = 1, start_step: int = 0):
+        self.subset, self.steps, self.start_step = subset, steps, start_step
+        self.micro_batch, self.world_size, self.rank, self.grad_accum = micro_batch, world_size, rank, grad_accum
+        self.global_batch = micro_batch * world_size * grad_accum
+        if steps * self.global_batch > len(subset):
+            raise ValueError(f"{steps} steps of {self.global_batch} exceed the stage's {len(subset)} samples")
+        self.generator_seed = _mix(seed, stage, epoch, 13)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.subset[torch.randperm(len(self.subset), generator=torch.Generator().manual_seed(self.generator_seed))]
+        used = order[: self.steps * self.global_batch].view(self.steps, self.grad_accum, self.world_size, self.micro_batch)
+        return iter(used[self.start_step :, :, self.rank, :].reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.grad_accum * self.micro_batch
+
+
+def split_evenly(items: Sequence, world_size: int, rank: int) -> Sequence:
+    """Rank ``rank``'s contiguous share of ``items`` (for evaluation; shares differ by at most one)."""
+    per, extra = divmod(len(items), world_size)
+    start = rank * per + min(rank, extra)
+    return items[start : start + per + (rank < extra)]

@@ -181,7 +181,7 @@ def test_global_onecycle_never_reheats(progress):
               {"resolution": 32, "epochs": 1, "data_fraction": 1.0, "batch_size": 32, "workers": 1}]
     plan = build_plan(make_spec(stages=stages, schedule={"progress": progress}, lr_scaling={"rule": "linear"}), N)
     lrs = [curve(plan, k)[0] for k in range(plan.total_steps)]  # scale factor removed
-    diffs = [abs(b - a) for a, b in zip(lrs, lrs[1:])]
+    diffs = [abs(b - a) for a, b in zip(lrs, lrs[1:], strict=False)]
     boundaries = {s.step_start - 1 for s in plan.stages[1:]}
     within = max(d for k, d in enumerate(diffs) if k not in boundaries)
     for k in boundaries:

@@ -30,7 +30,8 @@ class SpecError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan: `epochs: .inf` would pass `gt=0` and then overflow in the plan.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -93,7 +94,8 @@ class SGDSpec(_Model):
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self):
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov: true needs momentum > 0")
+            raise ValueError(f"nesterov: true needs momentum > 0, got momentum {self.momentum}; "
+                             "set momentum or nesterov: false")
         return self
 
 
@@ -124,10 +126,11 @@ class ScheduleSpec(_Model):
     def _momentum_order(self):
         if self.cycle_momentum and self.base_momentum > self.max_momentum:
             raise ValueError(
-                f"base_momentum ({self.base_momentum}) must be <= max_momentum ({self.max_momentum})"
+                f"base_momentum: must be <= max_momentum ({self.max_momentum}) when cycle_momentum is true,"
+                f" got {self.base_momentum}"
             )
         if self.min_lr >= self.max_lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be < max_lr ({self.max_lr})")
+            raise ValueError(f"min_lr: must be < max_lr ({self.max_lr}), got {self.min_lr}")
         return self
 
 
@@ -218,10 +221,12 @@ class JobSpec(_Model):
     def _consistent(self):
         if isinstance(self.data, SyntheticData) and self.data.num_classes > self.model.num_classes:
             raise ValueError(
-                f"data.num_classes ({self.data.num_classes}) exceeds model.num_classes ({self.model.num_classes})"
+                f"data.num_classes: must be <= model.num_classes ({self.model.num_classes}), got {self.data.num_classes}"
             )
         if isinstance(self.data, FashionMNISTData) and self.model.num_classes < 10:
-            raise ValueError(f"model.num_classes: fashion_mnist has 10 classes, got {self.model.num_classes}")
+            raise ValueError(
+                f"model.num_classes: must be >= 10 for data.kind fashion_mnist (10 classes), got {self.model.num_classes}"
+            )
         return self
 
     def spec_hash(self) -> str:
@@ -256,9 +261,16 @@ def parse_spec(text: str, source: str = "job spec") -> JobSpec:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(e, "problem", None) or str(e)
+        # The context says where the unfinished construct began (an unclosed bracket or quote).
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start and (start.line, start.column) != (mark.line, mark.column):
+            problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+        if "'\\t'" in problem:
+            problem += "; indent YAML with spaces, not tabs"
         raise SpecError([f"malformed YAML at {where}: {problem}"], source=source) from None
     if not isinstance(raw, dict):
-        raise SpecError([f"expected a mapping of fields at the top level, got {type(raw).__name__}"], source)
+        got = "an empty document" if raw is None else f"{type(raw).__name__} {_show(raw)}"
+        raise SpecError([f"(top level): expected a mapping of fields (name, model, data, ...), got {got}"], source)
     return validate_spec(raw, source)
 
 
@@ -269,70 +281,149 @@ def validate_spec(raw: dict, source: str = "job spec") -> JobSpec:
         raise SpecError([_describe(err) for err in e.errors()], source=source) from None
 
 
+# What pydantic's type errors expect, in the words a spec author would use.
+_EXPECTED = {
+    "model_type": "a mapping of fields",
+    "model_attributes_type": "a mapping of fields",
+    "dict_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
 def _describe(err: dict) -> str:
-    path, model = _path(err["loc"])
+    """One ``path: what was expected, got what`` line for one pydantic error."""
+    path, owner, here = _path(err["loc"])
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     if kind == "extra_forbidden":
         key = str(err["loc"][-1])
-        known = list(model.model_fields) if model else []
+        known = list(owner.model_fields) if owner else []
         hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         suffix = f"; did you mean {hint[0]!r}?" if hint else (f"; expected one of {', '.join(known)}" if known else "")
-        return f"{path}: unknown field{suffix}"
+        return f"{path}: unknown field{_variant_note(err['loc'], key)}{suffix}"
     if kind == "missing":
         return f"{path}: required field is missing"
-    if kind in ("literal_error", "union_tag_invalid"):
-        expected = ctx.get("expected") or ctx.get("expected_tags", "")
-        options = [o.strip().strip("'") for o in str(expected).replace(" or ", ",").split(",") if o.strip()]
-        value = ctx.get("tag", got)
-        hint = difflib.get_close_matches(str(value), options, n=1)
-        msg = f"{path}: expected one of {', '.join(repr(o) for o in options)}, got {value!r}"
-        return msg + (f"; did you mean {hint[0]!r}?" if hint else "")
-    if kind == "union_tag_not_found":
-        return f"{path}: missing the {ctx.get('discriminator', 'kind')} field that selects the variant"
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
+    if kind == "invalid_key":  # a YAML key such as `1:`, `true:` or `null:`
+        return f"{_path(err['loc'][:-1])[0]}: field names must be strings, got the key {_show(got)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        # pydantic reports these at the union; name the tag field itself (data.kind, optimizer.name).
+        tag = str(ctx.get("discriminator", "kind")).strip("'")
+        path = _join(path, tag)
+        options = list(_union_members(here)) or _split_options(ctx.get("expected_tags", ""))
+        expected = ", ".join(repr(o) for o in options)
+        if kind == "union_tag_not_found":
+            return f"{path}: required field is missing; it selects the variant, one of {expected}"
+        value = got.get(tag, ctx.get("tag")) if isinstance(got, dict) else ctx.get("tag")
+        return f"{path}: expected one of {expected}, got {_show(value)}" + _did_you_mean(value, options)
+    if kind == "literal_error":
+        options = list(typing.get_args(here)) if typing.get_origin(here) is Literal else None
+        options = options or _split_options(ctx.get("expected", ""))
+        return (f"{path}: expected one of {', '.join(repr(o) for o in options)}, got {_show(got)}"
+                + _did_you_mean(got, options))
+    if kind in _BOUNDS:
         limit = next(iter(ctx.values()))
-        return f"{path}: must be {bounds[kind]} {limit}, got {got!r}"
-    if kind == "value_error":
-        return f"{path}: {str(ctx.get('error', err['msg']))}"
+        return f"{path}: must be {_BOUNDS[kind]} {limit}, got {_show(got)}"
+    if kind == "too_short":
+        n = ctx["actual_length"]
+        return f"{path}: must have at least {ctx['min_length']} item(s), got {'an empty list' if n == 0 else n}"
+    if kind == "too_long":
+        return f"{path}: must have at most {ctx['max_length']} item(s), got {ctx['actual_length']}"
+    if kind == "string_too_short":
+        return f"{path}: must be at least {ctx['min_length']} character(s) long, got {_show(got)}"
+    if kind == "string_too_long":
+        return f"{path}: must be at most {ctx['max_length']} characters long, got {len(got)} characters"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: must match the pattern {ctx['pattern']}, got {_show(got)}"
+    if kind in ("value_error", "assertion_error"):
+        message = str(ctx.get("error", err["msg"]))
+        # Model validators name the field they are about (``field: message``); move it into the path.
+        field, sep, rest = message.partition(": ")
+        if sep and _is_model(here) and field.split(".")[0] in here.model_fields:
+            return f"{_join(path, field)}: {rest}"
+        return f"{path}: {message}"
+    if kind in _EXPECTED:
+        return f"{path}: expected {_EXPECTED[kind]}, got {_show(got)}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         expected = kind.replace("_parsing", "").replace("_type", "").replace("_", " ")
-        return f"{path}: expected {expected}, got {got!r}"
-    return f"{path}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+        return f"{path}: expected {expected}, got {_show(got)}"
+    return f"{path}: {err['msg'][0].lower()}{err['msg'][1:]}, got {_show(got)}"
 
 
-def _path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
-    """Render a pydantic error location as ``stages[2].data_fraction`` and find the model that owns
-    the last key (for did-you-mean). Discriminator tags that pydantic inserts are dropped."""
+def _variant_note(loc: tuple, key: str) -> str:
+    """For an unknown field inside a tagged variant: which variant was chosen, and which variants
+    do have the field (``betas`` on ``name: sgd`` belongs to ``adamw``)."""
+    if len(loc) < 2:
+        return ""
+    members = _union_members(_path(loc[:-2])[2])
+    chosen = members.get(loc[-2])
+    if chosen is None:
+        return ""
+    tag = next(name for name in ("kind", "name") if name in chosen.model_fields)
+    others = [repr(t) for t, m in members.items() if m is not chosen and key in m.model_fields]
+    return f" for {tag} {loc[-2]!r}" + (f" (it belongs to {tag} {' or '.join(others)})" if others else "")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr`` of a user's value, shortened so that one bad field cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _did_you_mean(value: Any, options: list) -> str:
+    hint = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    return f"; did you mean {hint[0]!r}?" if hint and hint[0] != str(value) else ""
+
+
+def _split_options(expected: str) -> list[str]:
+    """Options from pydantic's ``'a', 'b' or 'c'`` text (fallback when the type is not at hand)."""
+    return [o.strip().strip("'") for o in str(expected).replace(" or ", ",").split(",") if o.strip()]
+
+
+def _join(path: str, field: str) -> str:
+    return field if path == "(top level)" else f"{path}.{field}"
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _path(loc: tuple) -> tuple[str, type[BaseModel] | None, Any]:
+    """Render a pydantic error location as ``stages[2].data_fraction``. Also returns the model that
+    owns the last key (for did-you-mean) and the type found at the location itself. Discriminator tags
+    that pydantic inserts are dropped; an integer is an index only inside a list; a key that is not an
+    identifier is written ``['max lr']``."""
     parts: list[str] = []
     tp: Any = JobSpec
-    owner: type[BaseModel] | None = JobSpec
-    for item in loc[:-1] if loc else ():
+    owner: type[BaseModel] | None = None
+    for item in loc:
         tp = _unwrap(tp)
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-            args = typing.get_args(tp)
-            tp = args[0] if args else Any
-            continue
+        owner = tp if _is_model(tp) else None
         members = _union_members(tp)
         if members and item in members:  # discriminator tag inserted by pydantic
             tp = members[item]
             continue
-        if isinstance(tp, type) and issubclass(tp, BaseModel) and item in tp.model_fields:
+        if isinstance(item, int) and typing.get_origin(tp) in (list, tuple):
+            parts.append(f"[{item}]")
+            args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            tp = args[min(item, len(args) - 1)] if args else Any
+            continue
+        # Keys that are not identifiers (`max lr`, `a.b`) are quoted so the path stays unambiguous.
+        if isinstance(item, str) and item.isidentifier():
             parts.append(("." if parts else "") + item)
-            tp = tp.model_fields[item].annotation
         else:
-            parts.append(("." if parts else "") + str(item))
-            tp = Any
-    tp = _unwrap(tp)
-    owner = tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-    if loc:
-        last = loc[-1]
-        if isinstance(last, int):
-            parts.append(f"[{last}]")
-        elif not (_union_members(tp) and last in _union_members(tp)):
-            parts.append(("." if parts else "") + str(last))
-    return ("".join(parts) or "(top level)"), owner
+            parts.append(f"[{item!r}]")
+        tp = tp.model_fields[item].annotation if _is_model(tp) and item in tp.model_fields else Any
+    return ("".join(parts) or "(top level)"), owner, _unwrap(tp)
 
 
 def _unwrap(tp: Any) -> Any:

@@ -9,6 +9,7 @@ import sys
 import click
 from rich.console import Console
 
+from checkpoints.storage import StorageError
 from service.spec import SpecError, json_schema, load_spec
 
 # Wide enough for the plan table when output is piped (rich would assume 80 columns).
@@ -28,7 +29,7 @@ def user_errors(fn):
             for p in e.problems:
                 err_console.print(f"  {p}", highlight=False, markup=False)
             sys.exit(2)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, StorageError) as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False)
             sys.exit(2)
 
@@ -79,6 +80,150 @@ def plan(job: str, csv_path: str | None, plot_path: str | None, compare: bool, x
                     plans[strategy] = build_plan(other, the_plan.dataset_size)
         plot_plans(plans, plot_path, x_axis)
         err_console.print(f"wrote {plot_path}")
+
+
+STORAGE_HELP = "Job storage (fsspec URL or local path); default: the spec's checkpoint.storage, or ./runs."
+
+
+def resolve_storage(url: str) -> str:
+    """Local paths become absolute: Ray workers do not share the driver's working directory."""
+    import os
+
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def _job_store(job_id: str, storage: str | None, options: dict | None = None):
+    from checkpoints.storage import Storage
+    from service.jobs import JobStore
+
+    return JobStore(Storage(resolve_storage(storage or "./runs"), options), job_id)
+
+
+def _finish(code: int, jobs, record) -> None:
+    from service.report import plot_metrics, summary_table
+
+    console.print(summary_table(record))
+    metrics = jobs.read_metrics()
+    if metrics:
+        import io
+
+        buf = io.BytesIO()
+        plot_metrics(metrics, buf)
+        jobs.storage.write_bytes(buf.getvalue(), "metrics.png")
+        err_console.print(f"job record, metrics and plot: {jobs.storage.url}/{{job.json,metrics.jsonl,metrics.png}}")
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("job", metavar="JOB.yaml")
+@click.option("--job-id", help="Default: <name>-<UTC time>-<random>.")
+@click.option("--storage", help=STORAGE_HELP)
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@user_errors
+def run(job: str, job_id: str | None, storage: str | None, address: str | None) -> None:
+    """Train a job: one Ray Train TorchTrainer per stage.
+
+    Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted (continue with `stagetrain resume`)."""
+    from checkpoints.storage import Storage
+    from service.jobs import JobRecord, JobStore, check_job_id, new_job_id
+    from service.plan import build_plan
+    from service.runner import JobRunner, RunOptions
+
+    spec = load_spec(job)
+    url = resolve_storage(storage or spec.checkpoint.storage)
+    job_id = check_job_id(job_id) if job_id else new_job_id(spec.name)
+    root = Storage(url, spec.checkpoint.storage_options)
+    jobs = JobStore(root, job_id)
+    if jobs.exists():
+        raise ValueError(f"job {job_id!r} already exists in {url}: continue it with `stagetrain resume {job_id}` "
+                         "or pick another --job-id")
+    root.probe()
+    plan = build_plan(spec)
+    record = JobRecord.create(job_id, spec, plan)
+    jobs.save(record)
+    err_console.print(f"job [bold]{job_id}[/] -> {jobs.storage.url}")
+    code = JobRunner(spec, plan, record, jobs, RunOptions(job_id=job_id, storage=url, address=address,
+                                                          console=err_console)).run()
+    _finish(code, jobs, record)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--storage", help=STORAGE_HELP)
+@user_errors
+def status(job_id: str, storage: str | None) -> None:
+    """Where a job is (reads the job record: works without a cluster)."""
+    from service.report import summary_table
+
+    jobs = _job_store(job_id, storage)
+    record = jobs.load()
+    console.print(summary_table(record))
+    console.print(f"step {record.current_step:,} of {record.total_steps:,} (stage {record.current_stage}); "
+                  f"updated {record.updated}", highlight=False)
+    if record.error:
+        console.print(f"[red]error:[/] {record.error}", highlight=False)
+    for line in record.events[-5:]:
+        console.print(f"  {line}", highlight=False, markup=False)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--storage", help=STORAGE_HELP)
+@click.option("--verify", is_flag=True, help="Download every file and check its sha256.")
+@user_errors
+def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
+    """List a job's checkpoints: tag, stage, step, size, age, verified."""
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    jobs = _job_store(job_id, storage)
+    infos = jobs.checkpoints.list(verify=verify)
+    table = Table(title=f"{job_id}: {len(infos)} checkpoint folders", title_justify="left")
+    for col in ["tag", "stage", "step", "size", "age", "verified"]:
+        table.add_column(col, justify="right")
+    bad = 0
+    for info in infos:
+        m = info.manifest
+        if info.problem:
+            bad += 1
+        age = ""
+        if m is not None:
+            age = f"{(datetime.now(timezone.utc) - datetime.fromisoformat(m.created)).total_seconds() / 60:.0f} min"
+        size = f"{sum(f.size for f in m.files.values()) / 2**20:.1f} MiB" if m else ""
+        verdict = f"[red]no: {info.problem}[/]" if info.problem else ("[green]yes[/]" if info.verified else "sizes ok")
+        table.add_row(info.tag, str(m.stage) if m else "", str(m.step) if m else "", size, age, verdict)
+    console.print(table)
+    if verify and bad:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--storage", help=STORAGE_HELP)
+@click.option("-o", "--output", help="PNG path (default: <storage>/<job-id>/metrics.png).")
+@click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)
+@user_errors
+def plot(job_id: str, storage: str | None, output: str | None, x_axis: str) -> None:
+    """Plot loss, accuracy, LR, momentum and resolution of a run against samples."""
+    import io
+
+    from service.report import plot_metrics
+
+    jobs = _job_store(job_id, storage)
+    jobs.load()
+    metrics = jobs.read_metrics()
+    if not metrics:
+        raise ValueError(f"job {job_id} has no metrics yet")
+    buf = io.BytesIO()
+    plot_metrics(metrics, buf, x_axis)
+    if output:
+        with open(output, "wb") as f:
+            f.write(buf.getvalue())
+    else:
+        jobs.storage.write_bytes(buf.getvalue(), "metrics.png")
+        output = f"{jobs.storage.url}/metrics.png"
+    err_console.print(f"wrote {output}")
 
 
 def main() -> None:

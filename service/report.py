@@ -81,3 +81,49 @@ def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples") -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summary_table(record) -> Table:
+    """Per stage: status, steps, time, throughput, validation accuracy (``stagetrain run`` / ``status``)."""
+    table = Table(title=f"{record.job_id}: {record.status}", title_justify="left")
+    for col in ["stage", "status", "workers", "attempts", "restarts", "time", "img/s", "val acc", "val loss", "checkpoint"]:
+        table.add_column(col, justify="right")
+    for s in record.stages:
+        table.add_row(str(s.stage), s.status, str(s.workers), str(s.attempts), str(s.restarts),
+                      f"{s.seconds:.0f}s" if s.seconds else "", f"{s.images_per_s:,.0f}" if s.images_per_s else "",
+                      f"{s.val_acc:.2%}" if s.val_acc is not None else "", f"{s.val_loss:.3f}" if s.val_loss is not None else "",
+                      s.checkpoint or "")
+    return table
+
+
+def plot_metrics(metrics: list[dict], path_or_file, x_axis: str = "samples") -> None:
+    """Loss, validation accuracy, LR, momentum and resolution of a run, stage boundaries dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m for m in metrics if m.get("kind", "step") == "step"]
+    ends = [m for m in metrics if m.get("kind") == "stage_end" and "val_acc" in m]
+    key = "samples_seen" if x_axis == "samples" else "step"
+    x = [m[key] for m in steps]
+    fig, axes = plt.subplots(5, 1, figsize=(9, 12), sharex=True)
+    axes[0].plot(x, [m["loss"] for m in steps], lw=0.8)
+    axes[0].set_ylabel("train loss")
+    by_step = {m["step"]: m for m in steps}
+    acc_x = [by_step[e["step"] - 1][key] for e in ends if e["step"] - 1 in by_step]
+    axes[1].plot(acc_x, [e["val_acc"] for e in ends if e["step"] - 1 in by_step], "o-")
+    axes[1].set_ylabel("val top-1")
+    for ax, k, name in zip(axes[2:], ["lr", "momentum", "resolution"], ["learning rate", "momentum", "resolution (px)"],
+                           strict=True):
+        ax.plot(x, [m[k] for m in steps], drawstyle="steps-post" if k == "resolution" else "default")
+        ax.set_ylabel(name)
+    boundaries = [b[key] for a, b in zip(steps, steps[1:], strict=False) if a["stage"] != b["stage"]]
+    for ax in axes:
+        for b in boundaries:
+            ax.axvline(b, color="grey", linestyle="--", lw=0.8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("samples seen" if x_axis == "samples" else "optimizer step")
+    fig.tight_layout()
+    fig.savefig(path_or_file, dpi=110, format="png")
+    plt.close(fig)

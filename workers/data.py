@@ -188,11 +188,11 @@ class StageDataset(Dataset):
         return (image.float() / 255 - MEAN) / STD, label
 
 
-def stage_subset(dataset_size: int, data_fraction: float, seed: int) -> torch.Tensor:
-    """The first ``floor(f * N)`` entries of one seeded permutation: later (larger) stages' subsets
-    contain the earlier ones."""
+def stage_subset(dataset_size: int, subset_size: int, seed: int) -> torch.Tensor:
+    """The first ``subset_size`` (= floor(f * N)) entries of one seeded permutation: later (larger)
+    stages' subsets contain the earlier ones."""
     perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(_mix(seed, 11)))
-    return perm[: int(data_fraction * dataset_size)]
+    return perm[:subset_size]
 
 
 class StageSampler(Sampler[int]):

@@ -1,0 +1,104 @@
+"""The coordinator's decisions, as values, computed in one place and tested without Ray.
+
+Given the job record, the plan and the latest committed checkpoint, ``next_action`` says what to do
+next; ``check_resume`` says whether a (possibly edited) spec may continue a job; ``fits_cluster``
+whether a stage can be placed at all. ``service.runner`` executes the decisions on Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from checkpoints.checkpointer import Manifest
+from service.jobs import JobRecord
+from service.plan import Plan
+from service.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RunStage:
+    stage: int  # 0-based index into plan.stages
+    start_step: int  # where the stage's workers will pick up (from the latest checkpoint)
+    attempt: int  # 1-based; makes the Ray run name unique
+
+
+@dataclass(frozen=True)
+class Finish:
+    pass
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+
+
+Action = RunStage | Finish | Fail
+
+
+def next_action(record: JobRecord, plan: Plan, latest: Manifest | None) -> Action:
+    step = latest.step if latest is not None else 0
+    if latest is not None and latest.plan_hash != plan.plan_hash() and latest.stage_hash != plan.stage_hash(latest.stage - 1):
+        return Fail(f"checkpoint {latest.tag} belongs to a different plan; see `stagetrain resume --help`")
+    if step >= plan.total_steps:
+        return Finish()
+    stage = plan.stage_at(step)
+    return RunStage(stage=stage.index, start_step=step, attempt=record.stages[stage.index].attempts + 1)
+
+
+def stage_completed(plan: Plan, stage: int, latest: Manifest | None) -> bool:
+    """A stage is complete only once its boundary checkpoint is committed."""
+    return latest is not None and latest.boundary and latest.step >= plan.stages[stage].step_end
+
+
+class IncompatibleResume(ValueError):
+    pass
+
+
+def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, new_plan: Plan, step: int) -> list[str]:
+    """May ``new_spec`` continue a job whose latest checkpoint is at ``step``? Stages already run (fully
+    or partly) must be unchanged, as must model and optimizer. Returns the changes to later stages
+    (to be recorded); raises ``IncompatibleResume`` explaining what differs otherwise."""
+    old_spec = record.job_spec()
+    problems = []
+    for field in ("model", "optimizer", "seed", "data"):
+        if getattr(old_spec, field) != getattr(new_spec, field):
+            problems.append(f"{field}: was {getattr(old_spec, field)!r}, now {getattr(new_spec, field)!r}")
+    if old_spec.schedule != new_spec.schedule or old_spec.lr_scaling != new_spec.lr_scaling:
+        problems.append("schedule / lr_scaling changed: the LR already applied would disagree with the new curve")
+    started = {s.index for s in old_plan.stages if s.step_start < step}  # ran at least one step
+    changes = []
+    for i in range(max(len(old_plan.stages), len(new_plan.stages))):
+        old = old_plan.stages[i] if i < len(old_plan.stages) else None
+        new = new_plan.stages[i] if i < len(new_plan.stages) else None
+        if old is not None and new is not None and old_plan.stage_hash(i) == new_plan.stage_hash(i):
+            continue
+        if i in started:
+            what = "removed" if new is None else _diff(old, new)
+            problems.append(f"stages[{i}] already ran (checkpoint at step {step}) and cannot change: {what}")
+        else:
+            changes.append(f"stages[{i}]: " + ("added" if old is None else "removed" if new is None else _diff(old, new)))
+    if problems:
+        raise IncompatibleResume("cannot resume job {}: {}".format(record.job_id, "; ".join(problems)))
+    return changes
+
+
+def _diff(old, new) -> str:
+    fields = ("resolution", "epochs", "data_fraction", "batch_size", "workers", "grad_accum", "max_lr", "pct_start")
+    return ", ".join(f"{f} {getattr(old, f)} -> {getattr(new, f)}" for f in fields
+                     if getattr(old, f) != getattr(new, f)) or "derived numbers changed"
+
+
+def fits_cluster(plan: Plan, stage: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float,
+                 cluster: dict[str, float]) -> str | None:
+    """None if the cluster can hold the stage's workers, else a message saying what is missing."""
+    s = plan.stages[stage]
+    need_cpu = s.workers * cpus_per_worker
+    have_cpu = cluster.get("CPU", 0)
+    if need_cpu > have_cpu:
+        return (f"stage {stage + 1} needs {s.workers} workers x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, but the "
+                f"Ray cluster has {have_cpu:g}; lower stages[{stage}].workers or resources.cpus_per_worker, "
+                "or add nodes")
+    if use_gpu and s.workers * gpus_per_worker > cluster.get("GPU", 0):
+        return (f"stage {stage + 1} needs {s.workers * gpus_per_worker:g} GPUs, but the Ray cluster has "
+                f"{cluster.get('GPU', 0):g}; lower stages[{stage}].workers or add GPU nodes")
+    return None

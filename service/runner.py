@@ -1,0 +1,280 @@
+"""Runs a job on Ray: one ``TorchTrainer`` per stage, acting on the decisions of ``service.decisions``.
+
+The driver (this process) owns the job record and metrics file. Workers report every few steps;
+a ``UserCallback`` on the Ray Train controller forwards the reports to the driver through a Ray
+queue, where they become progress bars, ``metrics.jsonl`` lines and job-record updates.
+
+Stage handover, worker restarts and ``stagetrain resume`` all go through the same door: workers
+load the newest committed checkpoint in ``<storage>/<job-id>/checkpoints`` (see ``checkpoints``).
+Ray Train's own checkpointing is not used, so there is exactly one "latest checkpoint".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as stdqueue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from checkpoints.checkpointer import git_revision
+from checkpoints.storage import Storage, forwarded_env
+from service.decisions import Fail, Finish, RunStage, fits_cluster, next_action, stage_completed
+from service.jobs import JobRecord, JobStore, now
+from service.plan import Plan
+from service.spec import JobSpec
+from workers.control import STOP_FILE
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED = 0, 1, 2, 75  # 75 = EX_TEMPFAIL: resume it later
+DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # else every report blocks ~2 s
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOptions:
+    job_id: str
+    storage: str
+    address: str | None = None
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+
+def connect_ray(address: str | None, spec: JobSpec) -> None:
+    import ray
+
+    env = {**DEFAULT_ENV, **{k: os.environ[k] for k in DEFAULT_ENV if k in os.environ}, **forwarded_env()}
+    if ray.is_initialized():
+        return
+    for k, v in env.items():  # a local cluster's controller inherits these
+        os.environ.setdefault(k, v)
+    if address:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        ray.init(address=address, runtime_env={
+            "env_vars": env, "py_modules": [os.path.join(here, m) for m in ("service", "workers", "checkpoints")]})
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=os.environ.get("STAGETRAIN_RAY_LOGS") == "1")
+
+
+def _ray_storage(spec: JobSpec, storage_url: str, job_id: str) -> dict:
+    """``RunConfig`` storage for Ray's own run files, inside the job folder on the same filesystem."""
+    store = Storage(storage_url, spec.checkpoint.storage_options)
+    if store.local:
+        return {"storage_path": os.path.abspath(store.path(job_id, "ray"))}
+    import pyarrow.fs
+
+    return {"storage_path": store.path(job_id, "ray"),
+            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))}
+
+
+def _make_callback(q):
+    from ray.train import UserCallback
+
+    class Forward(UserCallback):
+        """Runs on the Ray Train controller: forwards reports and worker errors to the driver."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            q.put({"report": metrics[0]})
+
+        def after_exception(self, run_context, worker_exceptions):
+            q.put({"worker_errors": {r: f"{type(e).__name__}: {e}" for r, e in worker_exceptions.items()}})
+
+    return Forward()
+
+
+class JobRunner:
+    def __init__(self, spec: JobSpec, plan: Plan, record: JobRecord, jobs: JobStore, options: RunOptions):
+        self.spec, self.plan, self.record, self.jobs, self.opt = spec, plan, record, jobs, options
+        self.stop = threading.Event()
+        self._grace_timer: threading.Timer | None = None
+
+    # -------------------------------------------------------------------------------- main loop
+
+    def run(self) -> int:
+        connect_ray(self.opt.address, self.spec)
+        self.jobs.storage.remove(STOP_FILE)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if threading.current_thread() is threading.main_thread() else None
+        try:
+            return self._loop()
+        finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _loop(self) -> int:
+        while True:
+            latest = self.jobs.checkpoints.latest(verify=False)
+            action = next_action(self.record, self.plan, latest[0] if latest else None)
+            if isinstance(action, Finish):
+                self.record.status = "succeeded"
+                self.record.current_step = self.plan.total_steps
+                self.jobs.save(self.record)
+                return EXIT_OK
+            if isinstance(action, Fail):
+                return self._fail(action.reason)
+            assert isinstance(action, RunStage)
+            outcome = self._run_stage(action)
+            if outcome is not None:
+                return outcome
+
+    def _run_stage(self, action: RunStage) -> int | None:
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
+
+        from workers.train import train_loop_per_worker
+
+        stage, spec = self.plan.stages[action.stage], self.spec
+        res = spec.resources
+        problem = fits_cluster(self.plan, action.stage, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker,
+                               ray.cluster_resources())
+        if problem:
+            return self._fail(problem)
+        srec = self.record.stages[action.stage]
+        srec.status, srec.attempts, srec.workers = "running", action.attempt, stage.workers
+        srec.started = srec.started or now()
+        self.record.status, self.record.current_stage, self.record.current_step = "running", stage.index + 1, action.start_step
+        if action.start_step > stage.step_start:
+            self.record.event(f"stage {stage.index + 1} continues from step {action.start_step} (attempt {action.attempt})")
+        self.jobs.save(self.record)
+
+        q = Queue(actor_options={"num_cpus": 0})
+        per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "spec": spec.model_dump(mode="json"), "plan": self.plan.model_dump(mode="json"),
+                "stage": action.stage, "job_id": self.record.job_id, "storage": self.opt.storage,
+                "provenance": {"git_revision": git_revision()},
+                "control": {"storage": self.opt.storage, "storage_options": spec.checkpoint.storage_options,
+                            "job_id": self.record.job_id, "grace_seconds": spec.preemption.grace_seconds},
+            },
+            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
+            run_config=RunConfig(
+                name=f"{self.record.job_id}-stage-{stage.index + 1}-attempt-{action.attempt}",
+                failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+                callbacks=[_make_callback(q)], **_ray_storage(spec, self.opt.storage, self.record.job_id)),
+        )
+        error: list[BaseException] = []
+        started = time.perf_counter()
+
+        def fit():
+            try:
+                trainer.fit()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                error.append(e)
+
+        thread = threading.Thread(target=fit, name=f"fit-stage-{stage.index + 1}", daemon=True)
+        thread.start()
+        end = self._follow(thread, q, stage, action.start_step)
+        ray.kill(q.actor)
+        srec.seconds += time.perf_counter() - started
+
+        latest = self.jobs.checkpoints.latest(verify=False)
+        manifest = latest[0] if latest else None
+        if manifest is not None:
+            self.record.current_step = manifest.step
+        if error:
+            srec.status = "failed"
+            return self._fail(f"stage {stage.index + 1} failed: {_root_cause(error[0])}")
+        if (end or {}).get("preempted") or self.stop.is_set():
+            srec.status = "preempted"
+            self.record.status = "preempted"
+            self.record.event(f"preempted at step {self.record.current_step} (checkpoint {manifest.tag if manifest else None})")
+            self.jobs.save(self.record)
+            self.opt.console.print(f"[yellow]preempted[/] at step {self.record.current_step}; "
+                                   f"continue with: stagetrain resume {self.record.job_id} --storage {self.opt.storage}")
+            return EXIT_PREEMPTED
+        if not stage_completed(self.plan, action.stage, manifest):
+            return self._fail(f"stage {stage.index + 1} ended without committing its boundary checkpoint")
+        srec.status, srec.finished, srec.checkpoint = "completed", now(), manifest.tag
+        if end:
+            srec.val_loss, srec.val_acc = end.get("val_loss"), end.get("val_acc")
+        self.jobs.save(self.record)
+        return None
+
+    def _follow(self, thread: threading.Thread, q, stage, start_step: int) -> dict | None:
+        """Drain reports while ``fit`` runs: progress bar, metrics file, job record."""
+        srec = self.record.stages[stage.index]
+        end, rates = None, []
+        columns = [TextColumn("stage {task.fields[n]} {task.fields[res]}px"), BarColumn(),
+                   TextColumn("{task.completed:,.0f}/{task.total:,.0f} samples"), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=self.opt.console, transient=False) as bar:
+            task = bar.add_task("", total=stage.samples, n=stage.index + 1, res=stage.resolution, info="",
+                                completed=self.plan.samples_before(start_step) - stage.sample_start)
+            while True:
+                try:
+                    item = q.get(timeout=0.5)
+                except stdqueue.Empty:
+                    if not thread.is_alive() and q.empty():
+                        break
+                    continue
+                if "worker_errors" in item:
+                    srec.restarts += 1
+                    self.record.event(f"stage {stage.index + 1}: worker group failed ({item['worker_errors']}); "
+                                      f"Ray Train restarts it from the latest checkpoint")
+                    self.jobs.save(self.record)
+                    continue
+                report = item["report"]
+                records = report.get("records") or []
+                self.jobs.append_metrics(records)
+                if records:
+                    last = records[-1]
+                    rates.append(last["images_per_s"])
+                    self.record.current_step = last["step"] + 1
+                    bar.update(task, completed=last["samples_seen"] - stage.sample_start,
+                               info=f"{last['images_per_s']:,.0f} img/s  loss {last['loss']:.3f}  lr {last['lr']:.3g}")
+                if report.get("stage_end"):
+                    end = report["stage_end"]
+                    self.jobs.append_metrics([{"kind": "stage_end", **end}])
+                    if end.get("checkpoint_failures"):
+                        self.record.checkpoint_failures.extend(end["checkpoint_failures"])
+            thread.join()
+        if rates:
+            srec.images_per_s = sum(rates) / len(rates)
+        return end
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """Preemption notice: ask the workers (through storage, reachable from every node) to stop after
+        the current step and commit a checkpoint; the main loop then marks the job preempted."""
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        self.opt.console.print(f"[yellow]SIGTERM[/]: stopping after the current step, committing a checkpoint "
+                               f"(grace {self.spec.preemption.grace_seconds:g}s)")
+        self.jobs.storage.write_text('{"reason": "SIGTERM"}', STOP_FILE)
+        self._grace_timer = threading.Timer(self.spec.preemption.grace_seconds, self._grace_expired)
+        self._grace_timer.start()
+
+    def _grace_expired(self) -> None:
+        self.record.status = "preempted"
+        self.record.event("preempted: grace period ran out before the workers stopped")
+        self.jobs.save(self.record)
+        os._exit(EXIT_PREEMPTED)
+
+    def _fail(self, reason: str) -> int:
+        self.record.status, self.record.error = "failed", reason
+        self.record.event(f"failed: {reason}")
+        self.jobs.save(self.record)
+        self.opt.console.print(f"[bold red]job failed:[/] {reason}", highlight=False)
+        return EXIT_FAILED
+
+
+def _root_cause(e: BaseException) -> str:
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        rank, err = next(iter(failures.items()))
+        return f"worker {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    return f"{type(e).__name__}: {e}"

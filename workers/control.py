@@ -1,0 +1,68 @@
+"""Stop requests reaching a running stage: a stop file in job storage (written by the coordinator on
+SIGTERM, seen by workers on any node) and SIGTERM delivered to the worker process itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from checkpoints.storage import Storage
+
+log = logging.getLogger(__name__)
+
+STOP_FILE = "control/stop.json"
+_sigterm = threading.Event()
+
+
+def _install_sigterm_deferral(grace_seconds: float) -> None:
+    """Ray's worker SIGTERM handler exits at once, losing the step in flight. It looks up
+    ``raise_sys_exit_with_custom_error_message`` when the signal arrives; route that through a flag
+    the training loop checks every step, and exit only if the loop has not left within the grace
+    period. (The training function runs in a thread, so it cannot install a handler itself.)"""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "raise_sys_exit_with_custom_error_message", None)
+    if original is None or getattr(original, "_stagetrain", False):
+        return
+
+    def deferred(message: str, exit_code: int = 1):
+        if "SIGTERM" not in message:
+            return original(message, exit_code=exit_code)
+        log.warning("SIGTERM: finishing the current step and committing a checkpoint (grace %.0fs)", grace_seconds)
+        _sigterm.set()
+        threading.Timer(grace_seconds, lambda: os._exit(exit_code)).start()
+
+    deferred._stagetrain = True
+    ray_worker.raise_sys_exit_with_custom_error_message = deferred
+
+
+class StopSignal:
+    """Callable: has a stop been requested? Polls the stop file at most every ``poll_s`` seconds."""
+
+    def __init__(self, storage: Storage | None, grace_seconds: float, poll_s: float = 1.0):
+        self.storage, self.poll_s = storage, poll_s
+        self._next_poll, self._stopped = 0.0, False
+        _install_sigterm_deferral(grace_seconds)
+
+    def __call__(self) -> bool:
+        if self._stopped or _sigterm.is_set():
+            return True
+        now = time.monotonic()
+        if self.storage is not None and now >= self._next_poll:
+            self._next_poll = now + self.poll_s
+            try:
+                self._stopped = self.storage.exists(STOP_FILE)
+            except Exception as e:  # noqa: BLE001 - a storage hiccup must not stop training
+                log.warning("could not poll the stop file: %s", e)
+        return self._stopped
+
+
+def stop_requested(control: dict | None) -> StopSignal:
+    if not control:
+        return StopSignal(None, 30.0)
+    return StopSignal(Storage(control["storage"], control.get("storage_options")).child(control["job_id"]),
+                      control.get("grace_seconds", 30.0), control.get("poll_s", 1.0))

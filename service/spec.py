@@ -34,14 +34,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# strict: YAML `true` is not the integer 1.
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class ModelSpec(_Model):
     arch: str = Field(description="torchvision.models builder name, e.g. resnet18, resnet50, mobilenet_v3_small")
-    num_classes: Annotated[int, Field(ge=2)]
+    num_classes: Annotated[int, Field(ge=2, strict=True)]
     in_channels: Literal[1, 3] = 3
 
     @field_validator("arch")
@@ -62,13 +63,16 @@ class ModelSpec(_Model):
 class _DataBase(_Model):
     loader_workers: NonNegInt = Field(2, description="DataLoader worker processes per Ray worker")
     val_batch_size: PositiveInt = 256
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.35, 1.0), description="random-resized-crop area range (train)")
+    hflip: bool = Field(True, description="random horizontal flip (train)")
 
 
 class SyntheticData(_DataBase):
     kind: Literal["synthetic"]
-    size: PositiveInt = Field(description="training samples")
+    size: Annotated[int, Field(gt=0, le=10**9, strict=True)] = Field(description="training samples")
     val_size: PositiveInt = 512
-    num_classes: Annotated[int, Field(ge=2)] = 10
+    num_classes: Annotated[int, Field(ge=2, strict=True)] = 10
 
 
 class FashionMNISTData(_DataBase):
@@ -143,8 +147,8 @@ class LRScalingSpec(_Model):
 
 
 class StageSpec(_Model):
-    resolution: Annotated[int, Field(ge=8, le=4096)]
-    epochs: PositiveFloat
+    resolution: Annotated[int, Field(ge=8, le=4096, strict=True)]
+    epochs: Annotated[float, Field(gt=0, le=10_000)]
     data_fraction: float = 1.0
     batch_size: PositiveInt = Field(description="per-worker micro-batch")
     workers: PositiveInt = 1
@@ -182,7 +186,7 @@ class ResourcesSpec(_Model):
 
 
 class FailureSpec(_Model):
-    max_failures: Annotated[int, Field(ge=-1)] = 0
+    max_failures: Annotated[int, Field(ge=-1, strict=True)] = 0
 
 
 class MetricsSpec(_Model):

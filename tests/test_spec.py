@@ -94,7 +94,7 @@ MISTAKES = [
     # wrong types
     ("resolution-string", {"stages[1].resolution": "big"}, "stages[1].resolution: expected an integer, got 'big'"),
     ("resolution-fractional", {"stages[1].resolution": 16.5},
-     "stages[1].resolution: expected a whole number, got 16.5"),
+     "stages[1].resolution: expected an integer, got 16.5"),
     ("fraction-string", {"stages[2].data_fraction": "half"},
      "stages[2].data_fraction: expected a number, got 'half'"),
     ("bool-string", {"deterministic": "maybe"}, "deterministic: expected true or false, got 'maybe'"),
@@ -205,7 +205,7 @@ def test_imagefolder_with_synthetic_fields():
     assert problems == [
         "data.train: required field is missing",
         "data.size: unknown field for kind 'imagefolder' (it belongs to kind 'synthetic'); expected one of"
-        " loader_workers, val_batch_size, kind, train, val",
+        " loader_workers, val_batch_size, crop_scale, hflip, kind, train, val",
     ]
 
 
@@ -436,3 +436,15 @@ def test_cli_plan_quickstart():
     result = _run("plan", "examples/quickstart.yaml")
     assert result.returncode == 0, result.stderr
     assert "fmnist-quickstart" in result.stdout
+
+
+@pytest.mark.parametrize("override,expected", [
+    ({"stages": [{"resolution": 16, "epochs": 1, "batch_size": 8, "workers": True}]},
+     "stages[0].workers: expected an integer, got True"),
+    ({"data": {"kind": "synthetic", "size": 10**400}}, "data.size: must be <= 1000000000"),
+    ({"stages": [{"resolution": 16, "epochs": 1e300, "batch_size": 8}]}, "stages[0].epochs: must be <= 10000"),
+])
+def test_no_silent_coercion_or_overflow(override, expected):
+    with pytest.raises(SpecError) as e:
+        make_spec(**override)
+    assert any(p.startswith(expected) for p in e.value.problems), e.value.problems

@@ -24,7 +24,6 @@ from service.spec import DataSpec, FashionMNISTData, ImageFolderData, SyntheticD
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
-CROP_SCALE = (0.35, 1.0)  # random-resized-crop area range (as fast.ai / FFCV recipes)
 
 
 def _mix(*values: int) -> int:
@@ -161,15 +160,16 @@ class StageDataset(Dataset):
     """A source at one stage's resolution. Train: random-resized-crop + horizontal flip; eval: resize +
     center crop. Each sample's augmentation is seeded by (seed, stage, epoch, index)."""
 
-    def __init__(self, source: Dataset, resolution: int, train: bool, seed: int = 0, stage: int = 0):
+    def __init__(self, source: Dataset, resolution: int, train: bool, seed: int = 0, stage: int = 0,
+                 crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True):
         self.source, self.resolution, self.train = source, resolution, train
         self.seed, self.stage, self.epoch = seed, stage, 0
         if isinstance(source, ImageFolderImages):
             source.draft_size = resolution
         if train:
             self.transform = v2.Compose([
-                v2.RandomResizedCrop(resolution, scale=CROP_SCALE, antialias=True),
-                v2.RandomHorizontalFlip(),
+                v2.RandomResizedCrop(resolution, scale=crop_scale, antialias=True),
+                v2.RandomHorizontalFlip() if hflip else v2.Identity(),
             ])
         else:
             self.transform = v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])

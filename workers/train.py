@@ -296,7 +296,8 @@ class StageRunner:
         if self.progress.step == st.step_end:  # restarted after the stage's checkpoint was committed
             return self._finish(evaluate=False)
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
-        self.train_set = StageDataset(source, st.resolution, train=True, seed=spec.seed, stage=st.index)
+        self.train_set = StageDataset(source, st.resolution, train=True, seed=spec.seed, stage=st.index,
+                                      crop_scale=spec.data.crop_scale, hflip=spec.data.hflip)
         self.subset = stage_subset(self.plan.dataset_size, st.subset_size, spec.seed)
         audit = os.environ.get(AUDIT_ENV) == "1"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._cuda and spec.train.amp else contextlib.nullcontext()

@@ -1,0 +1,61 @@
+"""Helpers for tests that run real jobs: write a spec, run the CLI in a subprocess, read results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import BASE_SPEC, merge
+
+TINY = merge(BASE_SPEC, {
+    "name": "tiny",
+    "data": {"kind": "synthetic", "size": 384, "val_size": 64, "num_classes": 10, "loader_workers": 0},
+    "schedule": {"max_lr": 0.1},
+    "lr_scaling": {"rule": "linear"},
+    "stages": [
+        {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
+        {"resolution": 24, "epochs": 1, "batch_size": 16, "workers": 1, "grad_accum": 2},
+    ],
+    "metrics": {"every_n_steps": 4},
+    "checkpoint": {"every_n_steps": 5, "keep_last": 2},
+})
+TINY["data"] = {"kind": "synthetic", "size": 384, "val_size": 64, "num_classes": 10, "loader_workers": 0}
+TINY["model"] = {"arch": "resnet18", "num_classes": 10, "in_channels": 3}
+
+
+def write_job(tmp_path, spec: dict, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def cli_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def stagetrain(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or cli_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stagetrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(job_dir) -> list[dict]:
+    from checkpoints.storage import Storage
+    from service.jobs import JobStore
+
+    job_dir = str(job_dir)
+    root, job_id = job_dir.rsplit("/", 1)
+    return JobStore(Storage(root), job_id).read_metrics()
+
+
+def read_record(job_dir) -> dict:
+    with open(os.path.join(str(job_dir), "job.json")) as f:
+        return json.load(f)

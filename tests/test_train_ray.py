@@ -1,0 +1,87 @@
+"""Training on a real local Ray cluster (2 CPU workers, gloo). Checked from the recorded metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.plan import build_plan
+from service.spec import validate_spec
+from tests.jobs import TINY, cli_env, read_metrics, read_record, stagetrain, write_job
+from tests.conftest import merge
+from workers.schedules import lr_momentum
+
+pytestmark = pytest.mark.ray
+
+
+def test_two_stage_run_follows_the_plan(tmp_path):
+    spec_dict = merge(TINY, {"name": "plan-check"})
+    job = write_job(tmp_path, spec_dict)
+    storage = tmp_path / "runs"
+    proc = stagetrain("run", job, "--job-id", "t1", "--storage", str(storage),
+                      env=cli_env(STAGETRAIN_AUDIT_SAMPLES="1"), check=True)
+    assert "succeeded" in proc.stdout
+
+    plan = build_plan(validate_spec(spec_dict))
+    metrics = read_metrics(storage / "t1")
+    steps = [m for m in metrics if m.get("kind", "step") == "step"]
+    ends = [m for m in metrics if m.get("kind") == "stage_end"]
+    # one record per optimizer step, in order
+    assert [m["step"] for m in steps] == list(range(plan.total_steps))
+    for stage in plan.stages:
+        mine = [m for m in steps if m["stage"] == stage.index + 1]
+        assert len(mine) == stage.steps
+        assert {m["global_batch"] for m in mine} == {stage.global_batch}
+        assert {m["resolution"] for m in mine} == {stage.resolution}
+    # LR/momentum read from the optimizer equal the plan's at every step
+    for m in steps:
+        lr, momentum = lr_momentum(plan, m["step"])
+        assert m["lr"] == pytest.approx(lr, rel=1e-12) and m["momentum"] == pytest.approx(momentum, rel=1e-12)
+    # stage 2 has one worker x accum 2 (global 32 = stage 1's): linear rule keeps factor 1 ...
+    assert plan.stages[1].global_batch == 32 and plan.stages[1].lr_scale == 1.0
+    # ... every rank holds identical weights at each stage end
+    assert len(ends) == 2
+    assert len(ends[0]["param_digests"]) == 2 and len(set(ends[0]["param_digests"])) == 1
+    assert len(ends[1]["param_digests"]) == 1
+    # ... and the ranks read disjoint samples that together make each step's global batch
+    for m in steps:
+        per_rank = m["sample_ids"]
+        stage = plan.stages[m["stage"] - 1]
+        assert len(per_rank) == stage.workers
+        flat = [i for ids in per_rank for i in ids]
+        assert len(flat) == len(set(flat)) == stage.global_batch
+    # each epoch is a permutation: no sample twice within it
+    first = [i for m in steps if m["stage"] == 1 for ids in m["sample_ids"] for i in ids]
+    assert len(first) == len(set(first))
+    record = read_record(storage / "t1")
+    assert record["status"] == "succeeded"
+    assert [s["status"] for s in record["stages"]] == ["completed", "completed"]
+    assert all(s["val_acc"] is not None for s in record["stages"])
+    assert (storage / "t1" / "metrics.png").exists()
+
+
+def test_fewer_workers_get_the_rescaled_lr(tmp_path):
+    spec_dict = merge(TINY, {"name": "rescale", "stages": [
+        {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
+        {"resolution": 16, "epochs": 0.5, "batch_size": 16, "workers": 1},
+    ]})
+    job = write_job(tmp_path, spec_dict)
+    storage = tmp_path / "runs"
+    stagetrain("run", job, "--job-id", "t2", "--storage", str(storage), check=True)
+    plan = build_plan(validate_spec(spec_dict))
+    assert plan.stages[1].lr_scale == 0.5
+    steps = [m for m in read_metrics(storage / "t2") if m.get("kind", "step") == "step"]
+    from workers.schedules import curve
+
+    for m in steps:
+        expected = curve(plan, m["step"])[0] * (0.5 if m["stage"] == 2 else 1.0)
+        assert m["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_stage_that_cannot_fit_fails_fast(tmp_path):
+    spec_dict = merge(TINY, {"name": "too-big", "resources": {"cpus_per_worker": 2},
+                             "stages": [{"resolution": 16, "epochs": 1, "batch_size": 8, "workers": 4}]})
+    job = write_job(tmp_path, spec_dict)
+    proc = stagetrain("run", job, "--job-id", "t3", "--storage", str(tmp_path / "runs"), timeout=120)
+    assert proc.returncode == 1
+    assert "needs 4 workers x 2 CPUs = 8 CPUs" in proc.stderr
+    assert read_record(tmp_path / "runs" / "t3")["status"] == "failed"

@@ -6,8 +6,8 @@ import pytest
 
 from service.plan import build_plan
 from service.spec import validate_spec
-from tests.jobs import TINY, cli_env, read_metrics, read_record, stagetrain, write_job
 from tests.conftest import merge
+from tests.jobs import TINY, cli_env, read_metrics, read_record, stagetrain, write_job
 from workers.schedules import lr_momentum
 
 pytestmark = pytest.mark.ray

@@ -159,6 +159,11 @@ class Distributed:
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        if self.on:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)
+
     def any(self, flag: bool) -> bool:
         if not self.on:
             return flag
@@ -381,6 +386,9 @@ class StageRunner:
         st = self.stage
         summary = {"stage": st.index + 1, "step": self.progress.step, "restored_from": self.restored_from}
         if evaluate:
+            # DDP syncs BatchNorm buffers from rank 0 at each forward, so after the last step every rank
+            # holds its own running stats; take rank 0's, which is what the checkpoint saves.
+            self.dist.broadcast_buffers(self.raw_model)
             summary.update(self.evaluate())
             summary["param_digests"] = self.dist.gather_objects(param_digest(self.raw_model))
             if self.progress.step == st.step_end:

@@ -150,6 +150,54 @@ def run(job: str, job_id: str | None, storage: str | None, address: str | None) 
 @cli.command()
 @click.argument("job_id")
 @click.option("--storage", help=STORAGE_HELP)
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--spec", "spec_path", metavar="JOB.yaml",
+              help="An edited spec: stages that have not started may change (recorded in the job record).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker count for the interrupted stage and the rest (e.g. the cluster came back smaller).")
+@user_errors
+def resume(job_id: str, storage: str | None, address: str | None, spec_path: str | None, workers: int | None) -> None:
+    """Continue a preempted, failed or interrupted job from its newest verified checkpoint."""
+    from service.decisions import check_resume, resize_remaining
+    from service.jobs import JobRecord
+    from service.plan import build_plan
+    from service.runner import JobRunner, RunOptions
+
+    jobs = _job_store(job_id, storage)
+    record = jobs.load()
+    old_spec = record.job_spec()
+    jobs = _job_store(job_id, storage, old_spec.checkpoint.storage_options)
+    if record.status == "succeeded":
+        console.print(f"job {job_id} already succeeded; nothing to resume")
+        return
+    old_plan = build_plan(old_spec)
+    latest = jobs.checkpoints.latest(verify=True)
+    step = latest[0].step if latest else 0
+    spec = load_spec(spec_path) if spec_path else old_spec
+    if workers:
+        spec = resize_remaining(spec, old_plan.stage_at(min(step, old_plan.total_steps - 1)).index, workers)
+    plan = build_plan(spec)
+    changes = check_resume(record, old_plan, spec, plan, step)
+    if spec != old_spec:
+        fresh = JobRecord.create(job_id, spec, plan)
+        kept = {s.stage: s for s in record.stages}
+        record.spec, record.plan_hash, record.stage_hashes = fresh.spec, fresh.plan_hash, fresh.stage_hashes
+        record.total_steps = fresh.total_steps
+        record.stages = [kept[s.stage].model_copy(update={"workers": s.workers}) if s.stage in kept else s
+                         for s in fresh.stages]
+        record.event("re-planned: " + ("; ".join(changes) if changes else "worker layout changed"))
+    record.error = None
+    record.event(f"resumed from {latest[0].tag if latest else 'the start'} (step {step})")
+    jobs.save(record)
+    err_console.print(f"resuming [bold]{job_id}[/] at step {step:,} of {plan.total_steps:,}")
+    code = JobRunner(spec, plan, record, jobs, RunOptions(job_id=job_id, storage=jobs.root.url, address=address,
+                                                          console=err_console)).run()
+    _finish(code, jobs, record)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--storage", help=STORAGE_HELP)
 @user_errors
 def status(job_id: str, storage: str | None) -> None:
     """Where a job is (reads the job record: works without a cluster)."""

@@ -102,3 +102,26 @@ def fits_cluster(plan: Plan, stage: int, use_gpu: bool, cpus_per_worker: float, 
         return (f"stage {stage + 1} needs {s.workers * gpus_per_worker:g} GPUs, but the Ray cluster has "
                 f"{cluster.get('GPU', 0):g}; lower stages[{stage}].workers or add GPU nodes")
     return None
+
+
+def resize_remaining(spec: JobSpec, first_stage: int, workers: int) -> JobSpec:
+    """The spec with ``workers`` for stages ``first_stage`` onwards. With ``keep_global_batch`` each
+    stage keeps its global batch by re-splitting it into per-worker micro-batches (no larger than
+    before, so memory per worker does not grow) and gradient accumulation; otherwise batch_size and
+    grad_accum stay and the global batch (and so the LR, by ``lr_scaling.rule``) changes."""
+    stages = []
+    for i, st in enumerate(spec.stages):
+        if i < first_stage or st.workers == workers:
+            stages.append(st)
+            continue
+        if not spec.keep_global_batch:
+            stages.append(st.model_copy(update={"workers": workers}))
+            continue
+        gb = st.global_batch
+        if gb % workers:
+            raise ValueError(f"--workers {workers}: stages[{i}] global batch {gb} does not split evenly over {workers} "
+                             "workers; pick another worker count or set keep_global_batch: false to rescale the LR")
+        per_worker = gb // workers
+        accum = next(a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= st.batch_size)
+        stages.append(st.model_copy(update={"workers": workers, "batch_size": per_worker // accum, "grad_accum": accum}))
+    return spec.model_copy(update={"stages": stages})

@@ -8,6 +8,11 @@ takes ``steps_per_epoch = subset // global_batch`` full optimizer steps and drop
 (a different remainder each epoch, since every epoch is a fresh permutation). A fractional
 ``epochs`` value runs ``floor(epochs * steps_per_epoch)`` steps; the last, partial epoch takes the
 first steps of its permutation.
+
+A stage's data is one *sample stream*: its epochs' permutations, each cut to ``epoch_samples =
+steps_per_epoch * global_batch``, end to end. Step k of the stage consumes stream positions
+``[stream_offset + k * global_batch, ... + global_batch)``; ``workers.data.StageSampler`` maps them to
+sample ids and ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from service.spec import JobSpec, LRScalingSpec, ScheduleSpec, SpecError
 
 PLAN_VERSION = 1
+EXECUTION_FIELDS = {"workers", "batch_size", "grad_accum", "compile"}
 
 
 class _Frozen(BaseModel):
@@ -38,6 +44,8 @@ class StagePlan(_Frozen):
     grad_accum: int
     global_batch: int
     steps_per_epoch: int
+    epoch_samples: int  # samples each epoch contributes to the stage's sample stream (drop-last applied)
+    stream_offset: int  # stream samples consumed before this stage's first step (> 0 only after a re-plan)
     steps: int
     step_start: int  # global optimizer-step range [step_start, step_end)
     step_end: int
@@ -53,7 +61,12 @@ class StagePlan(_Frozen):
         return self.sample_end - self.sample_start
 
     def epoch_of(self, step: int) -> int:
-        return (step - self.step_start) // self.steps_per_epoch
+        return self.position(step)[0]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within that epoch) of global optimizer ``step`` in this stage's sample stream."""
+        pos = self.stream_offset + (step - self.step_start) * self.global_batch
+        return pos // self.epoch_samples, (pos % self.epoch_samples) // self.global_batch
 
 
 class Plan(_Frozen):
@@ -92,9 +105,11 @@ class Plan(_Frozen):
         return _hash(self.model_dump_json())
 
     def stage_hash(self, index: int) -> str:
-        """Hash of what stage ``index`` did: its own numbers and the LR curve parameters."""
-        s = self.stages[index]
-        return _hash(s.model_dump_json() + self.schedule.model_dump_json() + self.lr_scaling.model_dump_json()
+        """Hash of what stage ``index`` computes: its data, batch, steps and LR curve -- not how the global
+        batch is laid out over workers (``workers`` x ``batch_size`` x ``grad_accum``), which a resume
+        may change without changing the optimisation."""
+        s = self.stages[index].model_dump_json(exclude=EXECUTION_FIELDS)
+        return _hash(s + self.schedule.model_dump_json() + self.lr_scaling.model_dump_json()
                      + f"{self.dataset_size}/{self.seed}")
 
 
@@ -146,7 +161,7 @@ def build_plan(spec: JobSpec, dataset_size: int | None = None) -> Plan:
             StagePlan(
                 index=i, resolution=st.resolution, epochs=st.epochs, data_fraction=st.data_fraction,
                 subset_size=subset, workers=st.workers, batch_size=st.batch_size, grad_accum=st.grad_accum,
-                global_batch=gb, steps_per_epoch=per_epoch, steps=steps,
+                global_batch=gb, steps_per_epoch=per_epoch, epoch_samples=per_epoch * gb, stream_offset=0, steps=steps,
                 step_start=step, step_end=step + steps, sample_start=sample, sample_end=sample + steps * gb,
                 lr_scale=lr_scale(spec.lr_scaling.rule, gb, reference), max_lr=max_lr, pct_start=pct,
                 compile=st.compile,

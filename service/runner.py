@@ -86,7 +86,7 @@ def _make_callback(q):
             q.put({"report": metrics[0]})
 
         def after_exception(self, run_context, worker_exceptions):
-            q.put({"worker_errors": {r: f"{type(e).__name__}: {e}" for r, e in worker_exceptions.items()}})
+            q.put({"worker_errors": {r: f"{type(e).__name__}: {_first_line(e)}" for r, e in worker_exceptions.items()}})
 
     return Forward()
 
@@ -272,9 +272,14 @@ class JobRunner:
         return EXIT_FAILED
 
 
+def _first_line(text: str, limit: int = 300) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _root_cause(e: BaseException) -> str:
     failures = getattr(e, "worker_failures", None)
     if failures:
         rank, err = next(iter(failures.items()))
-        return f"worker {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-    return f"{type(e).__name__}: {e}"
+        return f"worker {rank}: {type(err).__name__}: {_first_line(err)}"
+    return f"{type(e).__name__}: {_first_line(e)}"

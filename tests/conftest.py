@@ -8,6 +8,8 @@ import pytest
 
 from service.spec import JobSpec, validate_spec
 
+pytest_plugins = ["tests.s3_server"]
+
 BASE_SPEC = {
     "version": 1,
     "name": "unit",

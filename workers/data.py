@@ -1,7 +1,7 @@
 """Data: sources (synthetic, Fashion-MNIST, image folders), per-stage transforms, and the sampler.
 
 Which sample goes to which rank at which optimizer step is a pure function of
-(seed, stage, epoch, step) -- see :class:`StageSampler` -- and so is every random crop and flip
+(seed, stage, step) -- see :class:`StageSampler` -- and so is every random crop and flip
 (each sample's augmentation is seeded by (seed, stage, epoch, index)). That is what lets a run
 resume mid-epoch, even on a different number of workers, with no repeated and no skipped samples.
 """
@@ -163,7 +163,7 @@ class StageDataset(Dataset):
     def __init__(self, source: Dataset, resolution: int, train: bool, seed: int = 0, stage: int = 0,
                  crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True):
         self.source, self.resolution, self.train = source, resolution, train
-        self.seed, self.stage, self.epoch = seed, stage, 0
+        self.seed, self.stage = seed, stage
         if isinstance(source, ImageFolderImages):
             source.draft_size = resolution
         if train:
@@ -177,11 +177,12 @@ class StageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)  # StageSampler yields (id, epoch)
         image, label = self.source[index]
         if self.train:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix(self.seed, self.stage, self.epoch, index))
+                torch.manual_seed(_mix(self.seed, self.stage, epoch, index))
                 image = self.transform(image)
         else:
             image = self.transform(image)
@@ -195,32 +196,50 @@ def stage_subset(dataset_size: int, subset_size: int, seed: int) -> torch.Tensor
     return perm[:subset_size]
 
 
-class StageSampler(Sampler[int]):
-    """The indices one rank reads in one epoch of a stage, starting at optimizer step ``start_step``
-    of that epoch.
+class StageSampler(Sampler[tuple[int, int]]):
+    """The ``(sample id, epoch)`` pairs one rank reads for optimizer steps ``[first_step, last_step)``
+    of a stage (steps counted from the stage's start).
 
-    The epoch is a permutation of the stage subset seeded by (seed, stage, epoch). Optimizer step k
-    consumes its entries ``[k * G, (k + 1) * G)`` (G = global batch), laid out as
-    ``[grad_accum, world_size, micro_batch]``: rank r's micro-step a reads row (a, r). Ranks therefore
-    see disjoint samples, and the order depends only on the step, so resuming at step k on another
-    world size (with the same global batch) reads exactly the remaining samples."""
+    The stage's sample stream is its epochs' seeded permutations of the subset, each cut to
+    ``epoch_samples``, end to end. Step k consumes stream positions ``[offset + k*G, offset + (k+1)*G)``
+    (G = global batch), laid out as ``[grad_accum, world_size, micro_batch]``: rank r's micro-step a
+    reads row (a, r). Ranks therefore see disjoint samples, and which samples a step reads depends on
+    the step alone, so a resumed run -- even on another world size -- reads exactly the remaining ones."""
 
-    def __init__(self, subset: torch.Tensor, seed: int, stage: int, epoch: int, steps: int, micro_batch: int,
-                 world_size: int, rank: int, grad_accum: int = 1, start_step: int = 0):
-        self.subset, self.steps, self.start_step = subset, steps, start_step
-        self.micro_batch, self.world_size, self.rank, self.grad_accum = micro_batch, world_size, rank, grad_accum
-        self.global_batch = micro_batch * world_size * grad_accum
-        if steps * self.global_batch > len(subset):
-            raise ValueError(f"{steps} steps of {self.global_batch} exceed the stage's {len(subset)} samples")
-        self.generator_seed = _mix(seed, stage, epoch, 13)
+    def __init__(self, subset: torch.Tensor, seed: int, stage: int, epoch_samples: int, global_batch: int,
+                 micro_batch: int, world_size: int, rank: int, first_step: int, last_step: int,
+                 stream_offset: int = 0):
+        if micro_batch * world_size * (global_batch // (micro_batch * world_size)) != global_batch:
+            raise ValueError(f"global batch {global_batch} is not micro_batch {micro_batch} x world {world_size} x accum")
+        self.subset, self.seed, self.stage, self.epoch_samples = subset, seed, stage, epoch_samples
+        self.global_batch, self.micro_batch, self.world_size, self.rank = global_batch, micro_batch, world_size, rank
+        self.grad_accum = global_batch // (micro_batch * world_size)
+        self.first_step, self.last_step, self.stream_offset = first_step, last_step, stream_offset
+        self._perms: dict[int, torch.Tensor] = {}
 
-    def __iter__(self) -> Iterator[int]:
-        order = self.subset[torch.randperm(len(self.subset), generator=torch.Generator().manual_seed(self.generator_seed))]
-        used = order[: self.steps * self.global_batch].view(self.steps, self.grad_accum, self.world_size, self.micro_batch)
-        return iter(used[self.start_step :, :, self.rank, :].reshape(-1).tolist())
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.stage, epoch, 13))
+            self._perms = {epoch: self.subset[torch.randperm(len(self.subset), generator=g)]}  # keep one epoch
+        return self._perms[epoch]
+
+    def step_ids(self, step: int) -> list[list[tuple[int, int]]]:
+        """This rank's (sample id, epoch) pairs for ``step``, one list per micro-batch."""
+        start = self.stream_offset + step * self.global_batch
+        pos = torch.arange(start, start + self.global_batch).view(self.grad_accum, self.world_size, self.micro_batch)
+        out = []
+        for row in pos[:, self.rank, :].tolist():
+            out.append([(int(self._perm(p // self.epoch_samples)[p % self.epoch_samples]), p // self.epoch_samples)
+                        for p in row])
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for step in range(self.first_step, self.last_step):
+            for micro in self.step_ids(step):
+                yield from micro
 
     def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.grad_accum * self.micro_batch
+        return (self.last_step - self.first_step) * self.grad_accum * self.micro_batch
 
 
 def split_evenly(items: Sequence, world_size: int, rank: int) -> Sequence:

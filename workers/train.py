@@ -45,7 +45,7 @@ class Progress:
     samples_seen: int
     stage: int = 0
     epoch: int = 0
-    batch: int = 0  # optimizer steps done within the epoch
+    batch: int = 0  # batches done within the epoch
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -283,16 +283,11 @@ class StageRunner:
 
     # ------------------------------------------------------------------------------------ data
 
-    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
-        st, spec = self.stage, self.spec
-        epoch_first = st.step_start + epoch * st.steps_per_epoch
-        steps = min(st.steps_per_epoch, st.step_end - epoch_first)
-        self.train_set.epoch = epoch
-        sampler = StageSampler(self.subset, spec.seed, st.index, epoch, steps, st.batch_size, self.dist.world,
-                               self.dist.rank, st.grad_accum, start_step=start_batch)
-        return DataLoader(self.train_set, batch_size=st.batch_size, sampler=sampler,
+    def _loader(self, sampler: StageSampler) -> DataLoader:
+        spec = self.spec
+        return DataLoader(self.train_set, batch_size=self.stage.batch_size, sampler=sampler,
                           num_workers=spec.data.loader_workers, pin_memory=self._cuda,
-                          persistent_workers=False, prefetch_factor=4 if spec.data.loader_workers else None)
+                          prefetch_factor=4 if spec.data.loader_workers else None)
 
     # ----------------------------------------------------------------------------------- train
 
@@ -310,62 +305,54 @@ class StageRunner:
         pending, window_start = [], time.perf_counter()
         self.model.train()
 
-        while self.progress.step < st.step_end:
-            epoch = st.epoch_of(self.progress.step)
-            batch = self.progress.step - st.step_start - epoch * st.steps_per_epoch
-            batches = iter(self._loader(epoch, batch))
-            for _ in range(min(st.steps_per_epoch - batch, st.step_end - self.progress.step)):
-                step = self.progress.step
-                lr, momentum = self._lr_momentum()
-                loss_sum, ids = torch.zeros((), device=self.device), []
-                for micro in range(st.grad_accum):
-                    x, y = next(batches)
-                    if audit:
-                        ids.extend(self._last_ids(epoch, batch, micro))
-                    x = x.to(self.device, non_blocking=True)
-                    y = y.to(self.device, non_blocking=True)
-                    if self._cuda and spec.train.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    # Skip DDP's gradient all-reduce on all but the last micro-batch.
-                    sync = micro == st.grad_accum - 1 or not isinstance(self.model, DDP)
-                    with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast:
-                        loss = F.cross_entropy(self.model(x), y) / st.grad_accum
-                    loss.backward()
-                    loss_sum += loss.detach()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                batch += 1
-                self.progress = Progress(step=step + 1, samples_seen=self.progress.samples_seen + st.global_batch,
-                                         stage=st.index, epoch=epoch, batch=batch)
-                record = {"step": step, "stage": st.index + 1, "epoch": epoch,
-                          "samples_seen": self.progress.samples_seen, "loss": loss_sum, "lr": lr,
-                          "momentum": momentum, "resolution": st.resolution, "global_batch": st.global_batch}
-                if audit:
-                    record["sample_ids"] = ids
-                pending.append(record)
-                done = self.progress.step == st.step_end
-                if len(pending) >= every_report or done:
-                    self._report(pending, time.perf_counter() - window_start, final=done)
-                    pending, window_start = [], time.perf_counter()
-                if every_ckpt and self.progress.step % every_ckpt == 0 and not done:
-                    self.save(boundary=False)
-                if not done and self.dist.any(self.stop_requested()):
-                    return self._preempt(pending)
+        first = self.progress.step - st.step_start
+        sampler = StageSampler(self.subset, spec.seed, st.index, st.epoch_samples, st.global_batch, st.batch_size,
+                               self.dist.world, self.dist.rank, first_step=first, last_step=st.steps,
+                               stream_offset=st.stream_offset)
+        batches = iter(self._loader(sampler))
+        for local in range(first, st.steps):
+            step = st.step_start + local
+            lr, momentum = self._lr_momentum()
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in range(st.grad_accum):
+                x, y = next(batches)
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                if self._cuda and spec.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # Skip DDP's gradient all-reduce on all but the last micro-batch.
+                sync = micro == st.grad_accum - 1 or not isinstance(self.model, DDP)
+                with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast:
+                    loss = F.cross_entropy(self.model(x), y) / st.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            epoch = st.epoch_of(step)
+            next_epoch, next_batch = st.position(step + 1)
+            self.progress = Progress(step=step + 1, samples_seen=self.progress.samples_seen + st.global_batch,
+                                     stage=st.index, epoch=next_epoch, batch=next_batch)
+            record = {"step": step, "stage": st.index + 1, "epoch": epoch,
+                      "samples_seen": self.progress.samples_seen, "loss": loss_sum, "lr": lr,
+                      "momentum": momentum, "resolution": st.resolution, "global_batch": st.global_batch}
+            if audit:
+                record["sample_ids"] = [i for micro in sampler.step_ids(local) for i, _ in micro]
+            pending.append(record)
+            done = self.progress.step == st.step_end
+            if len(pending) >= every_report or done:
+                self._report(pending, time.perf_counter() - window_start, final=done)
+                pending, window_start = [], time.perf_counter()
+            if every_ckpt and self.progress.step % every_ckpt == 0 and not done:
+                self.save(boundary=False)
+            if not done and self.dist.any(self.stop_requested()):
+                return self._preempt(pending)
         return self._finish(evaluate=True)
 
     def _lr_momentum(self) -> tuple[float, float]:
         """What the optimizer will actually use for this step (read back, not recomputed)."""
         group = self.optimizer.param_groups[0]
         return group["lr"], group["betas"][0] if "betas" in group else group["momentum"]
-
-    def _last_ids(self, epoch: int, batch: int, micro: int) -> list[int]:
-        # Recompute the sampler's slice for this (step, micro-batch): the audit shows what each rank read.
-        st = self.stage
-        sampler = StageSampler(self.subset, self.spec.seed, st.index, epoch, batch + 1, st.batch_size,
-                               self.dist.world, self.dist.rank, st.grad_accum, start_step=batch)
-        ids = list(sampler)
-        return ids[micro * st.batch_size : (micro + 1) * st.batch_size]
 
     def _report(self, records: list[dict], seconds: float, final: bool) -> None:
         losses = self.dist.mean(torch.stack([r["loss"] for r in records]).float().cpu())

@@ -1,0 +1,137 @@
+"""A real S3 HTTP server for tests: moto's server mode, in its own process.
+
+Fixtures (registered through ``pytest_plugins`` in ``tests/conftest.py``):
+
+- ``s3_server`` (session): the running server, with ``endpoint``, ``env`` (fake credentials, endpoint,
+  region) and ``stop()`` / ``start()``, which restart it on the same port. moto keeps objects in
+  memory, so a restart comes back EMPTY: buckets and objects are gone.
+- ``s3_url`` (function): a fresh bucket; yields ``s3://<bucket>/runs`` with ``env`` applied to
+  ``os.environ``, which is where ``checkpoints.storage`` finds the endpoint and credentials.
+- ``storage_url`` (function, parametrized ``local`` / ``s3``): a local folder or ``s3_url``. Both set
+  the fake credentials in the environment, so a test can check they leak nowhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+# Distinctive fake values: a test greps storage and output for them to prove no secret leaks.
+ACCESS_KEY_ID = "stagetrain-test-key-id"
+SECRET_ACCESS_KEY = "stagetrain-test-secret-do-not-log"
+CREDENTIALS_ENV = {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+                   "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """``moto_server`` from this interpreter's environment, on a fixed loopback port."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.env = {**CREDENTIALS_ENV, "AWS_ENDPOINT_URL": self.endpoint}
+        self.proc: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()
+
+    def start(self, timeout: float = 20.0) -> None:
+        assert self.proc is None, "already running"
+        exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.endpoint, timeout=1):  # ListBuckets
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self._log.seek(0)
+                output = self._log.read().decode(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"moto_server on port {self.port} did not answer within {timeout:.0f}s:\n{output}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Terminate the server (its objects are lost). Safe to call when stopped."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server(_free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server._log.close()
+
+
+def make_bucket(server: S3Server, bucket: str) -> None:
+    """Create ``bucket`` with s3fs. No ``region_name``: with ``us-east-1`` moto answers
+    InvalidLocationConstraint."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=server.endpoint,
+                           skip_instance_cache=True)
+    fs.mkdir(bucket)
+
+
+@pytest.fixture
+def s3_url(s3_server, monkeypatch):
+    if not s3_server.running:  # a previous test stopped it and failed before restarting it
+        s3_server.proc = None
+        s3_server.start()
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"stagetrain-{uuid.uuid4().hex[:12]}"
+    make_bucket(s3_server, bucket)
+    yield f"s3://{bucket}/runs"
+    if s3_server.running:  # free moto's memory; a restarted server has no bucket to delete
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=s3_server.endpoint,
+                               skip_instance_cache=True)
+        try:
+            fs.rm(bucket, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_url(request, tmp_path, monkeypatch):
+    if request.param == "s3":
+        return request.getfixturevalue("s3_url")
+    for key, value in CREDENTIALS_ENV.items():
+        monkeypatch.setenv(key, value)
+    return str(tmp_path / "runs")

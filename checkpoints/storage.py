@@ -8,6 +8,7 @@ into a job record, manifest or log.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -48,7 +49,9 @@ class Storage:
 
     def __init__(self, url: str, options: dict | None = None):
         self.url = url.rstrip("/") or url
-        options = dict(options or {})
+        # A deep copy: botocore rewrites a ``config_kwargs.retries`` dict in place, and the caller's
+        # dict is usually the spec's ``checkpoint.storage_options`` (hashed into every manifest).
+        options = copy.deepcopy(dict(options or {}))
         if url.startswith(("s3://", "s3a://")):
             options = _s3_options(options)
         self.options = options

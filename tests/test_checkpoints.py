@@ -1,0 +1,464 @@
+"""Checkpoints on real storage: every test runs on a local folder and on a real S3 HTTP server (moto in
+its own process, ``tests/s3_server.py``). Nothing in s3fs/botocore is mocked; failures are real (a
+killed uploader, a stopped server, a flipped byte, a deleted file)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoints.checkpointer as checkpointer
+from checkpoints.checkpointer import (
+    CHECKPOINTS_DIR,
+    MANIFEST,
+    MODEL_FILE,
+    STATE_FILE,
+    AsyncCheckpointer,
+    CheckpointStore,
+    encode,
+    tag_for,
+)
+from checkpoints.storage import Storage, retry
+from service.jobs import JobRecord, JobStore
+from service.plan import build_plan
+from tests.conftest import make_spec
+from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, make_bucket
+from workers.models import build_model
+from workers.schedules import PlanScheduler
+from workers.train import Progress, RNGState
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = "job"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def job_store(url: str, job_id: str = JOB, options: dict | None = None) -> CheckpointStore:
+    return CheckpointStore(Storage(url, options).child(job_id))
+
+
+def meta(step: int, stage: int = 1, boundary: bool = False) -> dict:
+    return dict(job_id=JOB, stage=stage, epoch=0, step=step, samples_seen=64 * step, boundary=boundary,
+                world_size=1, plan_hash="plan", stage_hash=f"stage-{stage}", spec_hash="spec",
+                versions={"torch": torch.__version__}, git_revision=None)
+
+
+def small_state(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"model": {"w": torch.randn(64, 32, generator=g), "b": torch.zeros(32)},
+            "optimizer": {"state": {0: {"momentum_buffer": torch.randn(64, 32, generator=g)}},
+                          "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]},
+            "scheduler": {"step": step}, "data": {"step": step, "samples_seen": 64 * step}}
+
+
+def commit(store: CheckpointStore, step: int, stage: int = 1, boundary: bool = False) -> str:
+    tag = tag_for(step, stage, boundary)
+    store.commit(tag, encode(small_state(step)), **meta(step, stage, boundary))
+    return tag
+
+
+def write_payload_only(store: CheckpointStore, step: int, stage: int = 1) -> str:
+    """What an upload that died before its manifest leaves behind."""
+    tag = tag_for(step, stage, False)
+    for name, data in encode(small_state(step)).items():
+        store.storage.write_bytes(data, CHECKPOINTS_DIR, tag, name)
+    return tag
+
+
+def flip_byte(store: CheckpointStore, tag: str, name: str) -> None:
+    data = bytearray(store.storage.read_bytes(CHECKPOINTS_DIR, tag, name))
+    data[len(data) // 2] ^= 0xFF
+    store.storage.write_bytes(bytes(data), CHECKPOINTS_DIR, tag, name)
+
+
+def assert_same(a, b, where: str = "state") -> None:
+    """Nested state dicts are equal: tensors bit for bit, everything else by ``==``."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def all_objects(url: str) -> dict[str, bytes]:
+    """Every object under the storage root (for S3: the whole bucket)."""
+    storage = Storage(url)
+    root = storage.root.split("/")[0] if url.startswith("s3://") else storage.root
+    return {p: storage.fs.cat_file(p) for p in storage.fs.find(root)}
+
+
+def assert_no_secrets(blobs: dict[str, bytes]) -> None:
+    assert blobs
+    for name, data in blobs.items():
+        for secret in (ACCESS_KEY_ID, SECRET_ACCESS_KEY):
+            assert secret.encode() not in data, f"{secret!r} leaked into {name}"
+
+
+def wait_until(condition, what: str, timeout: float = 60.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return result
+
+
+class CheckedStore(CheckpointStore):
+    """A store that checks, each time the checkpointer prunes, that the checkpoint it just saved is
+    already committed and verifies: nothing is deleted before its replacement exists."""
+
+    def __init__(self, storage: Storage):
+        super().__init__(storage)
+        self.checkpointer: AsyncCheckpointer | None = None
+        self.prunes: list[str] = []
+
+    def prune(self, keep_last: int, keep_stage_checkpoints: bool) -> list[str]:
+        new = self.checkpointer.last_committed.tag
+        info, _ = self.inspect(new, verify=True)
+        assert info.problem is None, f"pruning before {new} is committed: {info.problem}"
+        self.prunes.append(new)
+        return super().prune(keep_last, keep_stage_checkpoints)
+
+
+def checked(url: str, job_id: str = JOB, keep_last: int = 2, keep_stage: bool = True,
+            options: dict | None = None) -> tuple[CheckedStore, AsyncCheckpointer]:
+    store = CheckedStore(Storage(url, options).child(job_id))
+    store.checkpointer = AsyncCheckpointer(store, keep_last, keep_stage)
+    return store, store.checkpointer
+
+
+# ----------------------------------------------------------------------------------- round trip
+
+
+def _train_step(model, optimizer, scheduler, x, y) -> None:
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def _sgd(model) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
+
+
+def test_round_trip_resnet18_mid_stage(storage_url):
+    spec = make_spec()
+    plan = build_plan(spec, 4096)
+    stage = plan.stages[1]
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 3)
+    optimizer = _sgd(model)
+    scheduler = PlanScheduler(optimizer, plan, start_step=stage.step_start)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for _ in range(3):
+        _train_step(model, optimizer, scheduler, x, y)
+    step = stage.step_start + 3
+    assert scheduler.last_epoch == step < stage.step_end
+    progress = Progress(step=step, samples_seen=plan.samples_before(step), stage=stage.index, epoch=0, batch=3)
+    rng = RNGState()
+    rng.per_rank = [RNGState.capture()]
+    after_capture = torch.rand(4)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "rng": rng.state_dict(),
+             "data": progress.state_dict()}
+
+    store = job_store(storage_url)
+    ckpt = AsyncCheckpointer(store, keep_last=2, keep_stage_checkpoints=True)
+    tag = tag_for(step, stage.index + 1, False)
+    ckpt.save(state, tag, block=True, job_id=JOB, stage=stage.index + 1, epoch=0, step=step,
+              samples_seen=progress.samples_seen, boundary=False, world_size=1, plan_hash=plan.plan_hash(),
+              stage_hash=plan.stage_hash(stage.index), spec_hash=spec.spec_hash(),
+              versions={"torch": torch.__version__}, git_revision=None)
+    assert ckpt.failures == [] and ckpt.last_committed.tag == tag
+
+    latest = store.latest(verify=True)
+    assert latest is not None and latest[0].tag == tag and set(latest[1]) == {MODEL_FILE, STATE_FILE}
+    manifest, loaded = store.load(tag)
+    assert (manifest.step, manifest.stage, manifest.boundary) == (step, 2, False)
+    assert manifest.samples_seen == plan.samples_before(step) and manifest.plan_hash == plan.plan_hash()
+
+    # Into fresh objects, built the way a restarted worker builds them (a different init, step 0).
+    torch.manual_seed(1)
+    model2 = build_model("resnet18", 10, 3)
+    optimizer2 = _sgd(model2)
+    scheduler2 = PlanScheduler(optimizer2, plan, start_step=0)
+    model2.load_state_dict(loaded["model"])
+    optimizer2.load_state_dict(loaded["optimizer"])
+    scheduler2.load_state_dict(loaded["scheduler"])
+    rng2 = RNGState()
+    rng2.load_state_dict(loaded["rng"])
+    assert_same(model.state_dict(), model2.state_dict(), "model")
+    assert_same(optimizer.state_dict(), optimizer2.state_dict(), "optimizer")
+    assert scheduler2.last_epoch == step
+    assert [g["lr"] for g in optimizer2.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert [g["momentum"] for g in optimizer2.param_groups] == [g["momentum"] for g in optimizer.param_groups]
+    assert Progress(**loaded["data"]) == progress and loaded["scaler"] == state["scaler"]
+    RNGState.restore(rng2.per_rank[0])
+    assert torch.equal(torch.rand(4), after_capture)
+
+    # Both continue identically: same schedule, same parameters after one more step.
+    _train_step(model, optimizer, scheduler, x, y)
+    _train_step(model2, optimizer2, scheduler2, x, y)
+    assert scheduler2.last_epoch == scheduler.last_epoch == step + 1
+    assert optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert_same(model.state_dict(), model2.state_dict(), "model after one more step")
+
+    # The payload files are plain torch files: no stagetrain code needed to read them.
+    fs = store.storage.fs
+    with fs.open(store.storage.path(CHECKPOINTS_DIR, tag, MODEL_FILE), "rb") as f:
+        weights = torch.load(f, weights_only=True)
+    with fs.open(store.storage.path(CHECKPOINTS_DIR, tag, STATE_FILE), "rb") as f:
+        train_state = torch.load(f, weights_only=True)
+    assert weights.keys() == model2.state_dict().keys()
+    assert set(train_state) == {"optimizer", "scheduler", "scaler", "rng", "data"}
+    assert train_state["scheduler"] == {"step": step}
+
+
+# ------------------------------------------------------------------------------ commit protocol
+
+
+def test_folder_without_manifest_is_not_a_checkpoint(storage_url):
+    store = job_store(storage_url)
+    assert store.latest() is None
+    orphan_only = write_payload_only(store, 3)
+    assert store.latest() is None
+    good = commit(store, 5)
+    orphan = write_payload_only(store, 10)
+    assert store.tags() == [orphan_only, good, orphan]
+    info, payload = store.inspect(orphan, verify=True)
+    assert info.problem == "no manifest (uncommitted)" and payload is None
+    for verify in (False, True):
+        assert store.latest(verify=verify)[0].tag == good
+        assert [i.problem is None for i in store.list(verify=verify)] == [False, True, False]
+    with pytest.raises(ValueError, match="no manifest"):
+        store.load(orphan)
+
+
+# Run as a separate process and SIGKILLed mid-upload: ~72 MB, so the upload takes long enough to hit.
+UPLOADER = r"""
+import json, sys, torch
+from checkpoints.checkpointer import CheckpointStore, encode
+from checkpoints.storage import Storage
+url, job_id, tag, meta = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+store = CheckpointStore(Storage(url).child(job_id))
+files = encode({"model": {"w": torch.rand(12_000_000)}, "optimizer": {"m": torch.rand(6_000_000)}})
+print("uploading", flush=True)
+store.commit(tag, files, **meta)
+print("committed", flush=True)
+"""
+
+
+def test_upload_killed_midway_leaves_no_manifest(storage_url):
+    store, ckpt = checked(storage_url)
+    ckpt.save(small_state(5), tag_for(5, 1, False), block=True, **meta(5))
+    killed = tag_for(10, 1, False)
+    proc = subprocess.Popen([sys.executable, "-c", UPLOADER, storage_url, JOB, killed, json.dumps(meta(10))],
+                            cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "uploading", proc.stderr.read()
+        # The first bytes of the checkpoint are on storage (a temporary file locally, model.pt on S3).
+        local = not storage_url.startswith("s3://")
+        wait_until(lambda: store.storage.listdir(CHECKPOINTS_DIR, killed) or proc.poll() is not None,
+                   "the upload to start", interval=0 if local else 0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the uploader finished before it could be killed"
+
+    store.storage.fs.invalidate_cache()  # look at storage, not at what this process listed while polling
+    assert killed in store.tags()
+    assert store.inspect(killed)[0].problem == "no manifest (uncommitted)"
+    assert not store.storage.exists(CHECKPOINTS_DIR, killed, MANIFEST)
+    assert store.latest(verify=True)[0].tag == tag_for(5, 1, False)
+
+    # The next committed checkpoint prunes the dead upload's folder (it is older).
+    ckpt.save(small_state(15), tag_for(15, 1, False), block=True, **meta(15))
+    assert store.tags() == [tag_for(5, 1, False), tag_for(15, 1, False)]
+
+
+def test_corrupt_payload_is_detected_and_skipped(storage_url):
+    store = job_store(storage_url)
+    good, bad = commit(store, 5), commit(store, 10)
+    flip_byte(store, bad, MODEL_FILE)
+
+    info, payload = store.inspect(bad, verify=True)
+    assert info.problem == f"{MODEL_FILE}: checksum mismatch" and info.verified is False and payload is None
+    # Without verify only sizes are checked: a same-size corruption passes (that is what --verify is for).
+    assert store.inspect(bad, verify=False)[0].problem is None
+    assert [(i.tag, i.problem) for i in store.list(verify=True)] == [
+        (good, None), (bad, f"{MODEL_FILE}: checksum mismatch")]
+    manifest, payload = store.latest(verify=True)
+    assert manifest.tag == good and set(payload) == {MODEL_FILE, STATE_FILE}
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        store.load(bad)
+
+    # A garbled manifest is "not a checkpoint" too, not a crash.
+    store.storage.write_text("{not json", CHECKPOINTS_DIR, good, MANIFEST)
+    assert store.inspect(good)[0].problem.startswith("unreadable manifest")
+    assert store.latest(verify=True) is None
+
+
+def test_manifest_pointing_at_missing_file_is_skipped(storage_url):
+    store = job_store(storage_url)
+    good, broken = commit(store, 5), commit(store, 10)
+    store.storage.remove(CHECKPOINTS_DIR, broken, STATE_FILE)
+    for verify in (False, True):
+        assert store.inspect(broken, verify=verify)[0].problem == f"missing {STATE_FILE}"
+        assert store.latest(verify=verify)[0].tag == good
+    with pytest.raises(ValueError, match=f"missing {STATE_FILE}"):
+        store.load(broken)
+
+
+def test_prune_keeps_last_periodic_and_stage_boundaries(storage_url):
+    store, ckpt = checked(storage_url, keep_last=2, keep_stage=True)
+
+    def save(step: int, stage: int, boundary: bool = False) -> str:
+        tag = tag_for(step, stage, boundary)
+        ckpt.save(small_state(step), tag, block=boundary, **meta(step, stage, boundary))
+        return tag
+
+    t5 = save(5, 1)
+    ckpt.wait()
+    died = write_payload_only(store, 7)  # an upload that died: older than the next commit
+    in_flight = write_payload_only(store, 90, 3)  # newer than anything committed: maybe still uploading
+    t10 = save(10, 1)
+    ckpt.wait()
+    assert store.tags() == [t5, t10, in_flight]  # the dead one went, only after t10 was committed
+    b16 = save(16, 1, boundary=True)
+    t20, t25, t30 = save(20, 2), save(25, 2), save(30, 2)
+    b32 = save(32, 2, boundary=True)
+    assert store.tags() == [b16, t25, t30, b32, in_flight]
+    assert store.prunes == [t5, t10, b16, t20, t25, t30, b32] and died not in store.tags()
+    assert ckpt.failures == []
+
+    # Without keep_stage_checkpoints, stage boundaries count against keep_last like the rest.
+    store2, ckpt2 = checked(storage_url, job_id="job-2", keep_last=2, keep_stage=False)
+    for step, stage, boundary in [(5, 1, False), (16, 1, True), (20, 2, False), (32, 2, True)]:
+        ckpt2.save(small_state(step), tag_for(step, stage, boundary), block=True, **meta(step, stage, boundary))
+    assert store2.tags() == [tag_for(20, 2, False), tag_for(32, 2, True)]
+
+
+# --------------------------------------------------------------------------------- failed upload
+
+
+FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10}}
+
+
+@contextlib.contextmanager
+def outage(storage_url: str, request, store: CheckpointStore, ckpt: AsyncCheckpointer, tag: str, state: dict):
+    """Start saving ``state`` as ``tag`` (periodic) while storage goes away for real. S3: the server is
+    stopped once the first file is up, mid-upload, and restarted (empty) on exit. Local: a plain file
+    stands where the checkpoints folder was."""
+    if storage_url.startswith("s3://"):
+        server = request.getfixturevalue("s3_server")
+        ckpt.save(state, tag, **meta(10))
+        wait_until(lambda: store.storage.listdir(CHECKPOINTS_DIR, tag), "the first file of the upload")
+        server.stop()
+        try:
+            yield
+        finally:
+            server.start()
+            make_bucket(server, storage_url.split("/")[2])
+    else:
+        folder = store.storage.path(CHECKPOINTS_DIR)
+        os.rename(folder, folder + ".aside")
+        store.storage.write_text("in the way", CHECKPOINTS_DIR)
+        try:
+            ckpt.save(state, tag, **meta(10))
+            yield
+        finally:
+            ckpt.wait()
+            os.remove(folder)
+            os.rename(folder + ".aside", folder)
+
+
+def test_failed_upload_never_commits(storage_url, request, monkeypatch, caplog):
+    monkeypatch.setattr(checkpointer, "retry", functools.partial(retry, attempts=2, base_delay=0.05))
+    s3 = storage_url.startswith("s3://")
+    store, ckpt = checked(storage_url, options=FAST_FAIL if s3 else None)
+    first = tag_for(5, 1, False)
+    ckpt.save(small_state(5), first, block=True, **meta(5))
+    failed, boundary = tag_for(10, 1, False), tag_for(12, 1, True)
+    big = {"model": {"w": torch.rand(12_000_000)}, "optimizer": {"m": torch.rand(12_000_000)}}
+
+    t0 = time.monotonic()
+    with outage(storage_url, request, store, ckpt, failed, big):
+        ckpt.wait()  # a periodic save: the failure is recorded, not raised
+        assert len(ckpt.failures) == 1 and ckpt.failures[0].startswith(f"{failed}: ")
+        assert ckpt.last_committed.tag == first
+        with pytest.raises(RuntimeError, match=f"checkpoint {boundary} could not be committed"):
+            ckpt.save(small_state(12), boundary, block=True, **meta(12, 1, True))
+        assert len(ckpt.failures) == 2 and ckpt.failures[1].startswith(f"{boundary}: ")
+    assert time.monotonic() - t0 < 60
+    assert store.prunes == [first]  # nothing is pruned after a failed commit
+    if not s3:  # (a restarted moto server is empty: nothing to look at)
+        assert store.tags() == [first]
+        assert store.latest(verify=True)[0].tag == first
+
+    # Storage is back: the next save commits. Nothing secret went into the failure messages (they
+    # end up in the job record) or the log.
+    ckpt.save(small_state(15), tag_for(15, 1, False), block=True, **meta(15))
+    assert store.latest(verify=True)[0].tag == tag_for(15, 1, False)
+    assert store.tags() == ([first] if not s3 else []) + [tag_for(15, 1, False)]
+    assert_no_secrets({"failures": "\n".join(ckpt.failures).encode(), "log": caplog.text.encode()})
+
+
+def test_storage_options_are_not_mutated(storage_url):
+    """botocore rewrites a ``retries`` dict in place; the spec's storage_options (hashed into every
+    manifest as spec_hash) must not change because a Storage was built from them."""
+    options = {"config_kwargs": {"retries": {"max_attempts": 3}}} if storage_url.startswith("s3://") else {}
+    spec = make_spec(checkpoint={"storage": storage_url, "storage_options": options})
+    before, spec_hash = copy.deepcopy(spec.checkpoint.storage_options), spec.spec_hash()
+    Storage(storage_url, spec.checkpoint.storage_options).probe()
+    assert spec.checkpoint.storage_options == before and spec.spec_hash() == spec_hash
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def stagetrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_lists_and_verifies_checkpoints_without_leaking_secrets(storage_url):
+    spec = make_spec(checkpoint={"storage": storage_url})
+    JobStore(Storage(storage_url), JOB).save(JobRecord.create(JOB, spec, build_plan(spec, 4096)))
+    store = job_store(storage_url)
+    good, bad = commit(store, 5), commit(store, 16, 1, boundary=True)
+    flip_byte(store, bad, STATE_FILE)
+
+    listed = stagetrain("checkpoints", JOB, "--storage", storage_url)
+    assert listed.returncode == 0, listed.stderr
+    assert good in listed.stdout and bad in listed.stdout and listed.stdout.count("sizes ok") == 2
+
+    verified = stagetrain("checkpoints", JOB, "--storage", storage_url, "--verify")
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    rows = {line.split()[1]: line for line in verified.stdout.splitlines() if "step-" in line}
+    assert set(rows) == {good, bad}
+    assert "yes" in rows[good] and f"no: {STATE_FILE}: checksum mismatch" in rows[bad]
+
+    assert_no_secrets({**all_objects(storage_url), "cli": (listed.stdout + listed.stderr + verified.stdout
+                                                            + verified.stderr).encode()})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 CHECKPOINTS_DIR = "checkpoints"
+COMMIT_DELAY_S = float(os.environ.get("STAGETRAIN_TEST_COMMIT_DELAY_S", "0"))
 
 
 class Stateful(Protocol):
@@ -168,6 +170,8 @@ class CheckpointStore:
         """Write ``files``, then the manifest (last). Each write is retried with backoff."""
         for name, data in files.items():
             retry(lambda n=name, d=data: self.storage.write_bytes(d, CHECKPOINTS_DIR, tag, n), f"upload {tag}/{name}")
+        if COMMIT_DELAY_S:  # fault-injection seam for tests: widen the window before the manifest lands
+            time.sleep(COMMIT_DELAY_S)
         manifest = Manifest(
             tag=tag, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             files={n: FileEntry(size=len(d), sha256=_sha256(d)) for n, d in files.items()}, **meta,

@@ -33,13 +33,13 @@ class StorageError(RuntimeError):
 
 def _s3_options(options: dict) -> dict:
     """s3fs reads credentials itself, but not AWS_ENDPOINT_URL[_S3] in every version; add it, and
-    let botocore retry transient errors with backoff (``adaptive`` mode, 10 attempts)."""
+    let botocore retry transient errors with backoff (``standard`` mode, 5 attempts)."""
     opts = dict(options)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_url" not in opts and "endpoint_url" not in opts.get("client_kwargs", {}):
         opts["endpoint_url"] = endpoint
     config = dict(opts.pop("config_kwargs", {}))
-    config.setdefault("retries", {"max_attempts": 10, "mode": "adaptive"})
+    config.setdefault("retries", {"max_attempts": 5, "mode": "standard"})
     opts["config_kwargs"] = config
     return opts
 
@@ -139,7 +139,7 @@ class Storage:
             ) from e
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
+def retry(fn: Callable[[], T], what: str, attempts: int = 3, base_delay: float = 1.0) -> T:
     """Call ``fn``, retrying any exception with exponential backoff; the last failure propagates."""
     for attempt in range(1, attempts + 1):
         try:

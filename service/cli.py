@@ -223,6 +223,7 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
     """List a job's checkpoints: tag, stage, step, size, age, verified."""
     from datetime import datetime, timezone
 
+    from rich.markup import escape
     from rich.table import Table
 
     jobs = _job_store(job_id, storage)
@@ -239,7 +240,7 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
         if m is not None:
             age = f"{(datetime.now(timezone.utc) - datetime.fromisoformat(m.created)).total_seconds() / 60:.0f} min"
         size = f"{sum(f.size for f in m.files.values()) / 2**20:.1f} MiB" if m else ""
-        verdict = f"[red]no: {info.problem}[/]" if info.problem else ("[green]yes[/]" if info.verified else "sizes ok")
+        verdict = f"[red]no: {escape(info.problem)}[/]" if info.problem else ("[green]yes[/]" if info.verified else "sizes ok")
         table.add_row(info.tag, str(m.stage) if m else "", str(m.step) if m else "", size, age, verdict)
     console.print(table)
     if verify and bad:

@@ -114,7 +114,12 @@ class JobRunner:
     def _loop(self) -> int:
         while True:
             latest = self.jobs.checkpoints.latest(verify=False)
-            action = next_action(self.record, self.plan, latest[0] if latest else None)
+            manifest = latest[0] if latest else None
+            for st in self.plan.stages:  # e.g. the driver died right after a boundary commit
+                srec = self.record.stages[st.index]
+                if srec.status != "completed" and stage_completed(self.plan, st.index, manifest):
+                    srec.status, srec.finished = "completed", srec.finished or now()
+            action = next_action(self.record, self.plan, manifest)
             if isinstance(action, Finish):
                 self.record.status = "succeeded"
                 self.record.current_step = self.plan.total_steps
@@ -178,6 +183,8 @@ class JobRunner:
         thread = threading.Thread(target=fit, name=f"fit-stage-{stage.index + 1}", daemon=True)
         thread.start()
         end = self._follow(thread, q, stage, action.start_step)
+        if thread.is_alive():  # gave up on the stage: the driver's exit takes the Ray Train controller with it
+            error.clear()
         ray.kill(q.actor)
         srec.seconds += time.perf_counter() - started
 
@@ -191,6 +198,10 @@ class JobRunner:
         if (end or {}).get("preempted") or self.stop.is_set():
             srec.status = "preempted"
             self.record.status = "preempted"
+            if (end or {}).get("lost_capacity"):
+                self.record.error = (f"the cluster lost capacity: {end['lost_capacity']}. Resume when it is back, "
+                                     f"or now with fewer workers: stagetrain resume {self.record.job_id} --workers N")
+                self.opt.console.print(f"[yellow]{self.record.error}[/]", highlight=False)
             self.record.event(f"preempted at step {self.record.current_step} (checkpoint {manifest.tag if manifest else None})")
             self.jobs.save(self.record)
             self.opt.console.print(f"[yellow]preempted[/] at step {self.record.current_step}; "
@@ -214,15 +225,19 @@ class JobRunner:
         with Progress(*columns, console=self.opt.console, transient=False) as bar:
             task = bar.add_task("", total=stage.samples, n=stage.index + 1, res=stage.resolution, info="",
                                 completed=self.plan.samples_before(start_step) - stage.sample_start)
+            failed_at = None  # when the worker group last failed: from then on, watch the cluster's capacity
             while True:
                 try:
                     item = q.get(timeout=0.5)
                 except stdqueue.Empty:
                     if not thread.is_alive() and q.empty():
                         break
+                    if failed_at is not None and (lost := self._capacity_lost(stage)):
+                        return {"preempted": True, "lost_capacity": lost}
                     continue
                 if "worker_errors" in item:
                     srec.restarts += 1
+                    failed_at = time.monotonic()
                     self.record.event(f"stage {stage.index + 1}: worker group failed ({item['worker_errors']}); "
                                       f"Ray Train restarts it from the latest checkpoint")
                     self.jobs.save(self.record)
@@ -245,6 +260,15 @@ class JobRunner:
         if rates:
             srec.images_per_s = sum(rates) / len(rates)
         return end
+
+    def _capacity_lost(self, stage) -> str | None:
+        """After a worker-group failure: can the cluster still hold the stage? If a node went away for
+        good, Ray Train would wait for resources that never come; stop as preempted instead."""
+        import ray
+
+        res = self.spec.resources
+        return fits_cluster(self.plan, self.plan.stages.index(stage), res.use_gpu, res.cpus_per_worker,
+                            res.gpus_per_worker, ray.cluster_resources())
 
     def _on_sigterm(self, signum, frame) -> None:
         """Preemption notice: ask the workers (through storage, reachable from every node) to stop after

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from checkpoints.checkpointer import AsyncCheckpointer, CheckpointStore, package_versions, tag_for
+from checkpoints.checkpointer import AsyncCheckpointer, CheckpointStore, decode, package_versions, tag_for
 from checkpoints.storage import Storage
 from service.plan import Plan, StagePlan
 from service.spec import AdamWSpec, JobSpec
@@ -236,17 +236,20 @@ class StageRunner:
 
     def restore(self) -> str | None:
         """Load the latest committed checkpoint, chosen by rank 0 so every rank loads the same one."""
-        tag = None
-        if self.dist.rank == 0:
-            latest = self.store.latest(verify=False)
-            tag = latest[0].tag if latest else None
+        tag, state = None, None
+        if self.dist.rank == 0:  # the newest checkpoint whose bytes verify; corrupt or partial ones are skipped
+            latest = self.store.latest(verify=True)
+            if latest:
+                tag, state = latest[0].tag, decode(latest[1])
         tag = self.dist.broadcast_object(tag)
         if tag is None:
             if self.stage.index > 0:
                 raise RuntimeError(f"stage {self.stage.index + 1} needs the stage {self.stage.index} checkpoint, "
                                    f"but {self.store.storage.url} has no committed checkpoint")
             return None
-        manifest, state = self.store.load(tag)
+        manifest = self.store.read_manifest(tag)
+        if state is None:
+            state = self.store.load(tag)[1]
         if not self.stage.step_start <= manifest.step <= self.stage.step_end:
             raise RuntimeError(
                 f"latest checkpoint {tag} is at step {manifest.step}, outside stage {self.stage.index + 1}'s "

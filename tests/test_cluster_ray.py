@@ -1,0 +1,66 @@
+"""Node loss on a two-node Ray cluster on one machine (ray.cluster_utils.Cluster)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import merge
+from tests.jobs import cli_env, read_record, stagetrain, write_job
+from tests.test_resume_ray import DETERMINISTIC, _final_state, _steps_reported
+
+pytestmark = pytest.mark.ray
+
+
+def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp_path, monkeypatch, straight):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    spec = merge(DETERMINISTIC, {"name": "node-loss", "keep_global_batch": True})
+    job = write_job(tmp_path, spec)
+    storage = tmp_path / "runs"
+    job_dir = storage / "nl"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        worker_node = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = cli_env(RAY_AUTH_MODE="disabled")
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "run", job, "--job-id", "nl", "--storage",
+                                 str(storage), "--address", cluster.address], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.time() + 300
+        while _steps_reported(job_dir) < 30 and time.time() < deadline:  # mid stage 2 (2 workers, 1 per node)
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        cluster.remove_node(worker_node)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 75, out
+        record = read_record(job_dir)
+        assert record["status"] == "preempted"
+        assert "lost capacity" in record["error"] and "--workers" in record["error"]
+        assert "needs 2 workers x 1 CPUs = 2 CPUs, but the Ray cluster has 1" in record["error"]
+        stopped_at = record["current_step"]
+        assert 24 <= stopped_at < 36
+
+        resumed = stagetrain("resume", "nl", "--storage", str(storage), "--address", cluster.address,
+                             "--workers", "1", env=env)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    record = read_record(job_dir)
+    assert record["status"] == "succeeded"
+    assert [s["workers"] for s in record["stages"]] == [2, 1, 1]
+    assert record["spec"]["stages"][1] == {**spec["stages"][1], "workers": 1, "batch_size": 16, "grad_accum": 2,
+                                           "data_fraction": 1.0, "max_lr": None, "pct_start": None, "compile": False}
+    # same global batch, same samples, same LR: equal to the uninterrupted run up to reduction order
+    model_a, _ = _final_state(straight[0])
+    model_b, _ = _final_state(job_dir)
+    for name, a in model_a.items():
+        if a.is_floating_point():
+            assert torch.allclose(a, model_b[name], rtol=1e-3, atol=1e-4), name

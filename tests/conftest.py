@@ -49,3 +49,7 @@ def make_spec(**overrides) -> JobSpec:
 @pytest.fixture
 def spec_dict() -> dict:
     return copy.deepcopy(BASE_SPEC)
+
+
+# Session fixture shared by the resume tests (imported last: tests.jobs uses BASE_SPEC above).
+from tests.jobs import straight  # noqa: E402,F401

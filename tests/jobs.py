@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 import yaml
 
+from checkpoints.checkpointer import CHECKPOINTS_DIR, MODEL_FILE, STATE_FILE
 from tests.conftest import BASE_SPEC, merge
 
 TINY = merge(BASE_SPEC, {
@@ -59,3 +62,46 @@ def read_metrics(job_dir) -> list[dict]:
 def read_record(job_dir) -> dict:
     with open(os.path.join(str(job_dir), "job.json")) as f:
         return json.load(f)
+
+
+DETERMINISTIC = merge(TINY, {
+    "name": "resume", "deterministic": True,
+    "stages": [
+        {"resolution": 16, "epochs": 2, "batch_size": 16, "workers": 2},  # 24 steps of 32
+        {"resolution": 20, "epochs": 1, "batch_size": 16, "workers": 2},  # 12 steps
+        {"resolution": 24, "epochs": 1, "batch_size": 8, "workers": 2, "grad_accum": 2},  # 12 steps
+    ],
+    "metrics": {"every_n_steps": 2},
+    "checkpoint": {"every_n_steps": 5, "keep_last": 2},
+})
+TOTAL = 48
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run."""
+    tmp = tmp_path_factory.mktemp("straight")
+    job = write_job(tmp, DETERMINISTIC)
+    stagetrain("run", job, "--job-id", "straight", "--storage", str(tmp / "runs"), check=True)
+    return tmp / "runs" / "straight", job
+
+
+def final_state(job_dir):
+    tags = sorted(os.listdir(job_dir / CHECKPOINTS_DIR))
+    final = [t for t in tags if t.endswith("stage-3-end")]
+    assert final, tags
+    folder = job_dir / CHECKPOINTS_DIR / final[0]
+    return (torch.load(folder / MODEL_FILE, weights_only=True), torch.load(folder / STATE_FILE, weights_only=True))
+
+
+def launch(*args, **env):
+    """Start the coordinator in its own session, so the test can kill it with all its Ray processes."""
+    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli_env(**env), start_new_session=True)
+
+
+def steps_reported(job_dir) -> int:
+    path = job_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"kind"' not in line)

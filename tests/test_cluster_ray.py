@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import merge
-from tests.jobs import cli_env, read_record, stagetrain, write_job
-from tests.test_resume_ray import DETERMINISTIC, _final_state, _steps_reported
+from tests.jobs import DETERMINISTIC, cli_env, final_state, read_record, stagetrain, steps_reported, write_job
 
 pytestmark = pytest.mark.ray
 
@@ -34,7 +33,7 @@ def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp
                                  str(storage), "--address", cluster.address], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.time() + 300
-        while _steps_reported(job_dir) < 30 and time.time() < deadline:  # mid stage 2 (2 workers, 1 per node)
+        while steps_reported(job_dir) < 30 and time.time() < deadline:  # mid stage 2 (2 workers, 1 per node)
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.1)
         cluster.remove_node(worker_node)
@@ -59,8 +58,8 @@ def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp
     assert record["spec"]["stages"][1] == {**spec["stages"][1], "workers": 1, "batch_size": 16, "grad_accum": 2,
                                            "data_fraction": 1.0, "max_lr": None, "pct_start": None, "compile": False}
     # same global batch, same samples, same LR: equal to the uninterrupted run up to reduction order
-    model_a, _ = _final_state(straight[0])
-    model_b, _ = _final_state(job_dir)
+    model_a, _ = final_state(straight[0])
+    model_b, _ = final_state(job_dir)
     for name, a in model_a.items():
         if a.is_floating_point():
             assert torch.allclose(a, model_b[name], rtol=1e-3, atol=1e-4), name

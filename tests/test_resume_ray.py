@@ -6,47 +6,26 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from checkpoints.checkpointer import CHECKPOINTS_DIR, MANIFEST, MODEL_FILE, STATE_FILE
+from checkpoints.checkpointer import CHECKPOINTS_DIR, MANIFEST
 from tests.conftest import merge
-from tests.jobs import TINY, cli_env, read_metrics, read_record, stagetrain, write_job
+from tests.jobs import (
+    DETERMINISTIC,
+    TOTAL,
+    final_state,
+    launch,
+    read_metrics,
+    read_record,
+    stagetrain,
+    steps_reported,
+    write_job,
+)
 
 pytestmark = pytest.mark.ray
-
-DETERMINISTIC = merge(TINY, {
-    "name": "resume", "deterministic": True,
-    "stages": [
-        {"resolution": 16, "epochs": 2, "batch_size": 16, "workers": 2},  # 24 steps of 32
-        {"resolution": 20, "epochs": 1, "batch_size": 16, "workers": 2},  # 12 steps
-        {"resolution": 24, "epochs": 1, "batch_size": 8, "workers": 2, "grad_accum": 2},  # 12 steps
-    ],
-    "metrics": {"every_n_steps": 2},
-    "checkpoint": {"every_n_steps": 5, "keep_last": 2},
-})
-TOTAL = 48
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted reference run."""
-    tmp = tmp_path_factory.mktemp("straight")
-    job = write_job(tmp, DETERMINISTIC)
-    stagetrain("run", job, "--job-id", "straight", "--storage", str(tmp / "runs"), check=True)
-    return tmp / "runs" / "straight", job
-
-
-def _final_state(job_dir):
-    tags = sorted(os.listdir(job_dir / CHECKPOINTS_DIR))
-    final = [t for t in tags if t.endswith("stage-3-end")]
-    assert final, tags
-    folder = job_dir / CHECKPOINTS_DIR / final[0]
-    return (torch.load(folder / MODEL_FILE, weights_only=True), torch.load(folder / STATE_FILE, weights_only=True))
-
 
 def _assert_identical(a, b, path="state"):
     if isinstance(a, torch.Tensor):
@@ -64,8 +43,8 @@ def _assert_identical(a, b, path="state"):
 
 
 def _assert_equivalent(job_dir, straight_dir, resumed_from: list[int]):
-    model_a, state_a = _final_state(straight_dir)
-    model_b, state_b = _final_state(job_dir)
+    model_a, state_a = final_state(straight_dir)
+    model_b, state_b = final_state(job_dir)
     _assert_identical(model_a, model_b, "model")
     _assert_identical(state_a["optimizer"], state_b["optimizer"], "optimizer")
     _assert_identical(state_a["scheduler"], state_b["scheduler"], "scheduler")
@@ -81,12 +60,6 @@ def _assert_equivalent(job_dir, straight_dir, resumed_from: list[int]):
             assert got[step][key] == ref[step][key], (step, key)
 
 
-def _launch(*args, **env):
-    """Start the coordinator in its own session, so the test can kill it with all its Ray processes."""
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cli_env(**env), start_new_session=True)
-
-
 def _kill_when(proc, condition, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -100,13 +73,6 @@ def _kill_when(proc, condition, timeout=240):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("kill point never reached")
-
-
-def _steps_reported(job_dir) -> int:
-    path = job_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if '"kind"' not in line)
 
 
 def _committed(job_dir, suffix: str) -> bool:
@@ -130,14 +96,14 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     resumed_from = []
 
     # (a) mid-epoch: past the step-5 checkpoint, inside stage 1's first epoch
-    proc = _launch("run", job, "--job-id", "killed", "--storage", str(storage))
-    _kill_when(proc, lambda: _steps_reported(job_dir) >= 8)
+    proc = launch("run", job, "--job-id", "killed", "--storage", str(storage))
+    _kill_when(proc, lambda: steps_reported(job_dir) >= 8)
     assert read_record(job_dir)["status"] == "running"  # the driver died: nobody marked it
     # (b) right after the stage-1 boundary commit
-    proc = _launch("resume", "killed", "--storage", str(storage))
+    proc = launch("resume", "killed", "--storage", str(storage))
     _kill_when(proc, lambda: _committed(job_dir, "stage-1-end"))
     # (c) during a checkpoint upload: payload written, manifest not yet
-    proc = _launch("resume", "killed", "--storage", str(storage), STAGETRAIN_TEST_COMMIT_DELAY_S="3")
+    proc = launch("resume", "killed", "--storage", str(storage), STAGETRAIN_TEST_COMMIT_DELAY_S="3")
     _kill_when(proc, lambda: _upload_in_flight(job_dir, after_step=24))
     orphans = [t for t in os.listdir(job_dir / CHECKPOINTS_DIR) if not (job_dir / CHECKPOINTS_DIR / t / MANIFEST).exists()]
     assert orphans, "the kill should have left an uncommitted checkpoint folder"
@@ -166,9 +132,9 @@ def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, strai
     job = write_job(tmp_path, DETERMINISTIC)
     storage = tmp_path / "runs"
     job_dir = storage / "preempted"
-    proc = _launch("run", job, "--job-id", "preempted", "--storage", str(storage))
+    proc = launch("run", job, "--job-id", "preempted", "--storage", str(storage))
     deadline = time.time() + 240
-    while _steps_reported(job_dir) < 28 and time.time() < deadline:  # mid stage 2
+    while steps_reported(job_dir) < 28 and time.time() < deadline:  # mid stage 2
         assert proc.poll() is None
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGTERM)
@@ -195,11 +161,11 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "wk"
-    proc = _launch("run", job, "--job-id", "wk", "--storage", str(storage))
+    proc = launch("run", job, "--job-id", "wk", "--storage", str(storage))
     killed = 0
     deadline = time.time() + 400
     for threshold in (10, 30):
-        while _steps_reported(job_dir) < threshold and time.time() < deadline:
+        while steps_reported(job_dir) < threshold and time.time() < deadline:
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.05)
         pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# GPU smoke benchmark: stagetrain's worker loop beside a minimal hand-written loop on one GPU.
+#
+#   bash bench/gpu_smoke.sh            # from anywhere; needs one NVIDIA GPU; under 5 min (incl. set-up)
+#   bash bench/gpu_smoke.sh 2>&1 | tee gpu_smoke.log
+#
+# What it runs: bench/overhead.py with one worker (a 1-process torch.distributed group, NCCL for CUDA
+# tensors), bf16 autocast, channels_last, ResNet-50, synthetic data at 128/160/224 px, per-worker batch
+# 128, both sides fed by DataLoader workers. It prints img/s per resolution for StageRunner and for the
+# plain loop, their ratio, and ends with one JSON line ({"overhead_ratio": ..., "per_resolution": ...}).
+# No Ray cluster is started: StageRunner runs in-process with a no-op report.
+#
+# Set-up: if .venv is missing it runs scripts/setup.sh (pip install -e . into .venv; ~2 min). With no
+# GPU (or a CPU-only torch) it exits 1 with a message before doing any work.
+#
+# Overrides (environment): ARCH, RESOLUTIONS, BATCH, LOADER_WORKERS, WARMUP, STEPS, ROUNDS, BACKEND.
+# BACKEND defaults to "cpu:gloo,cuda:nccl": StageRunner's Distributed.mean/sum all-reduce CPU tensors on
+# the default process group, which a plain "nccl" group (what Ray's TorchConfig creates on GPU) cannot
+# do ("No backend type associated with device type cpu"). Once that is fixed in workers/train.py, run
+# with BACKEND=nccl to match Ray exactly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "gpu_smoke: error: $*" >&2; exit 1; }
+
+# 1. A GPU, before spending minutes on set-up.
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi -L 2>/dev/null | grep -q '^GPU ' || die "nvidia-smi lists no GPU; run this on a machine with an NVIDIA GPU"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+elif ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
+  die "no NVIDIA GPU found (no nvidia-smi, no /dev/nvidia*); run this on a machine with an NVIDIA GPU"
+fi
+
+# 2. The environment: the repo's .venv, created if missing.
+if [ ! -x .venv/bin/python ]; then
+  echo "gpu_smoke: no .venv; running scripts/setup.sh" >&2
+  # setup.sh also fetches Fashion-MNIST through apt, which an offline machine cannot do and this
+  # benchmark does not need: judge the install by whether the packages import.
+  scripts/setup.sh || echo "gpu_smoke: warning: scripts/setup.sh exited $?; checking the install anyway" >&2
+fi
+.venv/bin/python -c "import service, workers, checkpoints, torchvision" \
+  || die "the stagetrain install in .venv is broken; see .venv/pip.log, or rerun scripts/setup.sh"
+.venv/bin/python - <<'EOF' || die "torch in .venv cannot use the GPU (a CPU-only wheel, or a driver older than its CUDA)"
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} (CUDA {torch.version.cuda}): torch.cuda.is_available() is False")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+EOF
+
+# 3. The benchmark. No Ray cluster is started; these keep any Ray report in the process fast and
+# match what Ray's TorchConfig sets for NCCL.
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+cores=$(nproc)
+workers=${LOADER_WORKERS:-$(( cores > 14 ? 12 : (cores > 3 ? cores - 2 : 1) ))}
+
+rc=0
+timeout --signal=INT 270 .venv/bin/python bench/overhead.py \
+  --device cuda --world 1 --backend "${BACKEND:-cpu:gloo,cuda:nccl}" \
+  --arch "${ARCH:-resnet50}" --resolutions "${RESOLUTIONS:-128,160,224}" --batch "${BATCH:-128}" \
+  --loader-workers "$workers" --threads 4 \
+  --warmup "${WARMUP:-8}" --steps "${STEPS:-30}" --rounds "${ROUNDS:-2}" || rc=$?
+[ "$rc" = 124 ] && die "the benchmark ran past its 270 s budget (fewer STEPS/ROUNDS/RESOLUTIONS?)"
+[ "$rc" = 0 ] || die "bench/overhead.py failed (exit $rc); its traceback is above"

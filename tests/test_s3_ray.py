@@ -1,0 +1,148 @@
+"""Jobs against a real S3-compatible server (moto in server mode, a separate process on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import s3fs
+import yaml
+
+from tests.jobs import cli_env, stagetrain, write_job
+from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+
+def _fs(endpoint: str) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=endpoint, skip_instance_cache=True)
+
+
+def test_quickstart_on_s3_leaves_verified_boundary_and_periodic_checkpoints(tmp_path, s3_url, s3_server):
+    # The quickstart job (real Fashion-MNIST, three stages, 2 workers), on 2% of the data to stay quick.
+    with open("examples/quickstart.yaml") as f:
+        spec = yaml.safe_load(f)
+    for stage in spec["stages"]:
+        stage["data_fraction"] = 0.02
+    spec["checkpoint"].update(every_n_steps=3, keep_last=2)
+    job = write_job(tmp_path, spec)
+    proc = stagetrain("run", job, "--job-id", "qs", "--storage", s3_url, env=cli_env(), check=True)
+    listing = stagetrain("checkpoints", "qs", "--storage", s3_url, "--verify", check=True)
+
+    fs = _fs(s3_server.endpoint)
+    root = s3_url.removeprefix("s3://") + "/qs"
+    tags = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints", refresh=True))
+    # stage steps: 1200 // 256 = 4, 1200 // 192 = 6, 1200 // 128 = 9 -> boundaries at 4, 10, 19
+    boundaries = [t for t in tags if t.endswith("-end")]
+    assert boundaries == ["step-000000004-stage-1-end", "step-000000010-stage-2-end", "step-000000019-stage-3-end"]
+    periodic = [t for t in tags if not t.endswith("-end")]
+    assert periodic == ["step-000000015", "step-000000018"]  # keep_last: 2 of 3, 6, 9, 12, 15, 18
+    for tag in tags:
+        manifest = json.loads(fs.cat_file(f"{root}/checkpoints/{tag}/manifest.json"))
+        assert set(manifest["files"]) == {"model.pt", "train_state.pt"} and manifest["job_id"] == "qs"
+        assert tag in listing.stdout
+    assert listing.stdout.count("yes") == len(tags)
+    record = json.loads(fs.cat_file(f"{root}/job.json"))
+    assert record["status"] == "succeeded" and [s["status"] for s in record["stages"]] == ["completed"] * 3
+
+    # No credential anywhere: not in any object of the bucket, not in the output.
+    everything = b"".join(fs.cat_file(p) for p in fs.find(s3_url.removeprefix("s3://").split("/")[0]))
+    text = proc.stdout + proc.stderr + listing.stdout + listing.stderr
+    for secret in (ACCESS_KEY_ID, SECRET_ACCESS_KEY):
+        assert secret.encode() not in everything
+        assert secret not in text
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server that can be 'restarted': all connections are cut and new
+    ones refused for a while, as when an S3 endpoint restarts (its data survives, unlike moto's)."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def restart(self, down_s: float) -> None:
+        self.listener.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self.conns = []
+        self.restarts += 1
+        time.sleep(down_s)
+        self.start()
+
+
+def test_s3_restart_during_a_periodic_upload_never_commits_a_corrupt_checkpoint(tmp_path, s3_url, s3_server, monkeypatch):
+    from tests.conftest import merge
+    from tests.jobs import TINY, launch
+
+    proxy = FlakyProxy(s3_server.port)
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    spec = merge(TINY, {"name": "s3-restart", "checkpoint": {"every_n_steps": 3, "keep_last": 2},
+                        "stages": [{"resolution": 16, "epochs": 3, "batch_size": 16, "workers": 2}]})
+    job = write_job(tmp_path, spec)
+    fs = _fs(s3_server.endpoint)
+    root = s3_url.removeprefix("s3://") + "/s3r"
+    # Slow the commit down so the restart lands between payload and manifest.
+    proc = launch("run", job, "--job-id", "s3r", "--storage", s3_url, STAGETRAIN_TEST_COMMIT_DELAY_S="1.5")
+    deadline = time.time() + 240
+    while time.time() < deadline and proxy.restarts == 0:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            tags = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints", refresh=True)]
+        except FileNotFoundError:
+            tags = []
+        pending = [t for t in tags if not t.endswith("-end") and not fs.exists(f"{root}/checkpoints/{t}/manifest.json")]
+        if pending:
+            proxy.restart(down_s=3)
+        time.sleep(0.1)
+    assert proxy.restarts == 1, "no periodic upload was caught in flight"
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    # every checkpoint that has a manifest verifies; the job finished from verified state
+    listing = stagetrain("checkpoints", "s3r", "--storage", s3_url, "--verify", env=cli_env(
+        AWS_ENDPOINT_URL=s3_server.endpoint))
+    assert listing.returncode == 0, listing.stdout
+    record = json.loads(fs.cat_file(f"{root}/job.json"))
+    assert record["status"] == "succeeded"

@@ -158,9 +158,8 @@ def run(job: str, job_id: str | None, storage: str | None, address: str | None) 
 @user_errors
 def resume(job_id: str, storage: str | None, address: str | None, spec_path: str | None, workers: int | None) -> None:
     """Continue a preempted, failed or interrupted job from its newest verified checkpoint."""
-    from service.decisions import check_resume, resize_remaining
+    from service.decisions import check_resume, layout_history, resize_remaining
     from service.jobs import JobRecord
-    from service.plan import build_plan
     from service.runner import JobRunner, RunOptions
 
     jobs = _job_store(job_id, storage)
@@ -170,22 +169,26 @@ def resume(job_id: str, storage: str | None, address: str | None, spec_path: str
     if record.status == "succeeded":
         console.print(f"job {job_id} already succeeded; nothing to resume")
         return
-    old_plan = build_plan(old_spec)
+    old_plan = record.plan()
     latest = jobs.checkpoints.latest(verify=True)
     step = latest[0].step if latest else 0
     spec = load_spec(spec_path) if spec_path else old_spec
     if workers:
         spec = resize_remaining(spec, old_plan.stage_at(min(step, old_plan.total_steps - 1)).index, workers)
-    plan = build_plan(spec)
-    changes = check_resume(record, old_plan, spec, plan, step)
+    changes = check_resume(record, old_plan, spec, step)
+    new_layouts = layout_history(old_plan, spec, step)
+    history = record.history + new_layouts
+    plan = record.plan(spec, history)
     if spec != old_spec:
         fresh = JobRecord.create(job_id, spec, plan)
         kept = {s.stage: s for s in record.stages}
         record.spec, record.plan_hash, record.stage_hashes = fresh.spec, fresh.plan_hash, fresh.stage_hashes
-        record.total_steps = fresh.total_steps
+        record.total_steps, record.history = fresh.total_steps, history
         record.stages = [kept[s.stage].model_copy(update={"workers": s.workers}) if s.stage in kept else s
                          for s in fresh.stages]
-        record.event("re-planned: " + ("; ".join(changes) if changes else "worker layout changed"))
+        record.event("re-planned: " + "; ".join(changes + [f"stages[{h.stage}] ran steps before {h.until_step} with "
+                                                           f"{h.workers} workers" for h in new_layouts]
+                                                 or ["worker layout changed"]))
     record.error = None
     record.event(f"resumed from {latest[0].tag if latest else 'the start'} (step {step})")
     jobs.save(record)

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 from checkpoints.checkpointer import Manifest
 from service.jobs import JobRecord
-from service.plan import Plan
-from service.spec import JobSpec
+from service.plan import Plan, StageLayout
+from service.spec import JobSpec, ResourcesSpec
 
 
 @dataclass(frozen=True)
 class RunStage:
-    stage: int  # 0-based index into plan.stages
+    stage: int  # row in plan.stages (a stage, or a segment of one after a mid-stage resize)
     start_step: int  # where the stage's workers will pick up (from the latest checkpoint)
     attempt: int  # 1-based; makes the Ray run name unique
 
@@ -35,29 +35,36 @@ class Fail:
 Action = RunStage | Finish | Fail
 
 
-def next_action(record: JobRecord, plan: Plan, latest: Manifest | None) -> Action:
+def next_action(record: JobRecord, plan: Plan, latest: Manifest | None, resources: ResourcesSpec,
+                cluster: dict[str, float]) -> Action:
+    """Run the stage the latest committed checkpoint leads to, finish, or fail when the cluster cannot
+    hold that stage's workers (rather than wait for resources that may never come)."""
     step = latest.step if latest is not None else 0
-    if latest is not None and latest.plan_hash != plan.plan_hash() and latest.stage_hash != plan.stage_hash(latest.stage - 1):
-        return Fail(f"checkpoint {latest.tag} belongs to a different plan; see `stagetrain resume --help`")
     if step >= plan.total_steps:
         return Finish()
     stage = plan.stage_at(step)
-    return RunStage(stage=stage.index, start_step=step, attempt=record.stages[stage.index].attempts + 1)
+    row = plan.row(stage)
+    problem = fits_cluster(plan, row, resources.use_gpu, resources.cpus_per_worker, resources.gpus_per_worker, cluster)
+    if problem:
+        return Fail(problem)
+    return RunStage(stage=row, start_step=step, attempt=record.stages[stage.index].attempts + 1)
 
 
-def stage_completed(plan: Plan, stage: int, latest: Manifest | None) -> bool:
+def stage_completed(plan: Plan, row: int, latest: Manifest | None) -> bool:
     """A stage is complete only once its boundary checkpoint is committed."""
-    return latest is not None and latest.boundary and latest.step >= plan.stages[stage].step_end
+    stage = plan.stages[row]
+    return stage.last_segment and latest is not None and latest.boundary and latest.step >= stage.step_end
 
 
 class IncompatibleResume(ValueError):
     pass
 
 
-def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, new_plan: Plan, step: int) -> list[str]:
-    """May ``new_spec`` continue a job whose latest checkpoint is at ``step``? Stages already run (fully
-    or partly) must be unchanged, as must model and optimizer. Returns the changes to later stages
-    (to be recorded); raises ``IncompatibleResume`` explaining what differs otherwise."""
+def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, step: int) -> list[str]:
+    """May ``new_spec`` continue a job whose latest checkpoint is at ``step``? Model, optimizer, data and
+    schedule must be unchanged, and so must every stage that already ran (fully or partly) -- except how
+    it lays out its global batch over workers. Returns the changes to stages not yet started (to be
+    recorded); raises ``IncompatibleResume`` explaining what differs otherwise."""
     old_spec = record.job_spec()
     problems = []
     for field in ("model", "optimizer", "seed", "data"):
@@ -67,14 +74,15 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, new_plan:
         problems.append("schedule / lr_scaling changed: the LR already applied would disagree with the new curve")
     started = {s.index for s in old_plan.stages if s.step_start < step}  # ran at least one step
     changes = []
-    for i in range(max(len(old_plan.stages), len(new_plan.stages))):
-        old = old_plan.stages[i] if i < len(old_plan.stages) else None
-        new = new_plan.stages[i] if i < len(new_plan.stages) else None
-        if old is not None and new is not None and old_plan.stage_hash(i) == new_plan.stage_hash(i):
+    for i in range(max(len(old_spec.stages), len(new_spec.stages))):
+        old = old_spec.stages[i] if i < len(old_spec.stages) else None
+        new = new_spec.stages[i] if i < len(new_spec.stages) else None
+        if old == new:
             continue
         if i in started:
-            what = "removed" if new is None else _diff(old, new)
-            problems.append(f"stages[{i}] already ran (checkpoint at step {step}) and cannot change: {what}")
+            if new is None or _what(old) != _what(new):
+                problems.append(f"stages[{i}] already ran (checkpoint at step {step}) and cannot change: "
+                                + ("removed" if new is None else _diff(old, new)))
         else:
             changes.append(f"stages[{i}]: " + ("added" if old is None else "removed" if new is None else _diff(old, new)))
     if problems:
@@ -82,16 +90,35 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, new_plan:
     return changes
 
 
+def _what(stage) -> dict:
+    """A stage without its worker layout: what it computes."""
+    return stage.model_dump(exclude={"workers", "batch_size", "grad_accum", "compile"})
+
+
 def _diff(old, new) -> str:
     fields = ("resolution", "epochs", "data_fraction", "batch_size", "workers", "grad_accum", "max_lr", "pct_start")
     return ", ".join(f"{f} {getattr(old, f)} -> {getattr(new, f)}" for f in fields
-                     if getattr(old, f) != getattr(new, f)) or "derived numbers changed"
+                     if getattr(old, f) != getattr(new, f)) or "changed"
 
 
-def fits_cluster(plan: Plan, stage: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float,
+def layout_history(old_plan: Plan, new_spec: JobSpec, step: int) -> list[StageLayout]:
+    """If a resume changes the global batch of the stage it interrupts, the steps it already ran keep
+    their layout: record it, so the new plan splits the stage there (see ``build_plan``)."""
+    if step >= old_plan.total_steps:
+        return []
+    current = old_plan.stage_at(step)
+    new = new_spec.stages[current.index]
+    if step == current.step_start or new.global_batch == current.global_batch:
+        return []
+    return [StageLayout(stage=current.index, until_step=step, workers=current.workers,
+                        batch_size=current.batch_size, grad_accum=current.grad_accum)]
+
+
+def fits_cluster(plan: Plan, row: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float,
                  cluster: dict[str, float]) -> str | None:
     """None if the cluster can hold the stage's workers, else a message saying what is missing."""
-    s = plan.stages[stage]
+    s = plan.stages[row]
+    stage = s.index
     need_cpu = s.workers * cpus_per_worker
     have_cpu = cluster.get("CPU", 0)
     if need_cpu > have_cpu:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoints.checkpointer import CheckpointStore
 from checkpoints.storage import Storage
-from service.plan import Plan
+from service.plan import Plan, StageLayout, build_plan
 from service.spec import JobSpec
 
 JOB_FILE = "job.json"
@@ -76,6 +76,7 @@ class JobRecord(BaseModel):
     updated: str = Field(default_factory=now)
     error: str | None = None
     stages: list[StageRecord]
+    history: list[StageLayout] = []  # worker layouts that resumes replaced mid-stage (see build_plan)
     checkpoint_failures: list[str] = []
     events: list[str] = []  # resumes, re-plans, preemptions: one line each, timestamped
 
@@ -83,13 +84,16 @@ class JobRecord(BaseModel):
     def create(cls, job_id: str, spec: JobSpec, plan: Plan) -> JobRecord:
         return cls(job_id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), plan_hash=plan.plan_hash(),
                    stage_hashes=[plan.stage_hash(i) for i in range(len(plan.stages))], total_steps=plan.total_steps,
-                   stages=[StageRecord(stage=s.index + 1, workers=s.workers) for s in plan.stages])
+                   stages=[StageRecord(stage=i + 1, workers=st.workers) for i, st in enumerate(spec.stages)])
 
     def event(self, text: str) -> None:
         self.events.append(f"{now()} {text}")
 
     def job_spec(self) -> JobSpec:
         return JobSpec.model_validate(self.spec)
+
+    def plan(self, spec: JobSpec | None = None, history: list[StageLayout] | None = None) -> Plan:
+        return build_plan(spec or self.job_spec(), history=tuple(self.history if history is None else history))
 
 
 class JobStore:

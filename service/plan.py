@@ -35,6 +35,8 @@ class _Frozen(BaseModel):
 
 class StagePlan(_Frozen):
     index: int  # 0-based; shown to users as stage index + 1
+    segment: int = 0  # > 0: the stage continued with another worker layout after a resume
+    last_segment: bool = True
     resolution: int
     epochs: float
     data_fraction: float
@@ -45,7 +47,9 @@ class StagePlan(_Frozen):
     global_batch: int
     steps_per_epoch: int
     epoch_samples: int  # samples each epoch contributes to the stage's sample stream (drop-last applied)
-    stream_offset: int  # stream samples consumed before this stage's first step (> 0 only after a re-plan)
+    stream_offset: int  # stream samples consumed before this segment's first step (> 0 for later segments)
+    stream_samples: int  # the stage's whole stream: steps x global batch of its first layout
+    stream_batch: int  # global batch of the stage's first layout (the per-stage curves' step unit)
     steps: int
     step_start: int  # global optimizer-step range [step_start, step_end)
     step_end: int
@@ -60,12 +64,21 @@ class StagePlan(_Frozen):
     def samples(self) -> int:
         return self.sample_end - self.sample_start
 
+    @property
+    def label(self) -> str:
+        """``2``, or ``2.1``/``2.2`` for the segments of a stage resumed on another worker count."""
+        single = self.segment == 0 and self.last_segment
+        return f"{self.index + 1}" if single else f"{self.index + 1}.{self.segment + 1}"
+
+    def stream_position(self, step: int) -> int:
+        return self.stream_offset + (step - self.step_start) * self.global_batch
+
     def epoch_of(self, step: int) -> int:
         return self.position(step)[0]
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, batch within that epoch) of global optimizer ``step`` in this stage's sample stream."""
-        pos = self.stream_offset + (step - self.step_start) * self.global_batch
+        pos = self.stream_position(step)
         return pos // self.epoch_samples, (pos % self.epoch_samples) // self.global_batch
 
 
@@ -87,8 +100,12 @@ class Plan(_Frozen):
     def total_samples(self) -> int:
         return self.stages[-1].sample_end
 
+    def row(self, stage: StagePlan) -> int:
+        """Position of a stage (segment) in ``stages``: what the coordinator hands to workers."""
+        return self.stages.index(stage)
+
     def stage_at(self, step: int) -> StagePlan:
-        """The stage that optimizer step ``step`` (0-based, global) belongs to."""
+        """The stage (segment) that optimizer step ``step`` (0-based, global) belongs to."""
         if not 0 <= step < self.total_steps:
             raise IndexError(f"step {step} is outside the plan's {self.total_steps} optimizer steps")
         starts = [s.step_start for s in self.stages]
@@ -104,11 +121,11 @@ class Plan(_Frozen):
     def plan_hash(self) -> str:
         return _hash(self.model_dump_json())
 
-    def stage_hash(self, index: int) -> str:
+    def stage_hash(self, row: int) -> str:
         """Hash of what stage ``index`` computes: its data, batch, steps and LR curve -- not how the global
         batch is laid out over workers (``workers`` x ``batch_size`` x ``grad_accum``), which a resume
         may change without changing the optimisation."""
-        s = self.stages[index].model_dump_json(exclude=EXECUTION_FIELDS)
+        s = self.stages[row].model_dump_json(exclude=EXECUTION_FIELDS)
         return _hash(s + self.schedule.model_dump_json() + self.lr_scaling.model_dump_json()
                      + f"{self.dataset_size}/{self.seed}")
 
@@ -122,53 +139,88 @@ def lr_scale(rule: str, global_batch: int, reference_batch: int) -> float:
     return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
 
 
-def build_plan(spec: JobSpec, dataset_size: int | None = None) -> Plan:
+class StageLayout(_Frozen):
+    """How stage ``stage`` (0-based) laid out its global batch for its steps before ``until_step``: recorded
+    when a resume changes the worker count mid-stage, so the plan can replay the stage's history."""
+
+    stage: int
+    until_step: int
+    workers: int
+    batch_size: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers * self.grad_accum
+
+
+def build_plan(spec: JobSpec, dataset_size: int | None = None, history: tuple[StageLayout, ...] = ()) -> Plan:
     """Expand ``spec`` into a :class:`Plan`. ``dataset_size`` defaults to the size of the spec's
-    training split (which reads the data source's index, not the images)."""
+    training split (which reads the data source's index, not the images).
+
+    ``history`` lists earlier worker layouts of stages that a resume changed mid-stage. Such a stage
+    becomes several *segments* (plan rows sharing the stage index): each consumes the stage's sample
+    stream with its own global batch (and LR factor), and together they cover the stream the stage's
+    first layout planned, so the epochs, data and stage boundary stay where they were."""
     if dataset_size is None:
         from workers.data import dataset_size as _size
 
         dataset_size = _size(spec.data)
     problems = []
-    reference = spec.lr_scaling.reference_batch or spec.stages[0].global_batch
+    earlier = {i: sorted((h for h in history if h.stage == i), key=lambda h: h.until_step) for i in range(len(spec.stages))}
+    first_layout = earlier[0][0] if earlier[0] else spec.stages[0]
+    reference = spec.lr_scaling.reference_batch or first_layout.global_batch
     stages, step, sample = [], 0, 0
     for i, st in enumerate(spec.stages):
         subset = math.floor(st.data_fraction * dataset_size)
-        gb = st.global_batch
-        per_epoch = subset // gb
-        steps = math.floor(st.epochs * per_epoch)
+        layouts = [*earlier[i], st]
+        gb0 = layouts[0].global_batch
+        per_epoch = subset // gb0
+        steps0 = math.floor(st.epochs * per_epoch)
         if per_epoch == 0:
             problems.append(
-                f"stages[{i}].batch_size: global batch {gb} (batch_size {st.batch_size} x workers {st.workers}"
-                f" x grad_accum {st.grad_accum}) exceeds the stage's {subset} samples"
+                f"stages[{i}].batch_size: global batch {gb0} (batch_size {layouts[0].batch_size} x workers "
+                f"{layouts[0].workers} x grad_accum {layouts[0].grad_accum}) exceeds the stage's {subset} samples"
                 f" (data_fraction {st.data_fraction} x {dataset_size})"
             )
             continue
-        if steps == 0:
+        if steps0 == 0:
             problems.append(
                 f"stages[{i}].epochs: {st.epochs} epochs of {per_epoch} steps is less than one optimizer step"
             )
             continue
         max_lr = st.max_lr or spec.schedule.max_lr
         pct = st.pct_start or spec.schedule.pct_start
-        if spec.schedule.strategy == "per_stage_onecycle" and not pct * steps > 1:
+        if spec.schedule.strategy == "per_stage_onecycle" and not pct * steps0 > 1:
             problems.append(
-                f"stages[{i}].pct_start: per_stage_onecycle needs pct_start x steps > 1, got {pct} x {steps}"
+                f"stages[{i}].pct_start: per_stage_onecycle needs pct_start x steps > 1, got {pct} x {steps0}"
             )
         if spec.schedule.strategy == "per_stage_cosine" and spec.schedule.min_lr >= max_lr:
             problems.append(f"stages[{i}].max_lr: must exceed schedule.min_lr {spec.schedule.min_lr}, got {max_lr}")
-        stages.append(
-            StagePlan(
-                index=i, resolution=st.resolution, epochs=st.epochs, data_fraction=st.data_fraction,
-                subset_size=subset, workers=st.workers, batch_size=st.batch_size, grad_accum=st.grad_accum,
-                global_batch=gb, steps_per_epoch=per_epoch, epoch_samples=per_epoch * gb, stream_offset=0, steps=steps,
-                step_start=step, step_end=step + steps, sample_start=sample, sample_end=sample + steps * gb,
-                lr_scale=lr_scale(spec.lr_scaling.rule, gb, reference), max_lr=max_lr, pct_start=pct,
-                compile=st.compile,
+        stream_samples, offset = steps0 * gb0, 0
+        for j, layout in enumerate(layouts):
+            gb = layout.global_batch
+            last = j == len(layouts) - 1
+            steps = (stream_samples - offset) // gb if last else layout.until_step - step
+            if steps <= 0:
+                problems.append(f"stages[{i}].workers: with global batch {gb} from step {step} on, "
+                                f"no full optimizer step of the stage's remaining {stream_samples - offset} samples is left")
+                break
+            stages.append(
+                StagePlan(
+                    index=i, segment=j, last_segment=last, resolution=st.resolution, epochs=st.epochs,
+                    data_fraction=st.data_fraction, subset_size=subset, workers=layout.workers,
+                    batch_size=layout.batch_size, grad_accum=layout.grad_accum, global_batch=gb,
+                    steps_per_epoch=per_epoch * gb0 // gb, epoch_samples=per_epoch * gb0, stream_offset=offset,
+                    stream_samples=stream_samples, stream_batch=gb0, steps=steps,
+                    step_start=step, step_end=step + steps, sample_start=sample, sample_end=sample + steps * gb,
+                    lr_scale=lr_scale(spec.lr_scaling.rule, gb, reference), max_lr=max_lr, pct_start=pct,
+                    compile=st.compile,
+                )
             )
-        )
-        step += steps
-        sample += steps * gb
+            step += steps
+            sample += steps * gb
+            offset += steps * gb
     if problems:
         raise SpecError(problems, source=spec.name)
     plan = Plan(

@@ -47,7 +47,7 @@ def plan_table(plan: Plan, title: str = "") -> Table:
     for s in plan.stages:
         lrs = [lr_momentum(plan, k)[0] for k in range(s.step_start, s.step_end)]
         table.add_row(
-            str(s.index + 1), f"{s.resolution}px", f"{s.data_fraction:g}", f"{s.subset_size:,}", f"{s.epochs:g}",
+            s.label, f"{s.resolution}px", f"{s.data_fraction:g}", f"{s.subset_size:,}", f"{s.epochs:g}",
             str(s.workers), str(s.batch_size), str(s.grad_accum), str(s.global_batch), f"{s.steps:,}",
             f"{s.lr_scale:.4g}", f"{min(lrs):.3g} - {max(lrs):.3g}",
         )

@@ -115,11 +115,13 @@ class JobRunner:
         while True:
             latest = self.jobs.checkpoints.latest(verify=False)
             manifest = latest[0] if latest else None
-            for st in self.plan.stages:  # e.g. the driver died right after a boundary commit
+            for row, st in enumerate(self.plan.stages):  # e.g. the driver died right after a boundary commit
                 srec = self.record.stages[st.index]
-                if srec.status != "completed" and stage_completed(self.plan, st.index, manifest):
+                if srec.status != "completed" and stage_completed(self.plan, row, manifest):
                     srec.status, srec.finished = "completed", srec.finished or now()
-            action = next_action(self.record, self.plan, manifest)
+            import ray
+
+            action = next_action(self.record, self.plan, manifest, self.spec.resources, ray.cluster_resources())
             if isinstance(action, Finish):
                 self.record.status = "succeeded"
                 self.record.current_step = self.plan.total_steps
@@ -142,16 +144,12 @@ class JobRunner:
 
         stage, spec = self.plan.stages[action.stage], self.spec
         res = spec.resources
-        problem = fits_cluster(self.plan, action.stage, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker,
-                               ray.cluster_resources())
-        if problem:
-            return self._fail(problem)
-        srec = self.record.stages[action.stage]
+        srec = self.record.stages[stage.index]
         srec.status, srec.attempts, srec.workers = "running", action.attempt, stage.workers
         srec.started = srec.started or now()
         self.record.status, self.record.current_stage, self.record.current_step = "running", stage.index + 1, action.start_step
         if action.start_step > stage.step_start:
-            self.record.event(f"stage {stage.index + 1} continues from step {action.start_step} (attempt {action.attempt})")
+            self.record.event(f"stage {stage.label} continues from step {action.start_step} (attempt {action.attempt})")
         self.jobs.save(self.record)
 
         q = Queue(actor_options={"num_cpus": 0})
@@ -223,7 +221,7 @@ class JobRunner:
                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} samples"), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn()]
         with Progress(*columns, console=self.opt.console, transient=False) as bar:
-            task = bar.add_task("", total=stage.samples, n=stage.index + 1, res=stage.resolution, info="",
+            task = bar.add_task("", total=stage.samples, n=stage.label, res=stage.resolution, info="",
                                 completed=self.plan.samples_before(start_step) - stage.sample_start)
             failed_at = None  # when the worker group last failed: from then on, watch the cluster's capacity
             while True:
@@ -267,7 +265,7 @@ class JobRunner:
         import ray
 
         res = self.spec.resources
-        return fits_cluster(self.plan, self.plan.stages.index(stage), res.use_gpu, res.cpus_per_worker,
+        return fits_cluster(self.plan, self.plan.row(stage), res.use_gpu, res.cpus_per_worker,
                             res.gpus_per_worker, ray.cluster_resources())
 
     def _on_sigterm(self, signum, frame) -> None:

@@ -66,12 +66,15 @@ def curve(plan: Plan, step: int) -> tuple[float, float]:
             f"optimizer step {step} is past the end of the plan: it has {plan.total_steps} steps (0..{plan.total_steps - 1})"
         )
     sch, stage = plan.schedule, plan.stage_at(step)
-    local = step - stage.step_start
+    # Per-stage curves run over the stage's sample stream in units of its first global batch: the local
+    # step, unless a resume changed the stage's worker layout part-way (then the curve still fits the stage).
+    local = stage.stream_position(step) / stage.stream_batch
+    stage_steps = stage.stream_samples / stage.stream_batch
     if sch.strategy == "per_stage_cosine":
-        lr = sch.min_lr + (stage.max_lr - sch.min_lr) * (1 + math.cos(math.pi * local / stage.steps)) / 2
+        lr = sch.min_lr + (stage.max_lr - sch.min_lr) * (1 + math.cos(math.pi * local / stage_steps)) / 2
         return lr, plan.momentum
     if sch.strategy == "per_stage_onecycle":
-        x, total, max_lr, pct_start = local, stage.steps, stage.max_lr, stage.pct_start
+        x, total, max_lr, pct_start = local, stage_steps, stage.max_lr, stage.pct_start
     else:
         total, max_lr, pct_start = onecycle_length(plan), sch.max_lr, sch.pct_start
         x = step if sch.progress == "steps" else plan.samples_before(step) / plan.stages[0].global_batch
@@ -81,13 +84,14 @@ def curve(plan: Plan, step: int) -> tuple[float, float]:
 
 
 def lr_factor(plan: Plan, step: int) -> float:
-    """The batch-size factor at ``step``; ramps linearly from the previous stage's over ``ramp_steps``."""
+    """The batch-size factor at ``step``; ramps linearly from the previous stage's over ``ramp_steps``
+    (at stage boundaries; a mid-stage layout change applies its factor from its first step)."""
     stage = plan.stage_at(step)
     ramp = plan.lr_scaling.ramp_steps
     local = step - stage.step_start
-    if stage.index == 0 or ramp == 0 or local >= ramp:
+    if stage.index == 0 or stage.segment > 0 or ramp == 0 or local >= ramp:
         return stage.lr_scale
-    prev = plan.stages[stage.index - 1].lr_scale
+    prev = plan.stages[plan.row(stage) - 1].lr_scale
     return prev + (stage.lr_scale - prev) * local / ramp
 
 

@@ -243,9 +243,9 @@ class StageRunner:
                 tag, state = latest[0].tag, decode(latest[1])
         tag = self.dist.broadcast_object(tag)
         if tag is None:
-            if self.stage.index > 0:
-                raise RuntimeError(f"stage {self.stage.index + 1} needs the stage {self.stage.index} checkpoint, "
-                                   f"but {self.store.storage.url} has no committed checkpoint")
+            if self.stage.step_start > 0:
+                raise RuntimeError(f"stage {self.stage.label} starts at step {self.stage.step_start}, but "
+                                   f"{self.store.storage.url} has no committed checkpoint to start from")
             return None
         manifest = self.store.read_manifest(tag)
         if state is None:
@@ -254,8 +254,8 @@ class StageRunner:
             raise RuntimeError(
                 f"latest checkpoint {tag} is at step {manifest.step}, outside stage {self.stage.index + 1}'s "
                 f"steps [{self.stage.step_start}, {self.stage.step_end}]: the job record and storage disagree")
-        if manifest.plan_hash != self.plan.plan_hash() and manifest.stage_hash != self.plan.stage_hash(manifest.stage - 1):
-            raise RuntimeError(f"checkpoint {tag} was written by a different plan (stage hash mismatch)")
+        if manifest.job_id != self.job_id:
+            raise RuntimeError(f"checkpoint {tag} belongs to job {manifest.job_id}, not {self.job_id}")
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -281,7 +281,7 @@ class StageRunner:
             tag_for(step, self.stage.index + 1, boundary), block=boundary,
             job_id=self.job_id, stage=self.stage.index + 1, epoch=self.progress.epoch, step=step,
             samples_seen=self.progress.samples_seen, boundary=boundary, world_size=self.dist.world,
-            plan_hash=self.plan.plan_hash(), stage_hash=self.plan.stage_hash(self.stage.index),
+            plan_hash=self.plan.plan_hash(), stage_hash=self.plan.stage_hash(self.plan.row(self.stage)),
             spec_hash=self.spec.spec_hash(), **self.provenance)
 
     # ------------------------------------------------------------------------------------ data
@@ -382,7 +382,7 @@ class StageRunner:
             summary.update(self.evaluate())
             summary["param_digests"] = self.dist.gather_objects(param_digest(self.raw_model))
             if self.progress.step == st.step_end:
-                self.save(boundary=True)
+                self.save(boundary=st.last_segment)
         if self.dist.rank == 0:
             summary["checkpoint"] = self.checkpointer.last_committed.tag if self.checkpointer.last_committed else None
             summary["checkpoint_failures"] = self.checkpointer.failures

@@ -1,0 +1,161 @@
+"""The coordinator's decisions and re-planning, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from checkpoints.checkpointer import FileEntry, Manifest
+from service.decisions import (
+    Fail,
+    Finish,
+    IncompatibleResume,
+    RunStage,
+    check_resume,
+    layout_history,
+    next_action,
+    resize_remaining,
+    stage_completed,
+)
+from service.jobs import JobRecord
+from service.plan import build_plan
+from tests.conftest import make_spec
+from workers.data import StageSampler, stage_subset
+from workers.schedules import curve, lr_factor, lr_momentum
+
+N = 4096
+STAGES = [
+    {"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},  # 32 steps of 128
+    {"resolution": 24, "epochs": 2, "batch_size": 32, "workers": 2},  # 128 steps of 64
+    {"resolution": 32, "epochs": 1, "batch_size": 32, "workers": 2},  # 64 steps of 64
+]
+CLUSTER = {"CPU": 2.0}
+
+
+def _manifest(step: int, stage: int, boundary: bool) -> Manifest:
+    return Manifest(job_id="j", tag=f"t{step}", stage=stage, epoch=0, step=step, samples_seen=0, boundary=boundary,
+                    world_size=2, plan_hash="", stage_hash="", spec_hash="", created="", versions={},
+                    files={"model.pt": FileEntry(size=1, sha256="")})
+
+
+def _job(**overrides):
+    spec = make_spec(stages=STAGES, lr_scaling={"rule": "linear"}, **overrides)
+    plan = build_plan(spec, N)
+    return spec, plan, JobRecord.create("j", spec, plan)
+
+
+def test_next_action_walks_the_stages_from_the_latest_checkpoint():
+    spec, plan, record = _job()
+    res = spec.resources
+    assert next_action(record, plan, None, res, CLUSTER) == RunStage(stage=0, start_step=0, attempt=1)
+    assert next_action(record, plan, _manifest(20, 1, False), res, CLUSTER) == RunStage(0, 20, 1)
+    record.stages[1].attempts = 2
+    assert next_action(record, plan, _manifest(32, 1, True), res, CLUSTER) == RunStage(1, 32, 3)
+    assert next_action(record, plan, _manifest(plan.total_steps, 3, True), res, CLUSTER) == Finish()
+    assert stage_completed(plan, 0, _manifest(32, 1, True))
+    assert not stage_completed(plan, 0, _manifest(32, 1, False)) and not stage_completed(plan, 1, _manifest(32, 1, True))
+
+
+def test_next_action_fails_fast_when_the_cluster_cannot_hold_the_stage():
+    spec, plan, record = _job(resources={"cpus_per_worker": 2})
+    action = next_action(record, plan, None, spec.resources, CLUSTER)
+    assert isinstance(action, Fail)
+    assert action.reason.startswith("stage 1 needs 2 workers x 2 CPUs = 4 CPUs, but the Ray cluster has 2")
+    gpu = make_spec(stages=STAGES, resources={"use_gpu": True})
+    action = next_action(record, build_plan(gpu, N), None, gpu.resources, {"CPU": 64})
+    assert isinstance(action, Fail) and "needs 2 GPUs" in action.reason
+
+
+def test_check_resume_allows_changes_to_stages_not_started_and_records_them():
+    spec, plan, record = _job()
+    later = [dict(s) for s in STAGES]
+    later[2].update(resolution=40, epochs=2)
+    new = make_spec(stages=later, lr_scaling={"rule": "linear"})
+    assert check_resume(record, plan, new, step=40) == ["stages[2]: resolution 32 -> 40, epochs 1.0 -> 2.0"]
+    assert check_resume(record, plan, spec, step=40) == []
+    more = make_spec(stages=[*STAGES, {"resolution": 48, "epochs": 1, "batch_size": 16, "workers": 2}],
+                     lr_scaling={"rule": "linear"})
+    assert check_resume(record, plan, more, step=40) == ["stages[3]: added"]
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"stages": [STAGES[0], {**STAGES[1], "resolution": 28}, STAGES[2]]}, "stages[1] already ran (checkpoint at step 40)"
+                                                                          " and cannot change: resolution 24 -> 28"),
+    ({"model": {"arch": "resnet34", "num_classes": 10, "in_channels": 3}}, "model: was"),
+    ({"schedule": {"max_lr": 0.8}}, "schedule / lr_scaling changed"),
+    ({"seed": 1}, "seed: was 0, now 1"),
+    ({"stages": STAGES[:1]}, "stages[1] already ran (checkpoint at step 40) and cannot change: removed"),
+])
+def test_check_resume_refuses_what_would_contradict_what_already_ran(change, expected):
+    _, plan, record = _job()
+    new = make_spec(**{"stages": STAGES, "lr_scaling": {"rule": "linear"}, **change})
+    with pytest.raises(IncompatibleResume, match="cannot resume job j") as e:
+        check_resume(record, plan, new, step=40)
+    assert expected in str(e.value)
+
+
+def test_resize_keeps_the_global_batch_through_accumulation():
+    spec = make_spec(stages=STAGES, keep_global_batch=True)
+    resized = resize_remaining(spec, first_stage=1, workers=1)
+    assert [(s.workers, s.batch_size, s.grad_accum) for s in resized.stages] == [(2, 64, 1), (1, 32, 2), (1, 32, 2)]
+    assert [s.global_batch for s in resized.stages] == [s.global_batch for s in spec.stages]
+    three = make_spec(stages=STAGES, keep_global_batch=True)
+    with pytest.raises(ValueError, match="global batch 64 does not split evenly over 3 workers"):
+        resize_remaining(three, first_stage=1, workers=3)
+    # without keep_global_batch the global batch (and LR, by the rule) follows the worker count
+    plain = resize_remaining(make_spec(stages=STAGES), first_stage=1, workers=1)
+    assert [s.global_batch for s in plain.stages] == [128, 32, 32]
+
+
+def test_keep_global_batch_resize_mid_stage_keeps_the_plan_and_lr():
+    spec, plan, record = _job(keep_global_batch=True)
+    resized = resize_remaining(spec, 1, workers=1)
+    assert layout_history(plan, resized, step=50) == []  # same global batch: no split
+    new = build_plan(resized, N)
+    assert [plan.stage_hash(i) for i in range(3)] == [new.stage_hash(i) for i in range(3)]
+    assert all(lr_momentum(plan, k) == lr_momentum(new, k) for k in range(plan.total_steps))
+
+
+def test_mid_stage_resize_splits_the_stage_and_rescales_the_lr_from_the_next_step():
+    spec, plan, record = _job()
+    resized = resize_remaining(spec, 1, workers=1)  # stage 2: global 64 -> 32
+    history = layout_history(plan, resized, step=50)  # 18 steps into stage 2
+    assert [h.model_dump() for h in history] == [
+        {"stage": 1, "until_step": 50, "workers": 2, "batch_size": 32, "grad_accum": 1}]
+    new = build_plan(resized, N, history=tuple(history))
+    a, b = new.stages[1], new.stages[2]
+    assert (a.index, a.segment, a.last_segment, a.step_start, a.step_end) == (1, 0, False, 32, 50)
+    assert (b.index, b.segment, b.last_segment, b.global_batch, b.step_start) == (1, 1, True, 32, 50)
+    # b reads the rest of the stage's sample stream: (128 - 18) steps of 64 = 7040 samples = 220 steps of 32
+    assert b.stream_offset == 18 * 64 and b.steps == 220 and b.sample_end == plan.stages[1].sample_end
+    assert new.stages[3].sample_start == plan.stages[2].sample_start and new.stages[3].index == 2
+    assert [s.label for s in new.stages] == ["1", "2.1", "2.2", "3"]
+    # the LR shows the new factor (linear rule: 32/128) from the resume step on; nothing before moves
+    assert lr_factor(new, 49) == 0.5 and lr_factor(new, 50) == 0.25
+    for k in range(50):
+        assert lr_momentum(new, k) == lr_momentum(plan, k)
+    assert curve(new, 50) == pytest.approx(curve(plan, 50), rel=1e-12)  # same samples seen: same curve point
+    # the data before the split is unchanged, and after it the remaining samples are re-partitioned
+    subset = stage_subset(N, a.subset_size, 0)
+
+    def ids(stage, world, first, last):
+        out = []
+        for rank in range(world):
+            sampler = StageSampler(subset, 0, stage.index, stage.epoch_samples, stage.global_batch, stage.batch_size,
+                                   world, rank, first, last, stage.stream_offset)
+            out += [i for i, _ in sampler]
+        return sorted(out)
+
+    old_stage = plan.stages[1]
+    assert ids(a, 2, 0, a.steps) == ids(old_stage, 2, 0, 18)
+    assert ids(b, 1, 0, b.steps) == ids(old_stage, 2, 18, old_stage.steps)
+
+
+def test_mid_stage_resize_with_per_stage_curves_stays_on_the_stage_curve():
+    spec, plan, record = _job(schedule={"strategy": "per_stage_cosine"})
+    resized = resize_remaining(spec, 1, workers=1)
+    new = build_plan(resized, N, history=tuple(layout_history(plan, resized, step=50)))
+    for k in (50, 60, 100):  # same stream position -> same point of stage 2's cosine
+        pos = new.stage_at(k).stream_position(k)
+        old_step = 32 + pos // 64
+        if pos % 64 == 0:
+            assert curve(new, k) == pytest.approx(curve(plan, old_step), rel=1e-12)

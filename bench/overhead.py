@@ -19,17 +19,24 @@ channels_last. What differs is exactly what is being measured:
   not ``ray.train.report``) and the per-step stop-flag all-reduce.
 - plain: ``DistributedSampler`` + ``DDP(model)`` + ``OneCycleLR``, nothing logged.
 
-Timing (both sides alike): a timestamp after every optimizer step -- for StageRunner, taken in its
-``stop_requested`` callable, which the loop calls once after each step but the last. The timed
-window runs from the end of the last warm-up step to the end of step ``steps - 2``, so it holds
-``--steps`` whole steps and excludes setup, the DataLoader's first batch, the warm-up steps, the last
-step, evaluation and the stage-boundary checkpoint. On CUDA the device is synchronised at the two
-window edges only (never per step, which would hide the loop's own syncs). img/s is global images
-per second (per-worker batch x world). Rounds interleave the two sides (AB, BA, AB, ...), each with a
-fresh model. A resolution's ratio is the median over rounds of (stagetrain img/s / plain img/s) within
-the round -- the two runs of a round are seconds apart, so load from other processes on a shared
-machine mostly cancels; the ratio of the two medians is shown beside it. ``overhead_ratio`` in the
+Timing (both sides alike): a timestamp right after each step's ``scheduler.step()`` -- for StageRunner
+by wrapping its scheduler's ``step`` (the loop calls it once per optimizer step, after
+``optimizer.step()``; ``stop_requested`` is left at its default). The timed window runs from the last
+warm-up step's timestamp to the last step's, so it holds ``--steps`` whole loop iterations (data,
+forward, backward, optimizer, schedule, and StageRunner's per-step bookkeeping, reports and stop
+check) and excludes setup, the warm-up steps, evaluation and the stage-boundary checkpoint. On CUDA
+the device is synchronised at the two window edges only (never per step, which would hide the loop's
+own syncs). img/s is global images per second (per-worker batch x world). Rounds interleave the two
+sides (AB, BA, AB, ...), each with a fresh model. A resolution's ratio is the median over rounds of
+(stagetrain img/s / plain img/s) within the round -- the two runs of a round are seconds apart, so
+slow drifts in load from other processes cancel; the ratio of the two medians is shown beside it. ``overhead_ratio`` in the
 final JSON line is the geometric mean of the per-resolution ratios.
+
+Beside them: each side's CPU time per timed step on rank 0 (``time.process_time``: the rank's own
+threads, not DataLoader workers) and ``cpu_ratio`` (plain CPU per step / stagetrain CPU per step). It
+moves less than wall time when other processes load the machine, though not nothing (+-15% seen on a
+shared 2-core box), so read it as a second opinion on the loop's extra work. On CUDA it counts kernel
+launches and waiting in syncs.
 
 For comparison the table also shows the img/s StageRunner reports itself (its records'
 ``images_per_s``, report windows that start after the warm-up): those windows leave out the time
@@ -77,14 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per rank (default: usable cores // world, at least 1)")
     p.add_argument("--warmup", type=int, help="untimed steps at the start of every run (default 5; quick 2)")
-    p.add_argument("--steps", type=int, help="timed steps per run (default 40; quick 6)")
+    p.add_argument("--steps", type=int, help="timed steps per run (default 40; quick 8)")
     p.add_argument("--rounds", type=int, help="interleaved rounds, each one run of both sides (default 6; quick 4)")
     p.add_argument("--no-amp", action="store_true", help="CUDA: no bf16 autocast (both sides)")
     p.add_argument("--no-channels-last", action="store_true", help="CUDA: contiguous NCHW (both sides)")
-    p.add_argument("--quick", action="store_true", help="~30 s smoke: 4 rounds of 2 warm-up + 6 timed steps")
+    p.add_argument("--quick", action="store_true", help="~30 s smoke: 4 rounds of 2 warm-up + 8 timed steps")
     args = p.parse_args(argv)
     # Explicit --warmup/--steps/--rounds win over both presets.
-    for name, full, quick in (("warmup", 5, 2), ("steps", 40, 6), ("rounds", 6, 4)):
+    for name, full, quick in (("warmup", 5, 2), ("steps", 40, 8), ("rounds", 6, 4)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     args.resolutions = [int(r) for r in args.resolutions.split(",") if r]
@@ -94,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problems = []
     if args.warmup < 1:
         problems.append(f"--warmup: must be >= 1, got {args.warmup}")
-    if args.steps < 2:
-        problems.append(f"--steps: must be >= 2, got {args.steps}")
+    if args.steps < 2 or args.warmup + args.steps < 5:  # OneCycle needs pct_start (0.25) x steps > 1
+        problems.append(f"--steps: must be >= 2 and --warmup + --steps >= 5, got {args.warmup} + {args.steps}")
     if args.rounds < 1:
         problems.append(f"--rounds: must be >= 1, got {args.rounds}")
     if args.world < 1 or args.batch < 1 or not args.resolutions:
@@ -106,28 +113,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def total_steps(args) -> int:
-    """Steps per run: warm-up, the timed ones, and one last step (StageRunner asks for a stop after
-    every step but the last, so the last step has no timestamp)."""
-    return args.warmup + args.steps + 1
+    """Optimizer steps per run: the warm-up ones, then the timed ones."""
+    return args.warmup + args.steps
 
 
 class StepClock:
-    """Timestamps after each optimizer step; on CUDA it synchronises at the timed window's two edges."""
+    """Timestamps after each optimizer step; on CUDA it synchronises at the timed window's two edges.
+    It also reads this process's CPU time (all its threads), which other processes' load barely moves."""
 
     def __init__(self, args, device: torch.device):
-        self.first, self.last = args.warmup - 1, total_steps(args) - 2  # marks[i]: after step i
+        self.first, self.last = args.warmup - 1, total_steps(args) - 1  # marks[i]: after step i
         self.cuda = device.type == "cuda"
-        self.marks: list[float] = []
+        self.marks: list[tuple[float, float]] = []
 
     def tick(self) -> None:
         if self.cuda and len(self.marks) in (self.first, self.last):
             torch.cuda.synchronize()
-        self.marks.append(time.perf_counter())
+        self.marks.append((time.perf_counter(), time.process_time()))
 
-    def images_per_s(self, global_batch: int) -> float:
+    def result(self, global_batch: int) -> dict:
         assert len(self.marks) >= self.last + 1, f"only {len(self.marks)} step marks"
         steps = self.last - self.first
-        return steps * global_batch / (self.marks[self.last] - self.marks[self.first])
+        (wall0, cpu0), (wall1, cpu1) = self.marks[self.first], self.marks[self.last]
+        return {"img_s": steps * global_batch / (wall1 - wall0), "cpu_ms_per_step": (cpu1 - cpu0) / steps * 1e3}
 
 
 # ------------------------------------------------------------------------------------------ sides
@@ -165,22 +173,26 @@ def run_stagetrain(args, resolution: int, storage: str, job_id: str, device: tor
     clock = StepClock(args, device)
     windows: list[list[dict]] = []
 
-    def stop_requested() -> bool:
-        clock.tick()
-        return False
-
     def report(metrics: dict) -> None:
         if metrics["records"]:
             windows.append(metrics["records"])
 
-    runner = StageRunner(spec, plan, 0, job_id, storage, report=report, stop_requested=stop_requested)
+    runner = StageRunner(spec, plan, 0, job_id, storage, report=report)
+    scheduler_step = runner.scheduler.step
+
+    def step_and_tick() -> None:  # the loop's one call per optimizer step, after optimizer.step()
+        scheduler_step()
+        clock.tick()
+
+    runner.scheduler.step = step_and_tick
     runner.run()
+    assert len(clock.marks) == plan.total_steps, f"{len(clock.marks)} scheduler steps in a {plan.total_steps}-step run"
     global_batch = args.batch * args.world
     # StageRunner's own figure, over its report windows that start after the warm-up.
     steady = [w for w in windows if w[0]["step"] >= args.warmup]
     images = sum(len(w) * global_batch for w in steady)
     seconds = sum(len(w) * global_batch / w[0]["images_per_s"] for w in steady)
-    return {"img_s": clock.images_per_s(global_batch), "records_img_s": images / seconds if seconds else None}
+    return {**clock.result(global_batch), "records_img_s": images / seconds if seconds else None}
 
 
 def run_plain(args, resolution: int, device: torch.device, rank: int) -> dict:
@@ -232,7 +244,7 @@ def run_plain(args, resolution: int, device: torch.device, rank: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         clock.tick()
-    return {"img_s": clock.images_per_s(global_batch), "records_img_s": None}
+    return {**clock.result(global_batch), "records_img_s": None}
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -264,10 +276,11 @@ def worker(rank: int, args, port: int, tmp: str) -> None:
             for side in order:
                 dist.barrier()
                 if side == "plain":
-                    row["plain"] = run_plain(args, resolution, device, rank)["img_s"]
+                    out = run_plain(args, resolution, device, rank)
                 else:
                     out = run_stagetrain(args, resolution, f"{tmp}/storage", f"r{resolution}-{k}", device)
-                    row["stagetrain"], row["records"] = out["img_s"], out["records_img_s"]
+                    row["records"] = out["records_img_s"]
+                row[side], row[f"{side}_cpu_ms"] = out["img_s"], out["cpu_ms_per_step"]
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(f"{tmp}/storage", ignore_errors=True)  # ~3x the model size per run
@@ -305,6 +318,10 @@ def summarise(args, rows: list[dict]) -> dict:
             "round_ratio_range": [round(min(pairs), 4), round(max(pairs), 4)],
             "records_img_s": round(statistics.median(records), 2) if records else None,
             "records_ratio": round(statistics.median(records) / plain, 4) if records else None,
+            # CPU time per step of rank 0 (this process's threads; DataLoader workers not included).
+            "plain_cpu_ms_per_step": round(statistics.median(r["plain_cpu_ms"] for r in mine), 2),
+            "stagetrain_cpu_ms_per_step": round(statistics.median(r["stagetrain_cpu_ms"] for r in mine), 2),
+            "cpu_ratio": round(statistics.median(r["plain_cpu_ms"] / r["stagetrain_cpu_ms"] for r in mine), 4),
         }
     ratios = [v["ratio"] for v in per_res.values()]
     return {
@@ -322,20 +339,21 @@ def summarise(args, rows: list[dict]) -> dict:
 
 def print_table(args, rows: list[dict], summary: dict) -> None:
     print()
-    print(f"{'res':>5} {'round':>5} {'order':>17} {'plain img/s':>12} {'stagetrain':>11} {'ratio':>7} {'st records':>11}")
+    print(f"{'res':>5} {'round':>5} {'order':>17} {'plain img/s':>12} {'stagetrain':>11} {'ratio':>7} {'st records':>11}"
+          f" {'cpu ms/step plain':>18} {'stagetrain':>11}")
     for r in rows:
         rec = f"{r['records']:.1f}" if r["records"] else "-"
         print(f"{r['resolution']:>5} {r['round']:>5} {r['order']:>17} {r['plain']:>12.1f} {r['stagetrain']:>11.1f} "
-              f"{r['stagetrain'] / r['plain']:>7.3f} {rec:>11}")
+              f"{r['stagetrain'] / r['plain']:>7.3f} {rec:>11} {r['plain_cpu_ms']:>18.1f} {r['stagetrain_cpu_ms']:>11.1f}")
     print()
     print(f"{'res':>5} {'median plain':>13} {'median stagetrain':>18} {'ratio of medians':>17} "
-          f"{'median ratio (min..max)':>28} {'st records':>11}")
+          f"{'median ratio (min..max)':>28} {'st records':>11} {'cpu ratio':>10}")
     for res, v in summary["per_resolution"].items():
         rec = f"{v['records_img_s']:.1f}" if v["records_img_s"] else "-"
         lo, hi = v["round_ratio_range"]
         spread = f"{v['ratio']:.3f} ({lo:.3f}..{hi:.3f})"
         print(f"{res:>5} {v['plain_img_s']:>13.1f} {v['stagetrain_img_s']:>18.1f} {v['median_ratio']:>17.3f} "
-              f"{spread:>28} {rec:>11}")
+              f"{spread:>28} {rec:>11} {v['cpu_ratio']:>10.3f}")
     print()
 
 
@@ -348,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.device_count() < args.world:
             sys.exit(f"error: --world {args.world} needs {args.world} GPUs, found {torch.cuda.device_count()}")
     print(f"overhead: {args.arch}, {args.device} x{args.world} ({args.backend}), batch {args.batch}/worker, "
-          f"resolutions {args.resolutions}, {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed + 1) steps, "
+          f"resolutions {args.resolutions}, {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) steps, "
           f"{args.threads} thread(s)/rank, loader workers {args.loader_workers}", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stagetrain-overhead-") as tmp:

@@ -139,6 +139,7 @@ class JobRunner:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from workers.train import train_loop_per_worker
 
@@ -152,7 +153,9 @@ class JobRunner:
             self.record.event(f"stage {stage.label} continues from step {action.start_step} (attempt {action.attempt})")
         self.jobs.save(self.record)
 
-        q = Queue(actor_options={"num_cpus": 0})
+        # The report queue lives on the driver's node: a lost worker node must not take it along.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -190,7 +193,9 @@ class JobRunner:
         manifest = latest[0] if latest else None
         if manifest is not None:
             self.record.current_step = manifest.step
-        if error:
+        if error and (lost := self._capacity_lost(stage, wait_s=10)):
+            end = {"preempted": True, "lost_capacity": lost}  # a node went away: not the job's fault
+        elif error:
             srec.status = "failed"
             return self._fail(f"stage {stage.index + 1} failed: {_root_cause(error[0])}")
         if (end or {}).get("preempted") or self.stop.is_set():
@@ -259,14 +264,20 @@ class JobRunner:
             srec.images_per_s = sum(rates) / len(rates)
         return end
 
-    def _capacity_lost(self, stage) -> str | None:
+    def _capacity_lost(self, stage, wait_s: float = 0.0) -> str | None:
         """After a worker-group failure: can the cluster still hold the stage? If a node went away for
-        good, Ray Train would wait for resources that never come; stop as preempted instead."""
+        good, Ray Train would wait for resources that never come (or give up): stop as preempted.
+        ``wait_s``: keep looking that long, as Ray notices a dead node within seconds."""
         import ray
 
         res = self.spec.resources
-        return fits_cluster(self.plan, self.plan.row(stage), res.use_gpu, res.cpus_per_worker,
-                            res.gpus_per_worker, ray.cluster_resources())
+        deadline = time.monotonic() + wait_s
+        while True:
+            lost = fits_cluster(self.plan, self.plan.row(stage), res.use_gpu, res.cpus_per_worker,
+                                res.gpus_per_worker, ray.cluster_resources())
+            if lost or time.monotonic() >= deadline:
+                return lost
+            time.sleep(1.0)
 
     def _on_sigterm(self, signum, frame) -> None:
         """Preemption notice: ask the workers (through storage, reachable from every node) to stop after

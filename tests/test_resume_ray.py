@@ -180,3 +180,37 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     rerun = len(lines) - len({line.split('"step": ')[1].split(",")[0] for line in lines})
     # each failure loses at most one checkpoint interval (5) plus the unreported tail (< 2 steps)
     assert rerun <= killed * (5 + 2), rerun
+
+
+def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):
+    from service.jobs import JobRecord
+    from workers.schedules import curve, lr_momentum
+
+    spec = merge(DETERMINISTIC, {"name": "rescale-resume", "lr_scaling": {"rule": "linear"}})
+    job = write_job(tmp_path, spec)
+    storage = tmp_path / "runs"
+    job_dir = storage / "rr"
+    proc = launch("run", job, "--job-id", "rr", "--storage", str(storage))
+    deadline = time.time() + 240
+    while steps_reported(job_dir) < 28 and time.time() < deadline:  # mid stage 2 (global batch 32)
+        assert proc.poll() is None
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out
+    stopped_at = read_record(job_dir)["current_step"]
+
+    resumed = stagetrain("resume", "rr", "--storage", str(storage), "--workers", "1")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    record = JobRecord.model_validate(read_record(job_dir))
+    assert record.status == "succeeded"
+    assert [h.until_step for h in record.history] == [stopped_at]
+    plan = record.plan()
+    assert [s.label for s in plan.stages] == ["1", "2.1", "2.2", "3"]
+    steps = {m["step"]: m for m in read_metrics(job_dir) if m.get("kind", "step") == "step"}
+    assert sorted(steps) == list(range(plan.total_steps))
+    for step, m in steps.items():
+        factor = 0.5 if step >= stopped_at else 1.0  # stage 2 (and 3) now on 1 worker: global batch 32 -> 16
+        assert m["lr"] == pytest.approx(curve(plan, step)[0] * factor, rel=1e-12), step
+        assert m["lr"] == pytest.approx(lr_momentum(plan, step)[0], rel=1e-12)
+        assert m["global_batch"] == (16 if step >= stopped_at else 32)

@@ -41,24 +41,28 @@ def _install_sigterm_deferral(grace_seconds: float) -> None:
 
 
 class StopSignal:
-    """Callable: has a stop been requested? Polls the stop file at most every ``poll_s`` seconds."""
+    """Callable: has a stop been requested? A daemon thread polls the stop file every ``poll_s``
+    seconds, off the training thread: one poll is a HEAD and a LIST request on S3."""
 
     def __init__(self, storage: Storage | None, grace_seconds: float, poll_s: float = 1.0):
         self.storage, self.poll_s = storage, poll_s
-        self._next_poll, self._stopped = 0.0, False
+        self._stopped = threading.Event()
         _install_sigterm_deferral(grace_seconds)
+        if storage is not None:
+            threading.Thread(target=self._poll, daemon=True, name="stagetrain-stop-poll").start()
 
-    def __call__(self) -> bool:
-        if self._stopped or _sigterm.is_set():
-            return True
-        now = time.monotonic()
-        if self.storage is not None and now >= self._next_poll:
-            self._next_poll = now + self.poll_s
+    def _poll(self) -> None:
+        while True:
             try:
-                self._stopped = self.storage.exists(STOP_FILE)
+                if self.storage.exists(STOP_FILE):
+                    self._stopped.set()
+                    return
             except Exception as e:  # noqa: BLE001 - a storage hiccup must not stop training
                 log.warning("could not poll the stop file: %s", e)
-        return self._stopped
+            time.sleep(self.poll_s)
+
+    def __call__(self) -> bool:
+        return self._stopped.is_set() or _sigterm.is_set()
 
 
 def stop_requested(control: dict | None) -> StopSignal:

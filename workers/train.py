@@ -174,15 +174,20 @@ class Distributed:
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.on:
             t = t.clone()
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self._group_for(t))
             t /= self.world
         return t
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.on:
             t = t.clone()
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self._group_for(t))
         return t
+
+    def _group_for(self, t: torch.Tensor):
+        # A plain "nccl" default group (what Ray's TorchConfig creates on GPU) has no CPU backend:
+        # CPU tensors (report losses, eval totals) go over the gloo group.
+        return self.cpu_group if t.device.type == "cpu" else None
 
 
 class StageRunner:
@@ -343,12 +348,15 @@ class StageRunner:
                 record["sample_ids"] = [i for micro in sampler.step_ids(local) for i, _ in micro]
             pending.append(record)
             done = self.progress.step == st.step_end
-            if len(pending) >= every_report or done:
-                self._report(pending, time.perf_counter() - window_start, final=done)
-                pending, window_start = [], time.perf_counter()
+            reported = len(pending) >= every_report or done
+            if reported:
+                window_start = self._report(pending, window_start, final=done)
+                pending = []
             if every_ckpt and self.progress.step % every_ckpt == 0 and not done:
                 self.save(boundary=False)
-            if not done and self.dist.any(self.stop_requested()):
+            # Stop requests are checked with each report, not every step: a stop has
+            # preemption.grace_seconds to land, and the check is a collective (one gloo round trip).
+            if reported and not done and self.dist.any(self.stop_requested()):
                 return self._preempt(pending)
         return self._finish(evaluate=True)
 
@@ -357,8 +365,12 @@ class StageRunner:
         group = self.optimizer.param_groups[0]
         return group["lr"], group["betas"][0] if "betas" in group else group["momentum"]
 
-    def _report(self, records: list[dict], seconds: float, final: bool) -> None:
+    def _report(self, records: list[dict], window_start: float, final: bool) -> float:
+        """Report ``records``; returns when the next window starts. Windows are back to back and end
+        after the loss copy (a device sync), so images_per_s counts all the time, GPU work included."""
         losses = self.dist.mean(torch.stack([r["loss"] for r in records]).float().cpu())
+        now = time.perf_counter()
+        seconds = now - window_start
         if records and "sample_ids" in records[0]:
             gathered = self.dist.gather_objects([r["sample_ids"] for r in records])
             for i, r in enumerate(records):
@@ -370,6 +382,7 @@ class StageRunner:
             self.report({"records": records if self.dist.rank == 0 else []})
         else:
             self._tail = records
+        return now
 
     def _finish(self, evaluate: bool) -> dict:
         """Evaluate, commit the boundary checkpoint, and send the last report (with the stage summary)."""
@@ -394,7 +407,7 @@ class StageRunner:
     def _preempt(self, pending: list[dict]) -> dict:
         """A stop was requested: commit a checkpoint at the step reached and leave."""
         if pending:
-            self._report(pending, 1.0, final=True)
+            self._report(pending, time.perf_counter() - 1.0, final=True)
         self.save(boundary=False)
         self.checkpointer.wait()
         summary = {"stage": self.stage.index + 1, "step": self.progress.step, "preempted": True,
@@ -426,11 +439,16 @@ class StageRunner:
 
 
 def _device(spec: JobSpec) -> torch.device:
-    if spec.resources.use_gpu:
-        import ray.train.torch
+    if not spec.resources.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
 
+    try:
         return ray.train.torch.get_device()
-    return torch.device("cpu")
+    except RuntimeError:  # not in a Ray Train worker (benchmarks, torchrun): LOCAL_RANK picks the GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -57,9 +57,12 @@ def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp
     assert [s["workers"] for s in record["stages"]] == [2, 1, 1]
     assert record["spec"]["stages"][1] == {**spec["stages"][1], "workers": 1, "batch_size": 16, "grad_accum": 2,
                                            "data_fraction": 1.0, "max_lr": None, "pct_start": None, "compile": False}
-    # same global batch, same samples, same LR: equal to the uninterrupted run up to reduction order
+    # Same global batch, same samples, same micro-batch grouping, same LR: the weights equal the
+    # uninterrupted run's up to reduction order. (BatchNorm running statistics are not weights: one
+    # worker updates them once per micro-batch, two workers once per step from rank 0's micro-batch.)
     model_a, _ = final_state(straight[0])
     model_b, _ = final_state(job_dir)
-    for name, a in model_a.items():
-        if a.is_floating_point():
-            assert torch.allclose(a, model_b[name], rtol=1e-3, atol=1e-4), name
+    weights = [n for n in model_a if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) > 50
+    for name in weights:
+        assert torch.allclose(model_a[name], model_b[name], rtol=1e-3, atol=1e-4), name

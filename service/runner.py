@@ -61,7 +61,8 @@ def connect_ray(address: str | None, spec: JobSpec) -> None:
         ray.init(address=address, runtime_env={
             "env_vars": env, "py_modules": [os.path.join(here, m) for m in ("service", "workers", "checkpoints")]})
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
+        # address="local": always a fresh cluster; plain ray.init() would join one left by `ray start`.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=os.environ.get("STAGETRAIN_RAY_LOGS") == "1")
 
 

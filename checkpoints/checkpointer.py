@@ -230,14 +230,9 @@ class AsyncCheckpointer:
     def save(self, state: dict[str, Any], tag: str, block: bool = False, **meta: Any) -> None:
         self.wait()
         t0 = time.perf_counter()
-        # One intra-op thread: each of the ~hundreds of tensor copies would otherwise open a parallel
-        # region and, on busy cores, wait for a descheduled thread (0.6 s instead of 0.07 s for ResNet-50).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            cpu_state = to_cpu(state)
-        finally:
-            torch.set_num_threads(threads)
+        # (Not under torch.set_num_threads(1): it makes copies steadier on overloaded cores, but
+        # switching the intra-op pool back costs the training loop ~1 s per save, measured.)
+        cpu_state = to_cpu(state)
         self.stall_s = time.perf_counter() - t0
         self._error = None
         self._thread = threading.Thread(target=self._upload, args=(cpu_state, tag, meta), daemon=True,

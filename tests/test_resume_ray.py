@@ -155,6 +155,29 @@ def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, strai
     _assert_equivalent(job_dir, straight_dir, [stopped_at])
 
 
+def test_sigterm_to_the_workers_as_on_a_spot_node_preempts_with_a_checkpoint(tmp_path):
+    spec = merge(DETERMINISTIC, {"name": "spot"})
+    job = write_job(tmp_path, spec)
+    storage = tmp_path / "runs"
+    job_dir = storage / "spot"
+    proc = launch("run", job, "--job-id", "spot", "--storage", str(storage))
+    deadline = time.time() + 240
+    while steps_reported(job_dir) < 8 and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert pids
+    for pid in pids:  # the node is going away: every worker process gets SIGTERM
+        os.kill(int(pid), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    record = read_record(job_dir)
+    assert record["status"] == "preempted" and record["stages"][0]["status"] == "preempted"
+    # the workers finished their step and committed a checkpoint at the step reached (not a periodic one)
+    assert _committed(job_dir, f"step-{record['current_step']:09d}")
+    assert record["current_step"] >= 8
+
+
 def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     spec = merge(DETERMINISTIC, {"name": "worker-kill", "failure": {"max_failures": 3},
                                  "stages": [{"resolution": 16, "epochs": 4, "batch_size": 16, "workers": 2}]})

@@ -57,6 +57,8 @@ def test_two_stage_run_follows_the_plan(tmp_path):
     assert [s["status"] for s in record["stages"]] == ["completed", "completed"]
     assert all(s["val_acc"] is not None for s in record["stages"])
     assert (storage / "t1" / "metrics.png").exists()
+    plot = stagetrain("plot", "t1", "--storage", str(storage), "-o", str(tmp_path / "run.png"), check=True)
+    assert "wrote" in plot.stderr and (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fewer_workers_get_the_rescaled_lr(tmp_path):

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import ray
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -49,8 +50,6 @@ class RunOptions:
 
 
 def connect_ray(address: str | None, spec: JobSpec) -> None:
-    import ray
-
     env = {**DEFAULT_ENV, **{k: os.environ[k] for k in DEFAULT_ENV if k in os.environ}, **forwarded_env()}
     if ray.is_initialized():
         return
@@ -120,8 +119,6 @@ class JobRunner:
                 srec = self.record.stages[st.index]
                 if srec.status != "completed" and stage_completed(self.plan, row, manifest):
                     srec.status, srec.finished = "completed", srec.finished or now()
-            import ray
-
             action = next_action(self.record, self.plan, manifest, self.spec.resources, ray.cluster_resources())
             if isinstance(action, Finish):
                 self.record.status = "succeeded"
@@ -136,7 +133,6 @@ class JobRunner:
                 return outcome
 
     def _run_stage(self, action: RunStage) -> int | None:
-        import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
@@ -269,8 +265,6 @@ class JobRunner:
         """After a worker-group failure: can the cluster still hold the stage? If a node went away for
         good, Ray Train would wait for resources that never come (or give up): stop as preempted.
         ``wait_s``: keep looking that long, as Ray notices a dead node within seconds."""
-        import ray
-
         res = self.spec.resources
         deadline = time.monotonic() + wait_s
         while True:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from checkpoints.checkpointer import AsyncCheckpointer, CheckpointStore, decode, package_versions, tag_for
 from checkpoints.storage import Storage
-from service.plan import Plan, StagePlan
+from service.plan import Plan
 from service.spec import AdamWSpec, JobSpec
 from workers.data import StageDataset, StageSampler, open_source, split_evenly, stage_subset
 from workers.models import build_model
@@ -464,5 +464,3 @@ def train_loop_per_worker(config: dict) -> None:
                          provenance=config.get("provenance"))
     runner.run()
 
-
-__all__ = ["StageRunner", "StagePlan", "train_loop_per_worker"]

@@ -209,7 +209,10 @@ def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):
     from service.jobs import JobRecord
     from workers.schedules import curve, lr_momentum
 
-    spec = merge(DETERMINISTIC, {"name": "rescale-resume", "lr_scaling": {"rule": "linear"}})
+    # a longer stage 2 (36 steps), so the stop lands inside it whatever the machine's speed
+    stages = [dict(s) for s in DETERMINISTIC["stages"]]
+    stages[1]["epochs"] = 3
+    spec = merge(DETERMINISTIC, {"name": "rescale-resume", "lr_scaling": {"rule": "linear"}, "stages": stages})
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "rr"
@@ -222,6 +225,7 @@ def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75, out
     stopped_at = read_record(job_dir)["current_step"]
+    assert 28 <= stopped_at < 60  # inside stage 2, steps [24, 60)
 
     resumed = stagetrain("resume", "rr", "--storage", str(storage), "--workers", "1")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

@@ -44,8 +44,10 @@ class StopSignal:
     """Callable: has a stop been requested? A daemon thread polls the stop file every ``poll_s``
     seconds, off the training thread: one poll is a HEAD and a LIST request on S3."""
 
-    def __init__(self, storage: Storage | None, grace_seconds: float, poll_s: float = 1.0):
-        self.storage, self.poll_s = storage, poll_s
+    def __init__(self, storage: Storage | None, grace_seconds: float, poll_s: float | None = None):
+        # A local stat is free; an object-store poll is a request or two: once a second is plenty.
+        self.storage = storage
+        self.poll_s = poll_s or (0.2 if storage is not None and storage.local else 1.0)
         self._stopped = threading.Event()
         _install_sigterm_deferral(grace_seconds)
         if storage is not None:
@@ -69,4 +71,4 @@ def stop_requested(control: dict | None) -> StopSignal:
     if not control:
         return StopSignal(None, 30.0)
     return StopSignal(Storage(control["storage"], control.get("storage_options")).child(control["job_id"]),
-                      control.get("grace_seconds", 30.0), control.get("poll_s", 1.0))
+                      control.get("grace_seconds", 30.0), control.get("poll_s"))

@@ -45,7 +45,7 @@ def _s3_options(options: dict) -> dict:
 
 
 class Storage:
-    """A root URL and its filesystem. ``Storage("s3://bucket/runs").join("job", "job.json")``."""
+    """A root URL and its filesystem: ``Storage("s3://bucket/runs").child("job").read_text("job.json")``."""
 
     def __init__(self, url: str, options: dict | None = None):
         self.url = url.rstrip("/") or url

@@ -49,7 +49,7 @@ class RunOptions:
     console: Console = field(default_factory=lambda: Console(stderr=True))
 
 
-def connect_ray(address: str | None, spec: JobSpec) -> None:
+def connect_ray(address: str | None) -> None:
     env = {**DEFAULT_ENV, **{k: os.environ[k] for k in DEFAULT_ENV if k in os.environ}, **forwarded_env()}
     if ray.is_initialized():
         return
@@ -65,9 +65,8 @@ def connect_ray(address: str | None, spec: JobSpec) -> None:
                  log_to_driver=os.environ.get("STAGETRAIN_RAY_LOGS") == "1")
 
 
-def _ray_storage(spec: JobSpec, storage_url: str, job_id: str) -> dict:
+def _ray_storage(store: Storage, job_id: str) -> dict:
     """``RunConfig`` storage for Ray's own run files, inside the job folder on the same filesystem."""
-    store = Storage(storage_url, spec.checkpoint.storage_options)
     if store.local:
         return {"storage_path": os.path.abspath(store.path(job_id, "ray"))}
     import pyarrow.fs
@@ -96,11 +95,12 @@ class JobRunner:
         self.spec, self.plan, self.record, self.jobs, self.opt = spec, plan, record, jobs, options
         self.stop = threading.Event()
         self._grace_timer: threading.Timer | None = None
+        self._git_revision = git_revision()  # recorded in every manifest
 
     # -------------------------------------------------------------------------------- main loop
 
     def run(self) -> int:
-        connect_ray(self.opt.address, self.spec)
+        connect_ray(self.opt.address)
         self.jobs.storage.remove(STOP_FILE)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if threading.current_thread() is threading.main_thread() else None
         try:
@@ -159,15 +159,13 @@ class JobRunner:
             train_loop_config={
                 "spec": spec.model_dump(mode="json"), "plan": self.plan.model_dump(mode="json"),
                 "stage": action.stage, "job_id": self.record.job_id, "storage": self.opt.storage,
-                "provenance": {"git_revision": git_revision()},
-                "control": {"storage": self.opt.storage, "storage_options": spec.checkpoint.storage_options,
-                            "job_id": self.record.job_id, "grace_seconds": spec.preemption.grace_seconds},
+                "provenance": {"git_revision": self._git_revision},
             },
             scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
             run_config=RunConfig(
                 name=f"{self.record.job_id}-stage-{stage.index + 1}-attempt-{action.attempt}",
                 failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[_make_callback(q)], **_ray_storage(spec, self.opt.storage, self.record.job_id)),
+                callbacks=[_make_callback(q)], **_ray_storage(self.jobs.root, self.record.job_id)),
         )
         error: list[BaseException] = []
         started = time.perf_counter()

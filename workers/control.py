@@ -65,10 +65,3 @@ class StopSignal:
 
     def __call__(self) -> bool:
         return self._stopped.is_set() or _sigterm.is_set()
-
-
-def stop_requested(control: dict | None) -> StopSignal:
-    if not control:
-        return StopSignal(None, 30.0)
-    return StopSignal(Storage(control["storage"], control.get("storage_options")).child(control["job_id"]),
-                      control.get("grace_seconds", 30.0), control.get("poll_s"))

@@ -141,8 +141,8 @@ class Distributed:
         self.on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
-        # Control-plane collectives (stop flags, object gathers) go over gloo on the CPU, so checking
-        # them every step never forces a GPU sync.
+        # Control-plane collectives (stop flags, object gathers, CPU tensors) go over gloo, so they never
+        # force a GPU sync, and work on a GPU job whose default group is plain nccl.
         self.cpu_group = dist.new_group(backend="gloo") if self.on and dist.get_backend() != "gloo" else None
 
     def gather_objects(self, obj) -> list:
@@ -241,20 +241,20 @@ class StageRunner:
 
     def restore(self) -> str | None:
         """Load the latest committed checkpoint, chosen by rank 0 so every rank loads the same one."""
-        tag, state = None, None
+        tag, manifest, state = None, None, None
         if self.dist.rank == 0:  # the newest checkpoint whose bytes verify; corrupt or partial ones are skipped
             latest = self.store.latest(verify=True)
             if latest:
-                tag, state = latest[0].tag, decode(latest[1])
+                manifest, state = latest[0], decode(latest[1])
+                tag = manifest.tag
         tag = self.dist.broadcast_object(tag)
         if tag is None:
             if self.stage.step_start > 0:
                 raise RuntimeError(f"stage {self.stage.label} starts at step {self.stage.step_start}, but "
                                    f"{self.store.storage.url} has no committed checkpoint to start from")
             return None
-        manifest = self.store.read_manifest(tag)
-        if state is None:
-            state = self.store.load(tag)[1]
+        if state is None:  # ranks > 0 load (and verify) the tag rank 0 chose
+            manifest, state = self.store.load(tag)
         if not self.stage.step_start <= manifest.step <= self.stage.step_end:
             raise RuntimeError(
                 f"latest checkpoint {tag} is at step {manifest.step}, outside stage {self.stage.index + 1}'s "
@@ -357,7 +357,7 @@ class StageRunner:
             # Stop requests are checked with each report, not every step: a stop has
             # preemption.grace_seconds to land, and the check is a collective (one gloo round trip).
             if reported and not done and self.dist.any(self.stop_requested()):
-                return self._preempt(pending)
+                return self._preempt()
         return self._finish(evaluate=True)
 
     def _lr_momentum(self) -> tuple[float, float]:
@@ -396,22 +396,21 @@ class StageRunner:
             summary["param_digests"] = self.dist.gather_objects(param_digest(self.raw_model))
             if self.progress.step == st.step_end:
                 self.save(boundary=st.last_segment)
-        if self.dist.rank == 0:
-            summary["checkpoint"] = self.checkpointer.last_committed.tag if self.checkpointer.last_committed else None
-            summary["checkpoint_failures"] = self.checkpointer.failures
-            summary["stall_s"] = self.checkpointer.stall_s
-        self.report({"records": self._tail if self.dist.rank == 0 else [],
-                     "stage_end": summary if self.dist.rank == 0 else None})
-        return summary
+        return self._end(summary)
 
-    def _preempt(self, pending: list[dict]) -> dict:
-        """A stop was requested: commit a checkpoint at the step reached and leave."""
-        if pending:
-            self._report(pending, time.perf_counter() - 1.0, final=True)
+    def _preempt(self) -> dict:
+        """A stop was requested (checked right after a report): commit a checkpoint at the step reached
+        and leave."""
         self.save(boundary=False)
         self.checkpointer.wait()
-        summary = {"stage": self.stage.index + 1, "step": self.progress.step, "preempted": True,
-                   "checkpoint": self.checkpointer.last_committed.tag if self.checkpointer.last_committed else None}
+        return self._end({"stage": self.stage.index + 1, "step": self.progress.step, "preempted": True})
+
+    def _end(self, summary: dict) -> dict:
+        """The stage's last report: the records not yet sent and, from rank 0, the summary."""
+        if self.dist.rank == 0:
+            last = self.checkpointer.last_committed
+            summary.update(checkpoint=last.tag if last else None, checkpoint_failures=self.checkpointer.failures,
+                           stall_s=self.checkpointer.stall_s)
         self.report({"records": self._tail if self.dist.rank == 0 else [],
                      "stage_end": summary if self.dist.rank == 0 else None})
         return summary
@@ -424,15 +423,17 @@ class StageRunner:
         indices = split_evenly(range(len(val)), self.dist.world, self.dist.rank)
         loader = DataLoader(torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size,
                             num_workers=spec.data.loader_workers, pin_memory=self._cuda)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         self.raw_model.eval()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._cuda and spec.train.amp else contextlib.nullcontext()
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
             with autocast:
                 logits = self.raw_model(x)
-            totals += torch.tensor([F.cross_entropy(logits.float(), y, reduction="sum").item(),
-                                    (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+            # accumulated on the device: no host sync per batch
+            totals += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
+                                   (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64,
+                                                                                      device=self.device)])
         self.raw_model.train()
         totals = self.dist.sum(totals)
         return {"val_loss": totals[0].item() / totals[2].item(), "val_acc": totals[1].item() / totals[2].item()}
@@ -455,12 +456,13 @@ def train_loop_per_worker(config: dict) -> None:
     """The ``TorchTrainer`` entry point: ``config`` carries the spec, plan, stage and storage."""
     import ray.train
 
-    from workers.control import stop_requested
+    from workers.control import StopSignal
 
     spec = JobSpec.model_validate(config["spec"])
     plan = Plan.model_validate(config["plan"])
+    job_storage = Storage(config["storage"], spec.checkpoint.storage_options).child(config["job_id"])
     runner = StageRunner(spec, plan, config["stage"], config["job_id"], config["storage"], report=ray.train.report,
-                         stop_requested=stop_requested(config.get("control")),
+                         stop_requested=StopSignal(job_storage, spec.preemption.grace_seconds),
                          provenance=config.get("provenance"))
     runner.run()
 

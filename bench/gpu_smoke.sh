@@ -12,15 +12,14 @@
 # is the img/s StageRunner reports itself; expect it above the timed figure on a GPU (its report
 # windows end before the loss copy that waits for the GPU).
 #
-# Set-up: if .venv is missing it does what scripts/setup.sh does first (a venv, pip install -e .; about
-# 2 min) but not its Fashion-MNIST apt step, which this benchmark does not need and which an offline
-# machine can stall on. With no GPU (or a CPU-only torch) it exits 1 with a message.
+# Set-up: it uses .venv if there is one; else a python3 that already has torch (with CUDA), torchvision,
+# pydantic, pyyaml and fsspec (a GPU image; the repo itself is put on sys.path, nothing installed);
+# else it does what scripts/setup.sh does (a venv, pip install -e .; about 2 min) without its
+# Fashion-MNIST apt step, which this benchmark does not need. With no GPU it exits 1 with a message.
 #
-# Overrides (environment): ARCH, RESOLUTIONS, BATCH, LOADER_WORKERS, WARMUP, STEPS, ROUNDS, BACKEND.
-# BACKEND defaults to "cpu:gloo,cuda:nccl": StageRunner's Distributed.mean/sum all-reduce CPU tensors on
-# the default process group, which a plain "nccl" group (what Ray's TorchConfig creates on GPU) cannot
-# do ("No backend type associated with device type cpu"). Once that is fixed in workers/train.py, run
-# with BACKEND=nccl to match Ray exactly.
+# Overrides (environment): PYTHON, ARCH, RESOLUTIONS, BATCH, LOADER_WORKERS, WARMUP, STEPS, ROUNDS,
+# BACKEND (default nccl: what Ray's TorchConfig creates on GPU; stagetrain's CPU collectives use a gloo
+# side group of their own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,16 +33,20 @@ elif ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
   die "no NVIDIA GPU found (no nvidia-smi, no /dev/nvidia*); run this on a machine with an NVIDIA GPU"
 fi
 
-# 2. The environment: the repo's .venv, created if missing.
-if [ ! -x .venv/bin/python ]; then
+# 2. The environment: .venv, else a python3 that has what the benchmark imports, else a new .venv.
+py=${PYTHON:-}
+if [ -z "$py" ] && [ -x .venv/bin/python ]; then py=.venv/bin/python; fi
+if [ -z "$py" ] && python3 -c "import torch, torchvision, pydantic, yaml, fsspec" 2>/dev/null; then py=python3; fi
+if [ -z "$py" ]; then
   echo "gpu_smoke: no .venv; installing the repo into it (pip install -e ., log in .venv/pip.log)" >&2
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e . >.venv/pip.log 2>&1 \
     || { tail -20 .venv/pip.log >&2; die "pip install -e . failed (full log: .venv/pip.log)"; }
+  py=.venv/bin/python
 fi
-.venv/bin/python -c "import service, workers, checkpoints, torchvision" \
-  || die "the stagetrain install in .venv is broken; rerun scripts/setup.sh"
-.venv/bin/python - <<'EOF' || die "torch in .venv cannot use the GPU (a CPU-only wheel, or a driver older than its CUDA)"
+PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$py" -c "import service.spec, workers.train, checkpoints.checkpointer" \
+  || die "$py cannot import stagetrain's worker code (missing packages?); rerun scripts/setup.sh"
+"$py" - <<'EOF' || die "torch cannot use the GPU (a CPU-only wheel, or a driver older than its CUDA)"
 import sys, torch
 if not torch.cuda.is_available():
     sys.exit(f"torch {torch.__version__} (CUDA {torch.version.cuda}): torch.cuda.is_available() is False")
@@ -59,8 +62,8 @@ cores=$(nproc)
 workers=${LOADER_WORKERS:-$(( cores > 14 ? 12 : (cores > 3 ? cores - 2 : 1) ))}
 
 rc=0
-timeout --signal=INT 270 .venv/bin/python bench/overhead.py \
-  --device cuda --world 1 --backend "${BACKEND:-cpu:gloo,cuda:nccl}" \
+timeout --signal=INT 270 "$py" bench/overhead.py \
+  --device cuda --world 1 --backend "${BACKEND:-nccl}" \
   --arch "${ARCH:-resnet50}" --resolutions "${RESOLUTIONS:-128,160,224}" --batch "${BATCH:-128}" \
   --loader-workers "$workers" --threads 4 \
   --warmup "${WARMUP:-8}" --steps "${STEPS:-30}" --rounds "${ROUNDS:-2}" || rc=$?

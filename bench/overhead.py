@@ -203,7 +203,7 @@ def run_plain(args, resolution: int, device: torch.device, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from workers.data import StageDataset, SyntheticImages
+    from workers.data import StageDataset, SyntheticImages, to_input
 
     cuda = device.type == "cuda"
     steps, global_batch = total_steps(args), args.batch * args.world
@@ -234,9 +234,7 @@ def run_plain(args, resolution: int, device: torch.device, rank: int) -> dict:
     clock = StepClock(args, device)
     model.train()
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast:
             loss = F.cross_entropy(model(x), y)
         loss.backward()

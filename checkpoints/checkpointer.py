@@ -263,13 +263,17 @@ class AsyncCheckpointer:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions from the installed metadata: nothing is imported (ray takes seconds, and may be absent)."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import ray
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": ray.__version__}
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "ray"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 def git_revision() -> str | None:

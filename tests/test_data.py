@@ -31,7 +31,7 @@ def test_imagefolder_source_reads_classes_and_decodes_jpeg_near_the_stage_resolu
     assert train.classes == ["cat", "dog"] and [label for _, label in train.samples] == [0, 0, 0, 1, 1, 1]
     stage = StageDataset(train, resolution=24, train=True, seed=0, stage=0)
     x, y = stage[(1, 0)]  # a JPEG: decoded in draft mode at >= 24 px instead of 128 x 96
-    assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and y == 0
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y == 0
     assert train.draft_size == 24
     val = StageDataset(open_source(spec, 3, 0, "val"), resolution=32, train=False)
     assert val[0][0].shape == (3, 32, 32) and len(val) == 4

@@ -157,8 +157,9 @@ def dataset_size(data: DataSpec) -> int:
 
 
 class StageDataset(Dataset):
-    """A source at one stage's resolution. Train: random-resized-crop + horizontal flip; eval: resize +
-    center crop. Each sample's augmentation is seeded by (seed, stage, epoch, index)."""
+    """A source at one stage's resolution, as uint8 CHW. Train: random-resized-crop + horizontal flip; eval:
+    resize + center crop. Each sample's augmentation is seeded by (seed, stage, epoch, index). Batches go
+    through :func:`to_input` on the training device."""
 
     def __init__(self, source: Dataset, resolution: int, train: bool, seed: int = 0, stage: int = 0,
                  crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True):
@@ -188,7 +189,16 @@ class StageDataset(Dataset):
                 image = self.transform(image)
         else:
             image = self.transform(image)
-        return (image.float() / 255 - MEAN) / STD, label
+        return image, label  # uint8: 4x less to collate, pin and copy; normalised on the device
+
+
+def to_input(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A uint8 batch from ``StageDataset`` as the model's float input, converted on ``device`` (the copy
+    to a GPU moves bytes, not floats)."""
+    x = images.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x.float() / 255 - MEAN) / STD
 
 
 def stage_subset(dataset_size: int, subset_size: int, seed: int) -> torch.Tensor:

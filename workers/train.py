@@ -27,7 +27,7 @@ from checkpoints.checkpointer import AsyncCheckpointer, CheckpointStore, decode,
 from checkpoints.storage import Storage
 from service.plan import Plan
 from service.spec import AdamWSpec, JobSpec
-from workers.data import StageDataset, StageSampler, open_source, split_evenly, stage_subset
+from workers.data import StageDataset, StageSampler, open_source, split_evenly, stage_subset, to_input
 from workers.models import build_model
 from workers.schedules import PlanScheduler
 
@@ -324,10 +324,8 @@ class StageRunner:
             loss_sum = torch.zeros((), device=self.device)
             for micro in range(st.grad_accum):
                 x, y = next(batches)
-                x = x.to(self.device, non_blocking=True)
+                x = to_input(x, self.device, self._cuda and spec.train.channels_last)
                 y = y.to(self.device, non_blocking=True)
-                if self._cuda and spec.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 # Skip DDP's gradient all-reduce on all but the last micro-batch.
                 sync = micro == st.grad_accum - 1 or not isinstance(self.model, DDP)
                 with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast:
@@ -427,7 +425,7 @@ class StageRunner:
         self.raw_model.eval()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._cuda and spec.train.amp else contextlib.nullcontext()
         for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = to_input(x, self.device, self._cuda and spec.train.channels_last), y.to(self.device)
             with autocast:
                 logits = self.raw_model(x)
             # accumulated on the device: no host sync per batch

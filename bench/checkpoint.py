@@ -16,7 +16,8 @@ Storage: a local temp folder AND a real S3 HTTP server (``moto_server`` in its o
     waited for, untimed. Baseline: ``torch.save`` of the same dict into an ``io.BytesIO``.
     ``stall_ratio = median(ours, local) / median(torch.save)`` (target <= 1.5); the S3 figure is printed
     too (it should not differ: nothing is uploaded before ``save`` returns). One more row times the
-    PROPOSED fix from outside the product code: ``to_cpu(state)`` under ``torch.set_num_threads(1)``.
+    for comparison, ``to_cpu(state)`` under ``torch.set_num_threads(1)`` (measured and rejected: steadier
+    copies on overloaded cores, but switching the intra-op pool back costs the loop ~1 s per save).
 (b) upload -- ``CheckpointStore.commit(tag, files)`` with the files pre-serialised by ``encode`` (so it
     times sha256 + upload of both payload files + the manifest), against a raw
     ``s3fs.S3FileSystem.put(tmp_file, s3_path)`` of the same two files, one call per file, written to a
@@ -109,8 +110,8 @@ def median(xs) -> float:
 
 @contextlib.contextmanager
 def intra_op_threads(n: int):
-    """The PROPOSED fix, applied from outside (the product code is not changed): run the CPU copy with
-    one intra-op thread. ``to_cpu`` copies each of hundreds of tensors in its own OpenMP parallel
+    """The single-threaded copy (measured for comparison, not used by the product: see AsyncCheckpointer.save):
+    run the CPU copy with one intra-op thread. ``to_cpu`` copies each of hundreds of tensors in its own OpenMP parallel
     region; on busy cores every region waits for a descheduled thread."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -136,7 +137,7 @@ def big_state(arch: str) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": {"step": 1},
-            "scaler": {}, "data": {"step": 1, "samples_seen": 2, "stage": 0, "epoch": 0, "batch": 1}}
+            "data": {"step": 1}}
 
 
 def tensor_bytes(obj) -> int:
@@ -169,12 +170,11 @@ def stall_s(ck, state: dict, tag: str) -> tuple[float, float]:
 
 
 def commit_s(store, files: dict[str, bytes], tag: str) -> float:
-    from checkpoints.checkpointer import CHECKPOINTS_DIR
 
     t0 = time.perf_counter()
     store.commit(tag, files, **META)
     seconds = time.perf_counter() - t0
-    store.storage.remove(CHECKPOINTS_DIR, tag)  # untimed; moto keeps objects in memory
+    store.storage.remove(tag)  # untimed; moto keeps objects in memory
     return seconds
 
 
@@ -193,8 +193,9 @@ def bench_save_and_upload(args, tmp: str) -> dict:
     import fsspec
     import s3fs
 
-    from checkpoints.checkpointer import AsyncCheckpointer, CheckpointStore, encode, to_cpu
+    from checkpoints.checkpointer import AsyncCheckpointer, encode, to_cpu
     from checkpoints.storage import Storage
+    from checkpoints.store import CheckpointStore
     from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, _free_port, make_bucket
 
     state = big_state(args.state_arch)
@@ -218,8 +219,8 @@ def bench_save_and_upload(args, tmp: str) -> dict:
             os.environ.pop(k, None)
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         make_bucket(server, bucket)
-        stores = {"local": CheckpointStore(Storage(os.path.join(tmp, "storage")).child("bench")),
-                  "s3": CheckpointStore(Storage(f"s3://{bucket}/storage").child("bench"))}
+        stores = {"local": CheckpointStore(Storage(os.path.join(tmp, "storage")).child("bench", "checkpoints")),
+                  "s3": CheckpointStore(Storage(f"s3://{bucket}/storage").child("bench", "checkpoints"))}
         raw_fs = {"local": (fsspec.filesystem("file"), os.path.join(tmp, "raw-dst")),
                   "s3": (s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=server.endpoint,
                                            skip_instance_cache=True), f"{bucket}/raw")}
@@ -307,38 +308,23 @@ def train_run(args, every: int, storage: str, job_id: str, proposed: bool = Fals
     from workers.train import StageRunner
 
     spec = run_spec(args, every, storage)
-    plan = build_plan(spec)
+    plan = build_plan(spec, spec.data.size)
     total = args.warmup + args.steps
     assert plan.total_steps == total, (plan.total_steps, total)
     marks: list[float] = []  # marks[i]: right after step i's scheduler.step(); step i's save (if any) follows it
-    saves: list[tuple[float, float]] = []
-    uploads: list[tuple[float, float, float]] = []  # start, end, CPU seconds of the upload thread
-
-    runner = StageRunner(spec, plan, 0, job_id, storage)
-    scheduler_step = runner.scheduler.step
-
-    def step_and_mark() -> None:  # the loop's one call per optimizer step
-        scheduler_step()
-        marks.append(time.perf_counter())
-
-    runner.scheduler.step = step_and_mark
+    runner = StageRunner(spec, plan, 0, job_id, storage, on_step=lambda step: marks.append(time.perf_counter()))
     ck = runner.checkpointer
-    save, upload = ck.save, ck._upload
+    if proposed:  # the single-threaded copy, wrapped around this runner's saves only
+        save = ck.save
 
-    def timed_save(*a, **kw):
-        t0 = time.perf_counter()
-        with intra_op_threads(1) if proposed else contextlib.nullcontext():
-            save(*a, **kw)
-        saves.append((t0, time.perf_counter()))
+        def save_one_thread(*a, **kw):
+            with intra_op_threads(1):
+                save(*a, **kw)
 
-    def timed_upload(*a):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        upload(*a)
-        uploads.append((t0, time.perf_counter(), time.thread_time() - c0))
-
-    ck.save, ck._upload = timed_save, timed_upload  # instance attributes: this runner only
+        ck.save = save_one_thread
     t0 = time.perf_counter()
     summary = runner.run()
+    saves, uploads = ck.saves, ck.uploads  # start, end (and upload-thread CPU s) of each, from the checkpointer
     wall = time.perf_counter() - t0
     assert not ck.failures, ck.failures
     first, last = args.warmup - 1, total - 1
@@ -360,7 +346,7 @@ def train_run(args, every: int, storage: str, job_id: str, proposed: bool = Fals
         "save_stall_s": [e - s for s, e in periodic_saves],
         "upload_wall_s": [e - s for s, e, _ in periodic_uploads], "upload_cpu_s": [c for *_, c in periodic_uploads],
         "clean_step_s": median(clean) if clean else None,
-        "save_step_s": with_save, "upload_step_s": during_upload, "stall_s": summary.get("stall_s"),
+        "save_step_s": with_save, "upload_step_s": during_upload, "stall_s": summary.stall_s,
     }
 
 

@@ -20,8 +20,8 @@ channels_last. What differs is exactly what is being measured:
 - plain: ``DistributedSampler`` + ``DDP(model)`` + ``OneCycleLR``, nothing logged.
 
 Timing (both sides alike): a timestamp right after each step's ``scheduler.step()`` -- for StageRunner
-by wrapping its scheduler's ``step`` (the loop calls it once per optimizer step, after
-``optimizer.step()``; ``stop_requested`` is left at its default). The timed window runs from the last
+through its ``on_step`` hook (called once per optimizer step, right after ``scheduler.step()``;
+``stop_requested`` is left at its default). StageRunner gets the device injected (``device=``). The timed window runs from the last
 warm-up step's timestamp to the last step's, so it holds ``--steps`` whole loop iterations (data,
 forward, backward, optimizer, schedule, and StageRunner's per-step bookkeeping, reports and stop
 check) and excludes setup, the warm-up steps, evaluation and the stage-boundary checkpoint. On CUDA
@@ -168,7 +168,7 @@ def run_stagetrain(args, resolution: int, storage: str, job_id: str, device: tor
     from workers.train import StageRunner
 
     spec = spec_for(args, resolution, storage)
-    plan = build_plan(spec)
+    plan = build_plan(spec, spec.data.size)
     assert plan.total_steps == total_steps(args), plan.total_steps
     clock = StepClock(args, device)
     windows: list[list[dict]] = []
@@ -177,14 +177,9 @@ def run_stagetrain(args, resolution: int, storage: str, job_id: str, device: tor
         if metrics["records"]:
             windows.append(metrics["records"])
 
-    runner = StageRunner(spec, plan, 0, job_id, storage, report=report)
-    scheduler_step = runner.scheduler.step
-
-    def step_and_tick() -> None:  # the loop's one call per optimizer step, after optimizer.step()
-        scheduler_step()
-        clock.tick()
-
-    runner.scheduler.step = step_and_tick
+    # on_step: called once per optimizer step, right after scheduler.step()
+    runner = StageRunner(spec, plan, 0, job_id, storage, report=report, device=device,
+                         on_step=lambda step: clock.tick())
     runner.run()
     assert len(clock.marks) == plan.total_steps, f"{len(clock.marks)} scheduler steps in a {plan.total_steps}-step run"
     global_batch = args.batch * args.world
@@ -257,13 +252,9 @@ def worker(rank: int, args, port: int, tmp: str) -> None:
                       WORLD_SIZE=str(args.world))
     device = torch.device("cpu")
     if args.device == "cuda":
-        import workers.train
-
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # what StageRunner's seed_everything sets; both sides alike
-        # StageRunner asks ray.train.torch.get_device(), which only works inside a Ray Train worker.
-        workers.train._device = lambda spec: device
     dist.init_process_group(args.backend, rank=rank, world_size=args.world)
 
     results = []

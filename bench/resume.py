@@ -13,7 +13,7 @@ makes the download visible):
    is when the first step record appears in ``<storage>/<job>/metrics.jsonl`` (polled every 20 ms; the
    driver appends a record when the worker's report reaches it). After ``--preempt-after`` steps it is
    sent SIGTERM (a preemption notice) and must exit 75 having committed a checkpoint mid-stage.
-2. ``download_s``: ``CheckpointStore.load(tag)`` of that checkpoint, timed in this process (read both
+2. ``download_s``: ``checkpoints.checkpointer.load(store, tag)`` of that checkpoint, timed in this process (read both
    payload files, check sizes and sha256 against the manifest, ``torch.load`` them), median of 3 (the
    run has exited, so the cores are free; the files are in the page cache, as they are for resume).
 3. ``stagetrain resume``: launched at t=0; ``resume_first_step_s`` is when the first NEW step record
@@ -229,10 +229,11 @@ def time_ray_start(spec_dict: dict) -> float:
 
 def time_download(storage: str, job_id: str) -> tuple[str, float, float, float]:
     """(tag, MB, median seconds of CheckpointStore.load, of which sha256-checked reading)."""
-    from checkpoints.checkpointer import CheckpointStore, decode
+    from checkpoints.checkpointer import decode
     from checkpoints.storage import Storage
+    from checkpoints.store import CheckpointStore
 
-    store = CheckpointStore(Storage(storage).child(job_id))
+    store = CheckpointStore(Storage(storage).child(job_id, "checkpoints"))
     latest = store.latest(verify=False)
     assert latest is not None, f"no committed checkpoint in {storage}/{job_id}"
     manifest = latest[0]
@@ -307,7 +308,7 @@ def print_table(rows: list[dict], s: dict) -> None:
     print()
     print(f"resume to first step  {s['resume_first_step_s']:7.2f} s  (launch -> first new step record in metrics.jsonl)")
     print(f"  Ray start           {s['ray_start_s']:7.2f} s  (connect_ray / ray.init, timed in-process)")
-    print(f"  download + load     {s['download_s']:7.2f} s  (CheckpointStore.load of the same {s['checkpoint_MB']:.0f} MB "
+    print(f"  download + load     {s['download_s']:7.2f} s  (checkpointer.load of the same {s['checkpoint_MB']:.0f} MB "
           f"checkpoint, in-process; read + sha256 {s['read_verify_s']:.2f} s)")
     print(f"  worker start, rest  {s['worker_start_s']:7.2f} s  (resume - Ray start - download)")
     print(f"fresh run to first step {s['fresh_first_step_s']:5.2f} s  (launch -> first step record)")

@@ -24,7 +24,7 @@ T = TypeVar("T")
 # Settings a Ray worker on another node needs to reach the same storage; secrets are deliberately
 # absent (nodes get credentials from their own environment: instance role, IRSA, a mounted profile).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 
 
 class StorageError(RuntimeError):

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from checkpoints.storage import StorageError
+from service.layout import check_job_id
 from service.spec import SpecError, json_schema, load_spec
 
 # Wide enough for the plan table when output is piped (rich would assume 80 columns).
@@ -36,6 +37,19 @@ def user_errors(fn):
     return wrapper
 
 
+def _job_id_param(ctx, param, value):
+    """Every JOB_ID, argument or --job-id, passes one rule: a single path component under the storage root."""
+    if value is None:
+        return None
+    try:
+        return check_job_id(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[1], ctx=ctx, param=param) from None
+
+
+JOB_ID = click.argument("job_id", callback=_job_id_param)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """stagetrain: progressive-resizing image training on Ray Train."""
@@ -59,9 +73,10 @@ def plan(job: str, csv_path: str | None, plot_path: str | None, compare: bool, x
     """Show what a job will do: stages, steps, batches, LR and momentum, before any compute is spent."""
     from service.plan import build_plan
     from service.report import plan_table, plot_plans, write_csv
+    from service.sources import dataset_size
 
     spec = load_spec(job)
-    the_plan = build_plan(spec)
+    the_plan = build_plan(spec, dataset_size(spec.data))
     if as_json:
         click.echo(json.dumps({"plan_hash": the_plan.plan_hash(), **the_plan.model_dump(mode="json")}, indent=2))
     else:
@@ -116,7 +131,7 @@ def _finish(code: int, jobs, record) -> None:
 
 @cli.command()
 @click.argument("job", metavar="JOB.yaml")
-@click.option("--job-id", help="Default: <name>-<UTC time>-<random>.")
+@click.option("--job-id", callback=_job_id_param, help="Default: <name>-<UTC time>-<random>.")
 @click.option("--storage", help=STORAGE_HELP)
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 @user_errors
@@ -125,20 +140,21 @@ def run(job: str, job_id: str | None, storage: str | None, address: str | None) 
 
     Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted (continue with `stagetrain resume`)."""
     from checkpoints.storage import Storage
-    from service.jobs import JobRecord, JobStore, check_job_id, new_job_id
+    from service.jobs import JobRecord, JobStore, new_job_id
     from service.plan import build_plan
     from service.runner import JobRunner, RunOptions
+    from service.sources import dataset_size
 
     spec = load_spec(job)
     url = resolve_storage(storage or spec.checkpoint.storage)
-    job_id = check_job_id(job_id) if job_id else new_job_id(spec.name)
+    job_id = job_id or new_job_id(spec.name)
     root = Storage(url, spec.checkpoint.storage_options)
     jobs = JobStore(root, job_id)
     if jobs.exists():
         raise ValueError(f"job {job_id!r} already exists in {url}: continue it with `stagetrain resume {job_id}` "
                          "or pick another --job-id")
     root.probe()
-    plan = build_plan(spec)
+    plan = build_plan(spec, dataset_size(spec.data))
     record = JobRecord.create(job_id, spec, plan)
     jobs.save(record)
     err_console.print(f"job [bold]{job_id}[/] -> {jobs.storage.url}")
@@ -148,7 +164,7 @@ def run(job: str, job_id: str | None, storage: str | None, address: str | None) 
 
 
 @cli.command()
-@click.argument("job_id")
+@JOB_ID
 @click.option("--storage", help=STORAGE_HELP)
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--spec", "spec_path", metavar="JOB.yaml",
@@ -199,7 +215,7 @@ def resume(job_id: str, storage: str | None, address: str | None, spec_path: str
 
 
 @cli.command()
-@click.argument("job_id")
+@JOB_ID
 @click.option("--storage", help=STORAGE_HELP)
 @user_errors
 def status(job_id: str, storage: str | None) -> None:
@@ -218,7 +234,7 @@ def status(job_id: str, storage: str | None) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@JOB_ID
 @click.option("--storage", help=STORAGE_HELP)
 @click.option("--verify", is_flag=True, help="Download every file and check its sha256.")
 @user_errors
@@ -251,7 +267,7 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@JOB_ID
 @click.option("--storage", help=STORAGE_HELP)
 @click.option("-o", "--output", help="PNG path (default: <storage>/<job-id>/metrics.png).")
 @click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)

@@ -1,18 +1,22 @@
 """The coordinator's decisions, as values, computed in one place and tested without Ray.
 
 Given the job record, the plan and the latest committed checkpoint, ``next_action`` says what to do
-next; ``check_resume`` says whether a (possibly edited) spec may continue a job; ``fits_cluster``
-whether a stage can be placed at all. ``service.runner`` executes the decisions on Ray.
+next; ``stage_outcome`` what a finished ``fit()`` amounts to; ``check_resume`` whether a (possibly
+edited) spec may continue a job; ``fits_cluster`` whether a stage can be placed at all.
+``service.runner`` executes the decisions on Ray; ``JobRecord.settle`` turns outcomes into statuses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from checkpoints.checkpointer import Manifest
-from service.jobs import JobRecord
+from checkpoints.store import Manifest
 from service.plan import Plan, StageLayout
 from service.spec import JobSpec, ResourcesSpec
+
+if TYPE_CHECKING:
+    from service.jobs import JobRecord, StageEnd
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,47 @@ class Fail:
 
 
 Action = RunStage | Finish | Fail
+
+
+@dataclass(frozen=True)
+class Completed:
+    checkpoint: str  # the committed boundary checkpoint
+    val_loss: float | None = None
+    val_acc: float | None = None
+
+
+@dataclass(frozen=True)
+class Preempted:
+    reason: str
+    lost_capacity: str | None = None  # what the cluster lacks now, when a node went away
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+
+
+Outcome = Completed | Preempted | Failed
+
+
+def stage_outcome(plan: Plan, row: int, end: StageEnd | None, error: str | None, lost_capacity: str | None,
+                  stop_requested: bool, latest: Manifest | None) -> Outcome:
+    """What one ``fit()`` of plan row ``row`` amounts to. ``end``: the stage's last report (None if
+    it never came); ``error``: the root cause if ``fit()`` raised; ``lost_capacity``: after a worker-group
+    failure, what the cluster lacks for the stage now (None if it still fits); ``stop_requested``: the coordinator asked the
+    workers to stop; ``latest``: the newest committed checkpoint after the stage."""
+    label = plan.stages[row].label
+    at = f"checkpoint {latest.tag}" if latest else "no checkpoint"
+    if lost_capacity:  # checked only after the worker group failed
+        return Preempted(f"the cluster lost capacity ({at})", lost_capacity=lost_capacity)
+    if error is not None:
+        return Failed(f"stage {label} failed: {error}")
+    if (end is not None and end.preempted) or stop_requested:
+        return Preempted(f"stop requested ({at})")
+    if not stage_completed(plan, row, latest):
+        return Failed(f"stage {label} ended without committing its boundary checkpoint")
+    return Completed(checkpoint=latest.tag, val_loss=end.val_loss if end else None,
+                     val_acc=end.val_acc if end else None)
 
 
 def next_action(record: JobRecord, plan: Plan, latest: Manifest | None, resources: ResourcesSpec,

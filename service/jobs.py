@@ -1,4 +1,5 @@
-"""The job record (``<storage>/<job-id>/job.json``) and metrics (``<storage>/<job-id>/metrics.jsonl``).
+"""The job record (``<storage>/<job-id>/job.json``), the metric records workers report (kept in
+``metrics.jsonl``), and the one place a stage's outcome becomes a job status (``JobRecord.settle``).
 
 The record is what ``stagetrain status`` reads (no cluster needed) and what ``resume`` starts from.
 It never holds credentials: storage settings come from the environment.
@@ -7,19 +8,18 @@ It never holds credentials: storage settings come from the environment.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from checkpoints.checkpointer import CheckpointStore
 from checkpoints.storage import Storage
+from checkpoints.store import CheckpointStore
+from service.decisions import Completed, Failed, Outcome, Preempted
+from service.layout import CHECKPOINTS, JOB_FILE, METRICS_FILE
 from service.plan import Plan, StageLayout, build_plan
 from service.spec import JobSpec
 
-JOB_FILE = "job.json"
-METRICS_FILE = "metrics.jsonl"
 RECORD_VERSION = 1
 
 JobStatus = Literal["pending", "running", "preempted", "failed", "succeeded"]
@@ -38,10 +38,48 @@ def new_job_id(name: str) -> str:
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
 
 
-def check_job_id(job_id: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", job_id):
-        raise ValueError(f"--job-id: letters, digits, '.', '_' and '-' only (max 128), got {job_id!r}")
-    return job_id
+class StepRecord(BaseModel):
+    """One optimizer step, as a worker reports it and ``metrics.jsonl`` keeps it."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["step"] = "step"
+    step: int
+    stage: int  # 1-based
+    epoch: int  # 0-based within the stage
+    samples_seen: int  # after this step
+    loss: float
+    lr: float
+    momentum: float
+    resolution: int
+    global_batch: int
+    workers: int
+    grad_accum: int
+    images_per_s: float
+    sample_ids: list[list[list[int]]] | None = None  # audit mode: per rank, per micro-batch, (id, epoch)
+
+
+class StageEnd(BaseModel):
+    """A stage's last report, from rank 0: how it ended."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["stage_end"] = "stage_end"
+    stage: int  # 1-based
+    step: int  # the next step to run
+    preempted: bool = False  # a stop request was honoured: a checkpoint is committed at ``step``
+    restored_from: str | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    param_digests: list[str] | None = None
+    checkpoint: str | None = None
+    checkpoint_failures: list[str] = []
+    stall_s: float | None = None
+
+
+class Report(BaseModel):
+    """What a worker passes to ``ray.train.report`` (as ``model_dump()``): rank 0 sends the records."""
+
+    records: list[StepRecord] = []
+    stage_end: StageEnd | None = None
 
 
 class StageRecord(BaseModel):
@@ -67,6 +105,7 @@ class JobRecord(BaseModel):
     name: str
     status: JobStatus = "pending"
     spec: dict
+    dataset_size: int  # measured once at submission; a resume re-uses it (workers check the data still has it)
     plan_hash: str
     stage_hashes: list[str]
     total_steps: int
@@ -82,7 +121,8 @@ class JobRecord(BaseModel):
 
     @classmethod
     def create(cls, job_id: str, spec: JobSpec, plan: Plan) -> JobRecord:
-        return cls(job_id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), plan_hash=plan.plan_hash(),
+        return cls(job_id=job_id, name=spec.name, spec=spec.model_dump(mode="json"),
+                   dataset_size=plan.dataset_size, plan_hash=plan.plan_hash(),
                    stage_hashes=[plan.stage_hash(i) for i in range(len(plan.stages))], total_steps=plan.total_steps,
                    stages=[StageRecord(stage=i + 1, workers=st.workers) for i, st in enumerate(spec.stages)])
 
@@ -93,7 +133,28 @@ class JobRecord(BaseModel):
         return JobSpec.model_validate(self.spec)
 
     def plan(self, spec: JobSpec | None = None, history: list[StageLayout] | None = None) -> Plan:
-        return build_plan(spec or self.job_spec(), history=tuple(self.history if history is None else history))
+        return build_plan(spec or self.job_spec(), self.dataset_size,
+                          tuple(self.history if history is None else history))
+
+    def settle(self, stage: int, outcome: Outcome, step: int) -> None:
+        """The one place where a stage's outcome becomes stage and job status (``stage``: 0-based)."""
+        srec = self.stages[stage]
+        self.current_step = step
+        if isinstance(outcome, Completed):
+            srec.status, srec.finished, srec.checkpoint = "completed", now(), outcome.checkpoint
+            srec.val_loss, srec.val_acc = outcome.val_loss, outcome.val_acc
+            return
+        srec.status = self.status = "preempted" if isinstance(outcome, Preempted) else "failed"
+        self.error = outcome.reason if isinstance(outcome, Failed) else outcome.lost_capacity
+        self.event(f"{self.status} at step {step}: {outcome.reason}")
+
+    def finish(self, total_steps: int) -> None:
+        self.status, self.current_step, self.error = "succeeded", total_steps, None
+        self.event("succeeded")
+
+    def fail(self, reason: str) -> None:
+        self.status, self.error = "failed", reason
+        self.event(f"failed: {reason}")
 
 
 class JobStore:
@@ -103,7 +164,7 @@ class JobStore:
         self.job_id = job_id
         self.root = storage
         self.storage = storage.child(job_id)
-        self.checkpoints = CheckpointStore(self.storage)
+        self.checkpoints = CheckpointStore(self.storage.child(CHECKPOINTS))
 
     def exists(self) -> bool:
         return self.storage.exists(JOB_FILE)
@@ -120,9 +181,10 @@ class JobStore:
         record.updated = now()
         self.storage.write_text(record.model_dump_json(indent=2), JOB_FILE)
 
-    def append_metrics(self, records: list[dict]) -> None:
+    def append_metrics(self, records: list[StepRecord | StageEnd]) -> None:
         if records:
-            self.storage.append_text("".join(json.dumps(r) + "\n" for r in records), METRICS_FILE)
+            lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
+            self.storage.append_text(lines, METRICS_FILE)
 
     def read_metrics(self) -> list[dict]:
         """Metric records in step order. Steps re-run after a resume appear twice in the file; the

@@ -23,6 +23,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict
 
+from service.curve import onecycle_length
 from service.spec import JobSpec, LRScalingSpec, ScheduleSpec, SpecError
 
 PLAN_VERSION = 1
@@ -154,18 +155,14 @@ class StageLayout(_Frozen):
         return self.batch_size * self.workers * self.grad_accum
 
 
-def build_plan(spec: JobSpec, dataset_size: int | None = None, history: tuple[StageLayout, ...] = ()) -> Plan:
-    """Expand ``spec`` into a :class:`Plan`. ``dataset_size`` defaults to the size of the spec's
-    training split (which reads the data source's index, not the images).
+def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...] = ()) -> Plan:
+    """Expand ``spec`` into a :class:`Plan` over a training split of ``dataset_size`` samples (measured
+    once by the caller, ``service.sources.dataset_size``, and kept in the job record).
 
     ``history`` lists earlier worker layouts of stages that a resume changed mid-stage. Such a stage
     becomes several *segments* (plan rows sharing the stage index): each consumes the stage's sample
     stream with its own global batch (and LR factor), and together they cover the stream the stage's
     first layout planned, so the epochs, data and stage boundary stay where they were."""
-    if dataset_size is None:
-        from workers.data import dataset_size as _size
-
-        dataset_size = _size(spec.data)
     problems = []
     earlier = {i: sorted((h for h in history if h.stage == i), key=lambda h: h.until_step) for i in range(len(spec.stages))}
     first_layout = earlier[0][0] if earlier[0] else spec.stages[0]
@@ -228,8 +225,6 @@ def build_plan(spec: JobSpec, dataset_size: int | None = None, history: tuple[St
         reference_batch=reference, momentum=spec.momentum, stages=tuple(stages),
     )
     if spec.schedule.strategy == "global_onecycle":
-        from workers.schedules import onecycle_length
-
         if not spec.schedule.pct_start * onecycle_length(plan) > 1:
             raise SpecError([
                 f"schedule.pct_start: global_onecycle needs pct_start x total steps > 1,"

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 
 from rich.table import Table
 
+from service.curve import lr_momentum
 from service.plan import Plan
-from workers.schedules import lr_momentum
 
 CSV_FIELDS = ["step", "stage", "epoch", "resolution", "global_batch", "samples_seen", "lr", "momentum"]
 

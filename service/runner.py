@@ -11,7 +11,6 @@ Ray Train's own checkpointing is not used, so there is exactly one "latest check
 
 from __future__ import annotations
 
-import logging
 import os
 import queue as stdqueue
 import signal
@@ -23,22 +22,26 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from checkpoints.checkpointer import git_revision
 from checkpoints.storage import Storage, forwarded_env
-from service.decisions import Fail, Finish, RunStage, fits_cluster, next_action, stage_completed
-from service.jobs import JobRecord, JobStore, now
-from service.plan import Plan
+from checkpoints.store import git_revision
+from service.decisions import (
+    Completed,
+    Fail,
+    Finish,
+    Preempted,
+    RunStage,
+    fits_cluster,
+    next_action,
+    stage_completed,
+    stage_outcome,
+)
+from service.jobs import JobRecord, JobStore, Report, StageEnd, now
+from service.layout import RAY_DIR, STOP_FILE
+from service.plan import Plan, StagePlan
 from service.spec import JobSpec
-from workers.control import STOP_FILE
 
-log = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED = 0, 1, 2, 75  # 75 = EX_TEMPFAIL: resume it later
+EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75  # 75 = EX_TEMPFAIL: resume it later
 DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # else every report blocks ~2 s
-
-
-class JobFailed(RuntimeError):
-    pass
 
 
 @dataclass
@@ -68,10 +71,10 @@ def connect_ray(address: str | None) -> None:
 def _ray_storage(store: Storage, job_id: str) -> dict:
     """``RunConfig`` storage for Ray's own run files, inside the job folder on the same filesystem."""
     if store.local:
-        return {"storage_path": os.path.abspath(store.path(job_id, "ray"))}
+        return {"storage_path": os.path.abspath(store.path(job_id, RAY_DIR))}
     import pyarrow.fs
 
-    return {"storage_path": store.path(job_id, "ray"),
+    return {"storage_path": store.path(job_id, RAY_DIR),
             "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))}
 
 
@@ -121,8 +124,7 @@ class JobRunner:
                     srec.status, srec.finished = "completed", srec.finished or now()
             action = next_action(self.record, self.plan, manifest, self.spec.resources, ray.cluster_resources())
             if isinstance(action, Finish):
-                self.record.status = "succeeded"
-                self.record.current_step = self.plan.total_steps
+                self.record.finish(self.plan.total_steps)
                 self.jobs.save(self.record)
                 return EXIT_OK
             if isinstance(action, Fail):
@@ -133,6 +135,7 @@ class JobRunner:
                 return outcome
 
     def _run_stage(self, action: RunStage) -> int | None:
+        """One ``TorchTrainer.fit()`` of plan row ``action.stage``; None when the stage completed."""
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
@@ -145,9 +148,11 @@ class JobRunner:
         srec = self.record.stages[stage.index]
         srec.status, srec.attempts, srec.workers = "running", action.attempt, stage.workers
         srec.started = srec.started or now()
-        self.record.status, self.record.current_stage, self.record.current_step = "running", stage.index + 1, action.start_step
+        self.record.status, self.record.current_stage = "running", stage.index + 1
+        self.record.current_step = action.start_step
         if action.start_step > stage.step_start:
-            self.record.event(f"stage {stage.label} continues from step {action.start_step} (attempt {action.attempt})")
+            self.record.event(f"stage {stage.label} continues from step {action.start_step} "
+                              f"(attempt {action.attempt})")
         self.jobs.save(self.record)
 
         # The report queue lives on the driver's node: a lost worker node must not take it along.
@@ -161,7 +166,8 @@ class JobRunner:
                 "stage": action.stage, "job_id": self.record.job_id, "storage": self.opt.storage,
                 "provenance": {"git_revision": self._git_revision},
             },
-            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
+            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=res.use_gpu,
+                                         resources_per_worker=per_worker),
             run_config=RunConfig(
                 name=f"{self.record.job_id}-stage-{stage.index + 1}-attempt-{action.attempt}",
                 failure_config=FailureConfig(max_failures=spec.failure.max_failures),
@@ -178,43 +184,40 @@ class JobRunner:
 
         thread = threading.Thread(target=fit, name=f"fit-stage-{stage.index + 1}", daemon=True)
         thread.start()
-        end = self._follow(thread, q, stage, action.start_step)
+        end, lost = self._follow(thread, q, stage, action.start_step)
         if thread.is_alive():  # gave up on the stage: the driver's exit takes the Ray Train controller with it
             error.clear()
         ray.kill(q.actor)
         srec.seconds += time.perf_counter() - started
+        if error and not lost:
+            lost = self._capacity_lost(stage, wait_s=10)  # a node went away: not the job's fault
 
         latest = self.jobs.checkpoints.latest(verify=False)
         manifest = latest[0] if latest else None
-        if manifest is not None:
-            self.record.current_step = manifest.step
-        if error and (lost := self._capacity_lost(stage, wait_s=10)):
-            end = {"preempted": True, "lost_capacity": lost}  # a node went away: not the job's fault
-        elif error:
-            srec.status = "failed"
-            return self._fail(f"stage {stage.index + 1} failed: {_root_cause(error[0])}")
-        if (end or {}).get("preempted") or self.stop.is_set():
-            srec.status = "preempted"
-            self.record.status = "preempted"
-            if (end or {}).get("lost_capacity"):
-                self.record.error = (f"the cluster lost capacity: {end['lost_capacity']}. Resume when it is back, "
-                                     f"or now with fewer workers: stagetrain resume {self.record.job_id} --workers N")
-                self.opt.console.print(f"[yellow]{self.record.error}[/]", highlight=False)
-            self.record.event(f"preempted at step {self.record.current_step} (checkpoint {manifest.tag if manifest else None})")
-            self.jobs.save(self.record)
-            self.opt.console.print(f"[yellow]preempted[/] at step {self.record.current_step}; "
-                                   f"continue with: stagetrain resume {self.record.job_id} --storage {self.opt.storage}")
-            return EXIT_PREEMPTED
-        if not stage_completed(self.plan, action.stage, manifest):
-            return self._fail(f"stage {stage.index + 1} ended without committing its boundary checkpoint")
-        srec.status, srec.finished, srec.checkpoint = "completed", now(), manifest.tag
-        if end:
-            srec.val_loss, srec.val_acc = end.get("val_loss"), end.get("val_acc")
+        outcome = stage_outcome(self.plan, action.stage, end, _root_cause(error[0]) if error else None, lost,
+                                self.stop.is_set(), manifest)
+        self.record.settle(stage.index, outcome, manifest.step if manifest else self.record.current_step)
+        if end is not None:
+            self.record.checkpoint_failures.extend(end.checkpoint_failures)
         self.jobs.save(self.record)
-        return None
+        if isinstance(outcome, Completed):
+            return None
+        if isinstance(outcome, Preempted):
+            if outcome.lost_capacity:
+                self.opt.console.print(f"[yellow]the cluster lost capacity:[/] {outcome.lost_capacity}. Resume when "
+                                       f"it is back, or now with fewer workers: stagetrain resume "
+                                       f"{self.record.job_id} --workers N", highlight=False)
+            self.opt.console.print(f"[yellow]preempted[/] at step {self.record.current_step}; "
+                                   f"continue with: stagetrain resume {self.record.job_id} "
+                                   f"--storage {self.opt.storage}", highlight=False)
+            return EXIT_PREEMPTED
+        self.opt.console.print(f"[bold red]job failed:[/] {outcome.reason}", highlight=False)
+        return EXIT_FAILED
 
-    def _follow(self, thread: threading.Thread, q, stage, start_step: int) -> dict | None:
-        """Drain reports while ``fit`` runs: progress bar, metrics file, job record."""
+    def _follow(self, thread: threading.Thread, q, stage: StagePlan, start_step: int) -> tuple[StageEnd | None,
+                                                                                                str | None]:
+        """Drain reports while ``fit`` runs: progress bar, metrics file, job record. Returns the stage's
+        last report and, if the cluster lost the capacity for the stage meanwhile, what it lacks."""
         srec = self.record.stages[stage.index]
         end, rates = None, []
         columns = [TextColumn("stage {task.fields[n]} {task.fields[res]}px"), BarColumn(),
@@ -223,41 +226,38 @@ class JobRunner:
         with Progress(*columns, console=self.opt.console, transient=False) as bar:
             task = bar.add_task("", total=stage.samples, n=stage.label, res=stage.resolution, info="",
                                 completed=self.plan.samples_before(start_step) - stage.sample_start)
-            failed_at = None  # when the worker group last failed: from then on, watch the cluster's capacity
+            failed = False  # the worker group failed: from then on, watch the cluster's capacity
             while True:
                 try:
                     item = q.get(timeout=0.5)
                 except stdqueue.Empty:
                     if not thread.is_alive() and q.empty():
                         break
-                    if failed_at is not None and (lost := self._capacity_lost(stage)):
-                        return {"preempted": True, "lost_capacity": lost}
+                    if failed and (lost := self._capacity_lost(stage)):
+                        return end, lost
                     continue
                 if "worker_errors" in item:
                     srec.restarts += 1
-                    failed_at = time.monotonic()
-                    self.record.event(f"stage {stage.index + 1}: worker group failed ({item['worker_errors']}); "
+                    failed = True
+                    self.record.event(f"stage {stage.label}: worker group failed ({item['worker_errors']}); "
                                       f"Ray Train restarts it from the latest checkpoint")
                     self.jobs.save(self.record)
                     continue
-                report = item["report"]
-                records = report.get("records") or []
-                self.jobs.append_metrics(records)
-                if records:
-                    last = records[-1]
-                    rates.append(last["images_per_s"])
-                    self.record.current_step = last["step"] + 1
-                    bar.update(task, completed=last["samples_seen"] - stage.sample_start,
-                               info=f"{last['images_per_s']:,.0f} img/s  loss {last['loss']:.3f}  lr {last['lr']:.3g}")
-                if report.get("stage_end"):
-                    end = report["stage_end"]
-                    self.jobs.append_metrics([{"kind": "stage_end", **end}])
-                    if end.get("checkpoint_failures"):
-                        self.record.checkpoint_failures.extend(end["checkpoint_failures"])
+                report = Report.model_validate(item["report"])
+                self.jobs.append_metrics(report.records)
+                if report.records:
+                    last = report.records[-1]
+                    rates.append(last.images_per_s)
+                    self.record.current_step = last.step + 1
+                    bar.update(task, completed=last.samples_seen - stage.sample_start,
+                               info=f"{last.images_per_s:,.0f} img/s  loss {last.loss:.3f}  lr {last.lr:.3g}")
+                if report.stage_end is not None:
+                    end = report.stage_end
+                    self.jobs.append_metrics([end])
             thread.join()
         if rates:
             srec.images_per_s = sum(rates) / len(rates)
-        return end
+        return end, None
 
     def _capacity_lost(self, stage, wait_s: float = 0.0) -> str | None:
         """After a worker-group failure: can the cluster still hold the stage? If a node went away for
@@ -285,14 +285,13 @@ class JobRunner:
         self._grace_timer.start()
 
     def _grace_expired(self) -> None:
-        self.record.status = "preempted"
-        self.record.event("preempted: grace period ran out before the workers stopped")
+        outcome = Preempted("SIGTERM: the grace period ran out before the workers stopped")
+        self.record.settle(self.record.current_stage - 1, outcome, self.record.current_step)
         self.jobs.save(self.record)
         os._exit(EXIT_PREEMPTED)
 
     def _fail(self, reason: str) -> int:
-        self.record.status, self.record.error = "failed", reason
-        self.record.event(f"failed: {reason}")
+        self.record.fail(reason)
         self.jobs.save(self.record)
         self.opt.console.print(f"[bold red]job failed:[/] {reason}", highlight=False)
         return EXIT_FAILED

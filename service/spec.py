@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.archs import TORCHVISION_MODELS
+
 SPEC_VERSION = 1
 
 
@@ -48,11 +50,8 @@ class ModelSpec(_Model):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from workers.models import available_archs
-
-        archs = available_archs()
-        if v not in archs:
-            hint = difflib.get_close_matches(v, archs, n=1)
+        if v not in TORCHVISION_MODELS:
+            hint = difflib.get_close_matches(v, TORCHVISION_MODELS, n=1)
             raise ValueError(
                 f"unknown torchvision architecture {v!r}"
                 + (f"; did you mean {hint[0]!r}?" if hint else "; see torchvision.models.list_models()")
@@ -177,6 +176,35 @@ class CheckpointSpec(_Model):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="non-secret fsspec options, e.g. {client_kwargs: {region_name: ...}}"
     )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # The spec is stored in job.json and hashed into every manifest: a credential here would be
+        # written to storage in the clear. Report where it is, never its value.
+        found = _secret_keys(v)
+        if found:
+            raise ValueError(
+                f"{', '.join(found)}: credentials do not belong in the job spec (it is stored in job.json); "
+                "use the standard AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile "
+                "(AWS_PROFILE) or the node's instance role instead")
+        return v
+
+
+SECRET_KEYS = ("key", "secret", "token", "password", "session_token", "aws_access_key_id",
+               "aws_secret_access_key", "aws_session_token", "access_key", "secret_key", "credentials")
+
+
+def _secret_keys(options: Any, path: str = "") -> list[str]:
+    """Paths of secret-looking keys anywhere in nested storage options (``client_kwargs`` too)."""
+    found = []
+    if isinstance(options, dict):
+        for k, v in options.items():
+            where = f"{path}.{k}" if path else str(k)
+            if str(k).lower() in SECRET_KEYS:
+                found.append(where)
+            found += _secret_keys(v, where)
+    return found
 
 
 class ResourcesSpec(_Model):

@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 
-from checkpoints.checkpointer import CHECKPOINTS_DIR, MODEL_FILE, STATE_FILE
+from checkpoints.store import MODEL_FILE, STATE_FILE
+from service.layout import CHECKPOINTS, METRICS_FILE
 from tests.conftest import BASE_SPEC, merge
+from tests.helpers import cli_env, stagetrain
 
 TINY = merge(BASE_SPEC, {
     "name": "tiny",
@@ -34,20 +36,6 @@ def write_job(tmp_path, spec: dict, name: str = "job.yaml") -> str:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(spec))
     return str(path)
-
-
-def cli_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1", **extra})
-    return env
-
-
-def stagetrain(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or cli_env())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"stagetrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def read_metrics(job_dir) -> list[dict]:
@@ -87,10 +75,10 @@ def straight(tmp_path_factory):
 
 
 def final_state(job_dir):
-    tags = sorted(os.listdir(job_dir / CHECKPOINTS_DIR))
+    tags = sorted(os.listdir(job_dir / CHECKPOINTS))
     final = [t for t in tags if t.endswith("stage-3-end")]
     assert final, tags
-    folder = job_dir / CHECKPOINTS_DIR / final[0]
+    folder = job_dir / CHECKPOINTS / final[0]
     return (torch.load(folder / MODEL_FILE, weights_only=True), torch.load(folder / STATE_FILE, weights_only=True))
 
 
@@ -101,7 +89,7 @@ def launch(*args, **env):
 
 
 def steps_reported(job_dir) -> int:
-    path = job_dir / "metrics.jsonl"
+    path = job_dir / METRICS_FILE
     if not path.exists():
         return 0
-    return sum(1 for line in path.read_text().splitlines() if '"kind"' not in line)
+    return sum(1 for line in path.read_text().splitlines() if line and json.loads(line)["kind"] == "step")

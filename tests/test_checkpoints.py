@@ -17,25 +17,14 @@ import time
 import pytest
 import torch
 
-import checkpoints.checkpointer as checkpointer
-from checkpoints.checkpointer import (
-    CHECKPOINTS_DIR,
-    MANIFEST,
-    MODEL_FILE,
-    STATE_FILE,
-    AsyncCheckpointer,
-    CheckpointStore,
-    encode,
-    tag_for,
-)
+import checkpoints.store as checkpoint_store
+from checkpoints.checkpointer import AsyncCheckpointer, encode, load
 from checkpoints.storage import Storage, retry
+from checkpoints.store import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointStore, tag_for
 from service.jobs import JobRecord, JobStore
 from service.plan import build_plan
 from tests.conftest import make_spec
 from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, make_bucket
-from workers.models import build_model
-from workers.schedules import PlanScheduler
-from workers.train import Progress, RNGState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = "job"
@@ -45,7 +34,7 @@ JOB = "job"
 
 
 def job_store(url: str, job_id: str = JOB, options: dict | None = None) -> CheckpointStore:
-    return CheckpointStore(Storage(url, options).child(job_id))
+    return CheckpointStore(Storage(url, options).child(job_id, "checkpoints"))
 
 
 def meta(step: int, stage: int = 1, boundary: bool = False) -> dict:
@@ -72,14 +61,14 @@ def write_payload_only(store: CheckpointStore, step: int, stage: int = 1) -> str
     """What an upload that died before its manifest leaves behind."""
     tag = tag_for(step, stage, False)
     for name, data in encode(small_state(step)).items():
-        store.storage.write_bytes(data, CHECKPOINTS_DIR, tag, name)
+        store.storage.write_bytes(data, tag, name)
     return tag
 
 
 def flip_byte(store: CheckpointStore, tag: str, name: str) -> None:
-    data = bytearray(store.storage.read_bytes(CHECKPOINTS_DIR, tag, name))
+    data = bytearray(store.storage.read_bytes(tag, name))
     data[len(data) // 2] ^= 0xFF
-    store.storage.write_bytes(bytes(data), CHECKPOINTS_DIR, tag, name)
+    store.storage.write_bytes(bytes(data), tag, name)
 
 
 def assert_same(a, b, where: str = "state") -> None:
@@ -139,97 +128,9 @@ class CheckedStore(CheckpointStore):
 
 def checked(url: str, job_id: str = JOB, keep_last: int = 2, keep_stage: bool = True,
             options: dict | None = None) -> tuple[CheckedStore, AsyncCheckpointer]:
-    store = CheckedStore(Storage(url, options).child(job_id))
+    store = CheckedStore(Storage(url, options).child(job_id, "checkpoints"))
     store.checkpointer = AsyncCheckpointer(store, keep_last, keep_stage)
     return store, store.checkpointer
-
-
-# ----------------------------------------------------------------------------------- round trip
-
-
-def _train_step(model, optimizer, scheduler, x, y) -> None:
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    scheduler.step()
-
-
-def _sgd(model) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
-
-
-def test_round_trip_resnet18_mid_stage(storage_url):
-    spec = make_spec()
-    plan = build_plan(spec, 4096)
-    stage = plan.stages[1]
-    torch.manual_seed(0)
-    model = build_model("resnet18", 10, 3)
-    optimizer = _sgd(model)
-    scheduler = PlanScheduler(optimizer, plan, start_step=stage.step_start)
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    for _ in range(3):
-        _train_step(model, optimizer, scheduler, x, y)
-    step = stage.step_start + 3
-    assert scheduler.last_epoch == step < stage.step_end
-    progress = Progress(step=step, samples_seen=plan.samples_before(step), stage=stage.index, epoch=0, batch=3)
-    rng = RNGState()
-    rng.per_rank = [RNGState.capture()]
-    after_capture = torch.rand(4)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "rng": rng.state_dict(),
-             "data": progress.state_dict()}
-
-    store = job_store(storage_url)
-    ckpt = AsyncCheckpointer(store, keep_last=2, keep_stage_checkpoints=True)
-    tag = tag_for(step, stage.index + 1, False)
-    ckpt.save(state, tag, block=True, job_id=JOB, stage=stage.index + 1, epoch=0, step=step,
-              samples_seen=progress.samples_seen, boundary=False, world_size=1, plan_hash=plan.plan_hash(),
-              stage_hash=plan.stage_hash(stage.index), spec_hash=spec.spec_hash(),
-              versions={"torch": torch.__version__}, git_revision=None)
-    assert ckpt.failures == [] and ckpt.last_committed.tag == tag
-
-    latest = store.latest(verify=True)
-    assert latest is not None and latest[0].tag == tag and set(latest[1]) == {MODEL_FILE, STATE_FILE}
-    manifest, loaded = store.load(tag)
-    assert (manifest.step, manifest.stage, manifest.boundary) == (step, 2, False)
-    assert manifest.samples_seen == plan.samples_before(step) and manifest.plan_hash == plan.plan_hash()
-
-    # Into fresh objects, built the way a restarted worker builds them (a different init, step 0).
-    torch.manual_seed(1)
-    model2 = build_model("resnet18", 10, 3)
-    optimizer2 = _sgd(model2)
-    scheduler2 = PlanScheduler(optimizer2, plan, start_step=0)
-    model2.load_state_dict(loaded["model"])
-    optimizer2.load_state_dict(loaded["optimizer"])
-    scheduler2.load_state_dict(loaded["scheduler"])
-    rng2 = RNGState()
-    rng2.load_state_dict(loaded["rng"])
-    assert_same(model.state_dict(), model2.state_dict(), "model")
-    assert_same(optimizer.state_dict(), optimizer2.state_dict(), "optimizer")
-    assert scheduler2.last_epoch == step
-    assert [g["lr"] for g in optimizer2.param_groups] == [g["lr"] for g in optimizer.param_groups]
-    assert [g["momentum"] for g in optimizer2.param_groups] == [g["momentum"] for g in optimizer.param_groups]
-    assert Progress(**loaded["data"]) == progress and loaded["scaler"] == state["scaler"]
-    RNGState.restore(rng2.per_rank[0])
-    assert torch.equal(torch.rand(4), after_capture)
-
-    # Both continue identically: same schedule, same parameters after one more step.
-    _train_step(model, optimizer, scheduler, x, y)
-    _train_step(model2, optimizer2, scheduler2, x, y)
-    assert scheduler2.last_epoch == scheduler.last_epoch == step + 1
-    assert optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
-    assert_same(model.state_dict(), model2.state_dict(), "model after one more step")
-
-    # The payload files are plain torch files: no stagetrain code needed to read them.
-    fs = store.storage.fs
-    with fs.open(store.storage.path(CHECKPOINTS_DIR, tag, MODEL_FILE), "rb") as f:
-        weights = torch.load(f, weights_only=True)
-    with fs.open(store.storage.path(CHECKPOINTS_DIR, tag, STATE_FILE), "rb") as f:
-        train_state = torch.load(f, weights_only=True)
-    assert weights.keys() == model2.state_dict().keys()
-    assert set(train_state) == {"optimizer", "scheduler", "scaler", "rng", "data"}
-    assert train_state["scheduler"] == {"step": step}
 
 
 # ------------------------------------------------------------------------------ commit protocol
@@ -249,16 +150,17 @@ def test_folder_without_manifest_is_not_a_checkpoint(storage_url):
         assert store.latest(verify=verify)[0].tag == good
         assert [i.problem is None for i in store.list(verify=verify)] == [False, True, False]
     with pytest.raises(ValueError, match="no manifest"):
-        store.load(orphan)
+        load(store, orphan)
 
 
 # Run as a separate process and SIGKILLed mid-upload: ~72 MB, so the upload takes long enough to hit.
 UPLOADER = r"""
 import json, sys, torch
-from checkpoints.checkpointer import CheckpointStore, encode
+from checkpoints.checkpointer import encode
 from checkpoints.storage import Storage
+from checkpoints.store import CheckpointStore
 url, job_id, tag, meta = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-store = CheckpointStore(Storage(url).child(job_id))
+store = CheckpointStore(Storage(url).child(job_id, "checkpoints"))
 files = encode({"model": {"w": torch.rand(12_000_000)}, "optimizer": {"m": torch.rand(6_000_000)}})
 print("uploading", flush=True)
 store.commit(tag, files, **meta)
@@ -277,7 +179,7 @@ def test_upload_killed_midway_leaves_no_manifest(storage_url):
         assert proc.stdout.readline().strip() == "uploading", proc.stderr.read()
         # The first bytes of the checkpoint are on storage (a temporary file locally, model.pt on S3).
         local = not storage_url.startswith("s3://")
-        wait_until(lambda: store.storage.listdir(CHECKPOINTS_DIR, killed) or proc.poll() is not None,
+        wait_until(lambda: store.storage.listdir(killed) or proc.poll() is not None,
                    "the upload to start", interval=0 if local else 0.01)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -290,7 +192,7 @@ def test_upload_killed_midway_leaves_no_manifest(storage_url):
     store.storage.fs.invalidate_cache()  # look at storage, not at what this process listed while polling
     assert killed in store.tags()
     assert store.inspect(killed)[0].problem == "no manifest (uncommitted)"
-    assert not store.storage.exists(CHECKPOINTS_DIR, killed, MANIFEST)
+    assert not store.storage.exists(killed, MANIFEST)
     assert store.latest(verify=True)[0].tag == tag_for(5, 1, False)
 
     # The next committed checkpoint prunes the dead upload's folder (it is older).
@@ -312,10 +214,10 @@ def test_corrupt_payload_is_detected_and_skipped(storage_url):
     manifest, payload = store.latest(verify=True)
     assert manifest.tag == good and set(payload) == {MODEL_FILE, STATE_FILE}
     with pytest.raises(ValueError, match="checksum mismatch"):
-        store.load(bad)
+        load(store, bad)
 
     # A garbled manifest is "not a checkpoint" too, not a crash.
-    store.storage.write_text("{not json", CHECKPOINTS_DIR, good, MANIFEST)
+    store.storage.write_text("{not json", good, MANIFEST)
     assert store.inspect(good)[0].problem.startswith("unreadable manifest")
     assert store.latest(verify=True) is None
 
@@ -323,12 +225,12 @@ def test_corrupt_payload_is_detected_and_skipped(storage_url):
 def test_manifest_pointing_at_missing_file_is_skipped(storage_url):
     store = job_store(storage_url)
     good, broken = commit(store, 5), commit(store, 10)
-    store.storage.remove(CHECKPOINTS_DIR, broken, STATE_FILE)
+    store.storage.remove(broken, STATE_FILE)
     for verify in (False, True):
         assert store.inspect(broken, verify=verify)[0].problem == f"missing {STATE_FILE}"
         assert store.latest(verify=verify)[0].tag == good
     with pytest.raises(ValueError, match=f"missing {STATE_FILE}"):
-        store.load(broken)
+        load(store, broken)
 
 
 def test_prune_keeps_last_periodic_and_stage_boundaries(storage_url):
@@ -374,7 +276,7 @@ def outage(storage_url: str, request, store: CheckpointStore, ckpt: AsyncCheckpo
     if storage_url.startswith("s3://"):
         server = request.getfixturevalue("s3_server")
         ckpt.save(state, tag, **meta(10))
-        wait_until(lambda: store.storage.listdir(CHECKPOINTS_DIR, tag), "the first file of the upload")
+        wait_until(lambda: store.storage.listdir(tag), "the first file of the upload")
         server.stop()
         try:
             yield
@@ -382,9 +284,9 @@ def outage(storage_url: str, request, store: CheckpointStore, ckpt: AsyncCheckpo
             server.start()
             make_bucket(server, storage_url.split("/")[2])
     else:
-        folder = store.storage.path(CHECKPOINTS_DIR)
+        folder = store.storage.path()
         os.rename(folder, folder + ".aside")
-        store.storage.write_text("in the way", CHECKPOINTS_DIR)
+        store.storage.write_text("in the way")
         try:
             ckpt.save(state, tag, **meta(10))
             yield
@@ -395,7 +297,7 @@ def outage(storage_url: str, request, store: CheckpointStore, ckpt: AsyncCheckpo
 
 
 def test_failed_upload_never_commits(storage_url, request, monkeypatch, caplog):
-    monkeypatch.setattr(checkpointer, "retry", functools.partial(retry, attempts=2, base_delay=0.05))
+    monkeypatch.setattr(checkpoint_store, "retry", functools.partial(retry, attempts=2, base_delay=0.05))
     s3 = storage_url.startswith("s3://")
     store, ckpt = checked(storage_url, options=FAST_FAIL if s3 else None)
     first = tag_for(5, 1, False)

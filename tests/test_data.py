@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from service.sources import dataset_size
 from service.spec import FashionMNISTData, ImageFolderData, SyntheticData
-from workers.data import StageDataset, StageSampler, dataset_size, open_source, stage_subset
+from workers.data import StageDataset, StageSampler, open_source, stage_subset
 
 
 @pytest.fixture

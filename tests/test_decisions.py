@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoints.checkpointer import FileEntry, Manifest
+from checkpoints.store import FileEntry, Manifest
+from service.curve import curve, lr_factor, lr_momentum
 from service.decisions import (
     Fail,
     Finish,
@@ -20,7 +21,6 @@ from service.jobs import JobRecord
 from service.plan import build_plan
 from tests.conftest import make_spec
 from workers.data import StageSampler, stage_subset
-from workers.schedules import curve, lr_factor, lr_momentum
 
 N = 4096
 STAGES = [

@@ -64,7 +64,7 @@ def _spec_dict(strategy: str) -> dict:
 
 
 def test_plan_numbers_match_hand_computation():
-    plan = build_plan(make_spec(**{k: v for k, v in _spec_dict("global_onecycle").items() if k != "version"}))
+    plan = build_plan(make_spec(**{k: v for k, v in _spec_dict("global_onecycle").items() if k != "version"}), N)
     assert plan.dataset_size == N
     for stage, h in zip(plan.stages, HAND, strict=True):
         assert (stage.subset_size, stage.global_batch, stage.steps_per_epoch, stage.steps) == (
@@ -78,12 +78,12 @@ def test_plan_numbers_match_hand_computation():
 
 
 def test_plan_hash_is_stable_and_stage_hashes_are_local():
-    a = build_plan(make_spec(stages=SEED_STAGES))
-    b = build_plan(make_spec(stages=SEED_STAGES))
+    a = build_plan(make_spec(stages=SEED_STAGES), N)
+    b = build_plan(make_spec(stages=SEED_STAGES), N)
     assert a.plan_hash() == b.plan_hash()
     changed = [dict(s) for s in SEED_STAGES]
     changed[2]["workers"] = 4
-    c = build_plan(make_spec(stages=changed))
+    c = build_plan(make_spec(stages=changed), N)
     assert c.plan_hash() != a.plan_hash()
     assert [c.stage_hash(i) == a.stage_hash(i) for i in range(3)] == [True, True, False]
 

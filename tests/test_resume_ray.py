@@ -9,10 +9,11 @@ import subprocess
 import time
 
 import pytest
-import torch
 
-from checkpoints.checkpointer import CHECKPOINTS_DIR, MANIFEST
+from checkpoints.store import MANIFEST
+from service.layout import CHECKPOINTS
 from tests.conftest import merge
+from tests.helpers import assert_same
 from tests.jobs import (
     DETERMINISTIC,
     TOTAL,
@@ -27,27 +28,12 @@ from tests.jobs import (
 
 pytestmark = pytest.mark.ray
 
-def _assert_identical(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_identical(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_identical(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
-
-
 def _assert_equivalent(job_dir, straight_dir, resumed_from: list[int]):
     model_a, state_a = final_state(straight_dir)
     model_b, state_b = final_state(job_dir)
-    _assert_identical(model_a, model_b, "model")
-    _assert_identical(state_a["optimizer"], state_b["optimizer"], "optimizer")
-    _assert_identical(state_a["scheduler"], state_b["scheduler"], "scheduler")
+    assert_same(model_a, model_b, "model")
+    assert_same(state_a["optimizer"], state_b["optimizer"], "optimizer")
+    assert_same(state_a["scheduler"], state_b["scheduler"], "scheduler")
     ref = {m["step"]: m for m in read_metrics(straight_dir) if m.get("kind", "step") == "step"}
     got = {m["step"]: m for m in read_metrics(job_dir) if m.get("kind", "step") == "step"}
     assert sorted(ref) == list(range(TOTAL))
@@ -76,12 +62,12 @@ def _kill_when(proc, condition, timeout=240):
 
 
 def _committed(job_dir, suffix: str) -> bool:
-    folder = job_dir / CHECKPOINTS_DIR
+    folder = job_dir / CHECKPOINTS
     return folder.exists() and any(t.endswith(suffix) and (folder / t / MANIFEST).exists() for t in os.listdir(folder))
 
 
 def _upload_in_flight(job_dir, after_step: int) -> bool:
-    folder = job_dir / CHECKPOINTS_DIR
+    folder = job_dir / CHECKPOINTS
     if not folder.exists():
         return False
     return any(int(t.split("-")[1]) > after_step and not (folder / t / MANIFEST).exists()
@@ -105,7 +91,7 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     # (c) during a checkpoint upload: payload written, manifest not yet
     proc = launch("resume", "killed", "--storage", str(storage), STAGETRAIN_TEST_COMMIT_DELAY_S="3")
     _kill_when(proc, lambda: _upload_in_flight(job_dir, after_step=24))
-    orphans = [t for t in os.listdir(job_dir / CHECKPOINTS_DIR) if not (job_dir / CHECKPOINTS_DIR / t / MANIFEST).exists()]
+    orphans = [t for t in os.listdir(job_dir / CHECKPOINTS) if not (job_dir / CHECKPOINTS / t / MANIFEST).exists()]
     assert orphans, "the kill should have left an uncommitted checkpoint folder"
     listing = stagetrain("checkpoints", "killed", "--storage", str(storage))
     assert "no manifest" in listing.stdout
@@ -123,7 +109,7 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     assert 5 <= resumed_from[0] < 24 and resumed_from[0] % 12 != 0
     assert resumed_from[1] == 24 and resumed_from[2] >= 24
     # the orphan was ignored by resume and cleaned up once newer checkpoints were committed
-    assert not any(o in os.listdir(job_dir / CHECKPOINTS_DIR) for o in orphans)
+    assert not any(o in os.listdir(job_dir / CHECKPOINTS) for o in orphans)
     _assert_equivalent(job_dir, straight_dir, resumed_from)
 
 
@@ -206,8 +192,8 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
 
 
 def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):
+    from service.curve import curve, lr_momentum
     from service.jobs import JobRecord
-    from workers.schedules import curve, lr_momentum
 
     # a longer stage 2 (36 steps), so the stop lands inside it whatever the machine's speed
     stages = [dict(s) for s in DETERMINISTIC["stages"]]

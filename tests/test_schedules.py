@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from service.curve import curve, lr_factor, lr_momentum
 from service.plan import build_plan
 from tests.conftest import make_spec
-from workers.schedules import PlanScheduler, curve, lr_factor, lr_momentum
+from workers.schedules import PlanScheduler
 
 N = 4096
 

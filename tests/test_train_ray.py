@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from service.curve import lr_momentum
 from service.plan import build_plan
 from service.spec import validate_spec
 from tests.conftest import merge
 from tests.jobs import TINY, cli_env, read_metrics, read_record, stagetrain, write_job
-from workers.schedules import lr_momentum
 
 pytestmark = pytest.mark.ray
 
@@ -72,7 +72,7 @@ def test_fewer_workers_get_the_rescaled_lr(tmp_path):
     plan = build_plan(validate_spec(spec_dict))
     assert plan.stages[1].lr_scale == 0.5
     steps = [m for m in read_metrics(storage / "t2") if m.get("kind", "step") == "step"]
-    from workers.schedules import curve
+    from service.curve import curve
 
     for m in steps:
         expected = curve(plan, m["step"])[0] * (0.5 if m["stage"] == 2 else 1.0)

@@ -9,10 +9,9 @@ import threading
 import time
 
 from checkpoints.storage import Storage
+from service.layout import STOP_FILE
 
 log = logging.getLogger(__name__)
-
-STOP_FILE = "control/stop.json"
 _sigterm = threading.Event()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import struct
 from collections.abc import Iterator, Sequence
 
@@ -19,10 +18,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
+from service.sources import fashion_mnist_files, image_folder_index
 from service.spec import DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
 
 
@@ -65,10 +63,10 @@ class SyntheticImages(Dataset):
 class IDXImages(Dataset):
     """Fashion-MNIST (or MNIST) from its gzipped IDX files, held in memory as uint8."""
 
-    def __init__(self, root: str, split: str):
-        prefix = "train" if split == "train" else "t10k"
-        self.images = _read_idx(f"{root}/{prefix}-images-idx3-ubyte.gz")
-        self.labels = _read_idx(f"{root}/{prefix}-labels-idx1-ubyte.gz").long()
+    def __init__(self, root: str | None, split: str):
+        images, labels = fashion_mnist_files(root, split)
+        self.images = _read_idx(images)
+        self.labels = _read_idx(labels).long()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,28 +83,13 @@ def _read_idx(url: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
 
 
-def _idx_count(url: str) -> int:
-    with fsspec.open(url, "rb", compression="gzip") as f:
-        return struct.unpack(">I", f.read(8)[4:8])[0]
-
-
 class ImageFolderImages(Dataset):
     """torchvision's ImageFolder layout (``root/<class>/<image>``) on a local folder or any fsspec URL.
     JPEGs are decoded in draft mode near the stage resolution, so low-resolution stages decode faster."""
 
     def __init__(self, root: str, channels: int):
-        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.fs, self.classes, self.samples = image_folder_index(root)
         self.mode = "L" if channels == 1 else "RGB"
-        self.classes = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)
-                              if self.fs.isdir(p))
-        if not self.classes:
-            raise ValueError(f"data: no class folders under {root} (expected {root}/<class>/<image>)")
-        self.samples = [
-            (path, label)
-            for label, cls in enumerate(self.classes)
-            for path in sorted(self.fs.find(f"{self.root}/{cls}"))
-            if path.lower().endswith(IMAGE_EXTENSIONS)
-        ]
         self.draft_size = None  # set per stage: decode JPEGs at >= this size
 
     def __len__(self) -> int:
@@ -129,28 +112,12 @@ def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset
     if isinstance(data, FashionMNISTData):
         if channels != 1:
             raise ValueError("model.in_channels: fashion_mnist images are greyscale, set in_channels: 1")
-        return IDXImages(data.root or FASHION_MNIST_ROOT, split)
+        return IDXImages(data.root, split)
     assert isinstance(data, ImageFolderData)
     root = data.train if split == "train" else data.val
     if root is None:
         raise ValueError("data.val: no validation folder given")
     return ImageFolderImages(root, channels)
-
-
-def dataset_size(data: DataSpec) -> int:
-    """Training samples, without loading images (the plan needs only this)."""
-    if isinstance(data, SyntheticData):
-        return data.size
-    if isinstance(data, FashionMNISTData):
-        root = data.root or FASHION_MNIST_ROOT
-        path = f"{root}/train-labels-idx1-ubyte.gz"
-        if not os.path.exists(path) and "://" not in root:
-            raise FileNotFoundError(
-                f"data: Fashion-MNIST not found at {root}; install Debian's dataset-fashion-mnist"
-                " (apt-get install dataset-fashion-mnist) or set data.root"
-            )
-        return _idx_count(path)
-    return len(ImageFolderImages(data.train, 3))
 
 
 # ------------------------------------------------------------------------------------- per stage

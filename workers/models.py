@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-
 from torch import nn
-
-
-@functools.cache
-def available_archs() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:

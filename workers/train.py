@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,42 +22,41 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from checkpoints.checkpointer import AsyncCheckpointer, CheckpointStore, decode, package_versions, tag_for
+from checkpoints.checkpointer import AsyncCheckpointer, decode, load
 from checkpoints.storage import Storage
+from checkpoints.store import CheckpointStore, package_versions, tag_for
+from service.jobs import Report, StageEnd, StepRecord
+from service.layout import CHECKPOINTS
 from service.plan import Plan
 from service.spec import AdamWSpec, JobSpec
-from workers.data import StageDataset, StageSampler, open_source, split_evenly, stage_subset, to_input
+from workers.data import StageDataset, StageSampler, _mix, open_source, split_evenly, stage_subset, to_input
 from workers.models import build_model
 from workers.schedules import PlanScheduler
-
-log = logging.getLogger(__name__)
 
 AUDIT_ENV = "STAGETRAIN_AUDIT_SAMPLES"  # tests: report which sample ids every rank read
 
 
-@dataclass
 class Progress:
-    """Where training is: the next optimizer step and the samples consumed so far. ``stage``/``epoch``/
-    ``batch`` are derivable from ``step`` and the plan; they are saved to check that on restore."""
+    """The data position: the next optimizer step. Everything else about where training is (stage,
+    epoch, batch in the epoch, samples seen) is a function of the step and the plan."""
 
-    step: int
-    samples_seen: int
-    stage: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches done within the epoch
+    def __init__(self, step: int):
+        self.step = step
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.__init__(**state)
+        self.step = int(state["step"])
 
 
 class RNGState:
-    """Python, numpy, torch and CUDA RNG states of every rank (gathered to rank 0 before a save)."""
+    """Python, numpy, torch and CUDA RNG states of every rank: ``state_dict`` gathers them to every rank
+    (rank 0 saves them); ``load_state_dict`` restores this rank's own when the world size is unchanged
+    (on another world size the per-rank streams cannot map one to one: each rank keeps its fresh seed)."""
 
-    def __init__(self):
-        self.per_rank: list[dict] = []
+    def __init__(self, gather: Callable[[dict], list[dict]] = lambda s: [s], rank: int = 0, world: int = 1):
+        self.gather, self.rank, self.world = gather, rank, world
 
     @staticmethod
     def capture() -> dict:
@@ -76,11 +74,13 @@ class RNGState:
             torch.cuda.set_rng_state(state["cuda"])
 
     def state_dict(self) -> dict:
-        # Plain containers only, so that torch.load(weights_only=True) reads it back.
-        return {"per_rank": [_plain_rng(s) for s in self.per_rank]}
+        # A collective: every rank calls it. Plain containers only, so torch.load(weights_only=True) reads it.
+        return {"per_rank": [_plain_rng(s) for s in self.gather(self.capture())]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.per_rank = [_rich_rng(s) for s in state["per_rank"]]
+        per_rank = state["per_rank"]
+        if len(per_rank) == self.world:
+            self.restore(_rich_rng(per_rank[self.rank]))
 
 
 def _plain_rng(s: dict) -> dict:
@@ -190,22 +190,56 @@ class Distributed:
         return self.cpu_group if t.device.type == "cpu" else None
 
 
+def wrap_model(model: torch.nn.Module, world: int, device: torch.device, compile_model: bool
+               ) -> tuple[torch.nn.Module, DDP | None]:
+    """(what the loop calls, the DDP module or None). DDP only for a world of several processes;
+    ``torch.compile`` wraps DDP, so keep the DDP handle: the compiled module is no ``DDP`` instance,
+    and gradient accumulation must still switch DDP's all-reduce off (``no_sync``) through it."""
+    ddp = None
+    if world > 1:
+        model = ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return (torch.compile(model) if compile_model else model), ddp
+
+
+def accumulate(model: torch.nn.Module, ddp: DDP | None, batches, grad_accum: int, loss_fn,
+               autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Forward and backward ``grad_accum`` micro-batches from ``batches`` into the gradients; DDP
+    all-reduces once, on the last micro-batch. Returns the summed (already 1/grad_accum-scaled) loss."""
+    loss_sum = None
+    for micro in range(grad_accum):
+        x, y = next(batches)
+        last = micro == grad_accum - 1
+        with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+            with autocast():
+                loss = loss_fn(model(x), y) / grad_accum
+            loss.backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return loss_sum
+
+
 class StageRunner:
     """One stage on one rank. ``report(metrics)`` is ``ray.train.report`` in a Ray worker; the same
-    loop runs in-process for the benchmark and unit tests with a plain callable."""
+    loop runs in-process for the benchmarks and tests with a plain callable.
+
+    Injected for benchmarks and tests: ``device`` (default: the job's, from Ray Train), ``store`` (the
+    job's checkpoint store), ``on_step(step)`` (called after every optimizer step)."""
 
     def __init__(self, spec: JobSpec, plan: Plan, stage_index: int, job_id: str, storage_url: str,
-                 report=None, stop_requested=None, provenance: dict | None = None):
+                 report=None, stop_requested=None, provenance: dict | None = None,
+                 device: torch.device | None = None, store: CheckpointStore | None = None,
+                 on_step: Callable[[int], None] | None = None):
         self.spec, self.plan, self.stage = spec, plan, plan.stages[stage_index]
         self.job_id = job_id
         self.report = report or (lambda metrics: None)
         self.stop_requested = stop_requested or (lambda: False)
+        self.on_step = on_step or (lambda step: None)
         # Recorded in every manifest: what wrote it (the driver knows the git revision, workers their versions).
         self.provenance = {"versions": package_versions(), "git_revision": (provenance or {}).get("git_revision")}
         self.dist = Distributed()
-        self.device = _device(spec)
-        self.store = CheckpointStore(Storage(storage_url, spec.checkpoint.storage_options).child(job_id))
-        self._tail: list[dict] = []
+        self.device = device or _device(spec)
+        job_storage = Storage(storage_url, spec.checkpoint.storage_options).child(job_id)
+        self.store = store or CheckpointStore(job_storage.child(CHECKPOINTS))
+        self._tail: list[StepRecord] = []
 
         # Model, optimizer, schedule. The raw module is what is saved; DDP/compile wrap it.
         torch.manual_seed(spec.seed)  # identical init on every rank (DDP would broadcast it anyway)
@@ -216,18 +250,12 @@ class StageRunner:
             self.raw_model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(spec, self.raw_model)
         self.scheduler = PlanScheduler(self.optimizer, plan, start_step=self.stage.step_start)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
-        self.progress = Progress(step=self.stage.step_start, samples_seen=self.stage.sample_start,
-                                 stage=self.stage.index)
-        self.rng = RNGState()
+        self.progress = Progress(step=self.stage.step_start)
+        self.rng = RNGState(self.dist.gather_objects, self.dist.rank, self.dist.world)
         self.checkpointer = AsyncCheckpointer(self.store, spec.checkpoint.keep_last,
                                               spec.checkpoint.keep_stage_checkpoints)
         self.restored_from = self.restore()
-
-        model = self.raw_model
-        if self.dist.world > 1:
-            model = DDP(model, device_ids=[self.device.index] if self._cuda else None)
-        self.model = torch.compile(model) if self.stage.compile else model
+        self.model, self.ddp = wrap_model(self.raw_model, self.dist.world, self.device, self.stage.compile)
 
     @property
     def _cuda(self) -> bool:
@@ -236,8 +264,10 @@ class StageRunner:
     # ----------------------------------------------------------------------------------- state
 
     def stateful(self) -> dict:
+        """The worker's whole training state: saved and restored through this one dict. The RNG entry
+        goes last on restore: loading the others must not move the restored streams."""
         return {"model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "scaler": self.scaler, "rng": self.rng, "data": self.progress}
+                "data": self.progress, "rng": self.rng}
 
     def restore(self) -> str | None:
         """Load the latest committed checkpoint, chosen by rank 0 so every rank loads the same one."""
@@ -254,97 +284,91 @@ class StageRunner:
                                    f"{self.store.storage.url} has no committed checkpoint to start from")
             return None
         if state is None:  # ranks > 0 load (and verify) the tag rank 0 chose
-            manifest, state = self.store.load(tag)
-        if not self.stage.step_start <= manifest.step <= self.stage.step_end:
-            raise RuntimeError(
-                f"latest checkpoint {tag} is at step {manifest.step}, outside stage {self.stage.index + 1}'s "
-                f"steps [{self.stage.step_start}, {self.stage.step_end}]: the job record and storage disagree")
+            manifest, state = load(self.store, tag)
         if manifest.job_id != self.job_id:
             raise RuntimeError(f"checkpoint {tag} belongs to job {manifest.job_id}, not {self.job_id}")
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.rng.load_state_dict(state["rng"])
-        self.progress = Progress(**state["data"])
-        # Data position and LR are functions of the step: the saved position must agree with the plan.
-        if self.progress.samples_seen != self.plan.samples_before(self.progress.step):
-            raise RuntimeError(f"checkpoint {tag}: samples_seen {self.progress.samples_seen} at step "
-                               f"{self.progress.step} disagrees with the plan's {self.plan.samples_before(self.progress.step)}")
-        self.scheduler.load_state_dict(state["scheduler"])
-        if len(self.rng.per_rank) == self.dist.world:
-            RNGState.restore(self.rng.per_rank[self.dist.rank])
+        if not self.stage.step_start <= manifest.step <= self.stage.step_end:
+            raise RuntimeError(
+                f"latest checkpoint {tag} is at step {manifest.step}, outside stage {self.stage.label}'s "
+                f"steps [{self.stage.step_start}, {self.stage.step_end}]: the job record and storage disagree")
+        # Data position and LR are functions of the step: the checkpoint must agree with the plan.
+        if manifest.samples_seen != self.plan.samples_before(manifest.step):
+            raise RuntimeError(f"checkpoint {tag}: samples_seen {manifest.samples_seen} at step {manifest.step} "
+                               f"disagrees with the plan's {self.plan.samples_before(manifest.step)}")
+        for name, obj in self.stateful().items():
+            obj.load_state_dict(state[name])
+        if self.progress.step != manifest.step or self.scheduler.last_epoch != manifest.step:
+            raise RuntimeError(f"checkpoint {tag}: its state is at step {self.progress.step} (scheduler "
+                               f"{self.scheduler.last_epoch}), its manifest says {manifest.step}")
         return tag
 
     def save(self, boundary: bool) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes."""
-        self.rng.per_rank = self.dist.gather_objects(RNGState.capture())
+        state = {name: obj.state_dict() for name, obj in self.stateful().items()}
         if self.dist.rank != 0:
             return
         step = self.progress.step
         self.checkpointer.save(
-            {k: v.state_dict() for k, v in self.stateful().items()},
-            tag_for(step, self.stage.index + 1, boundary), block=boundary,
-            job_id=self.job_id, stage=self.stage.index + 1, epoch=self.progress.epoch, step=step,
-            samples_seen=self.progress.samples_seen, boundary=boundary, world_size=self.dist.world,
+            state, tag_for(step, self.stage.index + 1, boundary), block=boundary,
+            job_id=self.job_id, stage=self.stage.index + 1, epoch=self.stage.epoch_of(step), step=step,
+            samples_seen=self.plan.samples_before(step), boundary=boundary, world_size=self.dist.world,
             plan_hash=self.plan.plan_hash(), stage_hash=self.plan.stage_hash(self.plan.row(self.stage)),
             spec_hash=self.spec.spec_hash(), **self.provenance)
 
     # ------------------------------------------------------------------------------------ data
 
-    def _loader(self, sampler: StageSampler) -> DataLoader:
-        spec = self.spec
-        return DataLoader(self.train_set, batch_size=self.stage.batch_size, sampler=sampler,
-                          num_workers=spec.data.loader_workers, pin_memory=self._cuda,
-                          prefetch_factor=4 if spec.data.loader_workers else None)
+    def _loader(self, dataset, sampler=None, batch_size: int | None = None) -> DataLoader:
+        workers = self.spec.data.loader_workers
+        # Its own generator: a DataLoader without one draws its base seed from the global torch RNG when
+        # its iterator is made, so where a resumed run makes it would shift every dropout mask after it.
+        generator = torch.Generator().manual_seed(_mix(self.spec.seed, self.stage.index, self.dist.rank))
+        return DataLoader(dataset, batch_size=batch_size or self.stage.batch_size, sampler=sampler,
+                          num_workers=workers, pin_memory=self._cuda, prefetch_factor=4 if workers else None,
+                          persistent_workers=False, generator=generator)
+
+    def _batches(self, loader: DataLoader):
+        """Batches as model input on the device (uint8 -> normalised float there)."""
+        channels_last = self._cuda and self.spec.train.channels_last
+        for x, y in loader:
+            yield to_input(x, self.device, channels_last), y.to(self.device, non_blocking=True)
 
     # ----------------------------------------------------------------------------------- train
 
-    def run(self) -> dict:
+    def run(self) -> StageEnd:
         st, spec = self.stage, self.spec
         if self.progress.step == st.step_end:  # restarted after the stage's checkpoint was committed
             return self._finish(evaluate=False)
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
-        self.train_set = StageDataset(source, st.resolution, train=True, seed=spec.seed, stage=st.index,
-                                      crop_scale=spec.data.crop_scale, hflip=spec.data.hflip)
-        self.subset = stage_subset(self.plan.dataset_size, st.subset_size, spec.seed)
+        if len(source) != self.plan.dataset_size:
+            raise RuntimeError(f"data: the training split has {len(source)} samples, but this job was planned "
+                               f"for {self.plan.dataset_size}: the data changed since the job started")
+        train_set = StageDataset(source, st.resolution, train=True, seed=spec.seed, stage=st.index,
+                                 crop_scale=spec.data.crop_scale, hflip=spec.data.hflip)
+        subset = stage_subset(self.plan.dataset_size, st.subset_size, spec.seed)
         audit = os.environ.get(AUDIT_ENV) == "1"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._cuda and spec.train.amp else contextlib.nullcontext()
         every_report, every_ckpt = spec.metrics.every_n_steps, spec.checkpoint.every_n_steps
         pending, window_start = [], time.perf_counter()
         self.model.train()
 
         first = self.progress.step - st.step_start
-        sampler = StageSampler(self.subset, spec.seed, st.index, st.epoch_samples, st.global_batch, st.batch_size,
+        sampler = StageSampler(subset, spec.seed, st.index, st.epoch_samples, st.global_batch, st.batch_size,
                                self.dist.world, self.dist.rank, first_step=first, last_step=st.steps,
                                stream_offset=st.stream_offset)
-        batches = iter(self._loader(sampler))
+        batches = self._batches(self._loader(train_set, sampler))
+
+        def loss_fn(logits, y):
+            return F.cross_entropy(logits, y)
+
         for local in range(first, st.steps):
             step = st.step_start + local
             lr, momentum = self._lr_momentum()
-            loss_sum = torch.zeros((), device=self.device)
-            for micro in range(st.grad_accum):
-                x, y = next(batches)
-                x = to_input(x, self.device, self._cuda and spec.train.channels_last)
-                y = y.to(self.device, non_blocking=True)
-                # Skip DDP's gradient all-reduce on all but the last micro-batch.
-                sync = micro == st.grad_accum - 1 or not isinstance(self.model, DDP)
-                with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast:
-                    loss = F.cross_entropy(self.model(x), y) / st.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
+            loss = accumulate(self.model, self.ddp, batches, st.grad_accum, loss_fn, self._autocast)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            epoch = st.epoch_of(step)
-            next_epoch, next_batch = st.position(step + 1)
-            self.progress = Progress(step=step + 1, samples_seen=self.progress.samples_seen + st.global_batch,
-                                     stage=st.index, epoch=next_epoch, batch=next_batch)
-            record = {"step": step, "stage": st.index + 1, "epoch": epoch,
-                      "samples_seen": self.progress.samples_seen, "loss": loss_sum, "lr": lr,
-                      "momentum": momentum, "resolution": st.resolution, "global_batch": st.global_batch}
-            if audit:
-                record["sample_ids"] = [i for micro in sampler.step_ids(local) for i, _ in micro]
-            pending.append(record)
+            self.progress.step = step + 1
+            self.on_step(step)
+            pending.append((step, loss, lr, momentum, sampler.step_ids(local) if audit else None))
             done = self.progress.step == st.step_end
             reported = len(pending) >= every_report or done
             if reported:
@@ -358,83 +382,89 @@ class StageRunner:
                 return self._preempt()
         return self._finish(evaluate=True)
 
+    def _autocast(self):
+        cuda_bf16 = self._cuda and self.spec.train.amp
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda_bf16 else contextlib.nullcontext()
+
     def _lr_momentum(self) -> tuple[float, float]:
         """What the optimizer will actually use for this step (read back, not recomputed)."""
         group = self.optimizer.param_groups[0]
         return group["lr"], group["betas"][0] if "betas" in group else group["momentum"]
 
-    def _report(self, records: list[dict], window_start: float, final: bool) -> float:
-        """Report ``records``; returns when the next window starts. Windows are back to back and end
-        after the loss copy (a device sync), so images_per_s counts all the time, GPU work included."""
-        losses = self.dist.mean(torch.stack([r["loss"] for r in records]).float().cpu())
+    def _report(self, pending: list[tuple], window_start: float, final: bool) -> float:
+        """Report the steps in ``pending``; returns when the next window starts. Windows are back to back
+        and end after the loss copy (a device sync), so images_per_s counts all the time, GPU work included."""
+        st = self.stage
+        losses = self.dist.mean(torch.stack([p[1] for p in pending]).float().cpu())
         now = time.perf_counter()
-        seconds = now - window_start
-        if records and "sample_ids" in records[0]:
-            gathered = self.dist.gather_objects([r["sample_ids"] for r in records])
-            for i, r in enumerate(records):
-                r["sample_ids"] = [g[i] for g in gathered]
-        img_s = len(records) * self.stage.global_batch / max(seconds, 1e-9)
-        for r, loss in zip(records, losses.tolist(), strict=True):
-            r["loss"], r["images_per_s"] = loss, img_s
-        if not final:
-            self.report({"records": records if self.dist.rank == 0 else []})
-        else:
+        img_s = len(pending) * st.global_batch / max(now - window_start, 1e-9)
+        audit = pending[0][4] is not None
+        ids = self.dist.gather_objects([p[4] for p in pending]) if audit else None
+        records = [
+            StepRecord(step=step, stage=st.index + 1, epoch=st.epoch_of(step),
+                       samples_seen=self.plan.samples_before(step + 1), loss=loss, lr=lr, momentum=momentum,
+                       resolution=st.resolution, global_batch=st.global_batch, workers=self.dist.world,
+                       grad_accum=st.grad_accum, images_per_s=img_s,
+                       sample_ids=[[i for micro in rank[k] for i, _ in micro] for rank in ids] if audit else None)
+            for k, ((step, _, lr, momentum, _), loss) in enumerate(zip(pending, losses.tolist(), strict=True))]
+        if final:
             self._tail = records
+        else:
+            self.report(Report(records=records if self.dist.rank == 0 else []).model_dump())
         return now
 
-    def _finish(self, evaluate: bool) -> dict:
+    def _finish(self, evaluate: bool) -> StageEnd:
         """Evaluate, commit the boundary checkpoint, and send the last report (with the stage summary)."""
         st = self.stage
-        summary = {"stage": st.index + 1, "step": self.progress.step, "restored_from": self.restored_from}
+        end = StageEnd(stage=st.index + 1, step=self.progress.step, restored_from=self.restored_from)
         if evaluate:
             # DDP syncs BatchNorm buffers from rank 0 at each forward, so after the last step every rank
             # holds its own running stats; take rank 0's, which is what the checkpoint saves.
             self.dist.broadcast_buffers(self.raw_model)
-            summary.update(self.evaluate())
-            summary["param_digests"] = self.dist.gather_objects(param_digest(self.raw_model))
+            end.val_loss, end.val_acc = self.evaluate()
+            end.param_digests = self.dist.gather_objects(param_digest(self.raw_model))
             if self.progress.step == st.step_end:
                 self.save(boundary=st.last_segment)
-        return self._end(summary)
+        return self._end(end)
 
-    def _preempt(self) -> dict:
+    def _preempt(self) -> StageEnd:
         """A stop was requested (checked right after a report): commit a checkpoint at the step reached
         and leave."""
         self.save(boundary=False)
         self.checkpointer.wait()
-        return self._end({"stage": self.stage.index + 1, "step": self.progress.step, "preempted": True})
+        return self._end(StageEnd(stage=self.stage.index + 1, step=self.progress.step, preempted=True,
+                                  restored_from=self.restored_from))
 
-    def _end(self, summary: dict) -> dict:
+    def _end(self, end: StageEnd) -> StageEnd:
         """The stage's last report: the records not yet sent and, from rank 0, the summary."""
         if self.dist.rank == 0:
             last = self.checkpointer.last_committed
-            summary.update(checkpoint=last.tag if last else None, checkpoint_failures=self.checkpointer.failures,
-                           stall_s=self.checkpointer.stall_s)
-        self.report({"records": self._tail if self.dist.rank == 0 else [],
-                     "stage_end": summary if self.dist.rank == 0 else None})
-        return summary
+            end.checkpoint = last.tag if last else None
+            end.checkpoint_failures, end.stall_s = self.checkpointer.failures, self.checkpointer.stall_s
+        self.report(Report(records=self._tail if self.dist.rank == 0 else [],
+                           stage_end=end if self.dist.rank == 0 else None).model_dump())
+        return end
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self) -> tuple[float, float]:
+        """(loss, top-1 accuracy) on the validation split at the stage's resolution, over all ranks."""
         spec = self.spec
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "val")
         val = StageDataset(source, self.stage.resolution, train=False)
         indices = split_evenly(range(len(val)), self.dist.world, self.dist.rank)
-        loader = DataLoader(torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size,
-                            num_workers=spec.data.loader_workers, pin_memory=self._cuda)
+        loader = self._loader(torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         self.raw_model.eval()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._cuda and spec.train.amp else contextlib.nullcontext()
-        for x, y in loader:
-            x, y = to_input(x, self.device, self._cuda and spec.train.channels_last), y.to(self.device)
-            with autocast:
+        for x, y in self._batches(loader):
+            with self._autocast():
                 logits = self.raw_model(x)
             # accumulated on the device: no host sync per batch
-            totals += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                                   (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64,
-                                                                                      device=self.device)])
+            totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            totals[1] += (logits.argmax(1) == y).sum().double()
+            totals[2] += len(y)
         self.raw_model.train()
         totals = self.dist.sum(totals)
-        return {"val_loss": totals[0].item() / totals[2].item(), "val_acc": totals[1].item() / totals[2].item()}
+        return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item()
 
 
 def _device(spec: JobSpec) -> torch.device:
@@ -444,7 +474,7 @@ def _device(spec: JobSpec) -> torch.device:
 
     try:
         return ray.train.torch.get_device()
-    except RuntimeError:  # not in a Ray Train worker (benchmarks, torchrun): LOCAL_RANK picks the GPU
+    except RuntimeError:  # not in a Ray Train worker (torchrun): LOCAL_RANK picks the GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         return device
@@ -463,4 +493,3 @@ def train_loop_per_worker(config: dict) -> None:
                          stop_requested=StopSignal(job_storage, spec.preemption.grace_seconds),
                          provenance=config.get("provenance"))
     runner.run()
-

@@ -1,0 +1,142 @@
+"""The worker loop in-process (world size 1, no Ray): save and restore through ``StageRunner`` itself,
+restore's guards, exact resume for a model that draws from the global RNG (dropout), and gradient
+accumulation that all-reduces once per optimizer step with and without ``torch.compile``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from checkpoints.checkpointer import load
+from checkpoints.storage import Storage
+from checkpoints.store import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointStore
+from service.plan import build_plan
+from tests.conftest import make_spec
+from tests.helpers import assert_same
+from workers.train import StageRunner
+
+# mobilenet_v3_small has dropout in its classifier: every training step draws from the global RNG.
+SPEC = dict(
+    name="inproc", deterministic=True,
+    model={"arch": "mobilenet_v3_small", "num_classes": 10, "in_channels": 3},
+    data={"kind": "synthetic", "size": 96, "val_size": 16, "num_classes": 10, "loader_workers": 0},
+    stages=[{"resolution": 32, "epochs": 1, "batch_size": 16, "workers": 1},
+            {"resolution": 40, "epochs": 2, "batch_size": 8, "workers": 1, "grad_accum": 2}],
+    metrics={"every_n_steps": 2}, checkpoint={"every_n_steps": 0},
+)
+
+
+class StopAfter:
+    """stop_requested that says yes once ``n`` optimizer steps of this runner have run."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def on_step(self, step: int) -> None:
+        self.seen += 1
+
+    def __call__(self) -> bool:
+        return self.seen >= self.n
+
+
+def runner(url: str, row: int, job_id: str = "j", stop: StopAfter | None = None, **spec_overrides) -> StageRunner:
+    spec = make_spec(**{**SPEC, **spec_overrides})
+    plan = build_plan(spec, spec.data.size)
+    return StageRunner(spec, plan, row, job_id, url, stop_requested=stop, on_step=stop.on_step if stop else None)
+
+
+def store(url: str, job_id: str = "j") -> CheckpointStore:
+    return CheckpointStore(Storage(url).child(job_id, "checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Both stages without interruption: the final checkpoint's state."""
+    url = str(tmp_path_factory.mktemp("straight"))
+    for row in (0, 1):
+        runner(url, row).run()
+    latest = store(url).latest(verify=True)[0]
+    assert latest.boundary and latest.stage == 2
+    return load(store(url), latest.tag)[1]
+
+
+def test_stop_mid_stage_then_restore_through_the_runner_is_exact(tmp_path, straight):
+    url = str(tmp_path)
+    runner(url, 0).run()
+    stopped = runner(url, 1, stop=StopAfter(4)).run()  # stage 2 has 12 steps; reports every 2
+    assert stopped.preempted and stopped.step == runner(url, 1).plan.stages[1].step_start + 4
+    manifest, saved = load(store(url), store(url).latest()[0].tag)
+    assert (manifest.step, manifest.boundary) == (stopped.step, False)
+
+    resumed = runner(url, 1)  # a fresh worker: restores the newest checkpoint through stateful()
+    assert resumed.restored_from == manifest.tag and resumed.progress.step == manifest.step
+    assert resumed.scheduler.last_epoch == manifest.step
+    assert_same(resumed.raw_model.state_dict(), saved["model"], "model")
+    assert_same(resumed.optimizer.state_dict(), saved["optimizer"], "optimizer")
+    assert resumed.optimizer.param_groups[0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"]
+    # This rank's RNG streams are the saved ones: the next draw is the draw the stopped run would make.
+    assert_same(resumed.rng.capture()["torch"], saved["rng"]["per_rank"][0]["torch"], "torch RNG")
+
+    end = resumed.run()
+    assert not end.preempted and end.restored_from == manifest.tag
+    final = load(store(url), store(url).latest()[0].tag)[1]
+    # Dropout draws from the global RNG: bit-identical only if resuming kept that stream where it was.
+    assert_same(final["model"], straight["model"], "model")
+    assert_same(final["optimizer"], straight["optimizer"], "optimizer")
+    assert_same(final["rng"], straight["rng"], "rng")
+    assert final["scheduler"] == straight["scheduler"] and final["data"] == straight["data"]
+
+
+def test_payload_is_the_runners_stateful_dict_in_plain_torch_files(tmp_path):
+    url = str(tmp_path)
+    r = runner(url, 0)
+    r.run()
+    tag = store(url).latest()[0].tag
+    folder = f"{url}/j/checkpoints/{tag}"
+    weights = torch.load(f"{folder}/{MODEL_FILE}", weights_only=True)
+    state = torch.load(f"{folder}/{STATE_FILE}", weights_only=True)
+    assert weights.keys() == r.raw_model.state_dict().keys()
+    assert set(state) == set(r.stateful()) - {"model"} == {"optimizer", "scheduler", "data", "rng"}
+    assert state["scheduler"] == state["data"] == {"step": r.plan.stages[0].step_end}
+
+
+def test_restore_refuses_another_jobs_checkpoint(tmp_path):
+    url = str(tmp_path)
+    runner(url, 0).run()
+    with pytest.raises(RuntimeError, match="belongs to job j, not other"):
+        StageRunner(runner(url, 1).spec, runner(url, 1).plan, 1, "other", url, store=store(url))
+
+
+def test_restore_refuses_a_checkpoint_outside_the_stage(tmp_path):
+    url = str(tmp_path)
+    runner(url, 0).run()
+    runner(url, 1, stop=StopAfter(2)).run()  # the newest checkpoint is now inside stage 2
+    with pytest.raises(RuntimeError, match="outside stage 1's steps"):
+        runner(url, 0)
+
+
+def test_restore_refuses_samples_that_disagree_with_the_plan(tmp_path):
+    url = str(tmp_path)
+    runner(url, 0).run()
+    tag = store(url).latest()[0].tag
+    path = f"{url}/j/checkpoints/{tag}/{MANIFEST}"
+    manifest = json.loads(open(path).read())
+    manifest["samples_seen"] += 1
+    open(path, "w").write(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="disagrees with the plan"):
+        runner(url, 1)
+
+
+def test_restore_without_a_checkpoint_past_step_zero_says_so(tmp_path):
+    with pytest.raises(RuntimeError, match="has no committed checkpoint to start from"):
+        runner(str(tmp_path), 1)
+
+
+def test_changed_data_is_refused(tmp_path):
+    url = str(tmp_path)
+    spec = make_spec(**SPEC)
+    plan = build_plan(spec, 120)  # planned for 120 samples; the source now has 96
+    with pytest.raises(RuntimeError, match="has 96 samples, but this job was planned for 120"):
+        StageRunner(spec, plan, 0, "j", url).run()

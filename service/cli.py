@@ -1,21 +1,32 @@
-"""The ``stagetrain`` command line."""
+"""The ``stagetrain`` command line.
+
+Read-only commands (``plan``, ``status``, ``list``, ``logs``, ``checkpoints``, ``schema``) import neither
+torch nor Ray: they answer in about a second. ``run`` and ``resume`` import them to train; ``submit``
+imports Ray's job client only.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import time
 
 import click
 from rich.console import Console
 
 from checkpoints.storage import StorageError
+from service.coordination import LeaseHeld
 from service.layout import check_job_id
 from service.spec import SpecError, json_schema, load_spec
 
 # Wide enough for the plan table when output is piped (rich would assume 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+
+EXIT_CODES_HELP = ("Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted, 130 cancelled "
+                   "(continue both with `stagetrain resume`).")
 
 
 def user_errors(fn):
@@ -30,8 +41,8 @@ def user_errors(fn):
             for p in e.problems:
                 err_console.print(f"  {p}", highlight=False, markup=False)
             sys.exit(2)
-        except (FileNotFoundError, ValueError, StorageError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        except (FileNotFoundError, ValueError, StorageError, LeaseHeld) as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
             sys.exit(2)
 
     return wrapper
@@ -48,6 +59,12 @@ def _job_id_param(ctx, param, value):
 
 
 JOB_ID = click.argument("job_id", callback=_job_id_param)
+STORAGE_HELP = "Job storage (fsspec URL or local path); default: the spec's checkpoint.storage, or ./runs."
+STORAGE = click.option("--storage", help=STORAGE_HELP)
+RAY_ADDRESS = click.option("--address", envvar="RAY_ADDRESS",
+                           help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+JOB_SERVER = click.option("--address", envvar="RAY_ADDRESS",
+                          help="The Ray job server, http://HEAD:8265 (default: $RAY_ADDRESS).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,24 +114,75 @@ def plan(job: str, csv_path: str | None, plot_path: str | None, compare: bool, x
         err_console.print(f"wrote {plot_path}")
 
 
-STORAGE_HELP = "Job storage (fsspec URL or local path); default: the spec's checkpoint.storage, or ./runs."
+# ------------------------------------------------------------------------------------ job storage
 
 
 def resolve_storage(url: str) -> str:
     """Local paths become absolute: Ray workers do not share the driver's working directory."""
-    import os
-
     return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
-def _job_store(job_id: str, storage: str | None, options: dict | None = None):
+def _open(job_id: str, storage: str | None):
+    """(JobStore, JobRecord) of an existing job, with the storage options of its own spec."""
     from checkpoints.storage import Storage
     from service.jobs import JobStore
 
-    return JobStore(Storage(resolve_storage(storage or "./runs"), options), job_id)
+    url = resolve_storage(storage or "./runs")
+    record = JobStore(Storage(url), job_id).load()
+    return JobStore(Storage(url, record.job_spec().checkpoint.storage_options), job_id), record
+
+
+def _prepare(job_id: str | None, job_file: str | None, storage: str | None):
+    """The job to run or submit: a new one from JOB.yaml, or an existing one (its stored spec, or the same
+    JOB.yaml: a rerun of the same entrypoint continues the job). Returns (jobs, record, new)."""
+    from checkpoints.storage import Storage
+    from service.jobs import JobRecord, JobStore, new_job_id
+    from service.plan import build_plan
+    from service.sources import dataset_size
+
+    spec = load_spec(job_file) if job_file else None
+    if spec is None and job_id is None:
+        raise ValueError("give JOB.yaml, or --job-id of a job already in --storage")
+    url = resolve_storage(storage or (spec.checkpoint.storage if spec else "./runs"))
+    job_id = job_id or new_job_id(spec.name)
+    options = spec.checkpoint.storage_options if spec else {}
+    jobs = JobStore(Storage(url, options), job_id)
+    if jobs.exists():
+        jobs, record = _open(job_id, url)
+        if spec is not None and spec != record.job_spec():
+            from service.decisions import spec_differences
+
+            raise ValueError(f"job {job_id} already exists in {url} with another spec ("
+                             + "; ".join(spec_differences(record.job_spec(), spec))
+                             + f"): continue it with `stagetrain resume {job_id} --spec {job_file}`, or pick another "
+                             "--job-id")
+        return jobs, record, False
+    if spec is None:
+        jobs.load()  # "no job ... in ...; jobs there: ..."
+    jobs.root.probe()
+    record = JobRecord.create(job_id, spec, build_plan(spec, dataset_size(spec.data)))
+    return jobs, record, True
+
+
+def _coordinate(jobs, record, address: str | None) -> int:
+    """Hold the lease and run the coordinator here."""
+    from service.coordination import LeaseKeeper
+    from service.runner import JobRunner, RunOptions
+    from service.submit import SUBMISSION_ENV
+
+    lease = LeaseKeeper(jobs.storage, record.job_id, os.environ.get(SUBMISSION_ENV)).acquire()
+    try:
+        spec = record.job_spec()
+        runner = JobRunner(spec, record.plan(spec), record, jobs, RunOptions(
+            job_id=record.job_id, storage=jobs.root.url, address=address, console=err_console), lease)
+    except BaseException:
+        lease.release()
+        raise
+    return runner.run()
 
 
 def _finish(code: int, jobs, record) -> None:
+    from service.layout import PLOT_FILE
     from service.report import plot_metrics, summary_table
 
     console.print(summary_table(record))
@@ -124,118 +192,341 @@ def _finish(code: int, jobs, record) -> None:
 
         buf = io.BytesIO()
         plot_metrics(metrics, buf)
-        jobs.storage.write_bytes(buf.getvalue(), "metrics.png")
-        err_console.print(f"job record, metrics and plot: {jobs.storage.url}/{{job.json,metrics.jsonl,metrics.png}}")
+        jobs.storage.write_bytes(buf.getvalue(), PLOT_FILE)
+        err_console.print(f"job record, metrics and plot: {jobs.storage.url}/{{job.json,metrics.jsonl,{PLOT_FILE}}}")
     sys.exit(code)
 
 
-@cli.command()
+# ------------------------------------------------------------------------------------ run / submit
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("job", metavar="JOB.yaml", required=False)
+@click.option("--job-id", callback=_job_id_param, help="Default: <name>-<UTC time>-<random>.")
+@STORAGE
+@RAY_ADDRESS
+@user_errors
+def run(job: str | None, job_id: str | None, storage: str | None, address: str | None) -> None:
+    """Train a job here: one Ray Train TorchTrainer per stage.
+
+    With --job-id of an existing job (and no JOB.yaml, or the same one) it continues that job, so rerunning
+    the same entrypoint (a RayJob retry, a resubmission) picks up where it stopped."""
+    from service.coordination import check_free
+
+    jobs, record, new = _prepare(job_id, job, storage)
+    if record.status == "succeeded":
+        console.print(f"job {record.job_id} already succeeded; nothing to run")
+        return
+    check_free(jobs.storage, record.job_id)
+    if new:
+        jobs.save(record)
+    err_console.print(f"job [bold]{record.job_id}[/] -> {jobs.storage.url}"
+                      + ("" if new else f" (continues at step {record.current_step:,})"))
+    _finish(_coordinate(jobs, record, address), jobs, record)
+
+
+def _submit(jobs, record, address: str | None, follow: bool) -> None:
+    from service.coordination import check_free
+    from service.submit import check_reachable, job_server, submission_id, submit
+
+    server = job_server(address)
+    check_reachable(jobs.root.url, server)
+    check_free(jobs.storage, record.job_id)
+    sid = submission_id(record.job_id, len(record.ray_submissions) + 1)
+    submit(record.job_id, jobs.root.url, server, len(record.ray_submissions) + 1,
+           record.job_spec().preemption.grace_seconds)
+    record.ray_address = server
+    record.ray_submissions.append(sid)
+    record.event(f"submitted to {server} as Ray job {sid}")
+    jobs.save(record)
+    storage = jobs.root.url
+    console.print(f"submitted job [bold]{record.job_id}[/] as Ray job {sid} ({server})\n"
+                  f"  stagetrain status {record.job_id} --storage {storage}\n"
+                  f"  stagetrain logs {record.job_id} --storage {storage} --follow\n"
+                  f"  stagetrain cancel {record.job_id} --storage {storage}", highlight=False)
+    if follow:
+        sys.exit(_follow_log(jobs, record.job_id, None, until_done=True))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("job", metavar="JOB.yaml")
 @click.option("--job-id", callback=_job_id_param, help="Default: <name>-<UTC time>-<random>.")
-@click.option("--storage", help=STORAGE_HELP)
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@STORAGE
+@JOB_SERVER
+@click.option("--follow", is_flag=True, help="Show the job's log until it ends; exit with its exit code.")
 @user_errors
-def run(job: str, job_id: str | None, storage: str | None, address: str | None) -> None:
-    """Train a job: one Ray Train TorchTrainer per stage.
+def submit(job: str, job_id: str | None, storage: str | None, address: str | None, follow: bool) -> None:
+    """Submit a job to a Ray cluster and return: its coordinator runs as a Ray job on the cluster.
 
-    Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted (continue with `stagetrain resume`)."""
-    from checkpoints.storage import Storage
-    from service.jobs import JobRecord, JobStore, new_job_id
-    from service.plan import build_plan
-    from service.runner import JobRunner, RunOptions
-    from service.sources import dataset_size
-
-    spec = load_spec(job)
-    url = resolve_storage(storage or spec.checkpoint.storage)
-    job_id = job_id or new_job_id(spec.name)
-    root = Storage(url, spec.checkpoint.storage_options)
-    jobs = JobStore(root, job_id)
-    if jobs.exists():
-        raise ValueError(f"job {job_id!r} already exists in {url}: continue it with `stagetrain resume {job_id}` "
-                         "or pick another --job-id")
-    root.probe()
-    plan = build_plan(spec, dataset_size(spec.data))
-    record = JobRecord.create(job_id, spec, plan)
-    jobs.save(record)
-    err_console.print(f"job [bold]{job_id}[/] -> {jobs.storage.url}")
-    code = JobRunner(spec, plan, record, jobs, RunOptions(job_id=job_id, storage=url, address=address,
-                                                          console=err_console)).run()
-    _finish(code, jobs, record)
+    The spec and the job record go to storage first; the cluster runs `stagetrain run --job-id ID --storage
+    URL`. Submitting an existing job id with the same spec continues it (a new attempt)."""
+    jobs, record, new = _prepare(job_id, job, storage)
+    if record.status == "succeeded":
+        console.print(f"job {record.job_id} already succeeded; nothing to submit")
+        return
+    _submit(jobs, record, address, follow)
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES_HELP)
 @JOB_ID
-@click.option("--storage", help=STORAGE_HELP)
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@STORAGE
+@click.option("--address", envvar="RAY_ADDRESS",
+              help="http://HEAD:8265 resubmits the job to that Ray cluster as a new attempt; another Ray "
+                   "address runs the coordinator here against it (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--spec", "spec_path", metavar="JOB.yaml",
               help="An edited spec: stages that have not started may change (recorded in the job record).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Worker count for the interrupted stage and the rest (e.g. the cluster came back smaller).")
 @user_errors
 def resume(job_id: str, storage: str | None, address: str | None, spec_path: str | None, workers: int | None) -> None:
-    """Continue a preempted, failed or interrupted job from its newest verified checkpoint."""
+    """Continue a preempted, cancelled, failed or interrupted job from its newest verified checkpoint."""
+    from service.coordination import check_free
     from service.decisions import check_resume, layout_history, resize_remaining
-    from service.jobs import JobRecord
-    from service.runner import JobRunner, RunOptions
 
-    jobs = _job_store(job_id, storage)
-    record = jobs.load()
-    old_spec = record.job_spec()
-    jobs = _job_store(job_id, storage, old_spec.checkpoint.storage_options)
+    jobs, record = _open(job_id, storage)
     if record.status == "succeeded":
         console.print(f"job {job_id} already succeeded; nothing to resume")
         return
-    old_plan = record.plan()
+    check_free(jobs.storage, job_id)
+    old_spec, old_plan = record.job_spec(), record.plan()
     latest = jobs.checkpoints.latest(verify=True)
     step = latest[0].step if latest else 0
     spec = load_spec(spec_path) if spec_path else old_spec
+    first = old_plan.stage_at(min(step, old_plan.total_steps - 1)).index
     if workers:
-        spec = resize_remaining(spec, old_plan.stage_at(min(step, old_plan.total_steps - 1)).index, workers)
+        spec = resize_remaining(spec, first, workers)
     changes = check_resume(record, old_plan, spec, step)
     new_layouts = layout_history(old_plan, spec, step)
     history = record.history + new_layouts
     plan = record.plan(spec, history)
     if spec != old_spec:
-        fresh = JobRecord.create(job_id, spec, plan)
-        kept = {s.stage: s for s in record.stages}
-        record.spec, record.plan_hash, record.stage_hashes = fresh.spec, fresh.plan_hash, fresh.stage_hashes
-        record.total_steps, record.history = fresh.total_steps, history
-        record.stages = [kept[s.stage].model_copy(update={"workers": s.workers}) if s.stage in kept else s
-                         for s in fresh.stages]
-        record.event("re-planned: " + "; ".join(changes + [f"stages[{h.stage}] ran steps before {h.until_step} with "
-                                                           f"{h.workers} workers" for h in new_layouts]
-                                                 or ["worker layout changed"]))
+        changes += [f"stages[{h.stage}] ran steps before {h.until_step} with {h.workers} workers" for h in new_layouts]
+        record.replan(spec, plan, changes, source="resume", workers=workers, from_stage=first + 1 if workers else None,
+                      step=step, history=history)
     record.error = None
     record.event(f"resumed from {latest[0].tag if latest else 'the start'} (step {step})")
+    if address and address.startswith(("http://", "https://")):
+        _submit(jobs, record, address, follow=False)
+        return
     jobs.save(record)
     err_console.print(f"resuming [bold]{job_id}[/] at step {step:,} of {plan.total_steps:,}")
-    code = JobRunner(spec, plan, record, jobs, RunOptions(job_id=job_id, storage=jobs.root.url, address=address,
-                                                          console=err_console)).run()
-    _finish(code, jobs, record)
+    _finish(_coordinate(jobs, record, address), jobs, record)
+
+
+# ------------------------------------------------------------------------------------ watching
 
 
 @cli.command()
 @JOB_ID
-@click.option("--storage", help=STORAGE_HELP)
+@STORAGE
 @user_errors
 def status(job_id: str, storage: str | None) -> None:
-    """Where a job is (reads the job record: works without a cluster)."""
-    from service.report import summary_table
+    """Where a job is: stages, step, LR, checkpoint, time left (reads storage: works without a cluster)."""
+    from service.coordination import read_lease
+    from service.report import status_lines, summary_table
 
-    jobs = _job_store(job_id, storage)
-    record = jobs.load()
+    jobs, record = _open(job_id, storage)
+    latest = jobs.checkpoints.latest(verify=False)
     console.print(summary_table(record))
-    console.print(f"step {record.current_step:,} of {record.total_steps:,} (stage {record.current_stage}); "
-                  f"updated {record.updated}", highlight=False)
+    ray_state = None
+    if record.ray_address and record.ray_submissions:
+        from service.submit import ray_job_state
+
+        ray_state = ray_job_state(record.ray_address, record.ray_submissions[-1]) or "unreachable"
+    for line in status_lines(record, latest[0] if latest else None, read_lease(jobs.storage), ray_state):
+        console.print(line, highlight=False, markup=False)
     if record.error:
         console.print(f"[red]error:[/] {record.error}", highlight=False)
     for line in record.events[-5:]:
         console.print(f"  {line}", highlight=False, markup=False)
 
 
+@cli.command(name="list")
+@STORAGE
+@click.option("--status", "only", help="Only jobs with this status (running, succeeded, ...).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per job, in a list.")
+@user_errors
+def list_jobs(storage: str | None, only: str | None, as_json: bool) -> None:
+    """Every job under the storage root: status, stage, step, accuracy, age (works with no cluster)."""
+    from checkpoints.storage import Storage
+    from service.jobs import JobRecord
+    from service.report import job_row, jobs_table
+
+    rows = [job_row(r) for r in JobRecord.all(Storage(resolve_storage(storage or "./runs")))]
+    rows = [r for r in rows if only is None or r["status"] == only]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(jobs_table(rows))
+
+
+def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int:
+    """Print the job's log (``attempt``: that coordinator attempt's; default: the newest) and, with
+    ``until_done``, keep printing new lines until the job ends; returns the job's exit code."""
+    from service.coordination import log_name, read_lease
+    from service.jobs import TERMINAL, exit_code
+    from service.layout import LOGS_DIR
+
+    shown: dict[str, int] = {}
+    while True:
+        record = jobs.load()
+        names = jobs.storage.listdir(LOGS_DIR)
+        wanted = [log_name(attempt)] if attempt else (names[-1:] if not until_done else names)
+        for name in sorted(wanted, key=lambda n: int(n.split("-")[1].split(".")[0])):
+            if name in names:
+                text = jobs.storage.read_text(LOGS_DIR, name)
+                sys.stdout.write(text[shown.get(name, 0):])
+                sys.stdout.flush()
+                shown[name] = len(text)
+        lease = read_lease(jobs.storage)
+        if not until_done or (record.status in TERMINAL and (lease is None or not lease.fresh())):
+            return exit_code(record.status)
+        time.sleep(1.0)
+
+
 @cli.command()
 @JOB_ID
-@click.option("--storage", help=STORAGE_HELP)
+@STORAGE
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+@click.option("--attempt", type=click.IntRange(min=1), help="A coordinator attempt's log (default: the newest).")
+@user_errors
+def logs(job_id: str, storage: str | None, follow: bool, attempt: int | None) -> None:
+    """The coordinator's log, from storage: events, stage summaries, progress, worker errors.
+
+    It outlives the Ray head and the cluster."""
+    from service.coordination import log_name
+    from service.layout import LOGS_DIR
+
+    jobs, record = _open(job_id, storage)
+    names = jobs.storage.listdir(LOGS_DIR)
+    if attempt and log_name(attempt) not in names:
+        raise ValueError(f"--attempt {attempt}: job {job_id} has logs of attempts "
+                         f"{', '.join(n.split('-')[1].split('.')[0] for n in names) or 'none yet'}")
+    if not names and not follow:
+        raise ValueError(f"job {job_id} has no log yet (no coordinator has started)")
+    code = _follow_log(jobs, job_id, attempt, until_done=follow)
+    if follow:
+        sys.exit(code)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@JOB_ID
+@STORAGE
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 124).")
+@user_errors
+def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
+    """Block until the job ends; exit with its exit code (as `run` would)."""
+    from service.coordination import read_lease
+    from service.jobs import TERMINAL, exit_code
+
+    jobs, record = _open(job_id, storage)
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        lease = read_lease(jobs.storage)
+        if record.status in TERMINAL and (lease is None or not lease.fresh()):
+            console.print(f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
+                          highlight=False, markup=False)
+            sys.exit(exit_code(record.status))
+        if deadline and time.monotonic() > deadline:
+            err_console.print(f"job {job_id} is still {record.status} after {timeout:g}s")
+            sys.exit(124)
+        time.sleep(1.0)
+        record = jobs.load()
+
+
+# ------------------------------------------------------------------------------------ changing a job
+
+
+@cli.command()
+@JOB_ID
+@STORAGE
+@click.option("--now", is_flag=True, help="Stop the Ray job at once (SIGTERM: still a graceful stop).")
+@user_errors
+def cancel(job_id: str, storage: str | None, now: bool) -> None:
+    """Stop a job gracefully: the workers finish the step and commit a checkpoint; the job ends `cancelled`
+    (resumable with `stagetrain resume`). Without confirmation within the grace period (or with --now)
+    the Ray job is stopped too."""
+    from service.coordination import LeaseKeeper, read_lease, request_cancel, wait_for
+    from service.decisions import Cancelled
+    from service.jobs import TERMINAL
+
+    jobs, record = _open(job_id, storage)
+    if record.status in ("succeeded", "failed", "cancelled"):
+        raise ValueError(f"job {job_id} has finished ({record.status}); nothing to cancel")
+    lease = read_lease(jobs.storage)
+    if lease is None or not lease.fresh():  # nobody runs it: take the lease and mark it ourselves
+        keeper = LeaseKeeper(jobs.storage, job_id).acquire()
+        try:
+            record = jobs.load()
+            record.settle(max(record.current_stage - 1, 0), Cancelled("cancelled while stopped"), record.current_step)
+            jobs.save(record)
+        finally:
+            keeper.release()
+        console.print(f"job {job_id} cancelled (it was {lease and 'not renewing its lease' or 'not running'})")
+        return
+    request_cancel(jobs.storage, now)
+    grace = record.job_spec().preemption.grace_seconds
+
+    def confirmed() -> bool:
+        current = read_lease(jobs.storage)
+        return jobs.load().status in TERMINAL and (current is None or not current.fresh())
+
+    if now or not wait_for(confirmed, timeout=grace + 15):
+        if record.ray_address and record.ray_submissions:
+            from service.submit import stop
+
+            err_console.print(f"stopping Ray job {record.ray_submissions[-1]}")
+            stop(record.ray_address, record.ray_submissions[-1])
+        if not wait_for(confirmed, timeout=grace + 45):
+            err_console.print(f"[yellow]job {job_id}: the coordinator has not confirmed the cancel yet; "
+                              f"check with `stagetrain status {job_id}`[/]")
+            sys.exit(1)
+    record = jobs.load()
+    console.print(f"job {job_id} {record.status} at step {record.current_step:,}; "
+                  f"continue with `stagetrain resume {job_id}`", highlight=False)
+
+
+@cli.command()
+@JOB_ID
+@STORAGE
+@click.option("--workers", type=click.IntRange(min=1), required=True, help="The new worker count.")
+@click.option("--from-stage", type=click.IntRange(min=1), help="First stage to change (default: the next one).")
+@user_errors
+def scale(job_id: str, storage: str | None, workers: int, from_stage: int | None) -> None:
+    """Change the worker count of stages that have not started, on a running or a stopped job.
+
+    The coordinator applies the request at the next stage boundary (or `resume` does), through the same
+    re-layout as `resume --workers` (keep_global_batch, or the LR scaling rule)."""
+    from service.coordination import request_scale
+    from service.decisions import resize_remaining
+
+    jobs, record = _open(job_id, storage)
+    n = len(record.stages)
+    if record.status == "succeeded" or record.current_step >= record.total_steps:
+        raise ValueError(f"job {job_id} has finished ({record.status}); nothing to scale")
+    started = [s.stage for s in record.stages if s.status != "pending"]
+    default = (max(started) + 1) if started else 1
+    from_stage = from_stage or default
+    if from_stage > n:
+        raise ValueError(f"--from-stage {from_stage}: job {job_id} has {n} stages"
+                         + (" and all of them have started" if default > n else ""))
+    if from_stage in started or from_stage < default:
+        raise ValueError(f"--from-stage {from_stage}: stage {from_stage} has started; scale stages "
+                         f"{default}..{n}, or resume the interrupted stage with `stagetrain resume {job_id} "
+                         f"--workers {workers}`")
+    resize_remaining(record.job_spec(), from_stage - 1, workers)  # refuses a global batch that does not split
+    name = request_scale(jobs.storage, workers, from_stage)
+    console.print(f"requested: stage {from_stage}" + (f"..{n}" if from_stage < n else "")
+                  + f" of job {job_id} on {workers} worker(s) ({name}); applied at the next stage boundary",
+                  highlight=False)
+
+
+# ------------------------------------------------------------------------------------ checkpoints, plots
+
+
+@cli.command()
+@JOB_ID
+@STORAGE
 @click.option("--verify", is_flag=True, help="Download every file and check its sha256.")
 @user_errors
 def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
@@ -245,7 +536,7 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    jobs = _job_store(job_id, storage)
+    jobs, _ = _open(job_id, storage)
     infos = jobs.checkpoints.list(verify=verify)
     table = Table(title=f"{job_id}: {len(infos)} checkpoint folders", title_justify="left")
     for col in ["tag", "stage", "step", "size", "age", "verified"]:
@@ -259,7 +550,8 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
         if m is not None:
             age = f"{(datetime.now(timezone.utc) - datetime.fromisoformat(m.created)).total_seconds() / 60:.0f} min"
         size = f"{sum(f.size for f in m.files.values()) / 2**20:.1f} MiB" if m else ""
-        verdict = f"[red]no: {escape(info.problem)}[/]" if info.problem else ("[green]yes[/]" if info.verified else "sizes ok")
+        verdict = (f"[red]no: {escape(info.problem)}[/]" if info.problem
+                   else ("[green]yes[/]" if info.verified else "sizes ok"))
         table.add_row(info.tag, str(m.stage) if m else "", str(m.step) if m else "", size, age, verdict)
     console.print(table)
     if verify and bad:
@@ -268,7 +560,7 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
 
 @cli.command()
 @JOB_ID
-@click.option("--storage", help=STORAGE_HELP)
+@STORAGE
 @click.option("-o", "--output", help="PNG path (default: <storage>/<job-id>/metrics.png).")
 @click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)
 @user_errors
@@ -276,10 +568,10 @@ def plot(job_id: str, storage: str | None, output: str | None, x_axis: str) -> N
     """Plot loss, accuracy, LR, momentum and resolution of a run against samples."""
     import io
 
+    from service.layout import PLOT_FILE
     from service.report import plot_metrics
 
-    jobs = _job_store(job_id, storage)
-    jobs.load()
+    jobs, _ = _open(job_id, storage)
     metrics = jobs.read_metrics()
     if not metrics:
         raise ValueError(f"job {job_id} has no metrics yet")
@@ -289,8 +581,8 @@ def plot(job_id: str, storage: str | None, output: str | None, x_axis: str) -> N
         with open(output, "wb") as f:
             f.write(buf.getvalue())
     else:
-        jobs.storage.write_bytes(buf.getvalue(), "metrics.png")
-        output = f"{jobs.storage.url}/metrics.png"
+        jobs.storage.write_bytes(buf.getvalue(), PLOT_FILE)
+        output = f"{jobs.storage.url}/{PLOT_FILE}"
     err_console.print(f"wrote {output}")
 
 

@@ -53,27 +53,34 @@ class Preempted:
 
 
 @dataclass(frozen=True)
+class Cancelled:
+    reason: str
+
+
+@dataclass(frozen=True)
 class Failed:
     reason: str
 
 
-Outcome = Completed | Preempted | Failed
+Outcome = Completed | Preempted | Cancelled | Failed
 
 
 def stage_outcome(plan: Plan, row: int, end: StageEnd | None, error: str | None, lost_capacity: str | None,
-                  stop_requested: bool, latest: Manifest | None) -> Outcome:
+                  stop_requested: str | None, latest: Manifest | None) -> Outcome:
     """What one ``fit()`` of plan row ``row`` amounts to. ``end``: the stage's last report (None if
     it never came); ``error``: the root cause if ``fit()`` raised; ``lost_capacity``: after a worker-group
-    failure, what the cluster lacks for the stage now (None if it still fits); ``stop_requested``: the coordinator asked the
-    workers to stop; ``latest``: the newest committed checkpoint after the stage."""
+    failure, what the cluster lacks for the stage now (None if it still fits); ``stop_requested``: why the
+    coordinator asked the workers to stop (``"cancel"``, ``"SIGTERM"``) or None; ``latest``: the newest committed checkpoint after the stage."""
     label = plan.stages[row].label
     at = f"checkpoint {latest.tag}" if latest else "no checkpoint"
     if lost_capacity:  # checked only after the worker group failed
         return Preempted(f"the cluster lost capacity ({at})", lost_capacity=lost_capacity)
     if error is not None:
         return Failed(f"stage {label} failed: {error}")
+    if stop_requested == "cancel":
+        return Cancelled(f"cancel requested ({at})")
     if (end is not None and end.preempted) or stop_requested:
-        return Preempted(f"stop requested ({at})")
+        return Preempted(f"{stop_requested or 'stop'} requested ({at})")
     if not stage_completed(plan, row, latest):
         return Failed(f"stage {label} ended without committing its boundary checkpoint")
     return Completed(checkpoint=latest.tag, val_loss=end.val_loss if end else None,
@@ -133,6 +140,22 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, step: int
     if problems:
         raise IncompatibleResume("cannot resume job {}: {}".format(record.job_id, "; ".join(problems)))
     return changes
+
+
+def spec_differences(old: JobSpec, new: JobSpec) -> list[str]:
+    """What differs between two specs, one short line per top-level field or stage."""
+    out = []
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    for key in a.keys() | b.keys():
+        if key == "stages" or a.get(key) == b.get(key):
+            continue
+        out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    for i in range(max(len(old.stages), len(new.stages))):
+        x = old.stages[i] if i < len(old.stages) else None
+        y = new.stages[i] if i < len(new.stages) else None
+        if x != y:
+            out.append(f"stages[{i}]: " + ("added" if x is None else "removed" if y is None else _diff(x, y)))
+    return sorted(out)
 
 
 def _what(stage) -> dict:

@@ -15,15 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore
-from service.decisions import Completed, Failed, Outcome, Preempted
+from service.decisions import Cancelled, Completed, Failed, Outcome, Preempted
 from service.layout import CHECKPOINTS, JOB_FILE, METRICS_FILE
 from service.plan import Plan, StageLayout, build_plan
 from service.spec import JobSpec
 
 RECORD_VERSION = 1
 
-JobStatus = Literal["pending", "running", "preempted", "failed", "succeeded"]
-StageStatus = Literal["pending", "running", "completed", "preempted", "failed"]
+JobStatus = Literal["pending", "running", "preempted", "cancelled", "failed", "succeeded"]
+StageStatus = Literal["pending", "running", "completed", "preempted", "cancelled", "failed"]
+TERMINAL = ("succeeded", "failed", "preempted", "cancelled")  # no coordinator runs the job
+EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_CANCELLED = 0, 1, 75, 130  # 75 = EX_TEMPFAIL: resume it later
+EXIT_CODES = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "preempted": EXIT_PREEMPTED, "cancelled": EXIT_CANCELLED}
+
+
+def exit_code(status: str) -> int:
+    """``run``'s exit code for a job that ended with ``status``."""
+    return EXIT_CODES.get(status, EXIT_FAILED)
 
 
 def now() -> str:
@@ -98,6 +106,17 @@ class StageRecord(BaseModel):
     checkpoint: str | None = None
 
 
+class LayoutChange(BaseModel):
+    """A worker-count change of stages not yet started (``stagetrain scale``, ``resume --workers``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    at: str
+    source: str
+    step: int  # applied when the job was at this step
+    from_stage: int  # 1-based
+    workers: int
+
+
 class JobRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = RECORD_VERSION
@@ -116,6 +135,11 @@ class JobRecord(BaseModel):
     error: str | None = None
     stages: list[StageRecord]
     history: list[StageLayout] = []  # worker layouts that resumes replaced mid-stage (see build_plan)
+    layout_changes: list[LayoutChange] = []
+    coordinator_attempts: int = 0  # coordinators started on this job (runs, resumes, Ray submissions)
+    ray_address: str | None = None  # the Ray job server the job was last submitted to
+    ray_submissions: list[str] = []  # Ray job submission ids, one per submitted attempt
+    images_per_s: float | None = None  # the last reported throughput
     checkpoint_failures: list[str] = []
     events: list[str] = []  # resumes, re-plans, preemptions: one line each, timestamped
 
@@ -144,9 +168,31 @@ class JobRecord(BaseModel):
             srec.status, srec.finished, srec.checkpoint = "completed", now(), outcome.checkpoint
             srec.val_loss, srec.val_acc = outcome.val_loss, outcome.val_acc
             return
-        srec.status = self.status = "preempted" if isinstance(outcome, Preempted) else "failed"
-        self.error = outcome.reason if isinstance(outcome, Failed) else outcome.lost_capacity
+        status = {Preempted: "preempted", Cancelled: "cancelled", Failed: "failed"}[type(outcome)]
+        self.status = status
+        if srec.status != "completed":  # cancelled between stages: the stage before stays completed
+            srec.status = status
+        self.error = outcome.reason if isinstance(outcome, Failed) else None
+        if isinstance(outcome, Preempted) and outcome.lost_capacity:
+            self.error = (f"the cluster lost capacity: {outcome.lost_capacity}. Resume when it is back, or now with "
+                          f"fewer workers: stagetrain resume {self.job_id} --workers N")
         self.event(f"{self.status} at step {step}: {outcome.reason}")
+
+    def replan(self, spec: JobSpec, plan: Plan, changes: list[str], source: str, workers: int | None = None,
+               from_stage: int | None = None, step: int = 0, history: list[StageLayout] | None = None) -> None:
+        """Adopt an edited spec (resume --spec/--workers, a scale request): stages keep what they ran."""
+        fresh = JobRecord.create(self.job_id, spec, plan)
+        kept = {s.stage: s for s in self.stages}
+        self.spec, self.plan_hash, self.stage_hashes = fresh.spec, fresh.plan_hash, fresh.stage_hashes
+        self.total_steps = fresh.total_steps
+        if history is not None:
+            self.history = history
+        self.stages = [kept[s.stage].model_copy(update={"workers": s.workers}) if s.stage in kept else s
+                       for s in fresh.stages]
+        if workers is not None and from_stage is not None:
+            self.layout_changes.append(LayoutChange(at=now(), source=source, step=step, from_stage=from_stage,
+                                                    workers=workers))
+        self.event(f"re-planned ({source}): " + ("; ".join(changes) or "worker layout changed"))
 
     def finish(self, total_steps: int) -> None:
         self.status, self.current_step, self.error = "succeeded", total_steps, None
@@ -168,6 +214,18 @@ class JobStore:
 
     def exists(self) -> bool:
         return self.storage.exists(JOB_FILE)
+
+    @staticmethod
+    def all(root: Storage) -> list[JobRecord]:
+        """Every job under a storage root (a folder holding a job.json), oldest first."""
+        out = []
+        for name in root.listdir():
+            if root.exists(name, JOB_FILE):
+                try:
+                    out.append(JobRecord.model_validate_json(root.read_bytes(name, JOB_FILE)))
+                except ValueError:
+                    continue  # not ours, or from an incompatible version
+        return sorted(out, key=lambda r: r.created)
 
     def load(self) -> JobRecord:
         if not self.exists():

@@ -7,7 +7,11 @@ defined; the coordinator, the workers and the CLI all read them from here.
 | ``metrics.jsonl`` | the coordinator | one record per optimizer step, one per stage end |
 | ``metrics.png`` | the coordinator / ``stagetrain plot`` | the run's curves |
 | ``checkpoints/<tag>/`` | rank 0 | ``model.pt``, ``train_state.pt``, ``manifest.json`` (``checkpoints``) |
+| ``lease.json`` | the coordinator | who runs the job now, with a heartbeat (``service.coordination``) |
+| ``logs/attempt-<k>.log`` | the coordinator | its log: events, stage summaries, progress, worker errors |
 | ``control/stop.json`` | the coordinator | asks the workers to stop after the current step |
+| ``control/cancel.json`` | ``stagetrain cancel`` | asks the coordinator to stop the job as ``cancelled`` |
+| ``control/requests/scale-*.json`` | ``stagetrain scale`` | worker-count changes for stages not started |
 | ``ray/`` | Ray Train | its own run folders |
 """
 
@@ -18,6 +22,10 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 CHECKPOINTS = "checkpoints"
 STOP_FILE = "control/stop.json"
+CANCEL_FILE = "control/cancel.json"
+REQUESTS_DIR = "control/requests"
+LEASE_FILE = "lease.json"
+LOGS_DIR = "logs"
 RAY_DIR = "ray"
 
 JOB_ID_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"

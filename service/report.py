@@ -127,3 +127,67 @@ def plot_metrics(metrics: list[dict], path_or_file, x_axis: str = "samples") -> 
     fig.tight_layout()
     fig.savefig(path_or_file, dpi=110, format="png")
     plt.close(fig)
+
+
+def _age(iso: str) -> str:
+    from datetime import datetime, timezone
+
+    seconds = (datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()
+    return _duration(seconds) + " ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def status_lines(record, latest, lease, ray_state: str | None) -> list[str]:
+    """``stagetrain status`` below the stage table: where the job is on its curve, what is committed,
+    how long is left, and who runs it."""
+    plan = record.plan()
+    step = min(record.current_step, plan.total_steps)
+    lines = [f"step {step:,} of {plan.total_steps:,} (stage {record.current_stage}/{len(record.stages)}); "
+             f"updated {record.updated}"]
+    if step < plan.total_steps:
+        stage = plan.stage_at(step)
+        lr, momentum = lr_momentum(plan, step)
+        lines.append(f"now: {stage.resolution}px, global batch {stage.global_batch} ({stage.workers} workers x "
+                     f"{stage.batch_size} x accum {stage.grad_accum}), lr {lr:.4g}, momentum {momentum:.3f}")
+        if record.images_per_s and record.status == "running":
+            left = plan.total_samples - plan.samples_before(step)
+            lines.append(f"time left: about {_duration(left / record.images_per_s)} at {record.images_per_s:,.0f} img/s "
+                         f"({left:,} samples; stage start-up not counted)")
+    lines.append(f"last committed checkpoint: {latest.tag} (step {latest.step:,}, {_age(latest.created)})"
+                 if latest else "last committed checkpoint: none yet")
+    if lease is not None:
+        lines.append(f"coordinator: {lease.describe()}" + ("" if lease.fresh() else " (stale: not running)"))
+    else:
+        lines.append("coordinator: none running")
+    if record.ray_submissions:
+        lines.append(f"Ray job {record.ray_submissions[-1]}: {ray_state or 'unknown'} ({record.ray_address})")
+    return lines
+
+
+def job_row(record) -> dict:
+    """One job, as ``stagetrain list`` shows it (and prints with --json)."""
+    from datetime import datetime
+
+    last_acc = next((s.val_acc for s in reversed(record.stages) if s.val_acc is not None), None)
+    started = next((s.started for s in record.stages if s.started), None)
+    elapsed = (datetime.fromisoformat(record.updated) - datetime.fromisoformat(started)).total_seconds() \
+        if started else 0.0
+    return {"job_id": record.job_id, "status": record.status, "stage": f"{record.current_stage}/{len(record.stages)}",
+            "step": record.current_step, "total_steps": record.total_steps, "val_acc": last_acc,
+            "started": started, "elapsed_s": round(elapsed, 1)}
+
+
+def jobs_table(rows: list[dict]) -> Table:
+    table = Table(title=f"{len(rows)} job(s)", title_justify="left")
+    for col in ["job", "status", "stage", "step", "val acc", "started", "elapsed"]:
+        table.add_column(col, justify="left" if col == "job" else "right")
+    for r in rows:
+        table.add_row(r["job_id"], r["status"], r["stage"], f"{r['step']:,}/{r['total_steps']:,}",
+                      f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "", r["started"] or "",
+                      _duration(r["elapsed_s"]) if r["started"] else "")
+    return table

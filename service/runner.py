@@ -1,12 +1,17 @@
 """Runs a job on Ray: one ``TorchTrainer`` per stage, acting on the decisions of ``service.decisions``.
 
-The driver (this process) owns the job record and metrics file. Workers report every few steps;
-a ``UserCallback`` on the Ray Train controller forwards the reports to the driver through a Ray
-queue, where they become progress bars, ``metrics.jsonl`` lines and job-record updates.
+The coordinator (this process, on the user's machine or as a Ray job on the head) holds the job's lease
+(``service.coordination``) and is the only writer of its record and metrics. Workers report every few
+steps; a ``UserCallback`` on the Ray Train controller forwards the reports to the coordinator through a
+Ray queue, where they become progress (a bar on a terminal, plain lines elsewhere), ``metrics.jsonl``
+lines, job-record updates and the job log in storage.
 
 Stage handover, worker restarts and ``stagetrain resume`` all go through the same door: workers
 load the newest committed checkpoint in ``<storage>/<job-id>/checkpoints`` (see ``checkpoints``).
 Ray Train's own checkpointing is not used, so there is exactly one "latest checkpoint".
+
+Between stages the coordinator applies what users asked for meanwhile: ``stagetrain scale`` requests
+(new worker counts for stages not started) and ``stagetrain cancel``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import queue as stdqueue
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import ray
@@ -24,24 +30,41 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from checkpoints.storage import Storage, forwarded_env
 from checkpoints.store import git_revision
+from service.coordination import JobLog, LeaseKeeper, cancel_requested, consume, pending_scales
 from service.decisions import (
+    Cancelled,
     Completed,
     Fail,
     Finish,
     Preempted,
     RunStage,
+    check_resume,
     fits_cluster,
     next_action,
+    resize_remaining,
     stage_completed,
     stage_outcome,
 )
-from service.jobs import JobRecord, JobStore, Report, StageEnd, now
-from service.layout import RAY_DIR, STOP_FILE
+from service.jobs import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    JobRecord,
+    JobStore,
+    Report,
+    StageEnd,
+    now,
+)
+from service.layout import CANCEL_FILE, RAY_DIR, STOP_FILE
 from service.plan import Plan, StagePlan
+from service.report import plan_table
 from service.spec import JobSpec
+from service.submit import SUBMISSION_ENV
 
-EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75  # 75 = EX_TEMPFAIL: resume it later
 DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # else every report blocks ~2 s
+PROGRESS_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
+REQUEST_POLL_S = 1.0  # how often a running stage looks for a cancel request
 
 
 @dataclass
@@ -53,19 +76,22 @@ class RunOptions:
 
 
 def connect_ray(address: str | None) -> None:
-    env = {**DEFAULT_ENV, **{k: os.environ[k] for k in DEFAULT_ENV if k in os.environ}, **forwarded_env()}
     if ray.is_initialized():
         return
+    env = {**DEFAULT_ENV, **{k: os.environ[k] for k in DEFAULT_ENV if k in os.environ}, **forwarded_env()}
     for k, v in env.items():  # a local cluster's controller inherits these
         os.environ.setdefault(k, v)
-    if address:
+    log_to_driver = os.environ.get("STAGETRAIN_RAY_LOGS") == "1"  # worker lines would flood the job log
+    if os.environ.get(SUBMISSION_ENV):  # a submitted coordinator: the Ray job's runtime env already applies
+        ray.init(log_to_driver=log_to_driver)
+    elif address:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(address=address, runtime_env={
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={
             "env_vars": env, "py_modules": [os.path.join(here, m) for m in ("service", "workers", "checkpoints")]})
     else:
         # address="local": always a fresh cluster; plain ray.init() would join one left by `ray start`.
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=os.environ.get("STAGETRAIN_RAY_LOGS") == "1")
+                 log_to_driver=log_to_driver)
 
 
 def _ray_storage(store: Storage, job_id: str) -> dict:
@@ -82,37 +108,65 @@ def _make_callback(q):
     from ray.train import UserCallback
 
     class Forward(UserCallback):
-        """Runs on the Ray Train controller: forwards reports and worker errors to the driver."""
+        """Runs on the Ray Train controller: forwards reports and worker errors to the coordinator."""
 
         def after_report(self, run_context, metrics, checkpoint):
             q.put({"report": metrics[0]})
 
         def after_exception(self, run_context, worker_exceptions):
-            q.put({"worker_errors": {r: f"{type(e).__name__}: {_first_line(e)}" for r, e in worker_exceptions.items()}})
+            q.put({"worker_errors": {r: "".join(traceback.format_exception(e)) for r, e in worker_exceptions.items()}})
 
     return Forward()
 
 
 class JobRunner:
-    def __init__(self, spec: JobSpec, plan: Plan, record: JobRecord, jobs: JobStore, options: RunOptions):
+    def __init__(self, spec: JobSpec, plan: Plan, record: JobRecord, jobs: JobStore, options: RunOptions,
+                 lease: LeaseKeeper):
         self.spec, self.plan, self.record, self.jobs, self.opt = spec, plan, record, jobs, options
+        self.lease = lease
         self.stop = threading.Event()
+        self.stop_reason: str | None = None  # "cancel" or "SIGTERM"
         self._grace_timer: threading.Timer | None = None
         self._git_revision = git_revision()  # recorded in every manifest
+        self.record.coordinator_attempts += 1
+        self.log = JobLog(jobs.storage, self.record.coordinator_attempts)
+
+    def say(self, text: str, style: str | None = None) -> None:
+        """To the console and the job log in storage."""
+        self.opt.console.print(f"[{style}]{text}[/]" if style else text, highlight=False, markup=bool(style))
+        self.log.line(text)
+
+    def event(self, text: str) -> None:
+        self.record.event(text)
+        self.log.line(text)
 
     # -------------------------------------------------------------------------------- main loop
 
     def run(self) -> int:
-        connect_ray(self.opt.address)
-        self.jobs.storage.remove(STOP_FILE)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if threading.current_thread() is threading.main_thread() else None
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if main else None
         try:
-            return self._loop()
+            sid = os.environ.get(SUBMISSION_ENV)
+            where = f"Ray job {sid}" if sid else f"host {self.lease.lease.host}"
+            if self.lease.took_over is not None:
+                self.event(f"took over the lease of a coordinator that stopped renewing it: "
+                           f"{self.lease.took_over.describe()}")
+            self.event(f"coordinator attempt {self.record.coordinator_attempts} on {where}")
+            self.jobs.storage.remove(STOP_FILE)
+            self.jobs.storage.remove(CANCEL_FILE)
+            self.jobs.save(self.record)
+            connect_ray(self.opt.address)
+            code = self._loop()
+            self.say(f"job {self.record.job_id} {self.record.status}"
+                     + (f": {self.record.error}" if self.record.error else ""))
+            return code
         finally:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            self.log.close()
+            self.lease.release()
 
     def _loop(self) -> int:
         while True:
@@ -122,6 +176,11 @@ class JobRunner:
                 srec = self.record.stages[st.index]
                 if srec.status != "completed" and stage_completed(self.plan, row, manifest):
                     srec.status, srec.finished = "completed", srec.finished or now()
+            step = manifest.step if manifest else 0
+            if cancel_requested(self.jobs.storage) and step < self.plan.total_steps:
+                return self._settle(min(self.record.current_stage, len(self.record.stages)) - 1,
+                                    Cancelled("cancelled between stages"), step)
+            self._apply_scale_requests(step)
             action = next_action(self.record, self.plan, manifest, self.spec.resources, ray.cluster_resources())
             if isinstance(action, Finish):
                 self.record.finish(self.plan.total_steps)
@@ -130,9 +189,38 @@ class JobRunner:
             if isinstance(action, Fail):
                 return self._fail(action.reason)
             assert isinstance(action, RunStage)
-            outcome = self._run_stage(action)
-            if outcome is not None:
-                return outcome
+            code = self._run_stage(action)
+            if code is not None:
+                return code
+
+    def _apply_scale_requests(self, step: int) -> None:
+        """``stagetrain scale`` requests, at a stage boundary: the same re-layout as ``resume --workers``."""
+        for name, req in pending_scales(self.jobs.storage):
+            try:
+                spec = resize_remaining(self.spec, req.from_stage - 1, req.workers)
+                first = self.plan.stages[self.plan.row(self.plan.stage_at(min(step, self.plan.total_steps - 1)))]
+                if req.from_stage - 1 < first.index or (req.from_stage - 1 == first.index and step > first.step_start):
+                    raise ValueError(f"stage {req.from_stage} has started (step {step})")
+                changes = check_resume(self.record, self.plan, spec, step)
+                plan = self.record.plan(spec)
+                res = spec.resources
+                for row, st in enumerate(plan.stages):
+                    if st.index >= req.from_stage - 1 and (problem := fits_cluster(
+                            plan, row, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker, ray.cluster_resources())):
+                        raise ValueError(problem)
+                self.record.replan(spec, plan, changes, source=f"scale request {name}", workers=req.workers,
+                                   from_stage=req.from_stage, step=step)
+                self.spec, self.plan = spec, plan
+                self.say(f"scale request {name}: stages {req.from_stage}+ now run on {req.workers} worker(s)")
+                self.opt.console.print(plan_table(plan))
+                self.log.line(f"new plan {plan.plan_hash()}: " + "; ".join(
+                    f"stage {s.label}: {s.workers} x {s.batch_size} x {s.grad_accum} = {s.global_batch}, "
+                    f"LR x{s.lr_scale:.4g}" for s in plan.stages))
+            except ValueError as e:
+                self.say(f"scale request {name} ignored: {e}", "yellow")
+                self.record.event(f"scale request {name} ignored: {e}")
+            consume(self.jobs.storage, name)
+            self.jobs.save(self.record)
 
     def _run_stage(self, action: RunStage) -> int | None:
         """One ``TorchTrainer.fit()`` of plan row ``action.stage``; None when the stage completed."""
@@ -150,12 +238,14 @@ class JobRunner:
         srec.started = srec.started or now()
         self.record.status, self.record.current_stage = "running", stage.index + 1
         self.record.current_step = action.start_step
+        self.say(f"stage {stage.label}: {stage.resolution}px, {stage.workers} worker(s) x {stage.batch_size} x "
+                 f"accum {stage.grad_accum} = global batch {stage.global_batch}, steps {action.start_step}.."
+                 f"{stage.step_end - 1} (attempt {action.attempt})")
         if action.start_step > stage.step_start:
-            self.record.event(f"stage {stage.label} continues from step {action.start_step} "
-                              f"(attempt {action.attempt})")
+            self.event(f"stage {stage.label} continues from step {action.start_step} (attempt {action.attempt})")
         self.jobs.save(self.record)
 
-        # The report queue lives on the driver's node: a lost worker node must not take it along.
+        # The report queue lives on the coordinator's node: a lost worker node must not take it along.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
@@ -191,43 +281,61 @@ class JobRunner:
         srec.seconds += time.perf_counter() - started
         if error and not lost:
             lost = self._capacity_lost(stage, wait_s=10)  # a node went away: not the job's fault
+        if error:
+            self.log.line("".join(traceback.format_exception(error[0])))
 
         latest = self.jobs.checkpoints.latest(verify=False)
         manifest = latest[0] if latest else None
         outcome = stage_outcome(self.plan, action.stage, end, _root_cause(error[0]) if error else None, lost,
-                                self.stop.is_set(), manifest)
-        self.record.settle(stage.index, outcome, manifest.step if manifest else self.record.current_step)
+                                self.stop_reason, manifest)
         if end is not None:
             self.record.checkpoint_failures.extend(end.checkpoint_failures)
-        self.jobs.save(self.record)
         if isinstance(outcome, Completed):
+            self.record.settle(stage.index, outcome, manifest.step)
+            self.jobs.save(self.record)
+            self.say(f"stage {stage.label} completed: val top-1 {outcome.val_acc:.2%}, checkpoint {outcome.checkpoint}"
+                     if outcome.val_acc is not None else f"stage {stage.label} completed: {outcome.checkpoint}")
             return None
+        return self._settle(stage.index, outcome, manifest.step if manifest else self.record.current_step)
+
+    def _settle(self, stage: int, outcome, step: int) -> int:
+        self.record.settle(stage, outcome, step)
+        self.jobs.save(self.record)
+        self.log.line(f"{self.record.status} at step {step}: {outcome.reason}")
         if isinstance(outcome, Preempted):
             if outcome.lost_capacity:
-                self.opt.console.print(f"[yellow]the cluster lost capacity:[/] {outcome.lost_capacity}. Resume when "
-                                       f"it is back, or now with fewer workers: stagetrain resume "
-                                       f"{self.record.job_id} --workers N", highlight=False)
-            self.opt.console.print(f"[yellow]preempted[/] at step {self.record.current_step}; "
-                                   f"continue with: stagetrain resume {self.record.job_id} "
-                                   f"--storage {self.opt.storage}", highlight=False)
+                self.say(f"the cluster lost capacity: {outcome.lost_capacity}. Resume when it is back, or now "
+                         f"with fewer workers: stagetrain resume {self.record.job_id} --workers N", "yellow")
+            self.say(f"preempted at step {step}; continue with: stagetrain resume {self.record.job_id} "
+                     f"--storage {self.opt.storage}", "yellow")
             return EXIT_PREEMPTED
-        self.opt.console.print(f"[bold red]job failed:[/] {outcome.reason}", highlight=False)
+        if isinstance(outcome, Cancelled):
+            self.say(f"cancelled at step {step}; continue with: stagetrain resume {self.record.job_id} "
+                     f"--storage {self.opt.storage}", "yellow")
+            return EXIT_CANCELLED
+        self.say(f"job failed: {outcome.reason}", "bold red")
         return EXIT_FAILED
 
-    def _follow(self, thread: threading.Thread, q, stage: StagePlan, start_step: int) -> tuple[StageEnd | None,
-                                                                                                str | None]:
-        """Drain reports while ``fit`` runs: progress bar, metrics file, job record. Returns the stage's
+    def _follow(self, thread: threading.Thread, q, stage: StagePlan, start_step: int
+                ) -> tuple[StageEnd | None, str | None]:
+        """Drain reports while ``fit`` runs: progress, metrics file, job record, log. Returns the stage's
         last report and, if the cluster lost the capacity for the stage meanwhile, what it lacks."""
         srec = self.record.stages[stage.index]
         end, rates = None, []
+        tty = self.opt.console.is_terminal
         columns = [TextColumn("stage {task.fields[n]} {task.fields[res]}px"), BarColumn(),
                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} samples"), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn()]
-        with Progress(*columns, console=self.opt.console, transient=False) as bar:
+        bar = Progress(*columns, console=self.opt.console, transient=False, disable=not tty)
+        last_line, last_poll, failed = 0.0, time.monotonic(), False
+        with bar:
             task = bar.add_task("", total=stage.samples, n=stage.label, res=stage.resolution, info="",
                                 completed=self.plan.samples_before(start_step) - stage.sample_start)
-            failed = False  # the worker group failed: from then on, watch the cluster's capacity
             while True:
+                if time.monotonic() - last_poll > REQUEST_POLL_S:
+                    last_poll = time.monotonic()
+                    if not self.stop.is_set() and cancel_requested(self.jobs.storage):
+                        self._request_stop("cancel")
                 try:
                     item = q.get(timeout=0.5)
                 except stdqueue.Empty:
@@ -239,8 +347,11 @@ class JobRunner:
                 if "worker_errors" in item:
                     srec.restarts += 1
                     failed = True
-                    self.record.event(f"stage {stage.label}: worker group failed ({item['worker_errors']}); "
-                                      f"Ray Train restarts it from the latest checkpoint")
+                    for rank, text in item["worker_errors"].items():
+                        self.log.line(f"worker {rank} failed:\n{text}")
+                    first = {r: _first_line(t.strip().splitlines()[-1]) for r, t in item["worker_errors"].items()}
+                    self.event(f"stage {stage.label}: worker group failed ({first}); Ray Train restarts it "
+                               f"from the latest checkpoint")
                     self.jobs.save(self.record)
                     continue
                 report = Report.model_validate(item["report"])
@@ -248,9 +359,17 @@ class JobRunner:
                 if report.records:
                     last = report.records[-1]
                     rates.append(last.images_per_s)
-                    self.record.current_step = last.step + 1
-                    bar.update(task, completed=last.samples_seen - stage.sample_start,
-                               info=f"{last.images_per_s:,.0f} img/s  loss {last.loss:.3f}  lr {last.lr:.3g}")
+                    self.record.current_step, self.record.images_per_s = last.step + 1, last.images_per_s
+                    done = last.samples_seen - stage.sample_start
+                    info = f"{last.images_per_s:,.0f} img/s  loss {last.loss:.3f}  lr {last.lr:.3g}"
+                    bar.update(task, completed=done, info=info)
+                    if time.monotonic() - last_line >= PROGRESS_EVERY_S:
+                        last_line = time.monotonic()
+                        line = (f"stage {stage.label} {stage.resolution}px: step {last.step + 1}/{self.plan.total_steps}, "
+                                f"{done:,}/{stage.samples:,} samples ({done / stage.samples:.0%})  {info}")
+                        self.log.line(line)
+                        if not tty:
+                            self.opt.console.print(line, highlight=False, markup=False)
                 if report.stage_end is not None:
                     end = report.stage_end
                     self.jobs.append_metrics([end])
@@ -272,28 +391,36 @@ class JobRunner:
                 return lost
             time.sleep(1.0)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        """Preemption notice: ask the workers (through storage, reachable from every node) to stop after
-        the current step and commit a checkpoint; the main loop then marks the job preempted."""
+    def _request_stop(self, reason: str) -> None:
+        """Ask the workers (through storage, reachable from every node) to stop after the current step and
+        commit a checkpoint; the stage then ends preempted or cancelled."""
         if self.stop.is_set():
             return
+        self.stop_reason = reason
         self.stop.set()
-        self.opt.console.print(f"[yellow]SIGTERM[/]: stopping after the current step, committing a checkpoint "
-                               f"(grace {self.spec.preemption.grace_seconds:g}s)")
-        self.jobs.storage.write_text('{"reason": "SIGTERM"}', STOP_FILE)
+        self.say(f"{reason}: stopping after the current step, committing a checkpoint "
+                 f"(grace {self.spec.preemption.grace_seconds:g}s)", "yellow")
+        self.jobs.storage.write_text(f'{{"reason": "{reason}"}}', STOP_FILE)
         self._grace_timer = threading.Timer(self.spec.preemption.grace_seconds, self._grace_expired)
         self._grace_timer.start()
 
+    def _on_sigterm(self, signum, frame) -> None:
+        """Preemption notice (or ``ray job stop``, which ``stagetrain cancel`` may send)."""
+        self._request_stop("cancel" if cancel_requested(self.jobs.storage) else "SIGTERM")
+
     def _grace_expired(self) -> None:
-        outcome = Preempted("SIGTERM: the grace period ran out before the workers stopped")
+        reason = "the grace period ran out before the workers stopped"
+        outcome = Cancelled(reason) if self.stop_reason == "cancel" else Preempted(f"SIGTERM: {reason}")
         self.record.settle(self.record.current_stage - 1, outcome, self.record.current_step)
         self.jobs.save(self.record)
-        os._exit(EXIT_PREEMPTED)
+        self.log.close()
+        self.lease.release()
+        os._exit(EXIT_CANCELLED if isinstance(outcome, Cancelled) else EXIT_PREEMPTED)
 
     def _fail(self, reason: str) -> int:
         self.record.fail(reason)
         self.jobs.save(self.record)
-        self.opt.console.print(f"[bold red]job failed:[/] {reason}", highlight=False)
+        self.say(f"job failed: {reason}", "bold red")
         return EXIT_FAILED
 
 

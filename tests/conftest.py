@@ -8,7 +8,7 @@ import pytest
 
 from service.spec import JobSpec, validate_spec
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.s3_server", "tests.ray_head"]
 
 BASE_SPEC = {
     "version": 1,

@@ -7,17 +7,23 @@ import pytest
 from checkpoints.store import FileEntry, Manifest
 from service.curve import curve, lr_factor, lr_momentum
 from service.decisions import (
+    Cancelled,
+    Completed,
     Fail,
+    Failed,
     Finish,
     IncompatibleResume,
+    Preempted,
     RunStage,
     check_resume,
     layout_history,
     next_action,
     resize_remaining,
+    spec_differences,
     stage_completed,
+    stage_outcome,
 )
-from service.jobs import JobRecord
+from service.jobs import JobRecord, StageEnd
 from service.plan import build_plan
 from tests.conftest import make_spec
 from workers.data import StageSampler, stage_subset
@@ -159,3 +165,55 @@ def test_mid_stage_resize_with_per_stage_curves_stays_on_the_stage_curve():
         old_step = 32 + pos // 64
         if pos % 64 == 0:
             assert curve(new, k) == pytest.approx(curve(plan, old_step), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------- stage outcomes
+
+
+@pytest.mark.parametrize(("end", "error", "lost", "stop", "latest", "expect", "job_status", "stage_status"), [
+    # the stage ran to its end and committed its boundary checkpoint
+    (StageEnd(stage=2, step=160, val_acc=0.5, val_loss=1.0), None, None, None, (160, 2, True),
+     Completed("t160", 1.0, 0.5), "pending", "completed"),
+    # a worker raised (after Ray's FailureConfig gave up): the training code failed
+    (None, "worker 0: ZeroDivisionError: boom", None, None, (64, 2, False),
+     Failed("stage 2 failed: worker 0: ZeroDivisionError: boom"), "failed", "failed"),
+    # the worker group failed and the cluster can no longer hold the stage: a node went away
+    (None, "worker 1: ActorDiedError", "stage 2 needs 2 CPUs, the cluster has 1", None, (64, 2, False),
+     Preempted("the cluster lost capacity (checkpoint t64)", "stage 2 needs 2 CPUs, the cluster has 1"),
+     "preempted", "preempted"),
+    # SIGTERM to the coordinator: the workers committed a checkpoint at the step they reached
+    (StageEnd(stage=2, step=70, preempted=True), None, None, "SIGTERM", (70, 2, False),
+     Preempted("SIGTERM requested (checkpoint t70)"), "preempted", "preempted"),
+    # stagetrain cancel
+    (StageEnd(stage=2, step=70, preempted=True), None, None, "cancel", (70, 2, False),
+     Cancelled("cancel requested (checkpoint t70)"), "cancelled", "cancelled"),
+    # fit() returned without the boundary checkpoint: never completed silently
+    (StageEnd(stage=2, step=160), None, None, None, (150, 2, False),
+     Failed("stage 2 ended without committing its boundary checkpoint"), "failed", "failed"),
+], ids=["completed", "code-failure", "lost-capacity", "sigterm", "cancel", "no-boundary-commit"])
+def test_stage_outcome_and_the_status_it_becomes(end, error, lost, stop, latest, expect, job_status, stage_status):
+    spec, plan, record = _job()
+    manifest = _manifest(*latest)
+    outcome = stage_outcome(plan, 1, end, error, lost, stop, manifest)
+    assert outcome == expect
+    record.settle(1, outcome, manifest.step)
+    assert record.stages[1].status == stage_status and record.current_step == manifest.step
+    assert record.status == job_status
+    if isinstance(outcome, Preempted) and lost:
+        assert "lost capacity" in record.error and "stagetrain resume j --workers N" in record.error
+    if isinstance(outcome, Failed):
+        assert record.error == outcome.reason and record.events[-1].endswith(outcome.reason)
+
+
+def test_cancel_between_stages_keeps_the_finished_stage_completed():
+    spec, plan, record = _job()
+    record.stages[0].status = "completed"
+    record.settle(0, Cancelled("cancelled between stages"), 32)
+    assert record.status == "cancelled" and record.stages[0].status == "completed"
+
+
+def test_spec_differences_name_what_changed():
+    a = make_spec(stages=STAGES)
+    b = make_spec(stages=[STAGES[0], {**STAGES[1], "resolution": 28}, STAGES[2]], seed=3)
+    assert spec_differences(a, b) == ["seed: 0 -> 3", "stages[1]: resolution 24 -> 28"]
+    assert spec_differences(a, a) == []

@@ -1,0 +1,132 @@
+"""The coordinator as a Ray job: ``stagetrain submit`` and ``resume --address http://...`` hand the job to
+the Ray Jobs API and return; the cluster runs ``stagetrain run --job-id ID --storage URL``, which reads the
+spec from storage (nothing on the user's disk is needed there).
+
+- ``submission_id`` is ``<job-id>-attempt-<k>``: Ray never reuses one, so each (re)submission is a new
+  attempt, counted in the job record.
+- The entrypoint needs no worker slot (``entrypoint_num_cpus=0``); the code travels as ``py_modules``
+  (or is the cluster image's installed package).
+- ``RAY_JOB_STOP_WAIT_TIME_S`` is set above ``preemption.grace_seconds``: Ray's default (3 s) would
+  SIGKILL the coordinator before the workers commit their checkpoint.
+- Ray's token authentication (on by default in 2.60) is the client's own: ``RAY_AUTH_MODE=token`` with
+  ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``, read by Ray; stagetrain never prints or stores the token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+from urllib.parse import urlparse
+
+from checkpoints.storage import forwarded_env
+
+SUBMISSION_ENV = "STAGETRAIN_SUBMISSION_ID"  # set in a submitted coordinator's environment
+STOP_MARGIN_S = 30
+
+
+class SubmitError(ValueError):
+    """The job cannot be submitted (a user error: exit 2, nothing changed)."""
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    return f"{job_id}-attempt-{attempt}"
+
+
+def job_server(address: str | None) -> str:
+    """The Ray job server URL (``http://HEAD:8265``), or a clear error for anything else."""
+    if not address:
+        raise SubmitError("--address: the Ray job server URL is required, e.g. --address http://HEAD:8265 "
+                          "(or set RAY_ADDRESS)")
+    parsed = urlparse(address)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SubmitError(f"--address: expected the Ray dashboard / job server URL http://HEAD:8265, got {address!r}")
+    return address.rstrip("/")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_reachable(storage_url: str, address: str) -> None:
+    """Storage the cluster cannot reach is refused before anything is submitted."""
+    if "://" not in storage_url or storage_url.startswith("file://"):
+        host = urlparse(address).hostname or ""
+        if not _loopback(host):
+            raise SubmitError(
+                f"--storage {storage_url} is a local folder, which the cluster at {address} cannot reach; "
+                "use shared storage (s3://bucket/prefix, or a path every node mounts, as file:///mnt/...)")
+
+
+def code_modules() -> list[str]:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [os.path.join(here, m) for m in ("service", "workers", "checkpoints")]
+
+
+def submit(job_id: str, storage_url: str, address: str, attempt: int, grace_seconds: float,
+           metadata: dict[str, str] | None = None) -> str:
+    """Submit the coordinator of ``job_id`` as Ray job ``<job-id>-attempt-<attempt>``; returns its id."""
+    from ray.job_submission import JobSubmissionClient
+
+    sid = submission_id(job_id, attempt)
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - connection, auth and version errors all mean "cannot submit"
+        raise SubmitError(f"--address {address}: cannot reach the Ray job server: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    entrypoint = " ".join(shlex.quote(a) for a in (
+        "python", "-m", "service.cli", "run", "--job-id", job_id, "--storage", storage_url))
+    env = {SUBMISSION_ENV: sid, "RAY_JOB_STOP_WAIT_TIME_S": str(int(grace_seconds + STOP_MARGIN_S)),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
+           "PYTHONUNBUFFERED": "1", **forwarded_env()}
+    for k in ("STAGETRAIN_LEASE_TIMEOUT_S",):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    client.submit_job(entrypoint=entrypoint, submission_id=sid, entrypoint_num_cpus=0,
+                      runtime_env={"env_vars": env, "py_modules": code_modules()},
+                      metadata={"stagetrain_job": job_id, **(metadata or {})})
+    return sid
+
+
+def stop(address: str, sid: str) -> bool:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address).stop_job(sid)
+
+
+def ray_job_state(address: str, sid: str, timeout: float = 2.0) -> str | None:
+    """The Ray job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) over the job server's REST API
+    (no Ray import: ``status`` stays fast), or None if the server does not answer."""
+    import json
+    import urllib.request
+
+    headers = {}
+    token = _auth_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        req = urllib.request.Request(f"{address}/api/jobs/{sid}", headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.load(resp).get("status")
+    except Exception:  # noqa: BLE001 - unreachable, unauthorised, unknown: no state to show
+        return None
+
+
+def _auth_token() -> str | None:
+    """The token Ray's clients would send (same lookup order as Ray's), when token auth is on."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return f.read().strip()
+    return None
+
+

@@ -349,10 +349,10 @@ def status(job_id: str, storage: str | None) -> None:
 def list_jobs(storage: str | None, only: str | None, as_json: bool) -> None:
     """Every job under the storage root: status, stage, step, accuracy, age (works with no cluster)."""
     from checkpoints.storage import Storage
-    from service.jobs import JobRecord
+    from service.jobs import JobStore
     from service.report import job_row, jobs_table
 
-    rows = [job_row(r) for r in JobRecord.all(Storage(resolve_storage(storage or "./runs")))]
+    rows = [job_row(r) for r in JobStore.all(Storage(resolve_storage(storage or "./runs")))]
     rows = [r for r in rows if only is None or r["status"] == only]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -42,7 +42,9 @@ def user_errors(fn):
                 err_console.print(f"  {p}", highlight=False, markup=False)
             sys.exit(2)
         except (FileNotFoundError, ValueError, StorageError, LeaseHeld) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+            from rich.markup import escape
+
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             sys.exit(2)
 
     return wrapper
@@ -237,6 +239,7 @@ def _submit(jobs, record, address: str | None, follow: bool) -> None:
            record.job_spec().preemption.grace_seconds)
     record.ray_address = server
     record.ray_submissions.append(sid)
+    record.status, record.error = "pending", None  # until the submitted coordinator takes the lease
     record.event(f"submitted to {server} as Ray job {sid}")
     jobs.save(record)
     storage = jobs.root.url
@@ -421,12 +424,23 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
 
     jobs, record = _open(job_id, storage)
     deadline = time.monotonic() + timeout if timeout else None
+    checked = 0.0
     while True:
         lease = read_lease(jobs.storage)
         if record.status in TERMINAL and (lease is None or not lease.fresh()):
             console.print(f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
                           highlight=False, markup=False)
             sys.exit(exit_code(record.status))
+        if record.status == "pending" and record.ray_submissions and time.monotonic() - checked > 10:
+            # submitted, but no coordinator has started: did the Ray job itself die?
+            from service.submit import ray_job_state
+
+            checked = time.monotonic()
+            state = ray_job_state(record.ray_address, record.ray_submissions[-1])
+            if state in ("FAILED", "STOPPED"):
+                err_console.print(f"job {job_id}: Ray job {record.ray_submissions[-1]} {state} before its "
+                                  f"coordinator started; see `ray job logs {record.ray_submissions[-1]}`")
+                sys.exit(1)
         if deadline and time.monotonic() > deadline:
             err_console.print(f"job {job_id} is still {record.status} after {timeout:g}s")
             sys.exit(124)

@@ -171,7 +171,7 @@ class JobLog:
     def __init__(self, job: Storage, attempt: int, flush_s: float = 2.0):
         self.job, self.name, self.flush_s = job, log_name(attempt), flush_s
         self._buf: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: the SIGTERM handler may log while the main thread does
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stagetrain-log", daemon=True)
         self._thread.start()

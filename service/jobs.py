@@ -63,7 +63,7 @@ class StepRecord(BaseModel):
     workers: int
     grad_accum: int
     images_per_s: float
-    sample_ids: list[list[list[int]]] | None = None  # audit mode: per rank, per micro-batch, (id, epoch)
+    sample_ids: list[list[int]] | None = None  # audit mode: the sample ids each rank read, per rank
 
 
 class StageEnd(BaseModel):

@@ -114,7 +114,8 @@ def _make_callback(q):
             q.put({"report": metrics[0]})
 
         def after_exception(self, run_context, worker_exceptions):
-            q.put({"worker_errors": {r: "".join(traceback.format_exception(e)) for r, e in worker_exceptions.items()}})
+            q.put({"worker_errors": {r: (f"{type(e).__name__}: {_first_line(e)}", "".join(traceback.format_exception(e)))
+                                     for r, e in worker_exceptions.items()}})
 
     return Forward()
 
@@ -143,8 +144,7 @@ class JobRunner:
     # -------------------------------------------------------------------------------- main loop
 
     def run(self) -> int:
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if main else None
+        previous = None
         try:
             sid = os.environ.get(SUBMISSION_ENV)
             where = f"Ray job {sid}" if sid else f"host {self.lease.lease.host}"
@@ -156,6 +156,8 @@ class JobRunner:
             self.jobs.storage.remove(CANCEL_FILE)
             self.jobs.save(self.record)
             connect_ray(self.opt.address)
+            if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
+                previous = signal.signal(signal.SIGTERM, self._on_sigterm)
             code = self._loop()
             self.say(f"job {self.record.job_id} {self.record.status}"
                      + (f": {self.record.error}" if self.record.error else ""))
@@ -347,9 +349,9 @@ class JobRunner:
                 if "worker_errors" in item:
                     srec.restarts += 1
                     failed = True
-                    for rank, text in item["worker_errors"].items():
+                    for rank, (_, text) in item["worker_errors"].items():
                         self.log.line(f"worker {rank} failed:\n{text}")
-                    first = {r: _first_line(t.strip().splitlines()[-1]) for r, t in item["worker_errors"].items()}
+                    first = {r: summary for r, (summary, _) in item["worker_errors"].items()}
                     self.event(f"stage {stage.label}: worker group failed ({first}); Ray Train restarts it "
                                f"from the latest checkpoint")
                     self.jobs.save(self.record)

@@ -11,9 +11,15 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# A coordinator killed by a test holds its lease until it goes stale: 2 s here (60 s by default), so
+# the next `resume` of the job is not refused as "running".
+LEASE_TIMEOUT_S = 2.0
+
+
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1", **extra})
+    env.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1",
+                "STAGETRAIN_LEASE_TIMEOUT_S": str(LEASE_TIMEOUT_S), **extra})
     return env
 
 

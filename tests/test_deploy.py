@@ -319,7 +319,14 @@ def test_rayjob_contract():
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     (inv,) = invocations_in_command(spec["entrypoint"], "deploy/kuberay/rayjob.yaml: spec.entrypoint")
-    assert inv.argv[0] == "run" and "--job-id" in inv.argv, f"entrypoint: {spec['entrypoint']}"
+    # a retry (backoffLimit) reruns the entrypoint: a fixed job id and storage make it continue the job
+    assert inv.argv[0] == "run" and "--job-id" in inv.argv and "--storage" in inv.argv, spec["entrypoint"]
+    assert spec["backoffLimit"] >= 1
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    from service.spec import load_spec
+
+    grace = load_spec(str(REPO / "examples/imagenet-resnet50.yaml")).preemption.grace_seconds
+    assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]) > grace, "Ray would SIGKILL the coordinator mid-checkpoint"
     gpu_groups = [g for name, g, n in ray_groups(doc) if ray_resources(g)["GPU"] > 0]
     assert gpu_groups, "the RayJob's cluster has no worker group with nvidia.com/gpu"
     for g in gpu_groups:

@@ -13,7 +13,7 @@ import pytest
 from checkpoints.store import MANIFEST
 from service.layout import CHECKPOINTS
 from tests.conftest import merge
-from tests.helpers import assert_same
+from tests.helpers import LEASE_TIMEOUT_S, assert_same
 from tests.jobs import (
     DETERMINISTIC,
     TOTAL,
@@ -54,7 +54,7 @@ def _kill_when(proc, condition, timeout=240):
         if condition():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            time.sleep(2)  # let the raylet, GCS and workers of that session go
+            time.sleep(LEASE_TIMEOUT_S + 1)  # the raylet, GCS and workers of that session go; the lease goes stale
             return
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -21,7 +21,7 @@ def test_two_stage_run_follows_the_plan(tmp_path):
                       env=cli_env(STAGETRAIN_AUDIT_SAMPLES="1"), check=True)
     assert "succeeded" in proc.stdout
 
-    plan = build_plan(validate_spec(spec_dict))
+    plan = build_plan(validate_spec(spec_dict), spec_dict["data"]["size"])
     metrics = read_metrics(storage / "t1")
     steps = [m for m in metrics if m.get("kind", "step") == "step"]
     ends = [m for m in metrics if m.get("kind") == "stage_end"]
@@ -69,7 +69,7 @@ def test_fewer_workers_get_the_rescaled_lr(tmp_path):
     job = write_job(tmp_path, spec_dict)
     storage = tmp_path / "runs"
     stagetrain("run", job, "--job-id", "t2", "--storage", str(storage), check=True)
-    plan = build_plan(validate_spec(spec_dict))
+    plan = build_plan(validate_spec(spec_dict), spec_dict["data"]["size"])
     assert plan.stages[1].lr_scale == 0.5
     steps = [m for m in read_metrics(storage / "t2") if m.get("kind", "step") == "step"]
     from service.curve import curve

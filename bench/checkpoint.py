@@ -39,9 +39,9 @@ Storage: a local temp folder AND a real S3 HTTP server (``moto_server`` in its o
     ``checkpointer.save`` and ``._upload`` (the product code is not changed): the stall of each save,
     the wall and CPU time (``time.thread_time``) of each background upload, and how much slower the
     steps that overlap an upload are than the clean steps (the step a save lands in also holds the
-    start of its upload; "steps during upload" are the ones after it). ``--proposed`` adds a third side: every N
-    steps with that runner's ``checkpointer.save`` run under ``torch.set_num_threads(1)`` (the proposed
-    single-threaded CPU copy, applied from outside).
+    start of its upload; "steps during upload" are the ones after it). ``--proposed`` adds a third
+    side: every N steps with that runner's ``checkpointer.save`` run under ``torch.set_num_threads(1)``
+    (the single-threaded CPU copy, measured for comparison; the product does not use it).
 
 The last line of output is one JSON object with the ratios and the raw seconds and MB/s behind them.
 """
@@ -69,36 +69,72 @@ if REPO not in sys.path:  # runnable as `python bench/checkpoint.py` from a chec
     sys.path.insert(0, REPO)
 
 MB = 1e6
-META = {"job_id": "bench", "stage": 1, "epoch": 0, "step": 1, "samples_seen": 2, "boundary": False, "world_size": 1,
-        "plan_hash": "bench", "stage_hash": "bench", "spec_hash": "bench", "versions": {"torch": torch.__version__},
-        "git_revision": None}
+META = {
+    "job_id": "bench",
+    "stage": 1,
+    "epoch": 0,
+    "step": 1,
+    "samples_seen": 2,
+    "boundary": False,
+    "world_size": 1,
+    "plan_hash": "bench",
+    "stage_hash": "bench",
+    "spec_hash": "bench",
+    "versions": {"torch": torch.__version__},
+    "git_revision": None,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state-arch", default="resnet50", help="model whose state (a)/(b) save (default resnet50)")
-    p.add_argument("--reps", type=int, help="timed repetitions of (a) and (b), after one untimed (default 7; quick 2)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--state-arch", default="resnet50", help="model whose state (a)/(b) save (default resnet50)"
+    )
+    p.add_argument(
+        "--reps", type=int, help="timed repetitions of (a) and (b), after one untimed (default 7; quick 2)"
+    )
     p.add_argument("--run-arch", default="resnet18", help="(c): model trained (default resnet18)")
     p.add_argument("--resolution", type=int, default=48, help="(c): image size (default 48)")
     p.add_argument("--batch", type=int, default=32, help="(c): batch size (default 32)")
-    p.add_argument("--every", type=int, help="(c): checkpoint.every_n_steps of the checkpointing side (default 25)")
-    p.add_argument("--warmup", type=int, help="(c): untimed steps at the start of each run (default 5; quick 3)")
+    p.add_argument(
+        "--every", type=int, help="(c): checkpoint.every_n_steps of the checkpointing side (default 25)"
+    )
+    p.add_argument(
+        "--warmup", type=int, help="(c): untimed steps at the start of each run (default 5; quick 3)"
+    )
     p.add_argument("--steps", type=int, help="(c): timed steps per run (default 400; quick 100)")
-    p.add_argument("--rounds", type=int, help="(c): interleaved rounds, each one run of both sides (default 3; quick 1)")
+    p.add_argument(
+        "--rounds", type=int, help="(c): interleaved rounds, each one run of both sides (default 3; quick 1)"
+    )
     p.add_argument("--loader-workers", type=int, default=0, help="(c): DataLoader workers (default 0)")
-    p.add_argument("--proposed", action="store_true",
-                   help="(c): add a third side, every_n_steps N with the proposed single-threaded CPU copy")
+    p.add_argument(
+        "--proposed",
+        action="store_true",
+        help="(c): add a third side, every_n_steps N with the proposed single-threaded CPU copy",
+    )
     p.add_argument("--quick", action="store_true", help="~1 min smoke: fewer repetitions, shorter runs")
     args = p.parse_args(argv)
-    for name, full, quick in (("reps", 7, 2), ("every", 25, 25), ("warmup", 5, 3), ("steps", 400, 100),
-                              ("rounds", 3, 1)):
+    for name, full, quick in (
+        ("reps", 7, 2),
+        ("every", 25, 25),
+        ("warmup", 5, 3),
+        ("steps", 400, 100),
+        ("rounds", 3, 1),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    problems = [f"--{n}: must be >= 1, got {getattr(args, n)}" for n in ("reps", "every", "warmup", "rounds")
-                if getattr(args, n) < 1]
+    problems = [
+        f"--{n}: must be >= 1, got {getattr(args, n)}"
+        for n in ("reps", "every", "warmup", "rounds")
+        if getattr(args, n) < 1
+    ]
     if args.steps < 2 * args.every:
-        problems.append(f"--steps: must hold at least two checkpoints (>= 2 x --every = {2 * args.every}), got {args.steps}")
+        problems.append(
+            f"--steps: must hold at least two checkpoints (>= 2 x --every = {2 * args.every}), got "
+            f"{args.steps}"
+        )
     if problems:
         p.error("; ".join(problems))
     return args
@@ -110,9 +146,10 @@ def median(xs) -> float:
 
 @contextlib.contextmanager
 def intra_op_threads(n: int):
-    """The single-threaded copy (measured for comparison, not used by the product: see AsyncCheckpointer.save):
-    run the CPU copy with one intra-op thread. ``to_cpu`` copies each of hundreds of tensors in its own OpenMP parallel
-    region; on busy cores every region waits for a descheduled thread."""
+    """The single-threaded copy (measured for comparison, not used by the product: see
+    AsyncCheckpointer.save): run the CPU copy with one intra-op thread. ``to_cpu`` copies each of hundreds
+    of tensors in its own OpenMP parallel region; on busy cores every region waits for a descheduled
+    thread."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -136,8 +173,12 @@ def big_state(arch: str) -> dict:
     F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 1000, (2,))).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": {"step": 1},
-            "data": {"step": 1}}
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": {"step": 1},
+        "data": {"step": 1},
+    }
 
 
 def tensor_bytes(obj) -> int:
@@ -207,9 +248,11 @@ def bench_save_and_upload(args, tmp: str) -> dict:
         os.makedirs(os.path.dirname(tmp_files[name]), exist_ok=True)
         with open(tmp_files[name], "wb") as f:
             f.write(data)
-    print(f"state: {args.state_arch} + SGD momentum, {tensor_bytes(state) / MB:.1f} MB of tensors, "
-          f"payload {payload / MB:.1f} MB ({', '.join(f'{n} {len(d) / MB:.1f} MB' for n, d in files.items())})",
-          flush=True)
+    print(
+        f"state: {args.state_arch} + SGD momentum, {tensor_bytes(state) / MB:.1f} MB of tensors, "
+        f"payload {payload / MB:.1f} MB ({', '.join(f'{n} {len(d) / MB:.1f} MB' for n, d in files.items())})",
+        flush=True,
+    )
 
     server = S3Server(_free_port())
     server.start()
@@ -219,44 +262,78 @@ def bench_save_and_upload(args, tmp: str) -> dict:
             os.environ.pop(k, None)
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         make_bucket(server, bucket)
-        stores = {"local": CheckpointStore(Storage(os.path.join(tmp, "storage")).child("bench", "checkpoints")),
-                  "s3": CheckpointStore(Storage(f"s3://{bucket}/storage").child("bench", "checkpoints"))}
-        raw_fs = {"local": (fsspec.filesystem("file"), os.path.join(tmp, "raw-dst")),
-                  "s3": (s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=server.endpoint,
-                                           skip_instance_cache=True), f"{bucket}/raw")}
-        ckpts = {where: AsyncCheckpointer(store, keep_last=1, keep_stage_checkpoints=False)
-                 for where, store in stores.items()}
+        stores = {
+            "local": CheckpointStore(Storage(os.path.join(tmp, "storage")).child("bench", "checkpoints")),
+            "s3": CheckpointStore(Storage(f"s3://{bucket}/storage").child("bench", "checkpoints")),
+        }
+        raw_fs = {
+            "local": (fsspec.filesystem("file"), os.path.join(tmp, "raw-dst")),
+            "s3": (
+                s3fs.S3FileSystem(
+                    key=ACCESS_KEY_ID,
+                    secret=SECRET_ACCESS_KEY,
+                    endpoint_url=server.endpoint,
+                    skip_instance_cache=True,
+                ),
+                f"{bucket}/raw",
+            ),
+        }
+        ckpts = {
+            where: AsyncCheckpointer(store, keep_last=1, keep_stage_checkpoints=False)
+            for where, store in stores.items()
+        }
         tasks = {
             "torch_save": lambda k: {"s": torch_save_s(state)},
-            **{f"save_{w}": (lambda k, w=w: dict(zip(("s", "copy_s"), stall_s(ckpts[w], state, f"step-{k:09d}"),
-                                                     strict=True))) for w in stores},
-            **{f"commit_{w}": (lambda k, w=w: {"s": commit_s(stores[w], files, f"commit-{k:09d}")}) for w in stores},
-            **{f"raw_{w}": (lambda k, w=w: {"s": raw_put_s(raw_fs[w][0], tmp_files, f"{raw_fs[w][1]}/{k}")})
-               for w in stores},
+            **{
+                f"save_{w}": (
+                    lambda k, w=w: dict(
+                        zip(("s", "copy_s"), stall_s(ckpts[w], state, f"step-{k:09d}"), strict=True)
+                    )
+                )
+                for w in stores
+            },
+            **{
+                f"commit_{w}": (lambda k, w=w: {"s": commit_s(stores[w], files, f"commit-{k:09d}")})
+                for w in stores
+            },
+            **{
+                f"raw_{w}": (lambda k, w=w: {"s": raw_put_s(raw_fs[w][0], tmp_files, f"{raw_fs[w][1]}/{k}")})
+                for w in stores
+            },
             "copy_1thread": lambda k: {"s": _timed_1thread(lambda: to_cpu(state))},
             "encode": lambda k: {"s": _timed(lambda: encode(state))},
-            "sha256": lambda k: {"s": _timed(lambda: [hashlib.sha256(d).hexdigest() for d in files.values()])},
+            "sha256": lambda k: {
+                "s": _timed(lambda: [hashlib.sha256(d).hexdigest() for d in files.values()])
+            },
         }
         names = list(tasks)
         rows: dict[str, list[dict]] = {n: [] for n in names}
         for k in range(args.reps + 1):  # repetition 0 is a warm-up, not kept
-            order = names[k % len(names):] + names[:k % len(names)]
+            order = names[k % len(names) :] + names[: k % len(names)]
             for name in order:
                 out = tasks[name](k)
                 if k:
                     rows[name].append(out)
             if k:
-                print(f"  rep {k}/{args.reps}: " + ", ".join(f"{n} {rows[n][-1]['s']:.3f}s" for n in names), flush=True)
+                print(
+                    f"  rep {k}/{args.reps}: " + ", ".join(f"{n} {rows[n][-1]['s']:.3f}s" for n in names),
+                    flush=True,
+                )
             else:
                 print("  rep 0 (warm-up) done", flush=True)
     finally:
         server.stop()
 
     med = {n: median(r["s"] for r in rows[n]) for n in names}
-    out = {"state_MB": round(tensor_bytes(state) / MB, 1), "payload_MB": round(payload / MB, 1),
-           "torch_save_s": round(med["torch_save"], 4), "encode_s": round(med["encode"], 4),
-           "sha256_s": round(med["sha256"], 4), "copy_1thread_s": round(med["copy_1thread"], 4),
-           "reps": args.reps}
+    out = {
+        "state_MB": round(tensor_bytes(state) / MB, 1),
+        "payload_MB": round(payload / MB, 1),
+        "torch_save_s": round(med["torch_save"], 4),
+        "encode_s": round(med["encode"], 4),
+        "sha256_s": round(med["sha256"], 4),
+        "copy_1thread_s": round(med["copy_1thread"], 4),
+        "reps": args.reps,
+    }
     for w in ("local", "s3"):
         out[f"stall_{w}_s"] = round(med[f"save_{w}"], 4)
         out[f"copy_{w}_s"] = round(median(r["copy_s"] for r in rows[f"save_{w}"]), 4)
@@ -288,19 +365,37 @@ def run_spec(args, every: int, storage: str):
     from service.spec import validate_spec
 
     total = args.warmup + args.steps
-    return validate_spec({
-        "version": 1, "name": "checkpoint-bench", "seed": 0,
-        "model": {"arch": args.run_arch, "num_classes": 10, "in_channels": 3},
-        "data": {"kind": "synthetic", "size": total * args.batch, "num_classes": 10, "val_size": 64,
-                 "loader_workers": args.loader_workers},
-        "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5},
-        "schedule": {"strategy": "global_onecycle", "max_lr": 0.05, "pct_start": 0.25, "div_factor": 25,
-                     "final_div_factor": 1e4, "anneal": "cos", "cycle_momentum": True, "base_momentum": 0.85,
-                     "max_momentum": 0.95, "progress": "steps"},
-        "lr_scaling": {"rule": "none"},
-        "stages": [{"resolution": args.resolution, "epochs": 1, "batch_size": args.batch, "workers": 1}],
-        "checkpoint": {"storage": storage, "every_n_steps": every, "keep_last": 2},
-    })
+    return validate_spec(
+        {
+            "version": 1,
+            "name": "checkpoint-bench",
+            "seed": 0,
+            "model": {"arch": args.run_arch, "num_classes": 10, "in_channels": 3},
+            "data": {
+                "kind": "synthetic",
+                "size": total * args.batch,
+                "num_classes": 10,
+                "val_size": 64,
+                "loader_workers": args.loader_workers,
+            },
+            "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5},
+            "schedule": {
+                "strategy": "global_onecycle",
+                "max_lr": 0.05,
+                "pct_start": 0.25,
+                "div_factor": 25,
+                "final_div_factor": 1e4,
+                "anneal": "cos",
+                "cycle_momentum": True,
+                "base_momentum": 0.85,
+                "max_momentum": 0.95,
+                "progress": "steps",
+            },
+            "lr_scaling": {"rule": "none"},
+            "stages": [{"resolution": args.resolution, "epochs": 1, "batch_size": args.batch, "workers": 1}],
+            "checkpoint": {"storage": storage, "every_n_steps": every, "keep_last": 2},
+        }
+    )
 
 
 def train_run(args, every: int, storage: str, job_id: str, proposed: bool = False) -> dict:
@@ -311,8 +406,12 @@ def train_run(args, every: int, storage: str, job_id: str, proposed: bool = Fals
     plan = build_plan(spec, spec.data.size)
     total = args.warmup + args.steps
     assert plan.total_steps == total, (plan.total_steps, total)
-    marks: list[float] = []  # marks[i]: right after step i's scheduler.step(); step i's save (if any) follows it
-    runner = StageRunner(spec, plan, 0, job_id, storage, on_step=lambda step: marks.append(time.perf_counter()))
+    marks: list[
+        float
+    ] = []  # marks[i]: right after step i's scheduler.step(); step i's save (if any) follows it
+    runner = StageRunner(
+        spec, plan, 0, job_id, storage, on_step=lambda step: marks.append(time.perf_counter())
+    )
     ck = runner.checkpointer
     if proposed:  # the single-threaded copy, wrapped around this runner's saves only
         save = ck.save
@@ -324,7 +423,10 @@ def train_run(args, every: int, storage: str, job_id: str, proposed: bool = Fals
         ck.save = save_one_thread
     t0 = time.perf_counter()
     summary = runner.run()
-    saves, uploads = ck.saves, ck.uploads  # start, end (and upload-thread CPU s) of each, from the checkpointer
+    saves, uploads = (
+        ck.saves,
+        ck.uploads,
+    )  # start, end (and upload-thread CPU s) of each, from the checkpointer
     wall = time.perf_counter() - t0
     assert not ck.failures, ck.failures
     first, last = args.warmup - 1, total - 1
@@ -341,12 +443,19 @@ def train_run(args, every: int, storage: str, job_id: str, proposed: bool = Fals
     with_save = [d for d, a, b in steps if overlaps(a, b, saves)]
     during_upload = [d for d, a, b in steps if overlaps(a, b, uploads) and not overlaps(a, b, saves)]
     return {
-        "loop_s": hi - lo, "wall_s": wall, "steps": last - first, "every": every,
-        "saves": len(periodic_saves), "uploads_done_in_window": all(e <= hi for _, e, _ in periodic_uploads),
+        "loop_s": hi - lo,
+        "wall_s": wall,
+        "steps": last - first,
+        "every": every,
+        "saves": len(periodic_saves),
+        "uploads_done_in_window": all(e <= hi for _, e, _ in periodic_uploads),
         "save_stall_s": [e - s for s, e in periodic_saves],
-        "upload_wall_s": [e - s for s, e, _ in periodic_uploads], "upload_cpu_s": [c for *_, c in periodic_uploads],
+        "upload_wall_s": [e - s for s, e, _ in periodic_uploads],
+        "upload_cpu_s": [c for *_, c in periodic_uploads],
         "clean_step_s": median(clean) if clean else None,
-        "save_step_s": with_save, "upload_step_s": during_upload, "stall_s": summary.stall_s,
+        "save_step_s": with_save,
+        "upload_step_s": during_upload,
+        "stall_s": summary.stall_s,
     }
 
 
@@ -364,7 +473,8 @@ def side_breakdown(runs: list[dict]) -> dict:
         "upload_cpu_s": round(median(u for r in runs for u in r["upload_cpu_s"]), 4),
         "steps_during_upload_per_save": round(len(upload_steps) / saves, 2) if saves else None,
         "upload_step_s": round(median(upload_steps), 4) if upload_steps else None,
-        # Excess over a clean step, summed per save: in the save's own step, in the steps overlapping its upload.
+        # Excess over a clean step, summed per save: in the save's own step, in the steps overlapping
+        # its upload.
         "excess_save_step_s": round(sum(d - clean for d in save_steps) / saves, 4) if saves else None,
         "excess_upload_steps_s": round(sum(d - clean for d in upload_steps) / saves, 4) if saves else None,
     }
@@ -372,32 +482,48 @@ def side_breakdown(runs: list[dict]) -> dict:
 
 def bench_run_cost(args, tmp: str) -> dict:
     sides = ["every", "off"] + (["fix"] if args.proposed else [])
-    print(f"(c) run cost: {args.run_arch} at {args.resolution}px, batch {args.batch}, world 1, "
-          f"{args.warmup} warm-up + {args.steps} timed steps, every_n_steps {args.every} vs 0"
-          f"{' vs ' + str(args.every) + ' with the proposed single-threaded copy' if args.proposed else ''}, "
-          f"{args.rounds} round(s), torch threads {torch.get_num_threads()}, loader workers {args.loader_workers}",
-          flush=True)
+    print(
+        f"(c) run cost: {args.run_arch} at {args.resolution}px, batch {args.batch}, world 1, "
+        f"{args.warmup} warm-up + {args.steps} timed steps, every_n_steps {args.every} vs 0"
+        f"{' vs ' + str(args.every) + ' with the proposed single-threaded copy' if args.proposed else ''}, "
+        f"{args.rounds} round(s), torch threads {torch.get_num_threads()}, loader workers "
+        f"{args.loader_workers}",
+        flush=True,
+    )
     rows = []
     for k in range(args.rounds):
-        order = sides[k % len(sides):] + sides[:k % len(sides)]  # AB, BA, ... (ABC, BCA, CAB with --proposed)
+        order = (
+            sides[k % len(sides) :] + sides[: k % len(sides)]
+        )  # AB, BA, ... (ABC, BCA, CAB with --proposed)
         row = {}
         for side in order:
             storage = os.path.join(tmp, "run-storage")
-            row[side] = train_run(args, 0 if side == "off" else args.every, storage, f"round-{k}-{side}",
-                                  proposed=side == "fix")
+            row[side] = train_run(
+                args, 0 if side == "off" else args.every, storage, f"round-{k}-{side}", proposed=side == "fix"
+            )
             shutil.rmtree(storage, ignore_errors=True)
         rows.append(row)
         off = row["off"]["loop_s"]
-        print(f"  round {k + 1}/{args.rounds} ({'/'.join(order)}): loop without checkpoints {off:.2f}s; "
-              + "; ".join(f"{side} {row[side]['loop_s']:.2f}s ({row[side]['saves']} saves, "
-                          f"ratio {row[side]['loop_s'] / off:.3f})" for side in sides if side != "off"), flush=True)
+        print(
+            f"  round {k + 1}/{args.rounds} ({'/'.join(order)}): loop without checkpoints {off:.2f}s; "
+            + "; ".join(
+                f"{side} {row[side]['loop_s']:.2f}s ({row[side]['saves']} saves, "
+                f"ratio {row[side]['loop_s'] / off:.3f})"
+                for side in sides
+                if side != "off"
+            ),
+            flush=True,
+        )
     loop = {side: median(r[side]["loop_s"] for r in rows) for side in sides}
     ours = [r["every"] for r in rows]
     out = {
         "run_cost_ratio": round(loop["every"] / loop["off"], 4),
         "pair_ratios": [round(r["every"]["loop_s"] / r["off"]["loop_s"], 4) for r in rows],
-        "loop_with_s": round(loop["every"], 3), "loop_without_s": round(loop["off"], 3),
-        "every_n_steps": args.every, "timed_steps": args.steps, "saves_per_run": ours[0]["saves"],
+        "loop_with_s": round(loop["every"], 3),
+        "loop_without_s": round(loop["off"], 3),
+        "every_n_steps": args.every,
+        "timed_steps": args.steps,
+        "saves_per_run": ours[0]["saves"],
         "uploads_done_in_window": all(r[side]["uploads_done_in_window"] for r in rows for side in sides),
         "run_wall_with_s": round(median(r["wall_s"] for r in ours), 2),
         "run_wall_without_s": round(median(r["off"]["wall_s"] for r in rows), 2),
@@ -408,12 +534,18 @@ def bench_run_cost(args, tmp: str) -> dict:
     out["cost_per_save_s"] = round((loop["every"] - loop["off"]) / saves, 4) if saves else None
     step_s = loop["off"] / args.steps
     out["step_s"] = round(step_s, 4)
-    out["every_n_for_3pct"] = (max(1, round(out["cost_per_save_s"] / (0.03 * step_s)))
-                               if saves and out["cost_per_save_s"] > 0 else None)
+    out["every_n_for_3pct"] = (
+        max(1, round(out["cost_per_save_s"] / (0.03 * step_s)))
+        if saves and out["cost_per_save_s"] > 0
+        else None
+    )
     if args.proposed:
-        out["proposed"] = {"run_cost_ratio": round(loop["fix"] / loop["off"], 4), "loop_s": round(loop["fix"], 3),
-                           "pair_ratios": [round(r["fix"]["loop_s"] / r["off"]["loop_s"], 4) for r in rows],
-                           **side_breakdown([r["fix"] for r in rows])}
+        out["proposed"] = {
+            "run_cost_ratio": round(loop["fix"] / loop["off"], 4),
+            "loop_s": round(loop["fix"], 3),
+            "pair_ratios": [round(r["fix"]["loop_s"] / r["off"]["loop_s"], 4) for r in rows],
+            **side_breakdown([r["fix"] for r in rows]),
+        }
     return out
 
 
@@ -425,34 +557,61 @@ def print_table(ab: dict, rc: dict) -> None:
     print(f"(a) stall per save, {ab['state_MB']:.0f} MB of state, median of {ab['reps']}")
     print(f"    {'torch.save -> BytesIO':<44} {ab['torch_save_s']:>8.3f} s")
     for w in ("local", "s3"):
-        print(f"    {f'AsyncCheckpointer.save, {w} (copy alone)':<44} {ab[f'stall_{w}_s']:>8.3f} s "
-              f"({ab[f'copy_{w}_s']:.3f} s)   ratio {ab[f'stall_{w}_s'] / ab['torch_save_s']:.3f}")
-    print(f"    {'proposed: to_cpu with 1 intra-op thread':<44} {ab['copy_1thread_s']:>8.3f} s "
-          f"            ratio {ab['copy_1thread_s'] / ab['torch_save_s']:.3f}")
-    print(f"(b) upload of {ab['payload_MB']:.0f} MB pre-serialised (encode {ab['encode_s']:.3f} s, "
-          f"sha256 {ab['sha256_s']:.3f} s, not included), median of {ab['reps']}")
+        print(
+            f"    {f'AsyncCheckpointer.save, {w} (copy alone)':<44} {ab[f'stall_{w}_s']:>8.3f} s "
+            f"({ab[f'copy_{w}_s']:.3f} s)   ratio {ab[f'stall_{w}_s'] / ab['torch_save_s']:.3f}"
+        )
+    print(
+        f"    {'proposed: to_cpu with 1 intra-op thread':<44} {ab['copy_1thread_s']:>8.3f} s "
+        f"            ratio {ab['copy_1thread_s'] / ab['torch_save_s']:.3f}"
+    )
+    print(
+        f"(b) upload of {ab['payload_MB']:.0f} MB pre-serialised (encode {ab['encode_s']:.3f} s, "
+        f"sha256 {ab['sha256_s']:.3f} s, not included), median of {ab['reps']}"
+    )
     print(f"    {'':<10} {'commit s':>9} {'MB/s':>8} {'raw put s':>10} {'MB/s':>8} {'raw/ours':>9}")
     for w in ("local", "s3"):
-        print(f"    {w:<10} {ab[f'commit_{w}_s']:>9.3f} {ab[f'commit_{w}_MB_s']:>8.1f} {ab[f'raw_put_{w}_s']:>10.3f} "
-              f"{ab[f'raw_put_{w}_MB_s']:>8.1f} {ab[f'raw_put_{w}_s'] / ab[f'commit_{w}_s']:>9.3f}")
-    print(f"(c) run cost, every_n_steps {rc['every_n_steps']} ({rc['saves_per_run']} saves in {rc['timed_steps']} "
-          f"timed steps) vs 0")
-    print(f"    loop with {rc['loop_with_s']:.2f} s, without {rc['loop_without_s']:.2f} s: ratio {rc['run_cost_ratio']:.3f} "
-          f"(pairs {rc['pair_ratios']}); uploads finished inside the window: {rc['uploads_done_in_window']}")
-    need = (f"3% would need every_n_steps >= {rc['every_n_for_3pct']}" if rc["every_n_for_3pct"]
-            else "no measurable cost")
-    print(f"    one save costs the loop {rc['cost_per_save_s']} s = {rc['cost_per_save_s'] / rc['step_s']:.1f} steps of "
-          f"{rc['step_s']:.3f} s: {need}")
-    print(f"    clean step {rc['clean_step_s']:.3f} s; per save: stall {rc['save_stall_s']:.3f} s, the step it lands in "
-          f"(with the start of its upload) "
-          f"+{rc['excess_save_step_s']} s; background upload {rc['upload_wall_s']:.3f} s wall / "
-          f"{rc['upload_cpu_s']:.3f} s CPU over {rc['steps_during_upload_per_save']} steps, "
-          f"which ran +{rc['excess_upload_steps_s']} s slower in total")
+        print(
+            f"    {w:<10} {ab[f'commit_{w}_s']:>9.3f} {ab[f'commit_{w}_MB_s']:>8.1f} "
+            f"{ab[f'raw_put_{w}_s']:>10.3f} "
+            f"{ab[f'raw_put_{w}_MB_s']:>8.1f} {ab[f'raw_put_{w}_s'] / ab[f'commit_{w}_s']:>9.3f}"
+        )
+    print(
+        f"(c) run cost, every_n_steps {rc['every_n_steps']} ({rc['saves_per_run']} saves in "
+        f"{rc['timed_steps']} "
+        f"timed steps) vs 0"
+    )
+    print(
+        f"    loop with {rc['loop_with_s']:.2f} s, without {rc['loop_without_s']:.2f} s: ratio "
+        f"{rc['run_cost_ratio']:.3f} "
+        f"(pairs {rc['pair_ratios']}); uploads finished inside the window: {rc['uploads_done_in_window']}"
+    )
+    need = (
+        f"3% would need every_n_steps >= {rc['every_n_for_3pct']}"
+        if rc["every_n_for_3pct"]
+        else "no measurable cost"
+    )
+    print(
+        f"    one save costs the loop {rc['cost_per_save_s']} s = "
+        f"{rc['cost_per_save_s'] / rc['step_s']:.1f} steps of "
+        f"{rc['step_s']:.3f} s: {need}"
+    )
+    print(
+        f"    clean step {rc['clean_step_s']:.3f} s; per save: stall {rc['save_stall_s']:.3f} s, the step "
+        "it lands in "
+        f"(with the start of its upload) "
+        f"+{rc['excess_save_step_s']} s; background upload {rc['upload_wall_s']:.3f} s wall / "
+        f"{rc['upload_cpu_s']:.3f} s CPU over {rc['steps_during_upload_per_save']} steps, "
+        f"which ran +{rc['excess_upload_steps_s']} s slower in total"
+    )
     if "proposed" in rc:
         fx = rc["proposed"]
-        print(f"    proposed single-threaded copy: loop {fx['loop_s']:.2f} s, ratio {fx['run_cost_ratio']:.3f} "
-              f"(pairs {fx['pair_ratios']}); stall {fx['save_stall_s']:.3f} s, its step +{fx['excess_save_step_s']} s, "
-              f"upload steps +{fx['excess_upload_steps_s']} s per save")
+        print(
+            f"    proposed single-threaded copy: loop {fx['loop_s']:.2f} s, ratio {fx['run_cost_ratio']:.3f} "
+            f"(pairs {fx['pair_ratios']}); stall {fx['save_stall_s']:.3f} s, its step "
+            f"+{fx['excess_save_step_s']} s, "
+            f"upload steps +{fx['excess_upload_steps_s']} s per save"
+        )
     print()
 
 
@@ -472,9 +631,15 @@ def main(argv: list[str] | None = None) -> int:
         "stall_ratio_s3": round(ab["stall_s3_s"] / ab["torch_save_s"], 4),
         "stall_ratio_proposed": round(ab["copy_1thread_s"] / ab["torch_save_s"], 4),
         "upload_ratio_local": round(ab["raw_put_local_s"] / ab["commit_local_s"], 4),
-        **{k: v for k, v in ab.items() if k != "rows"}, "run": rc,
-        "state_arch": args.state_arch, "run_arch": args.run_arch, "resolution": args.resolution,
-        "batch": args.batch, "quick": args.quick, "torch": torch.__version__, "cores": len(os.sched_getaffinity(0)),
+        **{k: v for k, v in ab.items() if k != "rows"},
+        "run": rc,
+        "state_arch": args.state_arch,
+        "run_arch": args.run_arch,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "cores": len(os.sched_getaffinity(0)),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))

@@ -87,23 +87,37 @@ MODES = ("draft", "full")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int,
-                   help="JPEGs in the folder, all read by every run (default 2000; quick 500)")
-    p.add_argument("--resolutions", default="128,160,224",
-                   help="comma-separated stage sizes (default 128,160,224)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--images", type=int, help="JPEGs in the folder, all read by every run (default 2000; quick 500)"
+    )
+    p.add_argument(
+        "--resolutions", default="128,160,224", help="comma-separated stage sizes (default 128,160,224)"
+    )
     p.add_argument("--batch", type=int, default=64, help="DataLoader batch size (default 64)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader num_workers (default 0)")
-    p.add_argument("--rounds", type=int,
-                   help="interleaved rounds, each one run of both modes (default 3; quick 2)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads in this process (default 1, as in each DataLoader worker)")
-    p.add_argument("--cache", default=None,
-                   help="folder that holds the JPEG folder between runs (default: the system temp dir)")
-    p.add_argument("--fashion-mnist", default=FASHION_MNIST,
-                   help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz "
-                        f"(default {FASHION_MNIST})")
+    p.add_argument(
+        "--rounds", type=int, help="interleaved rounds, each one run of both modes (default 3; quick 2)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads in this process (default 1, as in each DataLoader worker)",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="folder that holds the JPEG folder between runs (default: the system temp dir)",
+    )
+    p.add_argument(
+        "--fashion-mnist",
+        default=FASHION_MNIST,
+        help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz "
+        f"(default {FASHION_MNIST})",
+    )
     p.add_argument("--quick", action="store_true", help="~25 s smoke: 500 images, 2 rounds")
     args = p.parse_args(argv)
     # Explicit --images/--rounds win over both presets.
@@ -114,11 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cache = args.cache or tempfile.gettempdir()
     problems = []
     if not 1 <= args.images <= 60000:
-        problems.append(f"--images: must be between 1 and 60000 (Fashion-MNIST's training set), "
-                        f"got {args.images}")
+        problems.append(
+            f"--images: must be between 1 and 60000 (Fashion-MNIST's training set), got {args.images}"
+        )
     if args.batch < 1 or args.images < 2 * args.batch:
-        problems.append(f"--batch: must be >= 1 and at most half of --images ({args.images}): the first "
-                        f"batch of a run is not timed, got {args.batch}")
+        problems.append(
+            f"--batch: must be >= 1 and at most half of --images ({args.images}): the first "
+            f"batch of a run is not timed, got {args.batch}"
+        )
     if args.rounds < 1:
         problems.append(f"--rounds: must be >= 1, got {args.rounds}")
     if args.threads < 1:
@@ -126,8 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.loader_workers < 0:
         problems.append(f"--loader-workers: must be >= 0, got {args.loader_workers}")
     if not args.resolutions or min(args.resolutions) < 1 or max(args.resolutions) > SIZE:
-        problems.append(f"--resolutions: sizes between 1 and {SIZE} px (the JPEGs' size), "
-                        f"got {args.resolutions}")
+        problems.append(
+            f"--resolutions: sizes between 1 and {SIZE} px (the JPEGs' size), got {args.resolutions}"
+        )
     if problems:
         p.error("; ".join(problems))
     return args
@@ -152,8 +170,10 @@ def build_folder(args) -> str:
     images_gz = f"{args.fashion_mnist}/train-images-idx3-ubyte.gz"
     labels_gz = f"{args.fashion_mnist}/train-labels-idx1-ubyte.gz"
     if not (os.path.exists(images_gz) and os.path.exists(labels_gz)):
-        sys.exit(f"error: Fashion-MNIST not found in {args.fashion_mnist}; install Debian's "
-                 "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --fashion-mnist DIR")
+        sys.exit(
+            f"error: Fashion-MNIST not found in {args.fashion_mnist}; install Debian's "
+            "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --fashion-mnist DIR"
+        )
     t0 = time.perf_counter()
     pixels, labels = read_idx(images_gz, 16), read_idx(labels_gz, 8)
     shutil.rmtree(root, ignore_errors=True)
@@ -269,8 +289,10 @@ def measure(root: str, args) -> list[dict]:
     for k in range(args.rounds):
         row = {"round": k + 1, **measure_round(root, args, k)}
         rows.append(row)
-        line = ", ".join(f"{r} px {row['pipeline'][(r, 'draft')]:.0f}/{row['pipeline'][(r, 'full')]:.0f}"
-                         for r in args.resolutions)
+        line = ", ".join(
+            f"{r} px {row['pipeline'][(r, 'draft')]:.0f}/{row['pipeline'][(r, 'full')]:.0f}"
+            for r in args.resolutions
+        )
         print(f"  round {k + 1}/{args.rounds}: pipeline img/s draft/full {line}", flush=True)
     return rows
 
@@ -287,21 +309,32 @@ def summarise(args, rows: list[dict], decoded: dict[int, int]) -> dict:
             pairs = [row[metric][(r, "draft")] / row[metric][(r, "full")] for row in rows]
             vs_ref = med[(r, "draft")] / med[(ref, "full")]
             per_res[str(r)][metric] = {
-                "draft_img_s": round(med[(r, "draft")], 1), "full_img_s": round(med[(r, "full")], 1),
+                "draft_img_s": round(med[(r, "draft")], 1),
+                "full_img_s": round(med[(r, "full")], 1),
                 "draft_speedup": round(statistics.median(pairs), 3),
                 "draft_speedup_range": [round(min(pairs), 3), round(max(pairs), 3)],
-                f"vs_{ref}": round(vs_ref, 3), "meets_2x": vs_ref >= 2.0 if r < ref else None,
+                f"vs_{ref}": round(vs_ref, 3),
+                "meets_2x": vs_ref >= 2.0 if r < ref else None,
             }
     lower = [v for r, v in per_res.items() if int(r) < ref]
     return {
-        "per_resolution": per_res, "reference_resolution": ref,
+        "per_resolution": per_res,
+        "reference_resolution": ref,
         "target": f"pipeline draft img/s at each resolution below {ref} >= 2x pipeline full img/s at {ref}",
         "target_met": all(v["pipeline"]["meets_2x"] for v in lower),
         **{f"{m}_target_met": all(v[m]["meets_2x"] for v in lower) for m in metrics(args) if m != "pipeline"},
-        "images": args.images, "image_px": SIZE, "jpeg_quality": QUALITY, "rounds": args.rounds,
-        "batch": args.batch, "loader_workers": args.loader_workers, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "images": args.images,
+        "image_px": SIZE,
+        "jpeg_quality": QUALITY,
+        "rounds": args.rounds,
+        "batch": args.batch,
+        "loader_workers": args.loader_workers,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "pillow": PIL.__version__,
     }
 
@@ -314,22 +347,28 @@ def print_table(args, rows: list[dict], summary: dict) -> None:
         for r in args.resolutions:
             for metric in metrics(args):
                 draft, full = row[metric][(r, "draft")], row[metric][(r, "full")]
-                print(f"{row['round']:>5} {r:>5} {metric:>13} {draft:>12.1f} {full:>11.1f} "
-                      f"{draft / full:>11.3f}")
+                print(
+                    f"{row['round']:>5} {r:>5} {metric:>13} {draft:>12.1f} {full:>11.1f} "
+                    f"{draft / full:>11.3f}"
+                )
     print()
     print("Median img/s over rounds. pipeline: StageDataset through the DataLoader; decode: the source")
     print("alone; *_cpu: images per second of this process's CPU time (less moved by other processes' load).")
     vs = f"draft vs {ref} full"
-    print(f"{'res':>5} {'decoded':>8} {'metric':>13} {'draft img/s':>12} {'full img/s':>11} "
-          f"{'draft/full (min..max)':>22} {vs:>18} {'>= 2x':>6}")
+    print(
+        f"{'res':>5} {'decoded':>8} {'metric':>13} {'draft img/s':>12} {'full img/s':>11} "
+        f"{'draft/full (min..max)':>22} {vs:>18} {'>= 2x':>6}"
+    )
     for res, per in summary["per_resolution"].items():
         for metric in metrics(args):
             v = per[metric]
             lo, hi = v["draft_speedup_range"]
             speedup = f"{v['draft_speedup']:.2f} ({lo:.2f}..{hi:.2f})"
             meets = "-" if v["meets_2x"] is None else ("yes" if v["meets_2x"] else "NO")
-            print(f"{res:>5} {per['decoded_px']:>6}px {metric:>13} {v['draft_img_s']:>12.1f} "
-                  f"{v['full_img_s']:>11.1f} {speedup:>22} {v[f'vs_{ref}']:>17.2f}x {meets:>6}")
+            print(
+                f"{res:>5} {per['decoded_px']:>6}px {metric:>13} {v['draft_img_s']:>12.1f} "
+                f"{v['full_img_s']:>11.1f} {speedup:>22} {v[f'vs_{ref}']:>17.2f}x {meets:>6}"
+            )
     print()
 
 
@@ -342,10 +381,12 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = [path for path, _ in ImageFolderImages(root, channels=3).samples]
     decoded = {r: decoded_size(paths[0], r) for r in args.resolutions}
-    print(f"data: {args.images} Fashion-MNIST JPEGs ({SIZE} px RGB, q{QUALITY}) in {root}; resolutions "
-          f"{args.resolutions}, {args.rounds} rounds, batch {args.batch}, loader workers "
-          f"{args.loader_workers}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs",
-          flush=True)
+    print(
+        f"data: {args.images} Fashion-MNIST JPEGs ({SIZE} px RGB, q{QUALITY}) in {root}; resolutions "
+        f"{args.resolutions}, {args.rounds} rounds, batch {args.batch}, loader workers "
+        f"{args.loader_workers}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs",
+        flush=True,
+    )
     for path in paths:  # untimed: into the page cache
         with open(path, "rb") as f:
             f.read()

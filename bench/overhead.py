@@ -21,16 +21,16 @@ channels_last. What differs is exactly what is being measured:
 
 Timing (both sides alike): a timestamp right after each step's ``scheduler.step()`` -- for StageRunner
 through its ``on_step`` hook (called once per optimizer step, right after ``scheduler.step()``;
-``stop_requested`` is left at its default). StageRunner gets the device injected (``device=``). The timed window runs from the last
-warm-up step's timestamp to the last step's, so it holds ``--steps`` whole loop iterations (data,
-forward, backward, optimizer, schedule, and StageRunner's per-step bookkeeping, reports and stop
-check) and excludes setup, the warm-up steps, evaluation and the stage-boundary checkpoint. On CUDA
-the device is synchronised at the two window edges only (never per step, which would hide the loop's
-own syncs). img/s is global images per second (per-worker batch x world). Rounds interleave the two
-sides (AB, BA, AB, ...), each with a fresh model. A resolution's ratio is the median over rounds of
-(stagetrain img/s / plain img/s) within the round -- the two runs of a round are seconds apart, so
-slow drifts in load from other processes cancel; the ratio of the two medians is shown beside it. ``overhead_ratio`` in the
-final JSON line is the geometric mean of the per-resolution ratios.
+``stop_requested`` is left at its default). StageRunner gets the device injected (``device=``). The
+timed window runs from the last warm-up step's timestamp to the last step's, so it holds ``--steps``
+whole loop iterations (data, forward, backward, optimizer, schedule, and StageRunner's per-step
+bookkeeping, reports and stop check) and excludes setup, the warm-up steps, evaluation and the stage-
+boundary checkpoint. On CUDA the device is synchronised at the two window edges only (never per step,
+which would hide the loop's own syncs). img/s is global images per second (per-worker batch x world).
+Rounds interleave the two sides (AB, BA, AB, ...), each with a fresh model. A resolution's ratio is the
+median over rounds of (stagetrain img/s / plain img/s) within the round -- the two runs of a round are
+seconds apart, so slow drifts in load from other processes cancel; the ratio of the two medians is shown
+beside it. ``overhead_ratio`` in the final JSON line is the geometric mean of the per-resolution ratios.
 
 Beside them: each side's CPU time per timed step on rank 0 (``time.process_time``: the rank's own
 threads, not DataLoader workers) and ``cpu_ratio`` (plain CPU per step / stagetrain CPU per step). It
@@ -71,21 +71,33 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 5e-5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arch", default="resnet18", help="torchvision model name (default resnet18)")
     p.add_argument("--resolutions", default="32", help="comma-separated image sizes (default 32)")
     p.add_argument("--batch", type=int, default=32, help="per-worker batch (default 32)")
     p.add_argument("--world", type=int, default=2, help="processes, one rank each (default 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--backend", default=None,
-                   help="init_process_group backend, passed verbatim (default gloo on CPU, cpu:gloo,cuda:nccl on CUDA)")
-    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader num_workers, both sides (default 0)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads per rank (default: usable cores // world, at least 1)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="init_process_group backend, passed verbatim (default gloo on CPU, cpu:gloo,cuda:nccl on CUDA)",
+    )
+    p.add_argument(
+        "--loader-workers", type=int, default=0, help="DataLoader num_workers, both sides (default 0)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads per rank (default: usable cores // world, at least 1)",
+    )
     p.add_argument("--warmup", type=int, help="untimed steps at the start of every run (default 5; quick 2)")
     p.add_argument("--steps", type=int, help="timed steps per run (default 40; quick 8)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds, each one run of both sides (default 6; quick 4)")
+    p.add_argument(
+        "--rounds", type=int, help="interleaved rounds, each one run of both sides (default 6; quick 4)"
+    )
     p.add_argument("--no-amp", action="store_true", help="CUDA: no bf16 autocast (both sides)")
     p.add_argument("--no-channels-last", action="store_true", help="CUDA: contiguous NCHW (both sides)")
     p.add_argument("--quick", action="store_true", help="~30 s smoke: 4 rounds of 2 warm-up + 8 timed steps")
@@ -102,7 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 1:
         problems.append(f"--warmup: must be >= 1, got {args.warmup}")
     if args.steps < 2 or args.warmup + args.steps < 5:  # OneCycle needs pct_start (0.25) x steps > 1
-        problems.append(f"--steps: must be >= 2 and --warmup + --steps >= 5, got {args.warmup} + {args.steps}")
+        problems.append(
+            f"--steps: must be >= 2 and --warmup + --steps >= 5, got {args.warmup} + {args.steps}"
+        )
     if args.rounds < 1:
         problems.append(f"--rounds: must be >= 1, got {args.rounds}")
     if args.world < 1 or args.batch < 1 or not args.resolutions:
@@ -135,7 +149,10 @@ class StepClock:
         assert len(self.marks) >= self.last + 1, f"only {len(self.marks)} step marks"
         steps = self.last - self.first
         (wall0, cpu0), (wall1, cpu1) = self.marks[self.first], self.marks[self.last]
-        return {"img_s": steps * global_batch / (wall1 - wall0), "cpu_ms_per_step": (cpu1 - cpu0) / steps * 1e3}
+        return {
+            "img_s": steps * global_batch / (wall1 - wall0),
+            "cpu_ms_per_step": (cpu1 - cpu0) / steps * 1e3,
+        }
 
 
 # ------------------------------------------------------------------------------------------ sides
@@ -145,22 +162,47 @@ def spec_for(args, resolution: int, storage: str):
     from service.spec import validate_spec
 
     global_batch = args.batch * args.world
-    return validate_spec({
-        "version": 1, "name": "overhead-bench", "seed": SEED,
-        "model": {"arch": args.arch, "num_classes": NUM_CLASSES, "in_channels": 3},
-        # Exactly total_steps optimizer steps in one epoch; validation is one image per rank.
-        "data": {"kind": "synthetic", "size": total_steps(args) * global_batch, "num_classes": NUM_CLASSES,
-                 "val_size": args.world, "loader_workers": args.loader_workers},
-        "optimizer": {"name": "sgd", "momentum": MOMENTUM, "nesterov": True, "weight_decay": WEIGHT_DECAY},
-        "schedule": {"strategy": "global_onecycle", "max_lr": MAX_LR, "pct_start": PCT_START, "div_factor": DIV,
-                     "final_div_factor": FINAL_DIV, "anneal": "cos", "cycle_momentum": True,
-                     "base_momentum": BASE_MOM, "max_momentum": MAX_MOM, "progress": "steps"},
-        "lr_scaling": {"rule": "none"},
-        "stages": [{"resolution": resolution, "epochs": 1, "batch_size": args.batch, "workers": args.world}],
-        "checkpoint": {"storage": storage, "every_n_steps": 0},
-        "resources": {"use_gpu": args.device == "cuda"},
-        "train": {"amp": not args.no_amp, "channels_last": not args.no_channels_last},
-    })
+    return validate_spec(
+        {
+            "version": 1,
+            "name": "overhead-bench",
+            "seed": SEED,
+            "model": {"arch": args.arch, "num_classes": NUM_CLASSES, "in_channels": 3},
+            # Exactly total_steps optimizer steps in one epoch; validation is one image per rank.
+            "data": {
+                "kind": "synthetic",
+                "size": total_steps(args) * global_batch,
+                "num_classes": NUM_CLASSES,
+                "val_size": args.world,
+                "loader_workers": args.loader_workers,
+            },
+            "optimizer": {
+                "name": "sgd",
+                "momentum": MOMENTUM,
+                "nesterov": True,
+                "weight_decay": WEIGHT_DECAY,
+            },
+            "schedule": {
+                "strategy": "global_onecycle",
+                "max_lr": MAX_LR,
+                "pct_start": PCT_START,
+                "div_factor": DIV,
+                "final_div_factor": FINAL_DIV,
+                "anneal": "cos",
+                "cycle_momentum": True,
+                "base_momentum": BASE_MOM,
+                "max_momentum": MAX_MOM,
+                "progress": "steps",
+            },
+            "lr_scaling": {"rule": "none"},
+            "stages": [
+                {"resolution": resolution, "epochs": 1, "batch_size": args.batch, "workers": args.world}
+            ],
+            "checkpoint": {"storage": storage, "every_n_steps": 0},
+            "resources": {"use_gpu": args.device == "cuda"},
+            "train": {"amp": not args.no_amp, "channels_last": not args.no_channels_last},
+        }
+    )
 
 
 def run_stagetrain(args, resolution: int, storage: str, job_id: str, device: torch.device) -> dict:
@@ -178,10 +220,13 @@ def run_stagetrain(args, resolution: int, storage: str, job_id: str, device: tor
             windows.append(metrics["records"])
 
     # on_step: called once per optimizer step, right after scheduler.step()
-    runner = StageRunner(spec, plan, 0, job_id, storage, report=report, device=device,
-                         on_step=lambda step: clock.tick())
+    runner = StageRunner(
+        spec, plan, 0, job_id, storage, report=report, device=device, on_step=lambda step: clock.tick()
+    )
     runner.run()
-    assert len(clock.marks) == plan.total_steps, f"{len(clock.marks)} scheduler steps in a {plan.total_steps}-step run"
+    assert len(clock.marks) == plan.total_steps, (
+        f"{len(clock.marks)} scheduler steps in a {plan.total_steps}-step run"
+    )
     global_batch = args.batch * args.world
     # StageRunner's own figure, over its report windows that start after the warm-up.
     steady = [w for w in windows if w[0]["step"] >= args.warmup]
@@ -205,11 +250,20 @@ def run_plain(args, resolution: int, device: torch.device, rank: int) -> dict:
     # The same source and per-sample pipeline StageRunner builds (crop_scale, hflip: the spec defaults).
     data = spec_for(args, resolution, "unused").data
     source = SyntheticImages(data.size, data.num_classes, 3, SEED, "train")
-    dataset = StageDataset(source, resolution, train=True, seed=SEED, stage=0, crop_scale=data.crop_scale,
-                           hflip=data.hflip)
-    sampler = DistributedSampler(dataset, num_replicas=args.world, rank=rank, shuffle=True, seed=SEED, drop_last=True)
-    loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=args.loader_workers,
-                        pin_memory=cuda, prefetch_factor=4 if args.loader_workers else None)
+    dataset = StageDataset(
+        source, resolution, train=True, seed=SEED, stage=0, crop_scale=data.crop_scale, hflip=data.hflip
+    )
+    sampler = DistributedSampler(
+        dataset, num_replicas=args.world, rank=rank, shuffle=True, seed=SEED, drop_last=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch,
+        sampler=sampler,
+        num_workers=args.loader_workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if args.loader_workers else None,
+    )
     assert len(loader) == steps, (len(loader), steps)
 
     torch.manual_seed(SEED)
@@ -217,15 +271,26 @@ def run_plain(args, resolution: int, device: torch.device, rank: int) -> dict:
     channels_last = cuda and not args.no_channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=MAX_LR, momentum=MOMENTUM, nesterov=True,
-                                weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=MAX_LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY
+    )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=MAX_LR, total_steps=steps, pct_start=PCT_START, anneal_strategy="cos",
-        cycle_momentum=True, base_momentum=BASE_MOM, max_momentum=MAX_MOM, div_factor=DIV,
-        final_div_factor=FINAL_DIV)
+        optimizer,
+        max_lr=MAX_LR,
+        total_steps=steps,
+        pct_start=PCT_START,
+        anneal_strategy="cos",
+        cycle_momentum=True,
+        base_momentum=BASE_MOM,
+        max_momentum=MAX_MOM,
+        div_factor=DIV,
+        final_div_factor=FINAL_DIV,
+    )
     if dist.get_world_size() > 1:  # StageRunner's rule: no DDP wrapper for a world of one
         model = DDP(model, device_ids=[device.index] if cuda else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.no_amp else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.no_amp else contextlib.nullcontext()
+    )
     clock = StepClock(args, device)
     model.train()
     for x, y in loader:
@@ -248,8 +313,13 @@ def worker(rank: int, args, port: int, tmp: str) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(args.world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(args.world),
+    )
     device = torch.device("cpu")
     if args.device == "cuda":
         device = torch.device("cuda", rank)
@@ -275,8 +345,12 @@ def worker(rank: int, args, port: int, tmp: str) -> None:
                     shutil.rmtree(f"{tmp}/storage", ignore_errors=True)  # ~3x the model size per run
             results.append(row)
             if rank == 0:
-                print(f"  {resolution}px round {k + 1}/{args.rounds} ({row['order']}): plain {row['plain']:.1f}, "
-                      f"stagetrain {row['stagetrain']:.1f} img/s", flush=True)
+                print(
+                    f"  {resolution}px round {k + 1}/{args.rounds} ({row['order']}): plain "
+                    f"{row['plain']:.1f}, "
+                    f"stagetrain {row['stagetrain']:.1f} img/s",
+                    flush=True,
+                )
     if rank == 0:
         with open(f"{tmp}/results.json", "w") as f:
             json.dump(results, f)
@@ -302,24 +376,35 @@ def summarise(args, rows: list[dict]) -> dict:
         records = [r["records"] for r in mine if r["records"]]
         pairs = [r["stagetrain"] / r["plain"] for r in mine]
         per_res[str(resolution)] = {
-            "plain_img_s": round(plain, 2), "stagetrain_img_s": round(st, 2),
-            "ratio": round(statistics.median(pairs), 4), "median_ratio": round(st / plain, 4),
+            "plain_img_s": round(plain, 2),
+            "stagetrain_img_s": round(st, 2),
+            "ratio": round(statistics.median(pairs), 4),
+            "median_ratio": round(st / plain, 4),
             "round_ratio_range": [round(min(pairs), 4), round(max(pairs), 4)],
             "records_img_s": round(statistics.median(records), 2) if records else None,
             "records_ratio": round(statistics.median(records) / plain, 4) if records else None,
             # CPU time per step of rank 0 (this process's threads; DataLoader workers not included).
             "plain_cpu_ms_per_step": round(statistics.median(r["plain_cpu_ms"] for r in mine), 2),
             "stagetrain_cpu_ms_per_step": round(statistics.median(r["stagetrain_cpu_ms"] for r in mine), 2),
-            "cpu_ratio": round(statistics.median(r["plain_cpu_ms"] / r["stagetrain_cpu_ms"] for r in mine), 4),
+            "cpu_ratio": round(
+                statistics.median(r["plain_cpu_ms"] / r["stagetrain_cpu_ms"] for r in mine), 4
+            ),
         }
     ratios = [v["ratio"] for v in per_res.values()]
     return {
         "overhead_ratio": round(math.exp(statistics.fmean(math.log(r) for r in ratios)), 4),
         "min_ratio": min(ratios),
         "per_resolution": per_res,
-        "arch": args.arch, "device": args.device, "backend": args.backend, "world": args.world,
-        "batch_per_worker": args.batch, "loader_workers": args.loader_workers, "threads_per_rank": args.threads,
-        "rounds": args.rounds, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "arch": args.arch,
+        "device": args.device,
+        "backend": args.backend,
+        "world": args.world,
+        "batch_per_worker": args.batch,
+        "loader_workers": args.loader_workers,
+        "threads_per_rank": args.threads,
+        "rounds": args.rounds,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
         "amp": args.device == "cuda" and not args.no_amp,
         "channels_last": args.device == "cuda" and not args.no_channels_last,
         "torch": torch.__version__,
@@ -328,21 +413,32 @@ def summarise(args, rows: list[dict]) -> dict:
 
 def print_table(args, rows: list[dict], summary: dict) -> None:
     print()
-    print(f"{'res':>5} {'round':>5} {'order':>17} {'plain img/s':>12} {'stagetrain':>11} {'ratio':>7} {'st records':>11}"
-          f" {'cpu ms/step plain':>18} {'stagetrain':>11}")
+    print(
+        f"{'res':>5} {'round':>5} {'order':>17} {'plain img/s':>12} {'stagetrain':>11} {'ratio':>7} "
+        f"{'st records':>11}"
+        f" {'cpu ms/step plain':>18} {'stagetrain':>11}"
+    )
     for r in rows:
         rec = f"{r['records']:.1f}" if r["records"] else "-"
-        print(f"{r['resolution']:>5} {r['round']:>5} {r['order']:>17} {r['plain']:>12.1f} {r['stagetrain']:>11.1f} "
-              f"{r['stagetrain'] / r['plain']:>7.3f} {rec:>11} {r['plain_cpu_ms']:>18.1f} {r['stagetrain_cpu_ms']:>11.1f}")
+        print(
+            f"{r['resolution']:>5} {r['round']:>5} {r['order']:>17} {r['plain']:>12.1f} "
+            f"{r['stagetrain']:>11.1f} "
+            f"{r['stagetrain'] / r['plain']:>7.3f} {rec:>11} {r['plain_cpu_ms']:>18.1f} "
+            f"{r['stagetrain_cpu_ms']:>11.1f}"
+        )
     print()
-    print(f"{'res':>5} {'median plain':>13} {'median stagetrain':>18} {'ratio of medians':>17} "
-          f"{'median ratio (min..max)':>28} {'st records':>11} {'cpu ratio':>10}")
+    print(
+        f"{'res':>5} {'median plain':>13} {'median stagetrain':>18} {'ratio of medians':>17} "
+        f"{'median ratio (min..max)':>28} {'st records':>11} {'cpu ratio':>10}"
+    )
     for res, v in summary["per_resolution"].items():
         rec = f"{v['records_img_s']:.1f}" if v["records_img_s"] else "-"
         lo, hi = v["round_ratio_range"]
         spread = f"{v['ratio']:.3f} ({lo:.3f}..{hi:.3f})"
-        print(f"{res:>5} {v['plain_img_s']:>13.1f} {v['stagetrain_img_s']:>18.1f} {v['median_ratio']:>17.3f} "
-              f"{spread:>28} {rec:>11} {v['cpu_ratio']:>10.3f}")
+        print(
+            f"{res:>5} {v['plain_img_s']:>13.1f} {v['stagetrain_img_s']:>18.1f} {v['median_ratio']:>17.3f} "
+            f"{spread:>28} {rec:>11} {v['cpu_ratio']:>10.3f}"
+        )
     print()
 
 
@@ -350,13 +446,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
-            sys.exit("error: --device cuda but torch.cuda.is_available() is False "
-                     f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run on a GPU machine or use --device cpu")
+            sys.exit(
+                "error: --device cuda but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run on a GPU machine or use "
+                "--device cpu"
+            )
         if torch.cuda.device_count() < args.world:
-            sys.exit(f"error: --world {args.world} needs {args.world} GPUs, found {torch.cuda.device_count()}")
-    print(f"overhead: {args.arch}, {args.device} x{args.world} ({args.backend}), batch {args.batch}/worker, "
-          f"resolutions {args.resolutions}, {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) steps, "
-          f"{args.threads} thread(s)/rank, loader workers {args.loader_workers}", flush=True)
+            sys.exit(
+                f"error: --world {args.world} needs {args.world} GPUs, found {torch.cuda.device_count()}"
+            )
+    print(
+        f"overhead: {args.arch}, {args.device} x{args.world} ({args.backend}), batch {args.batch}/worker, "
+        f"resolutions {args.resolutions}, {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} "
+        "timed) steps, "
+        f"{args.threads} thread(s)/rank, loader workers {args.loader_workers}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stagetrain-overhead-") as tmp:
         torch.multiprocessing.spawn(worker, args=(args, free_port(), tmp), nprocs=args.world, join=True)

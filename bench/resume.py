@@ -1,7 +1,7 @@
 """Time from `stagetrain resume` to the first optimizer step, split into Ray start, checkpoint
 download+load and worker start, against the time a fresh `stagetrain run` takes to its first step.
 
-    .venv/bin/python bench/resume.py            # ~2 min on 2 cores (2 rounds), plus any wait for a quiet machine
+    .venv/bin/python bench/resume.py            # ~2 min on 2 cores (2 rounds), + any wait for quiet
     .venv/bin/python bench/resume.py --quick    # ~1 min (1 round)
 
 Each round runs a real job through the CLI, as subprocesses (synthetic data, 2 workers, 2 stages,
@@ -13,9 +13,10 @@ makes the download visible):
    is when the first step record appears in ``<storage>/<job>/metrics.jsonl`` (polled every 20 ms; the
    driver appends a record when the worker's report reaches it). After ``--preempt-after`` steps it is
    sent SIGTERM (a preemption notice) and must exit 75 having committed a checkpoint mid-stage.
-2. ``download_s``: ``checkpoints.checkpointer.load(store, tag)`` of that checkpoint, timed in this process (read both
-   payload files, check sizes and sha256 against the manifest, ``torch.load`` them), median of 3 (the
-   run has exited, so the cores are free; the files are in the page cache, as they are for resume).
+2. ``download_s``: ``checkpoints.checkpointer.load(store, tag)`` of that checkpoint, timed in this
+   process (read both payload files, check sizes and sha256 against the manifest, ``torch.load`` them),
+   median of 3 (the run has exited, so the cores are free; the files are in the page cache, as they are
+   for resume).
 3. ``stagetrain resume``: launched at t=0; ``resume_first_step_s`` is when the first NEW step record
    appears in metrics.jsonl. Then SIGTERM again (exit 75) to free the cores.
 4. ``ray_start_s``: ``service.runner.connect_ray`` (the ``ray.init`` the coordinator makes), timed in
@@ -63,18 +64,31 @@ RAY_STARTED = "Started a local Ray instance"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet50", help="torchvision model (default resnet50: a ~190 MB checkpoint)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--arch", default="resnet50", help="torchvision model (default resnet50: a ~190 MB checkpoint)"
+    )
     p.add_argument("--resolution", type=int, default=32, help="stage-1 image size (default 32)")
     p.add_argument("--batch", type=int, default=8, help="per-worker batch (default 8)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage (default 2)")
-    p.add_argument("--preempt-after", type=int, default=3, help="steps recorded before the SIGTERM (default 3)")
+    p.add_argument(
+        "--preempt-after", type=int, default=3, help="steps recorded before the SIGTERM (default 3)"
+    )
     p.add_argument("--rounds", type=int, help="fresh run + resume pairs (default 2; quick 1)")
-    p.add_argument("--quiet-s", type=float, default=30.0,
-                   help="wait until no RayTrainWorker process was seen for this long (default 30; 0: do not wait)")
-    p.add_argument("--max-wait-s", type=float, default=900.0, help="give up waiting for a quiet machine (default 900)")
-    p.add_argument("--timeout-s", type=float, default=300.0, help="limit for each phase of a run (default 300)")
+    p.add_argument(
+        "--quiet-s",
+        type=float,
+        default=30.0,
+        help="wait until no RayTrainWorker process was seen for this long (default 30; 0: do not wait)",
+    )
+    p.add_argument(
+        "--max-wait-s", type=float, default=900.0, help="give up waiting for a quiet machine (default 900)"
+    )
+    p.add_argument(
+        "--timeout-s", type=float, default=300.0, help="limit for each phase of a run (default 300)"
+    )
     p.add_argument("--quick", action="store_true", help="one round")
     args = p.parse_args(argv)
     if args.rounds is None:
@@ -88,20 +102,46 @@ def job_spec(args) -> dict:
     steps1 = 40  # stage 1 is long enough that the preemption lands mid-stage
     global_batch = args.batch * args.workers
     return {
-        "version": 1, "name": "resume-bench", "seed": 0,
+        "version": 1,
+        "name": "resume-bench",
+        "seed": 0,
         "model": {"arch": args.arch, "num_classes": 10, "in_channels": 3},
-        "data": {"kind": "synthetic", "size": steps1 * global_batch, "val_size": 64, "num_classes": 10,
-                 "loader_workers": 0},
+        "data": {
+            "kind": "synthetic",
+            "size": steps1 * global_batch,
+            "val_size": 64,
+            "num_classes": 10,
+            "loader_workers": 0,
+        },
         "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5},
-        "schedule": {"strategy": "global_onecycle", "max_lr": 0.05, "pct_start": 0.25, "div_factor": 25,
-                     "final_div_factor": 1e4, "anneal": "cos", "cycle_momentum": True, "base_momentum": 0.85,
-                     "max_momentum": 0.95, "progress": "samples"},
+        "schedule": {
+            "strategy": "global_onecycle",
+            "max_lr": 0.05,
+            "pct_start": 0.25,
+            "div_factor": 25,
+            "final_div_factor": 1e4,
+            "anneal": "cos",
+            "cycle_momentum": True,
+            "base_momentum": 0.85,
+            "max_momentum": 0.95,
+            "progress": "samples",
+        },
         "lr_scaling": {"rule": "none"},
         "stages": [
-            {"resolution": args.resolution, "epochs": 1, "data_fraction": 1.0, "batch_size": args.batch,
-             "workers": args.workers},
-            {"resolution": args.resolution + 8, "epochs": 1, "data_fraction": 1.0, "batch_size": args.batch,
-             "workers": args.workers},
+            {
+                "resolution": args.resolution,
+                "epochs": 1,
+                "data_fraction": 1.0,
+                "batch_size": args.batch,
+                "workers": args.workers,
+            },
+            {
+                "resolution": args.resolution + 8,
+                "epochs": 1,
+                "data_fraction": 1.0,
+                "batch_size": args.batch,
+                "workers": args.workers,
+            },
         ],
         "metrics": {"every_n_steps": 1},
         "checkpoint": {"every_n_steps": 0, "keep_last": 2},
@@ -126,10 +166,16 @@ def wait_for_quiet(args) -> float:
         if ray_workers_running():
             last_busy = time.monotonic()
             if not announced:
-                print(f"waiting for other Ray Train workers to finish (quiet for {args.quiet_s:g}s)...", flush=True)
+                print(
+                    f"waiting for other Ray Train workers to finish (quiet for {args.quiet_s:g}s)...",
+                    flush=True,
+                )
                 announced = True
         if time.monotonic() - start > args.max_wait_s:
-            print(f"warning: the machine was not quiet within {args.max_wait_s:g}s; measuring anyway", flush=True)
+            print(
+                f"warning: the machine was not quiet within {args.max_wait_s:g}s; measuring anyway",
+                flush=True,
+            )
             return -1.0
         time.sleep(1.0)
     return time.monotonic() - start
@@ -141,9 +187,15 @@ class Coordinator:
     def __init__(self, *cli_args: str, env: dict):
         self.lines: list[tuple[float, str]] = []
         self.t0 = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", *cli_args], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *cli_args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -205,7 +257,9 @@ def wait_steps(coord: Coordinator, job_dir: str, count: int, timeout: float) -> 
         if step_lines(job_dir) >= count:
             return time.time() - coord.t0
         if coord.proc.poll() is not None:
-            raise RuntimeError(f"stagetrain exited {coord.proc.returncode} before step record {count}:\n{coord.output()}")
+            raise RuntimeError(
+                f"stagetrain exited {coord.proc.returncode} before step record {count}:\n{coord.output()}"
+            )
         if time.monotonic() > deadline:
             coord.stop(timeout=30)
             raise RuntimeError(f"no step record {count} within {timeout:g}s:\n{coord.output()}")
@@ -271,21 +325,35 @@ def one_round(args, k: int, tmp: str, env: dict) -> dict:
     code = fresh.stop(timeout=args.timeout_s)
     row["preempt_exit_s"] = time.perf_counter() - t0
     if code != EXIT_PREEMPTED:
-        raise RuntimeError(f"stagetrain run exited {code} after SIGTERM, expected {EXIT_PREEMPTED}:\n{fresh.output()}")
-    print(f"  round {k + 1}: fresh run: first step at {row['fresh_first_step_s']:.2f}s; preempted, exit 75 "
-          f"{row['preempt_exit_s']:.1f}s after SIGTERM", flush=True)
+        raise RuntimeError(
+            f"stagetrain run exited {code} after SIGTERM, expected {EXIT_PREEMPTED}:\n{fresh.output()}"
+        )
+    print(
+        f"  round {k + 1}: fresh run: first step at {row['fresh_first_step_s']:.2f}s; preempted, exit 75 "
+        f"{row['preempt_exit_s']:.1f}s after SIGTERM",
+        flush=True,
+    )
 
     row["tag"], row["checkpoint_MB"], row["download_s"], row["read_verify_s"] = time_download(storage, job_id)
-    print(f"  round {k + 1}: checkpoint {row['tag']} ({row['checkpoint_MB']:.0f} MB): load {row['download_s']:.2f}s "
-          f"(read + sha256 {row['read_verify_s']:.2f}s)", flush=True)
+    print(
+        f"  round {k + 1}: checkpoint {row['tag']} ({row['checkpoint_MB']:.0f} MB): load "
+        f"{row['download_s']:.2f}s "
+        f"(read + sha256 {row['read_verify_s']:.2f}s)",
+        flush=True,
+    )
 
     before = step_lines(job_dir)
     resume = Coordinator("resume", job_id, "--storage", storage, env=env)
     row["resume_first_step_s"] = wait_steps(resume, job_dir, before + 1, args.timeout_s)
-    row["resume_line_s"], row["resume_ray_line_s"] = resume.seen(f"resuming {job_id}"), resume.seen(RAY_STARTED)
+    row["resume_line_s"], row["resume_ray_line_s"] = (
+        resume.seen(f"resuming {job_id}"),
+        resume.seen(RAY_STARTED),
+    )
     code = resume.stop(timeout=args.timeout_s)
     if code != EXIT_PREEMPTED:
-        raise RuntimeError(f"stagetrain resume exited {code} after SIGTERM, expected {EXIT_PREEMPTED}:\n{resume.output()}")
+        raise RuntimeError(
+            f"stagetrain resume exited {code} after SIGTERM, expected {EXIT_PREEMPTED}:\n{resume.output()}"
+        )
     row["worker_start_s"] = row["resume_first_step_s"] - row["ray_start_s"] - row["download_s"]
     print(f"  round {k + 1}: resume: first step at {row['resume_first_step_s']:.2f}s", flush=True)
     shutil.rmtree(job_dir, ignore_errors=True)
@@ -298,22 +366,35 @@ def fmt(x: float | None) -> str:
 
 def print_table(rows: list[dict], s: dict) -> None:
     print()
-    print(f"{'round':>5} {'fresh 1st step':>15} {'resume 1st step':>16} {'ray.init':>9} {'ckpt load':>10} "
-          f"{'worker start':>13} {'fresh: job/ray line':>20} {'resume: resuming/ray line':>26}")
+    print(
+        f"{'round':>5} {'fresh 1st step':>15} {'resume 1st step':>16} {'ray.init':>9} {'ckpt load':>10} "
+        f"{'worker start':>13} {'fresh: job/ray line':>20} {'resume: resuming/ray line':>26}"
+    )
     for r in rows:
-        print(f"{r['round']:>5} {r['fresh_first_step_s']:>15.2f} {r['resume_first_step_s']:>16.2f} "
-              f"{r['ray_start_s']:>9.2f} {r['download_s']:>10.2f} {r['worker_start_s']:>13.2f} "
-              f"{fmt(r['fresh_job_line_s']) + ' / ' + fmt(r['fresh_ray_line_s']):>20} "
-              f"{fmt(r['resume_line_s']) + ' / ' + fmt(r['resume_ray_line_s']):>26}")
+        print(
+            f"{r['round']:>5} {r['fresh_first_step_s']:>15.2f} {r['resume_first_step_s']:>16.2f} "
+            f"{r['ray_start_s']:>9.2f} {r['download_s']:>10.2f} {r['worker_start_s']:>13.2f} "
+            f"{fmt(r['fresh_job_line_s']) + ' / ' + fmt(r['fresh_ray_line_s']):>20} "
+            f"{fmt(r['resume_line_s']) + ' / ' + fmt(r['resume_ray_line_s']):>26}"
+        )
     print()
-    print(f"resume to first step  {s['resume_first_step_s']:7.2f} s  (launch -> first new step record in metrics.jsonl)")
+    print(
+        f"resume to first step  {s['resume_first_step_s']:7.2f} s  (launch -> first new step record in "
+        "metrics.jsonl)"
+    )
     print(f"  Ray start           {s['ray_start_s']:7.2f} s  (connect_ray / ray.init, timed in-process)")
-    print(f"  download + load     {s['download_s']:7.2f} s  (checkpointer.load of the same {s['checkpoint_MB']:.0f} MB "
-          f"checkpoint, in-process; read + sha256 {s['read_verify_s']:.2f} s)")
+    print(
+        f"  download + load     {s['download_s']:7.2f} s  (checkpointer.load of the same "
+        f"{s['checkpoint_MB']:.0f} MB "
+        f"checkpoint, in-process; read + sha256 {s['read_verify_s']:.2f} s)"
+    )
     print(f"  worker start, rest  {s['worker_start_s']:7.2f} s  (resume - Ray start - download)")
     print(f"fresh run to first step {s['fresh_first_step_s']:5.2f} s  (launch -> first step record)")
-    print(f"target: resume <= fresh + download + 5 = {s['target_s']:.2f} s: {'met' if s['meets_target'] else 'MISSED'} "
-          f"(resume - fresh = {s['resume_minus_fresh_s']:+.2f} s)")
+    print(
+        f"target: resume <= fresh + download + 5 = {s['target_s']:.2f} s: "
+        f"{'met' if s['meets_target'] else 'MISSED'} "
+        f"(resume - fresh = {s['resume_minus_fresh_s']:+.2f} s)"
+    )
     print()
 
 
@@ -324,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     env.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1"})
     env.pop("RAY_ADDRESS", None)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
-    print(f"resume: {args.arch} at {args.resolution}px, {args.workers} workers x batch {args.batch}, "
-          f"SIGTERM after {args.preempt_after} steps, {args.rounds} round(s)", flush=True)
+    print(
+        f"resume: {args.arch} at {args.resolution}px, {args.workers} workers x batch {args.batch}, "
+        f"SIGTERM after {args.preempt_after} steps, {args.rounds} round(s)",
+        flush=True,
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stagetrain-resume-bench-") as tmp:
         rows = [one_round(args, k, tmp, env) for k in range(args.rounds)]
@@ -333,16 +417,34 @@ def main(argv: list[str] | None = None) -> int:
     def med(key):
         return statistics.median(r[key] for r in rows)
 
-    s = {key: round(med(key), 3) for key in ("resume_first_step_s", "fresh_first_step_s", "download_s", "ray_start_s",
-                                             "worker_start_s", "read_verify_s", "checkpoint_MB", "preempt_exit_s")}
+    s = {
+        key: round(med(key), 3)
+        for key in (
+            "resume_first_step_s",
+            "fresh_first_step_s",
+            "download_s",
+            "ray_start_s",
+            "worker_start_s",
+            "read_verify_s",
+            "checkpoint_MB",
+            "preempt_exit_s",
+        )
+    }
     s["target_s"] = round(s["fresh_first_step_s"] + s["download_s"] + 5.0, 3)
     s["meets_target"] = s["resume_first_step_s"] <= s["target_s"]
     s["resume_minus_fresh_s"] = round(s["resume_first_step_s"] - s["fresh_first_step_s"], 3)
     print_table(rows, s)
-    result = {**s, "rounds": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-              "arch": args.arch, "workers": args.workers, "batch_per_worker": args.batch,
-              "resolution": args.resolution, "waited_for_quiet_s": round(waited, 1), "quick": args.quick,
-              "wall_s": round(time.perf_counter() - t0, 1)}
+    result = {
+        **s,
+        "rounds": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        "arch": args.arch,
+        "workers": args.workers,
+        "batch_per_worker": args.batch,
+        "resolution": args.resolution,
+        "waited_for_quiet_s": round(waited, 1),
+        "quick": args.quick,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     print(json.dumps(result))
     return 0
 

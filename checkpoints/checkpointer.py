@@ -45,8 +45,10 @@ def deserialize(data: bytes) -> Any:
 
 def encode(state: dict[str, Any]) -> dict[str, bytes]:
     """Split a flat checkpoint dict into its payload files."""
-    return {MODEL_FILE: serialize(state["model"]),
-            STATE_FILE: serialize({k: v for k, v in state.items() if k != "model"})}
+    return {
+        MODEL_FILE: serialize(state["model"]),
+        STATE_FILE: serialize({k: v for k, v in state.items() if k != "model"}),
+    }
 
 
 def decode(payload: dict[str, bytes]) -> dict[str, Any]:
@@ -89,8 +91,9 @@ class AsyncCheckpointer:
         self.stall_s = t1 - t0
         self.saves.append((t0, t1))
         self._error = None
-        self._thread = threading.Thread(target=self._upload, args=(cpu_state, tag, meta), daemon=True,
-                                        name=f"checkpoint-{tag}")
+        self._thread = threading.Thread(
+            target=self._upload, args=(cpu_state, tag, meta), daemon=True, name=f"checkpoint-{tag}"
+        )
         self._thread.start()
         if block:
             self.wait()

@@ -26,7 +26,6 @@ T = TypeVar("T")
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
-
 class StorageError(RuntimeError):
     pass
 
@@ -57,7 +56,9 @@ class Storage:
         self.options = options
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.root = self.root.rstrip("/")
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -111,7 +112,11 @@ class Storage:
         """Names (not paths) directly under ``parts``; empty if it does not exist."""
         path = self.path(*parts)
         try:
-            entries = self.fs.ls(path, detail=False, refresh=True) if not self.local else self.fs.ls(path, detail=False)
+            entries = (
+                self.fs.ls(path, detail=False, refresh=True)
+                if not self.local
+                else self.fs.ls(path, detail=False)
+            )
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path)
@@ -133,7 +138,8 @@ class Storage:
             self.remove(name)
         except Exception as e:  # noqa: BLE001 - the message below is what the user needs
             raise StorageError(
-                f"cannot write to storage {self.url}: {type(e).__name__}: {e}. Check the URL, that the bucket "
+                f"cannot write to storage {self.url}: {type(e).__name__}: {e}. Check the URL, that the "
+                "bucket "
                 "exists, and the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_PROFILE / "
                 "AWS_ENDPOINT_URL for S3-compatible servers)."
             ) from e
@@ -148,8 +154,15 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 3, base_delay: float =
             if attempt == attempts:
                 raise
             delay = base_delay * 2 ** (attempt - 1)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt,
-                        attempts - 1, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs",
+                what,
+                type(e).__name__,
+                e,
+                attempt,
+                attempts - 1,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -93,25 +93,38 @@ class CheckpointStore:
         try:
             manifest = self.read_manifest(tag)
         except Exception as e:  # noqa: BLE001 - a garbled manifest means "not a checkpoint"
-            return CheckpointInfo(tag=tag, manifest=None, verified=False, problem=f"unreadable manifest: {e}"), None
+            return CheckpointInfo(
+                tag=tag, manifest=None, verified=False, problem=f"unreadable manifest: {e}"
+            ), None
         if manifest is None:
-            return CheckpointInfo(tag=tag, manifest=None, verified=False, problem="no manifest (uncommitted)"), None
+            return CheckpointInfo(
+                tag=tag, manifest=None, verified=False, problem="no manifest (uncommitted)"
+            ), None
         payload = {}
         for name, entry in manifest.files.items():
             if not self.storage.exists(tag, name):
-                return CheckpointInfo(tag=tag, manifest=manifest, verified=False, problem=f"missing {name}"), None
+                return CheckpointInfo(
+                    tag=tag, manifest=manifest, verified=False, problem=f"missing {name}"
+                ), None
             if not verify:
                 size = self.storage.size(tag, name)
                 if size != entry.size:
-                    return CheckpointInfo(tag=tag, manifest=manifest, verified=False,
-                                          problem=f"{name}: {size} bytes, manifest says {entry.size}"), None
+                    return CheckpointInfo(
+                        tag=tag,
+                        manifest=manifest,
+                        verified=False,
+                        problem=f"{name}: {size} bytes, manifest says {entry.size}",
+                    ), None
                 continue
             data = self.storage.read_bytes(tag, name)
             if len(data) != entry.size or sha256(data) != entry.sha256:
-                return CheckpointInfo(tag=tag, manifest=manifest, verified=False,
-                                      problem=f"{name}: checksum mismatch"), None
+                return CheckpointInfo(
+                    tag=tag, manifest=manifest, verified=False, problem=f"{name}: checksum mismatch"
+                ), None
             payload[name] = data
-        return CheckpointInfo(tag=tag, manifest=manifest, verified=True if verify else None), (payload if verify else None)
+        return CheckpointInfo(tag=tag, manifest=manifest, verified=True if verify else None), (
+            payload if verify else None
+        )
 
     def list(self, verify: bool = False) -> list[CheckpointInfo]:
         return [self.inspect(tag, verify)[0] for tag in self.tags()]
@@ -133,11 +146,15 @@ class CheckpointStore:
         if COMMIT_DELAY_S:  # fault-injection seam for tests: widen the window before the manifest lands
             time.sleep(COMMIT_DELAY_S)
         manifest = Manifest(
-            tag=tag, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            files={n: FileEntry(size=len(d), sha256=sha256(d)) for n, d in files.items()}, **meta,
+            tag=tag,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            files={n: FileEntry(size=len(d), sha256=sha256(d)) for n, d in files.items()},
+            **meta,
         )
-        retry(lambda: self.storage.write_text(manifest.model_dump_json(indent=2), tag, MANIFEST),
-              f"commit {tag}")
+        retry(
+            lambda: self.storage.write_text(manifest.model_dump_json(indent=2), tag, MANIFEST),
+            f"commit {tag}",
+        )
         return manifest
 
     def prune(self, keep_last: int, keep_stage_checkpoints: bool) -> list[str]:
@@ -182,9 +199,13 @@ def git_revision() -> str | None:
     from pathlib import Path
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-

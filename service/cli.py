@@ -25,8 +25,10 @@ from service.spec import SpecError, json_schema, load_spec
 console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
-EXIT_CODES_HELP = ("Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted, 130 cancelled "
-                   "(continue both with `stagetrain resume`).")
+EXIT_CODES_HELP = (
+    "Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted, 130 cancelled "
+    "(continue both with `stagetrain resume`)."
+)
 
 
 def user_errors(fn):
@@ -63,10 +65,12 @@ def _job_id_param(ctx, param, value):
 JOB_ID = click.argument("job_id", callback=_job_id_param)
 STORAGE_HELP = "Job storage (fsspec URL or local path); default: the spec's checkpoint.storage, or ./runs."
 STORAGE = click.option("--storage", help=STORAGE_HELP)
-RAY_ADDRESS = click.option("--address", envvar="RAY_ADDRESS",
-                           help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
-JOB_SERVER = click.option("--address", envvar="RAY_ADDRESS",
-                          help="The Ray job server, http://HEAD:8265 (default: $RAY_ADDRESS).")
+RAY_ADDRESS = click.option(
+    "--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."
+)
+JOB_SERVER = click.option(
+    "--address", envvar="RAY_ADDRESS", help="The Ray job server, http://HEAD:8265 (default: $RAY_ADDRESS)."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,7 +92,9 @@ def schema() -> None:
 @click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(job: str, csv_path: str | None, plot_path: str | None, compare: bool, x_axis: str, as_json: bool) -> None:
+def plan(
+    job: str, csv_path: str | None, plot_path: str | None, compare: bool, x_axis: str, as_json: bool
+) -> None:
     """Show what a job will do: stages, steps, batches, LR and momentum, before any compute is spent."""
     from service.plan import build_plan
     from service.report import plan_table, plot_plans, write_csv
@@ -97,11 +103,18 @@ def plan(job: str, csv_path: str | None, plot_path: str | None, compare: bool, x
     spec = load_spec(job)
     the_plan = build_plan(spec, dataset_size(spec.data))
     if as_json:
-        click.echo(json.dumps({"plan_hash": the_plan.plan_hash(), **the_plan.model_dump(mode="json")}, indent=2))
+        click.echo(
+            json.dumps({"plan_hash": the_plan.plan_hash(), **the_plan.model_dump(mode="json")}, indent=2)
+        )
     else:
-        console.print(plan_table(the_plan, title=f"{spec.name}: {spec.schedule.strategy}, "
-                                 f"lr_scaling {spec.lr_scaling.rule} (reference batch {the_plan.reference_batch}), "
-                                 f"plan {the_plan.plan_hash()}"))
+        console.print(
+            plan_table(
+                the_plan,
+                title=f"{spec.name}: {spec.schedule.strategy}, "
+                f"lr_scaling {spec.lr_scaling.rule} (reference batch {the_plan.reference_batch}), "
+                f"plan {the_plan.plan_hash()}",
+            )
+        )
     if csv_path:
         write_csv(the_plan, csv_path)
         err_console.print(f"wrote {the_plan.total_steps} steps to {csv_path}")
@@ -110,7 +123,9 @@ def plan(job: str, csv_path: str | None, plot_path: str | None, compare: bool, x
         if compare:
             for strategy in ("global_onecycle", "per_stage_onecycle", "per_stage_cosine"):
                 if strategy != spec.schedule.strategy:
-                    other = spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"strategy": strategy})})
+                    other = spec.model_copy(
+                        update={"schedule": spec.schedule.model_copy(update={"strategy": strategy})}
+                    )
                     plans[strategy] = build_plan(other, the_plan.dataset_size)
         plot_plans(plans, plot_path, x_axis)
         err_console.print(f"wrote {plot_path}")
@@ -154,10 +169,12 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None):
         if spec is not None and spec != record.job_spec():
             from service.decisions import spec_differences
 
-            raise ValueError(f"job {job_id} already exists in {url} with another spec ("
-                             + "; ".join(spec_differences(record.job_spec(), spec))
-                             + f"): continue it with `stagetrain resume {job_id} --spec {job_file}`, or pick another "
-                             "--job-id")
+            raise ValueError(
+                f"job {job_id} already exists in {url} with another spec ("
+                + "; ".join(spec_differences(record.job_spec(), spec))
+                + f"): continue it with `stagetrain resume {job_id} --spec {job_file}`, or pick another "
+                "--job-id"
+            )
         return jobs, record, False
     if spec is None:
         jobs.load()  # "no job ... in ...; jobs there: ..."
@@ -175,8 +192,14 @@ def _coordinate(jobs, record, address: str | None) -> int:
     lease = LeaseKeeper(jobs.storage, record.job_id, os.environ.get(SUBMISSION_ENV)).acquire()
     try:
         spec = record.job_spec()
-        runner = JobRunner(spec, record.plan(spec), record, jobs, RunOptions(
-            job_id=record.job_id, storage=jobs.root.url, address=address, console=err_console), lease)
+        runner = JobRunner(
+            spec,
+            record.plan(spec),
+            record,
+            jobs,
+            RunOptions(job_id=record.job_id, storage=jobs.root.url, address=address, console=err_console),
+            lease,
+        )
     except BaseException:
         lease.release()
         raise
@@ -195,7 +218,9 @@ def _finish(code: int, jobs, record) -> None:
         buf = io.BytesIO()
         plot_metrics(metrics, buf)
         jobs.storage.write_bytes(buf.getvalue(), PLOT_FILE)
-        err_console.print(f"job record, metrics and plot: {jobs.storage.url}/{{job.json,metrics.jsonl,{PLOT_FILE}}}")
+        err_console.print(
+            f"job record, metrics and plot: {jobs.storage.url}/{{job.json,metrics.jsonl,{PLOT_FILE}}}"
+        )
     sys.exit(code)
 
 
@@ -222,8 +247,10 @@ def run(job: str | None, job_id: str | None, storage: str | None, address: str |
     check_free(jobs.storage, record.job_id)
     if new:
         jobs.save(record)
-    err_console.print(f"job [bold]{record.job_id}[/] -> {jobs.storage.url}"
-                      + ("" if new else f" (continues at step {record.current_step:,})"))
+    err_console.print(
+        f"job [bold]{record.job_id}[/] -> {jobs.storage.url}"
+        + ("" if new else f" (continues at step {record.current_step:,})")
+    )
     _finish(_coordinate(jobs, record, address), jobs, record)
 
 
@@ -235,18 +262,26 @@ def _submit(jobs, record, address: str | None, follow: bool) -> None:
     check_reachable(jobs.root.url, server)
     check_free(jobs.storage, record.job_id)
     sid = submission_id(record.job_id, len(record.ray_submissions) + 1)
-    submit(record.job_id, jobs.root.url, server, len(record.ray_submissions) + 1,
-           record.job_spec().preemption.grace_seconds)
+    submit(
+        record.job_id,
+        jobs.root.url,
+        server,
+        len(record.ray_submissions) + 1,
+        record.job_spec().preemption.grace_seconds,
+    )
     record.ray_address = server
     record.ray_submissions.append(sid)
     record.status, record.error = "pending", None  # until the submitted coordinator takes the lease
     record.event(f"submitted to {server} as Ray job {sid}")
     jobs.save(record)
     storage = jobs.root.url
-    console.print(f"submitted job [bold]{record.job_id}[/] as Ray job {sid} ({server})\n"
-                  f"  stagetrain status {record.job_id} --storage {storage}\n"
-                  f"  stagetrain logs {record.job_id} --storage {storage} --follow\n"
-                  f"  stagetrain cancel {record.job_id} --storage {storage}", highlight=False)
+    console.print(
+        f"submitted job [bold]{record.job_id}[/] as Ray job {sid} ({server})\n"
+        f"  stagetrain status {record.job_id} --storage {storage}\n"
+        f"  stagetrain logs {record.job_id} --storage {storage} --follow\n"
+        f"  stagetrain cancel {record.job_id} --storage {storage}",
+        highlight=False,
+    )
     if follow:
         sys.exit(_follow_log(jobs, record.job_id, None, until_done=True))
 
@@ -273,15 +308,27 @@ def submit(job: str, job_id: str | None, storage: str | None, address: str | Non
 @cli.command(epilog=EXIT_CODES_HELP)
 @JOB_ID
 @STORAGE
-@click.option("--address", envvar="RAY_ADDRESS",
-              help="http://HEAD:8265 resubmits the job to that Ray cluster as a new attempt; another Ray "
-                   "address runs the coordinator here against it (default: $RAY_ADDRESS, else a local Ray).")
-@click.option("--spec", "spec_path", metavar="JOB.yaml",
-              help="An edited spec: stages that have not started may change (recorded in the job record).")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Worker count for the interrupted stage and the rest (e.g. the cluster came back smaller).")
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    help="http://HEAD:8265 resubmits the job to that Ray cluster as a new attempt; another Ray "
+    "address runs the coordinator here against it (default: $RAY_ADDRESS, else a local Ray).",
+)
+@click.option(
+    "--spec",
+    "spec_path",
+    metavar="JOB.yaml",
+    help="An edited spec: stages that have not started may change (recorded in the job record).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Worker count for the interrupted stage and the rest (e.g. the cluster came back smaller).",
+)
 @user_errors
-def resume(job_id: str, storage: str | None, address: str | None, spec_path: str | None, workers: int | None) -> None:
+def resume(
+    job_id: str, storage: str | None, address: str | None, spec_path: str | None, workers: int | None
+) -> None:
     """Continue a preempted, cancelled, failed or interrupted job from its newest verified checkpoint."""
     from service.coordination import check_free
     from service.decisions import check_resume, layout_history, resize_remaining
@@ -303,9 +350,19 @@ def resume(job_id: str, storage: str | None, address: str | None, spec_path: str
     history = record.history + new_layouts
     plan = record.plan(spec, history)
     if spec != old_spec:
-        changes += [f"stages[{h.stage}] ran steps before {h.until_step} with {h.workers} workers" for h in new_layouts]
-        record.replan(spec, plan, changes, source="resume", workers=workers, from_stage=first + 1 if workers else None,
-                      step=step, history=history)
+        changes += [
+            f"stages[{h.stage}] ran steps before {h.until_step} with {h.workers} workers" for h in new_layouts
+        ]
+        record.replan(
+            spec,
+            plan,
+            changes,
+            source="resume",
+            workers=workers,
+            from_stage=first + 1 if workers else None,
+            step=step,
+            history=history,
+        )
     record.error = None
     record.event(f"resumed from {latest[0].tag if latest else 'the start'} (step {step})")
     if address and address.startswith(("http://", "https://")):
@@ -378,7 +435,7 @@ def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int
         for name in sorted(wanted, key=lambda n: int(n.split("-")[1].split(".")[0])):
             if name in names:
                 text = jobs.storage.read_text(LOGS_DIR, name)
-                sys.stdout.write(text[shown.get(name, 0):])
+                sys.stdout.write(text[shown.get(name, 0) :])
                 sys.stdout.flush()
                 shown[name] = len(text)
         lease = read_lease(jobs.storage)
@@ -391,7 +448,9 @@ def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int
 @JOB_ID
 @STORAGE
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
-@click.option("--attempt", type=click.IntRange(min=1), help="A coordinator attempt's log (default: the newest).")
+@click.option(
+    "--attempt", type=click.IntRange(min=1), help="A coordinator attempt's log (default: the newest)."
+)
 @user_errors
 def logs(job_id: str, storage: str | None, follow: bool, attempt: int | None) -> None:
     """The coordinator's log, from storage: events, stage summaries, progress, worker errors.
@@ -403,8 +462,10 @@ def logs(job_id: str, storage: str | None, follow: bool, attempt: int | None) ->
     jobs, record = _open(job_id, storage)
     names = jobs.storage.listdir(LOGS_DIR)
     if attempt and log_name(attempt) not in names:
-        raise ValueError(f"--attempt {attempt}: job {job_id} has logs of attempts "
-                         f"{', '.join(n.split('-')[1].split('.')[0] for n in names) or 'none yet'}")
+        raise ValueError(
+            f"--attempt {attempt}: job {job_id} has logs of attempts "
+            f"{', '.join(n.split('-')[1].split('.')[0] for n in names) or 'none yet'}"
+        )
     if not names and not follow:
         raise ValueError(f"job {job_id} has no log yet (no coordinator has started)")
     code = _follow_log(jobs, job_id, attempt, until_done=follow)
@@ -428,8 +489,11 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
     while True:
         lease = read_lease(jobs.storage)
         if record.status in TERMINAL and (lease is None or not lease.fresh()):
-            console.print(f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
-                          highlight=False, markup=False)
+            console.print(
+                f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
+                highlight=False,
+                markup=False,
+            )
             sys.exit(exit_code(record.status))
         if record.status == "pending" and record.ray_submissions and time.monotonic() - checked > 10:
             # submitted, but no coordinator has started: did the Ray job itself die?
@@ -438,8 +502,10 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
             checked = time.monotonic()
             state = ray_job_state(record.ray_address, record.ray_submissions[-1])
             if state in ("FAILED", "STOPPED"):
-                err_console.print(f"job {job_id}: Ray job {record.ray_submissions[-1]} {state} before its "
-                                  f"coordinator started; see `ray job logs {record.ray_submissions[-1]}`")
+                err_console.print(
+                    f"job {job_id}: Ray job {record.ray_submissions[-1]} {state} before its "
+                    f"coordinator started; see `ray job logs {record.ray_submissions[-1]}`"
+                )
                 sys.exit(1)
         if deadline and time.monotonic() > deadline:
             err_console.print(f"job {job_id} is still {record.status} after {timeout:g}s")
@@ -472,11 +538,15 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
         keeper = LeaseKeeper(jobs.storage, job_id).acquire()
         try:
             record = jobs.load()
-            record.settle(max(record.current_stage - 1, 0), Cancelled("cancelled while stopped"), record.current_step)
+            record.settle(
+                max(record.current_stage - 1, 0), Cancelled("cancelled while stopped"), record.current_step
+            )
             jobs.save(record)
         finally:
             keeper.release()
-        console.print(f"job {job_id} cancelled (it was {lease and 'not renewing its lease' or 'not running'})")
+        console.print(
+            f"job {job_id} cancelled (it was {lease and 'not renewing its lease' or 'not running'})"
+        )
         return
     request_cancel(jobs.storage, now)
     grace = record.job_spec().preemption.grace_seconds
@@ -492,19 +562,26 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
             err_console.print(f"stopping Ray job {record.ray_submissions[-1]}")
             stop(record.ray_address, record.ray_submissions[-1])
         if not wait_for(confirmed, timeout=grace + 45):
-            err_console.print(f"[yellow]job {job_id}: the coordinator has not confirmed the cancel yet; "
-                              f"check with `stagetrain status {job_id}`[/]")
+            err_console.print(
+                f"[yellow]job {job_id}: the coordinator has not confirmed the cancel yet; "
+                f"check with `stagetrain status {job_id}`[/]"
+            )
             sys.exit(1)
     record = jobs.load()
-    console.print(f"job {job_id} {record.status} at step {record.current_step:,}; "
-                  f"continue with `stagetrain resume {job_id}`", highlight=False)
+    console.print(
+        f"job {job_id} {record.status} at step {record.current_step:,}; "
+        f"continue with `stagetrain resume {job_id}`",
+        highlight=False,
+    )
 
 
 @cli.command()
 @JOB_ID
 @STORAGE
 @click.option("--workers", type=click.IntRange(min=1), required=True, help="The new worker count.")
-@click.option("--from-stage", type=click.IntRange(min=1), help="First stage to change (default: the next one).")
+@click.option(
+    "--from-stage", type=click.IntRange(min=1), help="First stage to change (default: the next one)."
+)
 @user_errors
 def scale(job_id: str, storage: str | None, workers: int, from_stage: int | None) -> None:
     """Change the worker count of stages that have not started, on a running or a stopped job.
@@ -522,17 +599,24 @@ def scale(job_id: str, storage: str | None, workers: int, from_stage: int | None
     default = (max(started) + 1) if started else 1
     from_stage = from_stage or default
     if from_stage > n:
-        raise ValueError(f"--from-stage {from_stage}: job {job_id} has {n} stages"
-                         + (" and all of them have started" if default > n else ""))
+        raise ValueError(
+            f"--from-stage {from_stage}: job {job_id} has {n} stages"
+            + (" and all of them have started" if default > n else "")
+        )
     if from_stage in started or from_stage < default:
-        raise ValueError(f"--from-stage {from_stage}: stage {from_stage} has started; scale stages "
-                         f"{default}..{n}, or resume the interrupted stage with `stagetrain resume {job_id} "
-                         f"--workers {workers}`")
+        raise ValueError(
+            f"--from-stage {from_stage}: stage {from_stage} has started; scale stages "
+            f"{default}..{n}, or resume the interrupted stage with `stagetrain resume {job_id} "
+            f"--workers {workers}`"
+        )
     resize_remaining(record.job_spec(), from_stage - 1, workers)  # refuses a global batch that does not split
     name = request_scale(jobs.storage, workers, from_stage)
-    console.print(f"requested: stage {from_stage}" + (f"..{n}" if from_stage < n else "")
-                  + f" of job {job_id} on {workers} worker(s) ({name}); applied at the next stage boundary",
-                  highlight=False)
+    console.print(
+        f"requested: stage {from_stage}"
+        + (f"..{n}" if from_stage < n else "")
+        + f" of job {job_id} on {workers} worker(s) ({name}); applied at the next stage boundary",
+        highlight=False,
+    )
 
 
 # ------------------------------------------------------------------------------------ checkpoints, plots
@@ -562,10 +646,14 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
             bad += 1
         age = ""
         if m is not None:
-            age = f"{(datetime.now(timezone.utc) - datetime.fromisoformat(m.created)).total_seconds() / 60:.0f} min"
+            minutes = (datetime.now(timezone.utc) - datetime.fromisoformat(m.created)).total_seconds() / 60
+            age = f"{minutes:.0f} min"
         size = f"{sum(f.size for f in m.files.values()) / 2**20:.1f} MiB" if m else ""
-        verdict = (f"[red]no: {escape(info.problem)}[/]" if info.problem
-                   else ("[green]yes[/]" if info.verified else "sizes ok"))
+        verdict = (
+            f"[red]no: {escape(info.problem)}[/]"
+            if info.problem
+            else ("[green]yes[/]" if info.verified else "sizes ok")
+        )
         table.add_row(info.tag, str(m.stage) if m else "", str(m.step) if m else "", size, age, verdict)
     console.print(table)
     if verify and bad:

@@ -56,7 +56,10 @@ class Lease(BaseModel):
 
     def describe(self) -> str:
         via = f", Ray submission {self.submission_id}" if self.submission_id else ""
-        return f"coordinator {self.owner} on {self.host} (pid {self.pid}{via}), heartbeat {self.age_s():.0f}s ago"
+        return (
+            f"coordinator {self.owner} on {self.host} (pid {self.pid}{via}), "
+            f"heartbeat {self.age_s():.0f}s ago"
+        )
 
 
 def read_lease(job: Storage) -> Lease | None:
@@ -72,20 +75,29 @@ def check_free(job: Storage, job_id: str) -> Lease | None:
     """Raise ``LeaseHeld`` if a live coordinator holds the job; else the stale lease (or None)."""
     lease = read_lease(job)
     if lease is not None and lease.fresh():
-        raise LeaseHeld(f"job {job_id} is running: {lease.describe()}. Follow it with `stagetrain logs {job_id} "
-                        f"--follow`, or stop it with `stagetrain cancel {job_id}`")
+        raise LeaseHeld(
+            f"job {job_id} is running: {lease.describe()}. Follow it with `stagetrain logs {job_id} "
+            f"--follow`, or stop it with `stagetrain cancel {job_id}`"
+        )
     return lease
 
 
 class LeaseKeeper:
     """Holds the lease while the coordinator runs: acquire, renew in a daemon thread, release."""
 
-    def __init__(self, job: Storage, job_id: str, submission_id: str | None = None,
-                 timeout_s: float = LEASE_TIMEOUT_S):
+    def __init__(
+        self, job: Storage, job_id: str, submission_id: str | None = None, timeout_s: float = LEASE_TIMEOUT_S
+    ):
         self.job, self.job_id, self.timeout_s = job, job_id, timeout_s
-        self.lease = Lease(owner=uuid.uuid4().hex[:12], host=socket.gethostname(), pid=os.getpid(),
-                           submission_id=submission_id, acquired=_now().isoformat(), heartbeat=_now().isoformat(),
-                           timeout_s=timeout_s)
+        self.lease = Lease(
+            owner=uuid.uuid4().hex[:12],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            submission_id=submission_id,
+            acquired=_now().isoformat(),
+            heartbeat=_now().isoformat(),
+            timeout_s=timeout_s,
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.took_over: Lease | None = None
@@ -95,8 +107,10 @@ class LeaseKeeper:
         self._write()
         held = read_lease(self.job)
         if held is None or held.owner != self.lease.owner:
-            raise LeaseHeld(f"job {self.job_id}: another coordinator took the lease at the same moment"
-                            + (f": {held.describe()}" if held else ""))
+            raise LeaseHeld(
+                f"job {self.job_id}: another coordinator took the lease at the same moment"
+                + (f": {held.describe()}" if held else "")
+            )
         self._thread = threading.Thread(target=self._renew, name="stagetrain-lease", daemon=True)
         self._thread.start()
         return self
@@ -133,15 +147,21 @@ class ScaleRequest(BaseModel):
 
 def request_scale(job: Storage, workers: int, from_stage: int) -> str:
     name = f"scale-{_now().strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:4]}.json"
-    job.write_text(ScaleRequest(workers=workers, from_stage=from_stage, requested=_now().isoformat())
-                   .model_dump_json(), REQUESTS_DIR, name)
+    job.write_text(
+        ScaleRequest(workers=workers, from_stage=from_stage, requested=_now().isoformat()).model_dump_json(),
+        REQUESTS_DIR,
+        name,
+    )
     return name
 
 
 def pending_scales(job: Storage) -> list[tuple[str, ScaleRequest]]:
     """Scale requests not yet applied, oldest first."""
-    return [(n, ScaleRequest.model_validate_json(job.read_bytes(REQUESTS_DIR, n)))
-            for n in job.listdir(REQUESTS_DIR) if n.startswith("scale-") and n.endswith(".json")]
+    return [
+        (n, ScaleRequest.model_validate_json(job.read_bytes(REQUESTS_DIR, n)))
+        for n in job.listdir(REQUESTS_DIR)
+        if n.startswith("scale-") and n.endswith(".json")
+    ]
 
 
 def consume(job: Storage, name: str) -> None:

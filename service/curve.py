@@ -26,8 +26,17 @@ if TYPE_CHECKING:
     from service.plan import Plan
 
 
-def onecycle(x: float, total: float, max_lr: float, pct_start: float, div_factor: float,
-             final_div_factor: float, anneal: str, base_momentum: float, max_momentum: float) -> tuple[float, float]:
+def onecycle(
+    x: float,
+    total: float,
+    max_lr: float,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
+    anneal: str,
+    base_momentum: float,
+    max_momentum: float,
+) -> tuple[float, float]:
     """``OneCycleLR`` (two phases) at position ``x`` of a ``total``-step cycle: the same arithmetic as
     torch's, extended to fractional positions and clamped at the end of the cycle."""
     initial = max_lr / div_factor
@@ -61,7 +70,8 @@ def curve(plan: Plan, step: int) -> tuple[float, float]:
     """(lr, momentum) of the strategy at global ``step``, before the batch-size factor."""
     if not 0 <= step < plan.total_steps:
         raise ValueError(
-            f"optimizer step {step} is past the end of the plan: it has {plan.total_steps} steps (0..{plan.total_steps - 1})"
+            f"optimizer step {step} is past the end of the plan: it has {plan.total_steps} steps "
+            f"(0..{plan.total_steps - 1})"
         )
     sch, stage = plan.schedule, plan.stage_at(step)
     # Per-stage curves run over the stage's sample stream in units of its first global batch: the local
@@ -76,8 +86,17 @@ def curve(plan: Plan, step: int) -> tuple[float, float]:
     else:
         total, max_lr, pct_start = onecycle_length(plan), sch.max_lr, sch.pct_start
         x = step if sch.progress == "steps" else plan.samples_before(step) / plan.stages[0].global_batch
-    lr, momentum = onecycle(x, total, max_lr, pct_start, sch.div_factor, sch.final_div_factor, sch.anneal,
-                            sch.base_momentum, sch.max_momentum)
+    lr, momentum = onecycle(
+        x,
+        total,
+        max_lr,
+        pct_start,
+        sch.div_factor,
+        sch.final_div_factor,
+        sch.anneal,
+        sch.base_momentum,
+        sch.max_momentum,
+    )
     return lr, (momentum if sch.cycle_momentum else plan.momentum)
 
 

@@ -65,12 +65,20 @@ class Failed:
 Outcome = Completed | Preempted | Cancelled | Failed
 
 
-def stage_outcome(plan: Plan, row: int, end: StageEnd | None, error: str | None, lost_capacity: str | None,
-                  stop_requested: str | None, latest: Manifest | None) -> Outcome:
+def stage_outcome(
+    plan: Plan,
+    row: int,
+    end: StageEnd | None,
+    error: str | None,
+    lost_capacity: str | None,
+    stop_requested: str | None,
+    latest: Manifest | None,
+) -> Outcome:
     """What one ``fit()`` of plan row ``row`` amounts to. ``end``: the stage's last report (None if
     it never came); ``error``: the root cause if ``fit()`` raised; ``lost_capacity``: after a worker-group
     failure, what the cluster lacks for the stage now (None if it still fits); ``stop_requested``: why the
-    coordinator asked the workers to stop (``"cancel"``, ``"SIGTERM"``) or None; ``latest``: the newest committed checkpoint after the stage."""
+    coordinator asked the workers to stop (``"cancel"``, ``"SIGTERM"``) or None; ``latest``: the newest
+    committed checkpoint after the stage."""
     label = plan.stages[row].label
     at = f"checkpoint {latest.tag}" if latest else "no checkpoint"
     if lost_capacity:  # checked only after the worker group failed
@@ -83,12 +91,18 @@ def stage_outcome(plan: Plan, row: int, end: StageEnd | None, error: str | None,
         return Preempted(f"{stop_requested or 'stop'} requested ({at})")
     if not stage_completed(plan, row, latest):
         return Failed(f"stage {label} ended without committing its boundary checkpoint")
-    return Completed(checkpoint=latest.tag, val_loss=end.val_loss if end else None,
-                     val_acc=end.val_acc if end else None)
+    return Completed(
+        checkpoint=latest.tag, val_loss=end.val_loss if end else None, val_acc=end.val_acc if end else None
+    )
 
 
-def next_action(record: JobRecord, plan: Plan, latest: Manifest | None, resources: ResourcesSpec,
-                cluster: dict[str, float]) -> Action:
+def next_action(
+    record: JobRecord,
+    plan: Plan,
+    latest: Manifest | None,
+    resources: ResourcesSpec,
+    cluster: dict[str, float],
+) -> Action:
     """Run the stage the latest committed checkpoint leads to, finish, or fail when the cluster cannot
     hold that stage's workers (rather than wait for resources that may never come)."""
     step = latest.step if latest is not None else 0
@@ -96,7 +110,9 @@ def next_action(record: JobRecord, plan: Plan, latest: Manifest | None, resource
         return Finish()
     stage = plan.stage_at(step)
     row = plan.row(stage)
-    problem = fits_cluster(plan, row, resources.use_gpu, resources.cpus_per_worker, resources.gpus_per_worker, cluster)
+    problem = fits_cluster(
+        plan, row, resources.use_gpu, resources.cpus_per_worker, resources.gpus_per_worker, cluster
+    )
     if problem:
         return Fail(problem)
     return RunStage(stage=row, start_step=step, attempt=record.stages[stage.index].attempts + 1)
@@ -123,7 +139,9 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, step: int
         if getattr(old_spec, field) != getattr(new_spec, field):
             problems.append(f"{field}: was {getattr(old_spec, field)!r}, now {getattr(new_spec, field)!r}")
     if old_spec.schedule != new_spec.schedule or old_spec.lr_scaling != new_spec.lr_scaling:
-        problems.append("schedule / lr_scaling changed: the LR already applied would disagree with the new curve")
+        problems.append(
+            "schedule / lr_scaling changed: the LR already applied would disagree with the new curve"
+        )
     started = {s.index for s in old_plan.stages if s.step_start < step}  # ran at least one step
     changes = []
     for i in range(max(len(old_spec.stages), len(new_spec.stages))):
@@ -133,10 +151,14 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, step: int
             continue
         if i in started:
             if new is None or _what(old) != _what(new):
-                problems.append(f"stages[{i}] already ran (checkpoint at step {step}) and cannot change: "
-                                + ("removed" if new is None else _diff(old, new)))
+                problems.append(
+                    f"stages[{i}] already ran (checkpoint at step {step}) and cannot change: "
+                    + ("removed" if new is None else _diff(old, new))
+                )
         else:
-            changes.append(f"stages[{i}]: " + ("added" if old is None else "removed" if new is None else _diff(old, new)))
+            changes.append(
+                f"stages[{i}]: " + ("added" if old is None else "removed" if new is None else _diff(old, new))
+            )
     if problems:
         raise IncompatibleResume("cannot resume job {}: {}".format(record.job_id, "; ".join(problems)))
     return changes
@@ -164,9 +186,24 @@ def _what(stage) -> dict:
 
 
 def _diff(old, new) -> str:
-    fields = ("resolution", "epochs", "data_fraction", "batch_size", "workers", "grad_accum", "max_lr", "pct_start")
-    return ", ".join(f"{f} {getattr(old, f)} -> {getattr(new, f)}" for f in fields
-                     if getattr(old, f) != getattr(new, f)) or "changed"
+    fields = (
+        "resolution",
+        "epochs",
+        "data_fraction",
+        "batch_size",
+        "workers",
+        "grad_accum",
+        "max_lr",
+        "pct_start",
+    )
+    return (
+        ", ".join(
+            f"{f} {getattr(old, f)} -> {getattr(new, f)}"
+            for f in fields
+            if getattr(old, f) != getattr(new, f)
+        )
+        or "changed"
+    )
 
 
 def layout_history(old_plan: Plan, new_spec: JobSpec, step: int) -> list[StageLayout]:
@@ -178,24 +215,42 @@ def layout_history(old_plan: Plan, new_spec: JobSpec, step: int) -> list[StageLa
     new = new_spec.stages[current.index]
     if step == current.step_start or new.global_batch == current.global_batch:
         return []
-    return [StageLayout(stage=current.index, until_step=step, workers=current.workers,
-                        batch_size=current.batch_size, grad_accum=current.grad_accum)]
+    return [
+        StageLayout(
+            stage=current.index,
+            until_step=step,
+            workers=current.workers,
+            batch_size=current.batch_size,
+            grad_accum=current.grad_accum,
+        )
+    ]
 
 
-def fits_cluster(plan: Plan, row: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float,
-                 cluster: dict[str, float]) -> str | None:
+def fits_cluster(
+    plan: Plan,
+    row: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    cluster: dict[str, float],
+) -> str | None:
     """None if the cluster can hold the stage's workers, else a message saying what is missing."""
     s = plan.stages[row]
     stage = s.index
     need_cpu = s.workers * cpus_per_worker
     have_cpu = cluster.get("CPU", 0)
     if need_cpu > have_cpu:
-        return (f"stage {stage + 1} needs {s.workers} workers x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, but the "
-                f"Ray cluster has {have_cpu:g}; lower stages[{stage}].workers or resources.cpus_per_worker, "
-                "or add nodes")
+        return (
+            f"stage {stage + 1} needs {s.workers} workers x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
+            "but the "
+            f"Ray cluster has {have_cpu:g}; lower stages[{stage}].workers or resources.cpus_per_worker, "
+            "or add nodes"
+        )
     if use_gpu and s.workers * gpus_per_worker > cluster.get("GPU", 0):
-        return (f"stage {stage + 1} needs {s.workers * gpus_per_worker:g} GPUs, but the Ray cluster has "
-                f"{cluster.get('GPU', 0):g}; lower stages[{stage}].workers or add GPU nodes")
+        return (
+            f"stage {stage + 1} needs {s.workers * gpus_per_worker:g} GPUs, but the Ray cluster has "
+            f"{cluster.get('GPU', 0):g}; lower stages[{stage}].workers or add GPU nodes"
+        )
     return None
 
 
@@ -214,9 +269,15 @@ def resize_remaining(spec: JobSpec, first_stage: int, workers: int) -> JobSpec:
             continue
         gb = st.global_batch
         if gb % workers:
-            raise ValueError(f"--workers {workers}: stages[{i}] global batch {gb} does not split evenly over {workers} "
-                             "workers; pick another worker count or set keep_global_batch: false to rescale the LR")
+            raise ValueError(
+                f"--workers {workers}: stages[{i}] global batch {gb} does not split evenly over {workers} "
+                "workers; pick another worker count or set keep_global_batch: false to rescale the LR"
+            )
         per_worker = gb // workers
-        accum = next(a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= st.batch_size)
-        stages.append(st.model_copy(update={"workers": workers, "batch_size": per_worker // accum, "grad_accum": accum}))
+        accum = next(
+            a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= st.batch_size
+        )
+        stages.append(
+            st.model_copy(update={"workers": workers, "batch_size": per_worker // accum, "grad_accum": accum})
+        )
     return spec.model_copy(update={"stages": stages})

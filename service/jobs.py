@@ -26,7 +26,12 @@ JobStatus = Literal["pending", "running", "preempted", "cancelled", "failed", "s
 StageStatus = Literal["pending", "running", "completed", "preempted", "cancelled", "failed"]
 TERMINAL = ("succeeded", "failed", "preempted", "cancelled")  # no coordinator runs the job
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_CANCELLED = 0, 1, 75, 130  # 75 = EX_TEMPFAIL: resume it later
-EXIT_CODES = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "preempted": EXIT_PREEMPTED, "cancelled": EXIT_CANCELLED}
+EXIT_CODES = {
+    "succeeded": EXIT_OK,
+    "failed": EXIT_FAILED,
+    "preempted": EXIT_PREEMPTED,
+    "cancelled": EXIT_CANCELLED,
+}
 
 
 def exit_code(status: str) -> int:
@@ -124,7 +129,9 @@ class JobRecord(BaseModel):
     name: str
     status: JobStatus = "pending"
     spec: dict
-    dataset_size: int  # measured once at submission; a resume re-uses it (workers check the data still has it)
+    dataset_size: (
+        int  # measured once at submission; a resume re-uses it (workers check the data still has it)
+    )
     plan_hash: str
     stage_hashes: list[str]
     total_steps: int
@@ -145,10 +152,16 @@ class JobRecord(BaseModel):
 
     @classmethod
     def create(cls, job_id: str, spec: JobSpec, plan: Plan) -> JobRecord:
-        return cls(job_id=job_id, name=spec.name, spec=spec.model_dump(mode="json"),
-                   dataset_size=plan.dataset_size, plan_hash=plan.plan_hash(),
-                   stage_hashes=[plan.stage_hash(i) for i in range(len(plan.stages))], total_steps=plan.total_steps,
-                   stages=[StageRecord(stage=i + 1, workers=st.workers) for i, st in enumerate(spec.stages)])
+        return cls(
+            job_id=job_id,
+            name=spec.name,
+            spec=spec.model_dump(mode="json"),
+            dataset_size=plan.dataset_size,
+            plan_hash=plan.plan_hash(),
+            stage_hashes=[plan.stage_hash(i) for i in range(len(plan.stages))],
+            total_steps=plan.total_steps,
+            stages=[StageRecord(stage=i + 1, workers=st.workers) for i, st in enumerate(spec.stages)],
+        )
 
     def event(self, text: str) -> None:
         self.events.append(f"{now()} {text}")
@@ -157,8 +170,9 @@ class JobRecord(BaseModel):
         return JobSpec.model_validate(self.spec)
 
     def plan(self, spec: JobSpec | None = None, history: list[StageLayout] | None = None) -> Plan:
-        return build_plan(spec or self.job_spec(), self.dataset_size,
-                          tuple(self.history if history is None else history))
+        return build_plan(
+            spec or self.job_spec(), self.dataset_size, tuple(self.history if history is None else history)
+        )
 
     def settle(self, stage: int, outcome: Outcome, step: int) -> None:
         """The one place where a stage's outcome becomes stage and job status (``stage``: 0-based)."""
@@ -174,12 +188,23 @@ class JobRecord(BaseModel):
             srec.status = status
         self.error = outcome.reason if isinstance(outcome, Failed) else None
         if isinstance(outcome, Preempted) and outcome.lost_capacity:
-            self.error = (f"the cluster lost capacity: {outcome.lost_capacity}. Resume when it is back, or now with "
-                          f"fewer workers: stagetrain resume {self.job_id} --workers N")
+            self.error = (
+                f"the cluster lost capacity: {outcome.lost_capacity}. Resume when it is back, or now with "
+                f"fewer workers: stagetrain resume {self.job_id} --workers N"
+            )
         self.event(f"{self.status} at step {step}: {outcome.reason}")
 
-    def replan(self, spec: JobSpec, plan: Plan, changes: list[str], source: str, workers: int | None = None,
-               from_stage: int | None = None, step: int = 0, history: list[StageLayout] | None = None) -> None:
+    def replan(
+        self,
+        spec: JobSpec,
+        plan: Plan,
+        changes: list[str],
+        source: str,
+        workers: int | None = None,
+        from_stage: int | None = None,
+        step: int = 0,
+        history: list[StageLayout] | None = None,
+    ) -> None:
         """Adopt an edited spec (resume --spec/--workers, a scale request): stages keep what they ran."""
         fresh = JobRecord.create(self.job_id, spec, plan)
         kept = {s.stage: s for s in self.stages}
@@ -187,11 +212,14 @@ class JobRecord(BaseModel):
         self.total_steps = fresh.total_steps
         if history is not None:
             self.history = history
-        self.stages = [kept[s.stage].model_copy(update={"workers": s.workers}) if s.stage in kept else s
-                       for s in fresh.stages]
+        self.stages = [
+            kept[s.stage].model_copy(update={"workers": s.workers}) if s.stage in kept else s
+            for s in fresh.stages
+        ]
         if workers is not None and from_stage is not None:
-            self.layout_changes.append(LayoutChange(at=now(), source=source, step=step, from_stage=from_stage,
-                                                    workers=workers))
+            self.layout_changes.append(
+                LayoutChange(at=now(), source=source, step=step, from_stage=from_stage, workers=workers)
+            )
         self.event(f"re-planned ({source}): " + ("; ".join(changes) or "worker layout changed"))
 
     def finish(self, total_steps: int) -> None:
@@ -232,7 +260,12 @@ class JobStore:
             known = [n for n in self.root.listdir() if self.root.exists(n, JOB_FILE)]
             raise FileNotFoundError(
                 f"no job {self.job_id!r} in {self.root.url}"
-                + (f"; jobs there: {', '.join(known[-5:])}" if known else "; pass --storage to look elsewhere"))
+                + (
+                    f"; jobs there: {', '.join(known[-5:])}"
+                    if known
+                    else "; pass --storage to look elsewhere"
+                )
+            )
         return JobRecord.model_validate_json(self.storage.read_bytes(JOB_FILE))
 
     def save(self, record: JobRecord) -> None:

@@ -127,8 +127,12 @@ class Plan(_Frozen):
         batch is laid out over workers (``workers`` x ``batch_size`` x ``grad_accum``), which a resume
         may change without changing the optimisation."""
         s = self.stages[row].model_dump_json(exclude=EXECUTION_FIELDS)
-        return _hash(s + self.schedule.model_dump_json() + self.lr_scaling.model_dump_json()
-                     + f"{self.dataset_size}/{self.seed}")
+        return _hash(
+            s
+            + self.schedule.model_dump_json()
+            + self.lr_scaling.model_dump_json()
+            + f"{self.dataset_size}/{self.seed}"
+        )
 
 
 def _hash(text: str) -> str:
@@ -164,7 +168,10 @@ def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...
     stream with its own global batch (and LR factor), and together they cover the stream the stage's
     first layout planned, so the epochs, data and stage boundary stay where they were."""
     problems = []
-    earlier = {i: sorted((h for h in history if h.stage == i), key=lambda h: h.until_step) for i in range(len(spec.stages))}
+    earlier = {
+        i: sorted((h for h in history if h.stage == i), key=lambda h: h.until_step)
+        for i in range(len(spec.stages))
+    }
     first_layout = earlier[0][0] if earlier[0] else spec.stages[0]
     reference = spec.lr_scaling.reference_batch or first_layout.global_batch
     stages, step, sample = [], 0, 0
@@ -177,7 +184,8 @@ def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...
         if per_epoch == 0:
             problems.append(
                 f"stages[{i}].batch_size: global batch {gb0} (batch_size {layouts[0].batch_size} x workers "
-                f"{layouts[0].workers} x grad_accum {layouts[0].grad_accum}) exceeds the stage's {subset} samples"
+                f"{layouts[0].workers} x grad_accum {layouts[0].grad_accum}) exceeds the stage's {subset} "
+                "samples"
                 f" (data_fraction {st.data_fraction} x {dataset_size})"
             )
             continue
@@ -193,25 +201,47 @@ def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...
                 f"stages[{i}].pct_start: per_stage_onecycle needs pct_start x steps > 1, got {pct} x {steps0}"
             )
         if spec.schedule.strategy == "per_stage_cosine" and spec.schedule.min_lr >= max_lr:
-            problems.append(f"stages[{i}].max_lr: must exceed schedule.min_lr {spec.schedule.min_lr}, got {max_lr}")
+            problems.append(
+                f"stages[{i}].max_lr: must exceed schedule.min_lr {spec.schedule.min_lr}, got {max_lr}"
+            )
         stream_samples, offset = steps0 * gb0, 0
         for j, layout in enumerate(layouts):
             gb = layout.global_batch
             last = j == len(layouts) - 1
             steps = (stream_samples - offset) // gb if last else layout.until_step - step
             if steps <= 0:
-                problems.append(f"stages[{i}].workers: with global batch {gb} from step {step} on, "
-                                f"no full optimizer step of the stage's remaining {stream_samples - offset} samples is left")
+                problems.append(
+                    f"stages[{i}].workers: with global batch {gb} from step {step} on, "
+                    f"no full optimizer step of the stage's remaining {stream_samples - offset} samples is "
+                    "left"
+                )
                 break
             stages.append(
                 StagePlan(
-                    index=i, segment=j, last_segment=last, resolution=st.resolution, epochs=st.epochs,
-                    data_fraction=st.data_fraction, subset_size=subset, workers=layout.workers,
-                    batch_size=layout.batch_size, grad_accum=layout.grad_accum, global_batch=gb,
-                    steps_per_epoch=per_epoch * gb0 // gb, epoch_samples=per_epoch * gb0, stream_offset=offset,
-                    stream_samples=stream_samples, stream_batch=gb0, steps=steps,
-                    step_start=step, step_end=step + steps, sample_start=sample, sample_end=sample + steps * gb,
-                    lr_scale=lr_scale(spec.lr_scaling.rule, gb, reference), max_lr=max_lr, pct_start=pct,
+                    index=i,
+                    segment=j,
+                    last_segment=last,
+                    resolution=st.resolution,
+                    epochs=st.epochs,
+                    data_fraction=st.data_fraction,
+                    subset_size=subset,
+                    workers=layout.workers,
+                    batch_size=layout.batch_size,
+                    grad_accum=layout.grad_accum,
+                    global_batch=gb,
+                    steps_per_epoch=per_epoch * gb0 // gb,
+                    epoch_samples=per_epoch * gb0,
+                    stream_offset=offset,
+                    stream_samples=stream_samples,
+                    stream_batch=gb0,
+                    steps=steps,
+                    step_start=step,
+                    step_end=step + steps,
+                    sample_start=sample,
+                    sample_end=sample + steps * gb,
+                    lr_scale=lr_scale(spec.lr_scaling.rule, gb, reference),
+                    max_lr=max_lr,
+                    pct_start=pct,
                     compile=st.compile,
                 )
             )
@@ -221,13 +251,21 @@ def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...
     if problems:
         raise SpecError(problems, source=spec.name)
     plan = Plan(
-        dataset_size=dataset_size, seed=spec.seed, schedule=spec.schedule, lr_scaling=spec.lr_scaling,
-        reference_batch=reference, momentum=spec.momentum, stages=tuple(stages),
+        dataset_size=dataset_size,
+        seed=spec.seed,
+        schedule=spec.schedule,
+        lr_scaling=spec.lr_scaling,
+        reference_batch=reference,
+        momentum=spec.momentum,
+        stages=tuple(stages),
     )
     if spec.schedule.strategy == "global_onecycle":
         if not spec.schedule.pct_start * onecycle_length(plan) > 1:
-            raise SpecError([
-                f"schedule.pct_start: global_onecycle needs pct_start x total steps > 1,"
-                f" got {spec.schedule.pct_start} x {onecycle_length(plan):g}"
-            ], source=spec.name)
+            raise SpecError(
+                [
+                    f"schedule.pct_start: global_onecycle needs pct_start x total steps > 1,"
+                    f" got {spec.schedule.pct_start} x {onecycle_length(plan):g}"
+                ],
+                source=spec.name,
+            )
     return plan

@@ -41,18 +41,41 @@ def write_csv(plan: Plan, path: str) -> None:
 
 def plan_table(plan: Plan, title: str = "") -> Table:
     table = Table(title=title or None, title_justify="left")
-    for col in ["stage", "res", "data", "samples", "epochs", "workers", "batch/worker", "accum", "global batch",
-                "steps", "LR factor", "LR range"]:
+    for col in [
+        "stage",
+        "res",
+        "data",
+        "samples",
+        "epochs",
+        "workers",
+        "batch/worker",
+        "accum",
+        "global batch",
+        "steps",
+        "LR factor",
+        "LR range",
+    ]:
         table.add_column(col, justify="right")
     for s in plan.stages:
         lrs = [lr_momentum(plan, k)[0] for k in range(s.step_start, s.step_end)]
         table.add_row(
-            s.label, f"{s.resolution}px", f"{s.data_fraction:g}", f"{s.subset_size:,}", f"{s.epochs:g}",
-            str(s.workers), str(s.batch_size), str(s.grad_accum), str(s.global_batch), f"{s.steps:,}",
-            f"{s.lr_scale:.4g}", f"{min(lrs):.3g} - {max(lrs):.3g}",
+            s.label,
+            f"{s.resolution}px",
+            f"{s.data_fraction:g}",
+            f"{s.subset_size:,}",
+            f"{s.epochs:g}",
+            str(s.workers),
+            str(s.batch_size),
+            str(s.grad_accum),
+            str(s.global_batch),
+            f"{s.steps:,}",
+            f"{s.lr_scale:.4g}",
+            f"{min(lrs):.3g} - {max(lrs):.3g}",
         )
     table.add_section()
-    table.add_row("total", "", "", f"{plan.total_samples:,} seen", "", "", "", "", "", f"{plan.total_steps:,}", "", "")
+    table.add_row(
+        "total", "", "", f"{plan.total_samples:,} seen", "", "", "", "", "", f"{plan.total_steps:,}", "", ""
+    )
     return table
 
 
@@ -69,12 +92,19 @@ def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples") -> No
         rows = list(step_rows(plan))
         x = [r["samples_seen"] if x_axis == "samples" else r["step"] for r in rows]
         for ax, key in zip(axes, ["lr", "momentum", "resolution", "global_batch"], strict=True):
-            ax.plot(x, [r[key] for r in rows], label=label, drawstyle="steps-post" if key in ("resolution", "global_batch") else "default")
+            ax.plot(
+                x,
+                [r[key] for r in rows],
+                label=label,
+                drawstyle="steps-post" if key in ("resolution", "global_batch") else "default",
+            )
     first = next(iter(plans.values()))
     for ax, name in zip(axes, ["learning rate", "momentum", "resolution (px)", "global batch"], strict=True):
         ax.set_ylabel(name)
         for s in first.stages[1:]:
-            ax.axvline(s.sample_start if x_axis == "samples" else s.step_start, color="grey", linestyle="--", lw=0.8)
+            ax.axvline(
+                s.sample_start if x_axis == "samples" else s.step_start, color="grey", linestyle="--", lw=0.8
+            )
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[-1].set_xlabel("samples seen" if x_axis == "samples" else "optimizer step")
@@ -86,13 +116,32 @@ def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples") -> No
 def summary_table(record) -> Table:
     """Per stage: status, steps, time, throughput, validation accuracy (``stagetrain run`` / ``status``)."""
     table = Table(title=f"{record.job_id}: {record.status}", title_justify="left")
-    for col in ["stage", "status", "workers", "attempts", "restarts", "time", "img/s", "val acc", "val loss", "checkpoint"]:
+    for col in [
+        "stage",
+        "status",
+        "workers",
+        "attempts",
+        "restarts",
+        "time",
+        "img/s",
+        "val acc",
+        "val loss",
+        "checkpoint",
+    ]:
         table.add_column(col, justify="right")
     for s in record.stages:
-        table.add_row(str(s.stage), s.status, str(s.workers), str(s.attempts), str(s.restarts),
-                      f"{s.seconds:.0f}s" if s.seconds else "", f"{s.images_per_s:,.0f}" if s.images_per_s else "",
-                      f"{s.val_acc:.2%}" if s.val_acc is not None else "", f"{s.val_loss:.3f}" if s.val_loss is not None else "",
-                      s.checkpoint or "")
+        table.add_row(
+            str(s.stage),
+            s.status,
+            str(s.workers),
+            str(s.attempts),
+            str(s.restarts),
+            f"{s.seconds:.0f}s" if s.seconds else "",
+            f"{s.images_per_s:,.0f}" if s.images_per_s else "",
+            f"{s.val_acc:.2%}" if s.val_acc is not None else "",
+            f"{s.val_loss:.3f}" if s.val_loss is not None else "",
+            s.checkpoint or "",
+        )
     return table
 
 
@@ -114,8 +163,12 @@ def plot_metrics(metrics: list[dict], path_or_file, x_axis: str = "samples") -> 
     acc_x = [by_step[e["step"] - 1][key] for e in ends if e["step"] - 1 in by_step]
     axes[1].plot(acc_x, [e["val_acc"] for e in ends if e["step"] - 1 in by_step], "o-")
     axes[1].set_ylabel("val top-1")
-    for ax, k, name in zip(axes[2:], ["lr", "momentum", "resolution"], ["learning rate", "momentum", "resolution (px)"],
-                           strict=True):
+    for ax, k, name in zip(
+        axes[2:],
+        ["lr", "momentum", "resolution"],
+        ["learning rate", "momentum", "resolution (px)"],
+        strict=True,
+    ):
         ax.plot(x, [m[k] for m in steps], drawstyle="steps-post" if k == "resolution" else "default")
         ax.set_ylabel(name)
     boundaries = [b[key] for a, b in zip(steps, steps[1:], strict=False) if a["stage"] != b["stage"]]
@@ -147,19 +200,29 @@ def status_lines(record, latest, lease, ray_state: str | None) -> list[str]:
     how long is left, and who runs it."""
     plan = record.plan()
     step = min(record.current_step, plan.total_steps)
-    lines = [f"step {step:,} of {plan.total_steps:,} (stage {record.current_stage}/{len(record.stages)}); "
-             f"updated {record.updated}"]
+    lines = [
+        f"step {step:,} of {plan.total_steps:,} (stage {record.current_stage}/{len(record.stages)}); "
+        f"updated {record.updated}"
+    ]
     if step < plan.total_steps:
         stage = plan.stage_at(step)
         lr, momentum = lr_momentum(plan, step)
-        lines.append(f"now: {stage.resolution}px, global batch {stage.global_batch} ({stage.workers} workers x "
-                     f"{stage.batch_size} x accum {stage.grad_accum}), lr {lr:.4g}, momentum {momentum:.3f}")
+        lines.append(
+            f"now: {stage.resolution}px, global batch {stage.global_batch} ({stage.workers} workers x "
+            f"{stage.batch_size} x accum {stage.grad_accum}), lr {lr:.4g}, momentum {momentum:.3f}"
+        )
         if record.images_per_s and record.status == "running":
             left = plan.total_samples - plan.samples_before(step)
-            lines.append(f"time left: about {_duration(left / record.images_per_s)} at {record.images_per_s:,.0f} img/s "
-                         f"({left:,} samples; stage start-up not counted)")
-    lines.append(f"last committed checkpoint: {latest.tag} (step {latest.step:,}, {_age(latest.created)})"
-                 if latest else "last committed checkpoint: none yet")
+            lines.append(
+                f"time left: about {_duration(left / record.images_per_s)} at {record.images_per_s:,.0f} "
+                "img/s "
+                f"({left:,} samples; stage start-up not counted)"
+            )
+    lines.append(
+        f"last committed checkpoint: {latest.tag} (step {latest.step:,}, {_age(latest.created)})"
+        if latest
+        else "last committed checkpoint: none yet"
+    )
     if lease is not None:
         lines.append(f"coordinator: {lease.describe()}" + ("" if lease.fresh() else " (stale: not running)"))
     else:
@@ -175,11 +238,21 @@ def job_row(record) -> dict:
 
     last_acc = next((s.val_acc for s in reversed(record.stages) if s.val_acc is not None), None)
     started = next((s.started for s in record.stages if s.started), None)
-    elapsed = (datetime.fromisoformat(record.updated) - datetime.fromisoformat(started)).total_seconds() \
-        if started else 0.0
-    return {"job_id": record.job_id, "status": record.status, "stage": f"{record.current_stage}/{len(record.stages)}",
-            "step": record.current_step, "total_steps": record.total_steps, "val_acc": last_acc,
-            "started": started, "elapsed_s": round(elapsed, 1)}
+    elapsed = (
+        (datetime.fromisoformat(record.updated) - datetime.fromisoformat(started)).total_seconds()
+        if started
+        else 0.0
+    )
+    return {
+        "job_id": record.job_id,
+        "status": record.status,
+        "stage": f"{record.current_stage}/{len(record.stages)}",
+        "step": record.current_step,
+        "total_steps": record.total_steps,
+        "val_acc": last_acc,
+        "started": started,
+        "elapsed_s": round(elapsed, 1),
+    }
 
 
 def jobs_table(rows: list[dict]) -> Table:
@@ -187,7 +260,13 @@ def jobs_table(rows: list[dict]) -> Table:
     for col in ["job", "status", "stage", "step", "val acc", "started", "elapsed"]:
         table.add_column(col, justify="left" if col == "job" else "right")
     for r in rows:
-        table.add_row(r["job_id"], r["status"], r["stage"], f"{r['step']:,}/{r['total_steps']:,}",
-                      f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "", r["started"] or "",
-                      _duration(r["elapsed_s"]) if r["started"] else "")
+        table.add_row(
+            r["job_id"],
+            r["status"],
+            r["stage"],
+            f"{r['step']:,}/{r['total_steps']:,}",
+            f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "",
+            r["started"] or "",
+            _duration(r["elapsed_s"]) if r["started"] else "",
+        )
     return table

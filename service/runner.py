@@ -86,12 +86,23 @@ def connect_ray(address: str | None) -> None:
         ray.init(log_to_driver=log_to_driver)
     elif address:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={
-            "env_vars": env, "py_modules": [os.path.join(here, m) for m in ("service", "workers", "checkpoints")]})
+        ray.init(
+            address=address,
+            log_to_driver=log_to_driver,
+            runtime_env={
+                "env_vars": env,
+                "py_modules": [os.path.join(here, m) for m in ("service", "workers", "checkpoints")],
+            },
+        )
     else:
         # address="local": always a fresh cluster; plain ray.init() would join one left by `ray start`.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=log_to_driver)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=log_to_driver,
+        )
 
 
 def _ray_storage(store: Storage, job_id: str) -> dict:
@@ -100,8 +111,10 @@ def _ray_storage(store: Storage, job_id: str) -> dict:
         return {"storage_path": os.path.abspath(store.path(job_id, RAY_DIR))}
     import pyarrow.fs
 
-    return {"storage_path": store.path(job_id, RAY_DIR),
-            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))}
+    return {
+        "storage_path": store.path(job_id, RAY_DIR),
+        "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs)),
+    }
 
 
 def _make_callback(q):
@@ -114,15 +127,28 @@ def _make_callback(q):
             q.put({"report": metrics[0]})
 
         def after_exception(self, run_context, worker_exceptions):
-            q.put({"worker_errors": {r: (f"{type(e).__name__}: {_first_line(e)}", "".join(traceback.format_exception(e)))
-                                     for r, e in worker_exceptions.items()}})
+            q.put(
+                {
+                    "worker_errors": {
+                        r: (f"{type(e).__name__}: {_first_line(e)}", "".join(traceback.format_exception(e)))
+                        for r, e in worker_exceptions.items()
+                    }
+                }
+            )
 
     return Forward()
 
 
 class JobRunner:
-    def __init__(self, spec: JobSpec, plan: Plan, record: JobRecord, jobs: JobStore, options: RunOptions,
-                 lease: LeaseKeeper):
+    def __init__(
+        self,
+        spec: JobSpec,
+        plan: Plan,
+        record: JobRecord,
+        jobs: JobStore,
+        options: RunOptions,
+        lease: LeaseKeeper,
+    ):
         self.spec, self.plan, self.record, self.jobs, self.opt = spec, plan, record, jobs, options
         self.lease = lease
         self.stop = threading.Event()
@@ -149,18 +175,24 @@ class JobRunner:
             sid = os.environ.get(SUBMISSION_ENV)
             where = f"Ray job {sid}" if sid else f"host {self.lease.lease.host}"
             if self.lease.took_over is not None:
-                self.event(f"took over the lease of a coordinator that stopped renewing it: "
-                           f"{self.lease.took_over.describe()}")
+                self.event(
+                    f"took over the lease of a coordinator that stopped renewing it: "
+                    f"{self.lease.took_over.describe()}"
+                )
             self.event(f"coordinator attempt {self.record.coordinator_attempts} on {where}")
             self.jobs.storage.remove(STOP_FILE)
             self.jobs.storage.remove(CANCEL_FILE)
             self.jobs.save(self.record)
             connect_ray(self.opt.address)
-            if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
+            if (
+                threading.current_thread() is threading.main_thread()
+            ):  # after ray.init, which installs its own
                 previous = signal.signal(signal.SIGTERM, self._on_sigterm)
             code = self._loop()
-            self.say(f"job {self.record.job_id} {self.record.status}"
-                     + (f": {self.record.error}" if self.record.error else ""))
+            self.say(
+                f"job {self.record.job_id} {self.record.status}"
+                + (f": {self.record.error}" if self.record.error else "")
+            )
             return code
         finally:
             if self._grace_timer is not None:
@@ -180,10 +212,15 @@ class JobRunner:
                     srec.status, srec.finished = "completed", srec.finished or now()
             step = manifest.step if manifest else 0
             if cancel_requested(self.jobs.storage) and step < self.plan.total_steps:
-                return self._settle(min(self.record.current_stage, len(self.record.stages)) - 1,
-                                    Cancelled("cancelled between stages"), step)
+                return self._settle(
+                    min(self.record.current_stage, len(self.record.stages)) - 1,
+                    Cancelled("cancelled between stages"),
+                    step,
+                )
             self._apply_scale_requests(step)
-            action = next_action(self.record, self.plan, manifest, self.spec.resources, ray.cluster_resources())
+            action = next_action(
+                self.record, self.plan, manifest, self.spec.resources, ray.cluster_resources()
+            )
             if isinstance(action, Finish):
                 self.record.finish(self.plan.total_steps)
                 self.jobs.save(self.record)
@@ -200,24 +237,48 @@ class JobRunner:
         for name, req in pending_scales(self.jobs.storage):
             try:
                 spec = resize_remaining(self.spec, req.from_stage - 1, req.workers)
-                first = self.plan.stages[self.plan.row(self.plan.stage_at(min(step, self.plan.total_steps - 1)))]
-                if req.from_stage - 1 < first.index or (req.from_stage - 1 == first.index and step > first.step_start):
+                first = self.plan.stages[
+                    self.plan.row(self.plan.stage_at(min(step, self.plan.total_steps - 1)))
+                ]
+                if req.from_stage - 1 < first.index or (
+                    req.from_stage - 1 == first.index and step > first.step_start
+                ):
                     raise ValueError(f"stage {req.from_stage} has started (step {step})")
                 changes = check_resume(self.record, self.plan, spec, step)
                 plan = self.record.plan(spec)
                 res = spec.resources
                 for row, st in enumerate(plan.stages):
-                    if st.index >= req.from_stage - 1 and (problem := fits_cluster(
-                            plan, row, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker, ray.cluster_resources())):
+                    if st.index >= req.from_stage - 1 and (
+                        problem := fits_cluster(
+                            plan,
+                            row,
+                            res.use_gpu,
+                            res.cpus_per_worker,
+                            res.gpus_per_worker,
+                            ray.cluster_resources(),
+                        )
+                    ):
                         raise ValueError(problem)
-                self.record.replan(spec, plan, changes, source=f"scale request {name}", workers=req.workers,
-                                   from_stage=req.from_stage, step=step)
+                self.record.replan(
+                    spec,
+                    plan,
+                    changes,
+                    source=f"scale request {name}",
+                    workers=req.workers,
+                    from_stage=req.from_stage,
+                    step=step,
+                )
                 self.spec, self.plan = spec, plan
                 self.say(f"scale request {name}: stages {req.from_stage}+ now run on {req.workers} worker(s)")
                 self.opt.console.print(plan_table(plan))
-                self.log.line(f"new plan {plan.plan_hash()}: " + "; ".join(
-                    f"stage {s.label}: {s.workers} x {s.batch_size} x {s.grad_accum} = {s.global_batch}, "
-                    f"LR x{s.lr_scale:.4g}" for s in plan.stages))
+                self.log.line(
+                    f"new plan {plan.plan_hash()}: "
+                    + "; ".join(
+                        f"stage {s.label}: {s.workers} x {s.batch_size} x {s.grad_accum} = {s.global_batch}, "
+                        f"LR x{s.lr_scale:.4g}"
+                        for s in plan.stages
+                    )
+                )
             except ValueError as e:
                 self.say(f"scale request {name} ignored: {e}", "yellow")
                 self.record.event(f"scale request {name} ignored: {e}")
@@ -240,11 +301,15 @@ class JobRunner:
         srec.started = srec.started or now()
         self.record.status, self.record.current_stage = "running", stage.index + 1
         self.record.current_step = action.start_step
-        self.say(f"stage {stage.label}: {stage.resolution}px, {stage.workers} worker(s) x {stage.batch_size} x "
-                 f"accum {stage.grad_accum} = global batch {stage.global_batch}, steps {action.start_step}.."
-                 f"{stage.step_end - 1} (attempt {action.attempt})")
+        self.say(
+            f"stage {stage.label}: {stage.resolution}px, {stage.workers} worker(s) x {stage.batch_size} x "
+            f"accum {stage.grad_accum} = global batch {stage.global_batch}, steps {action.start_step}.."
+            f"{stage.step_end - 1} (attempt {action.attempt})"
+        )
         if action.start_step > stage.step_start:
-            self.event(f"stage {stage.label} continues from step {action.start_step} (attempt {action.attempt})")
+            self.event(
+                f"stage {stage.label} continues from step {action.start_step} (attempt {action.attempt})"
+            )
         self.jobs.save(self.record)
 
         # The report queue lives on the coordinator's node: a lost worker node must not take it along.
@@ -254,16 +319,22 @@ class JobRunner:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "spec": spec.model_dump(mode="json"), "plan": self.plan.model_dump(mode="json"),
-                "stage": action.stage, "job_id": self.record.job_id, "storage": self.opt.storage,
+                "spec": spec.model_dump(mode="json"),
+                "plan": self.plan.model_dump(mode="json"),
+                "stage": action.stage,
+                "job_id": self.record.job_id,
+                "storage": self.opt.storage,
                 "provenance": {"git_revision": self._git_revision},
             },
-            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=res.use_gpu,
-                                         resources_per_worker=per_worker),
+            scaling_config=ScalingConfig(
+                num_workers=stage.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
+            ),
             run_config=RunConfig(
                 name=f"{self.record.job_id}-stage-{stage.index + 1}-attempt-{action.attempt}",
                 failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[_make_callback(q)], **_ray_storage(self.jobs.root, self.record.job_id)),
+                callbacks=[_make_callback(q)],
+                **_ray_storage(self.jobs.root, self.record.job_id),
+            ),
         )
         error: list[BaseException] = []
         started = time.perf_counter()
@@ -277,7 +348,9 @@ class JobRunner:
         thread = threading.Thread(target=fit, name=f"fit-stage-{stage.index + 1}", daemon=True)
         thread.start()
         end, lost = self._follow(thread, q, stage, action.start_step)
-        if thread.is_alive():  # gave up on the stage: the driver's exit takes the Ray Train controller with it
+        if (
+            thread.is_alive()
+        ):  # gave up on the stage: the driver's exit takes the Ray Train controller with it
             error.clear()
         ray.kill(q.actor)
         srec.seconds += time.perf_counter() - started
@@ -288,15 +361,26 @@ class JobRunner:
 
         latest = self.jobs.checkpoints.latest(verify=False)
         manifest = latest[0] if latest else None
-        outcome = stage_outcome(self.plan, action.stage, end, _root_cause(error[0]) if error else None, lost,
-                                self.stop_reason, manifest)
+        outcome = stage_outcome(
+            self.plan,
+            action.stage,
+            end,
+            _root_cause(error[0]) if error else None,
+            lost,
+            self.stop_reason,
+            manifest,
+        )
         if end is not None:
             self.record.checkpoint_failures.extend(end.checkpoint_failures)
         if isinstance(outcome, Completed):
             self.record.settle(stage.index, outcome, manifest.step)
             self.jobs.save(self.record)
-            self.say(f"stage {stage.label} completed: val top-1 {outcome.val_acc:.2%}, checkpoint {outcome.checkpoint}"
-                     if outcome.val_acc is not None else f"stage {stage.label} completed: {outcome.checkpoint}")
+            self.say(
+                f"stage {stage.label} completed: val top-1 {outcome.val_acc:.2%}, checkpoint "
+                f"{outcome.checkpoint}"
+                if outcome.val_acc is not None
+                else f"stage {stage.label} completed: {outcome.checkpoint}"
+            )
             return None
         return self._settle(stage.index, outcome, manifest.step if manifest else self.record.current_step)
 
@@ -306,33 +390,53 @@ class JobRunner:
         self.log.line(f"{self.record.status} at step {step}: {outcome.reason}")
         if isinstance(outcome, Preempted):
             if outcome.lost_capacity:
-                self.say(f"the cluster lost capacity: {outcome.lost_capacity}. Resume when it is back, or now "
-                         f"with fewer workers: stagetrain resume {self.record.job_id} --workers N", "yellow")
-            self.say(f"preempted at step {step}; continue with: stagetrain resume {self.record.job_id} "
-                     f"--storage {self.opt.storage}", "yellow")
+                self.say(
+                    f"the cluster lost capacity: {outcome.lost_capacity}. Resume when it is back, or now "
+                    f"with fewer workers: stagetrain resume {self.record.job_id} --workers N",
+                    "yellow",
+                )
+            self.say(
+                f"preempted at step {step}; continue with: stagetrain resume {self.record.job_id} "
+                f"--storage {self.opt.storage}",
+                "yellow",
+            )
             return EXIT_PREEMPTED
         if isinstance(outcome, Cancelled):
-            self.say(f"cancelled at step {step}; continue with: stagetrain resume {self.record.job_id} "
-                     f"--storage {self.opt.storage}", "yellow")
+            self.say(
+                f"cancelled at step {step}; continue with: stagetrain resume {self.record.job_id} "
+                f"--storage {self.opt.storage}",
+                "yellow",
+            )
             return EXIT_CANCELLED
         self.say(f"job failed: {outcome.reason}", "bold red")
         return EXIT_FAILED
 
-    def _follow(self, thread: threading.Thread, q, stage: StagePlan, start_step: int
-                ) -> tuple[StageEnd | None, str | None]:
+    def _follow(
+        self, thread: threading.Thread, q, stage: StagePlan, start_step: int
+    ) -> tuple[StageEnd | None, str | None]:
         """Drain reports while ``fit`` runs: progress, metrics file, job record, log. Returns the stage's
         last report and, if the cluster lost the capacity for the stage meanwhile, what it lacks."""
         srec = self.record.stages[stage.index]
         end, rates = None, []
         tty = self.opt.console.is_terminal
-        columns = [TextColumn("stage {task.fields[n]} {task.fields[res]}px"), BarColumn(),
-                   TextColumn("{task.completed:,.0f}/{task.total:,.0f} samples"), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn()]
+        columns = [
+            TextColumn("stage {task.fields[n]} {task.fields[res]}px"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} samples"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        ]
         bar = Progress(*columns, console=self.opt.console, transient=False, disable=not tty)
         last_line, last_poll, failed = 0.0, time.monotonic(), False
         with bar:
-            task = bar.add_task("", total=stage.samples, n=stage.label, res=stage.resolution, info="",
-                                completed=self.plan.samples_before(start_step) - stage.sample_start)
+            task = bar.add_task(
+                "",
+                total=stage.samples,
+                n=stage.label,
+                res=stage.resolution,
+                info="",
+                completed=self.plan.samples_before(start_step) - stage.sample_start,
+            )
             while True:
                 if time.monotonic() - last_poll > REQUEST_POLL_S:
                     last_poll = time.monotonic()
@@ -352,8 +456,10 @@ class JobRunner:
                     for rank, (_, text) in item["worker_errors"].items():
                         self.log.line(f"worker {rank} failed:\n{text}")
                     first = {r: summary for r, (summary, _) in item["worker_errors"].items()}
-                    self.event(f"stage {stage.label}: worker group failed ({first}); Ray Train restarts it "
-                               f"from the latest checkpoint")
+                    self.event(
+                        f"stage {stage.label}: worker group failed ({first}); Ray Train restarts it "
+                        f"from the latest checkpoint"
+                    )
                     self.jobs.save(self.record)
                     continue
                 report = Report.model_validate(item["report"])
@@ -367,8 +473,11 @@ class JobRunner:
                     bar.update(task, completed=done, info=info)
                     if time.monotonic() - last_line >= PROGRESS_EVERY_S:
                         last_line = time.monotonic()
-                        line = (f"stage {stage.label} {stage.resolution}px: step {last.step + 1}/{self.plan.total_steps}, "
-                                f"{done:,}/{stage.samples:,} samples ({done / stage.samples:.0%})  {info}")
+                        line = (
+                            f"stage {stage.label} {stage.resolution}px: step "
+                            f"{last.step + 1}/{self.plan.total_steps}, "
+                            f"{done:,}/{stage.samples:,} samples ({done / stage.samples:.0%})  {info}"
+                        )
                         self.log.line(line)
                         if not tty:
                             self.opt.console.print(line, highlight=False, markup=False)
@@ -387,8 +496,14 @@ class JobRunner:
         res = self.spec.resources
         deadline = time.monotonic() + wait_s
         while True:
-            lost = fits_cluster(self.plan, self.plan.row(stage), res.use_gpu, res.cpus_per_worker,
-                                res.gpus_per_worker, ray.cluster_resources())
+            lost = fits_cluster(
+                self.plan,
+                self.plan.row(stage),
+                res.use_gpu,
+                res.cpus_per_worker,
+                res.gpus_per_worker,
+                ray.cluster_resources(),
+            )
             if lost or time.monotonic() >= deadline:
                 return lost
             time.sleep(1.0)
@@ -400,8 +515,11 @@ class JobRunner:
             return
         self.stop_reason = reason
         self.stop.set()
-        self.say(f"{reason}: stopping after the current step, committing a checkpoint "
-                 f"(grace {self.spec.preemption.grace_seconds:g}s)", "yellow")
+        self.say(
+            f"{reason}: stopping after the current step, committing a checkpoint "
+            f"(grace {self.spec.preemption.grace_seconds:g}s)",
+            "yellow",
+        )
         self.jobs.storage.write_text(f'{{"reason": "{reason}"}}', STOP_FILE)
         self._grace_timer = threading.Timer(self.spec.preemption.grace_seconds, self._grace_expired)
         self._grace_timer.start()

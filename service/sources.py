@@ -23,7 +23,8 @@ def fashion_mnist_files(root: str | None, split: str) -> tuple[str, str]:
     if "://" not in root and not os.path.exists(labels):
         raise FileNotFoundError(
             f"data: Fashion-MNIST not found at {root}; install Debian's dataset-fashion-mnist"
-            " (apt-get install dataset-fashion-mnist) or set data.root")
+            " (apt-get install dataset-fashion-mnist) or set data.root"
+        )
     return images, labels
 
 
@@ -40,8 +41,12 @@ def image_folder_index(root: str) -> tuple[fsspec.AbstractFileSystem, list[str],
     classes = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))
     if not classes:
         raise ValueError(f"data: no class folders under {root} (expected {root}/<class>/<image>)")
-    samples = [(p, label) for label, cls in enumerate(classes) for p in sorted(fs.find(f"{path}/{cls}"))
-               if p.lower().endswith(IMAGE_EXTENSIONS)]
+    samples = [
+        (p, label)
+        for label, cls in enumerate(classes)
+        for p in sorted(fs.find(f"{path}/{cls}"))
+        if p.lower().endswith(IMAGE_EXTENSIONS)
+    ]
     return fs, classes, samples
 
 

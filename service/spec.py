@@ -43,7 +43,9 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class ModelSpec(_Model):
-    arch: str = Field(description="torchvision.models builder name, e.g. resnet18, resnet50, mobilenet_v3_small")
+    arch: str = Field(
+        description="torchvision.models builder name, e.g. resnet18, resnet50, mobilenet_v3_small"
+    )
     num_classes: Annotated[int, Field(ge=2, strict=True)]
     in_channels: Literal[1, 3] = 3
 
@@ -63,7 +65,8 @@ class _DataBase(_Model):
     loader_workers: NonNegInt = Field(2, description="DataLoader worker processes per Ray worker")
     val_batch_size: PositiveInt = 256
     crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
-        (0.35, 1.0), description="random-resized-crop area range (train)")
+        (0.35, 1.0), description="random-resized-crop area range (train)"
+    )
     hflip: bool = Field(True, description="random horizontal flip (train)")
 
 
@@ -76,7 +79,9 @@ class SyntheticData(_DataBase):
 
 class FashionMNISTData(_DataBase):
     kind: Literal["fashion_mnist"]
-    root: str | None = Field(None, description="folder with the IDX .gz files; default: Debian's dataset-fashion-mnist")
+    root: str | None = Field(
+        None, description="folder with the IDX .gz files; default: Debian's dataset-fashion-mnist"
+    )
 
 
 class ImageFolderData(_DataBase):
@@ -97,8 +102,10 @@ class SGDSpec(_Model):
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self):
         if self.nesterov and self.momentum == 0:
-            raise ValueError(f"nesterov: true needs momentum > 0, got momentum {self.momentum}; "
-                             "set momentum or nesterov: false")
+            raise ValueError(
+                f"nesterov: true needs momentum > 0, got momentum {self.momentum}; "
+                "set momentum or nesterov: false"
+            )
         return self
 
 
@@ -174,7 +181,8 @@ class CheckpointSpec(_Model):
     keep_last: PositiveInt = 2
     keep_stage_checkpoints: bool = True
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="non-secret fsspec options, e.g. {client_kwargs: {region_name: ...}}"
+        default_factory=dict,
+        description="non-secret fsspec options, e.g. {client_kwargs: {region_name: ...}}",
     )
 
     @field_validator("storage_options")
@@ -187,12 +195,24 @@ class CheckpointSpec(_Model):
             raise ValueError(
                 f"{', '.join(found)}: credentials do not belong in the job spec (it is stored in job.json); "
                 "use the standard AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile "
-                "(AWS_PROFILE) or the node's instance role instead")
+                "(AWS_PROFILE) or the node's instance role instead"
+            )
         return v
 
 
-SECRET_KEYS = ("key", "secret", "token", "password", "session_token", "aws_access_key_id",
-               "aws_secret_access_key", "aws_session_token", "access_key", "secret_key", "credentials")
+SECRET_KEYS = (
+    "key",
+    "secret",
+    "token",
+    "password",
+    "session_token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "access_key",
+    "secret_key",
+    "credentials",
+)
 
 
 def _secret_keys(options: Any, path: str = "") -> list[str]:
@@ -253,11 +273,13 @@ class JobSpec(_Model):
     def _consistent(self):
         if isinstance(self.data, SyntheticData) and self.data.num_classes > self.model.num_classes:
             raise ValueError(
-                f"data.num_classes: must be <= model.num_classes ({self.model.num_classes}), got {self.data.num_classes}"
+                f"data.num_classes: must be <= model.num_classes ({self.model.num_classes}), got "
+                f"{self.data.num_classes}"
             )
         if isinstance(self.data, FashionMNISTData) and self.model.num_classes < 10:
             raise ValueError(
-                f"model.num_classes: must be >= 10 for data.kind fashion_mnist (10 classes), got {self.model.num_classes}"
+                "model.num_classes: must be >= 10 for data.kind fashion_mnist (10 classes), got "
+                f"{self.model.num_classes}"
             )
         return self
 
@@ -302,7 +324,9 @@ def parse_spec(text: str, source: str = "job spec") -> JobSpec:
         raise SpecError([f"malformed YAML at {where}: {problem}"], source=source) from None
     if not isinstance(raw, dict):
         got = "an empty document" if raw is None else f"{type(raw).__name__} {_show(raw)}"
-        raise SpecError([f"(top level): expected a mapping of fields (name, model, data, ...), got {got}"], source)
+        raise SpecError(
+            [f"(top level): expected a mapping of fields (name, model, data, ...), got {got}"], source
+        )
     return validate_spec(raw, source)
 
 
@@ -341,7 +365,11 @@ def _describe(err: dict) -> str:
         key = str(err["loc"][-1])
         known = list(owner.model_fields) if owner else []
         hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        suffix = f"; did you mean {hint[0]!r}?" if hint else (f"; expected one of {', '.join(known)}" if known else "")
+        suffix = (
+            f"; did you mean {hint[0]!r}?"
+            if hint
+            else (f"; expected one of {', '.join(known)}" if known else "")
+        )
         return f"{path}: unknown field{_variant_note(err['loc'], key)}{suffix}"
     if kind == "missing":
         return f"{path}: required field is missing"
@@ -360,14 +388,18 @@ def _describe(err: dict) -> str:
     if kind == "literal_error":
         options = list(typing.get_args(here)) if typing.get_origin(here) is Literal else None
         options = options or _split_options(ctx.get("expected", ""))
-        return (f"{path}: expected one of {', '.join(repr(o) for o in options)}, got {_show(got)}"
-                + _did_you_mean(got, options))
+        return (
+            f"{path}: expected one of {', '.join(repr(o) for o in options)}, got {_show(got)}"
+            + _did_you_mean(got, options)
+        )
     if kind in _BOUNDS:
         limit = next(iter(ctx.values()))
         return f"{path}: must be {_BOUNDS[kind]} {limit}, got {_show(got)}"
     if kind == "too_short":
         n = ctx["actual_length"]
-        return f"{path}: must have at least {ctx['min_length']} item(s), got {'an empty list' if n == 0 else n}"
+        return (
+            f"{path}: must have at least {ctx['min_length']} item(s), got {'an empty list' if n == 0 else n}"
+        )
     if kind == "too_long":
         return f"{path}: must have at most {ctx['max_length']} item(s), got {ctx['actual_length']}"
     if kind == "string_too_short":

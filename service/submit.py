@@ -36,11 +36,15 @@ def submission_id(job_id: str, attempt: int) -> str:
 def job_server(address: str | None) -> str:
     """The Ray job server URL (``http://HEAD:8265``), or a clear error for anything else."""
     if not address:
-        raise SubmitError("--address: the Ray job server URL is required, e.g. --address http://HEAD:8265 "
-                          "(or set RAY_ADDRESS)")
+        raise SubmitError(
+            "--address: the Ray job server URL is required, e.g. --address http://HEAD:8265 "
+            "(or set RAY_ADDRESS)"
+        )
     parsed = urlparse(address)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise SubmitError(f"--address: expected the Ray dashboard / job server URL http://HEAD:8265, got {address!r}")
+        raise SubmitError(
+            f"--address: expected the Ray dashboard / job server URL http://HEAD:8265, got {address!r}"
+        )
     return address.rstrip("/")
 
 
@@ -60,7 +64,8 @@ def check_reachable(storage_url: str, address: str) -> None:
         if not _loopback(host):
             raise SubmitError(
                 f"--storage {storage_url} is a local folder, which the cluster at {address} cannot reach; "
-                "use shared storage (s3://bucket/prefix, or a path every node mounts, as file:///mnt/...)")
+                "use shared storage (s3://bucket/prefix, or a path every node mounts, as file:///mnt/...)"
+            )
 
 
 def code_modules() -> list[str]:
@@ -68,8 +73,14 @@ def code_modules() -> list[str]:
     return [os.path.join(here, m) for m in ("service", "workers", "checkpoints")]
 
 
-def submit(job_id: str, storage_url: str, address: str, attempt: int, grace_seconds: float,
-           metadata: dict[str, str] | None = None) -> str:
+def submit(
+    job_id: str,
+    storage_url: str,
+    address: str,
+    attempt: int,
+    grace_seconds: float,
+    metadata: dict[str, str] | None = None,
+) -> str:
     """Submit the coordinator of ``job_id`` as Ray job ``<job-id>-attempt-<attempt>``; returns its id."""
     from ray.job_submission import JobSubmissionClient
 
@@ -77,19 +88,31 @@ def submit(job_id: str, storage_url: str, address: str, attempt: int, grace_seco
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection, auth and version errors all mean "cannot submit"
-        raise SubmitError(f"--address {address}: cannot reach the Ray job server: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    entrypoint = " ".join(shlex.quote(a) for a in (
-        "python", "-m", "service.cli", "run", "--job-id", job_id, "--storage", storage_url))
-    env = {SUBMISSION_ENV: sid, "RAY_JOB_STOP_WAIT_TIME_S": str(int(grace_seconds + STOP_MARGIN_S)),
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
-           "PYTHONUNBUFFERED": "1", **forwarded_env()}
+        raise SubmitError(
+            f"--address {address}: cannot reach the Ray job server: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    entrypoint = " ".join(
+        shlex.quote(a)
+        for a in ("python", "-m", "service.cli", "run", "--job-id", job_id, "--storage", storage_url)
+    )
+    env = {
+        SUBMISSION_ENV: sid,
+        "RAY_JOB_STOP_WAIT_TIME_S": str(int(grace_seconds + STOP_MARGIN_S)),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
+        "PYTHONUNBUFFERED": "1",
+        **forwarded_env(),
+    }
     for k in ("STAGETRAIN_LEASE_TIMEOUT_S",):
         if k in os.environ:
             env[k] = os.environ[k]
-    client.submit_job(entrypoint=entrypoint, submission_id=sid, entrypoint_num_cpus=0,
-                      runtime_env={"env_vars": env, "py_modules": code_modules()},
-                      metadata={"stagetrain_job": job_id, **(metadata or {})})
+    client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=sid,
+        entrypoint_num_cpus=0,
+        runtime_env={"env_vars": env, "py_modules": code_modules()},
+        metadata={"stagetrain_job": job_id, **(metadata or {})},
+    )
     return sid
 
 
@@ -128,5 +151,3 @@ def _auth_token() -> str | None:
             with open(path) as f:
                 return f.read().strip()
     return None
-
-

@@ -18,18 +18,34 @@ LEASE_TIMEOUT_S = 2.0
 
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1",
-                "STAGETRAIN_LEASE_TIMEOUT_S": str(LEASE_TIMEOUT_S), **extra})
+    env.update(
+        {
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            "PYTHONUNBUFFERED": "1",
+            "STAGETRAIN_LEASE_TIMEOUT_S": str(LEASE_TIMEOUT_S),
+            **extra,
+        }
+    )
     return env
 
 
-def stagetrain(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False,
-               input: str | None = None) -> subprocess.CompletedProcess:
+def stagetrain(
+    *args: str, env: dict | None = None, timeout: float = 600, check: bool = False, input: str | None = None
+) -> subprocess.CompletedProcess:
     """``stagetrain ARGS`` as a user runs it (a fresh process), from the repo root."""
-    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout, env=env or cli_env(), input=input)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env=env or cli_env(),
+        input=input,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"stagetrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"stagetrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

@@ -16,18 +16,21 @@ from service.layout import CHECKPOINTS, METRICS_FILE
 from tests.conftest import BASE_SPEC, merge
 from tests.helpers import cli_env, stagetrain
 
-TINY = merge(BASE_SPEC, {
-    "name": "tiny",
-    "data": {"kind": "synthetic", "size": 384, "val_size": 64, "num_classes": 10, "loader_workers": 0},
-    "schedule": {"max_lr": 0.1},
-    "lr_scaling": {"rule": "linear"},
-    "stages": [
-        {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
-        {"resolution": 24, "epochs": 1, "batch_size": 16, "workers": 1, "grad_accum": 2},
-    ],
-    "metrics": {"every_n_steps": 4},
-    "checkpoint": {"every_n_steps": 5, "keep_last": 2},
-})
+TINY = merge(
+    BASE_SPEC,
+    {
+        "name": "tiny",
+        "data": {"kind": "synthetic", "size": 384, "val_size": 64, "num_classes": 10, "loader_workers": 0},
+        "schedule": {"max_lr": 0.1},
+        "lr_scaling": {"rule": "linear"},
+        "stages": [
+            {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
+            {"resolution": 24, "epochs": 1, "batch_size": 16, "workers": 1, "grad_accum": 2},
+        ],
+        "metrics": {"every_n_steps": 4},
+        "checkpoint": {"every_n_steps": 5, "keep_last": 2},
+    },
+)
 TINY["data"] = {"kind": "synthetic", "size": 384, "val_size": 64, "num_classes": 10, "loader_workers": 0}
 TINY["model"] = {"arch": "resnet18", "num_classes": 10, "in_channels": 3}
 
@@ -52,16 +55,20 @@ def read_record(job_dir) -> dict:
         return json.load(f)
 
 
-DETERMINISTIC = merge(TINY, {
-    "name": "resume", "deterministic": True,
-    "stages": [
-        {"resolution": 16, "epochs": 2, "batch_size": 16, "workers": 2},  # 24 steps of 32
-        {"resolution": 20, "epochs": 1, "batch_size": 16, "workers": 2},  # 12 steps
-        {"resolution": 24, "epochs": 1, "batch_size": 8, "workers": 2, "grad_accum": 2},  # 12 steps
-    ],
-    "metrics": {"every_n_steps": 2},
-    "checkpoint": {"every_n_steps": 5, "keep_last": 2},
-})
+DETERMINISTIC = merge(
+    TINY,
+    {
+        "name": "resume",
+        "deterministic": True,
+        "stages": [
+            {"resolution": 16, "epochs": 2, "batch_size": 16, "workers": 2},  # 24 steps of 32
+            {"resolution": 20, "epochs": 1, "batch_size": 16, "workers": 2},  # 12 steps
+            {"resolution": 24, "epochs": 1, "batch_size": 8, "workers": 2, "grad_accum": 2},  # 12 steps
+        ],
+        "metrics": {"every_n_steps": 2},
+        "checkpoint": {"every_n_steps": 5, "keep_last": 2},
+    },
+)
 TOTAL = 48
 
 
@@ -79,13 +86,22 @@ def final_state(job_dir):
     final = [t for t in tags if t.endswith("stage-3-end")]
     assert final, tags
     folder = job_dir / CHECKPOINTS / final[0]
-    return (torch.load(folder / MODEL_FILE, weights_only=True), torch.load(folder / STATE_FILE, weights_only=True))
+    return (
+        torch.load(folder / MODEL_FILE, weights_only=True),
+        torch.load(folder / STATE_FILE, weights_only=True),
+    )
 
 
 def launch(*args, **env):
     """Start the coordinator in its own session, so the test can kill it with all its Ray processes."""
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cli_env(**env), start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(**env),
+        start_new_session=True,
+    )
 
 
 def steps_reported(job_dir) -> int:

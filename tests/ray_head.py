@@ -60,8 +60,13 @@ import pytest
 MARKER_VAR = "STAGETRAIN_RAY_HEAD_ID"
 # Distinctive prefix: a test can grep logs and storage for it to prove the token leaks nowhere.
 TOKEN_PREFIX = "stagetrain-ray-test-token-"
-AMBIENT_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
-                "RAY_AUTH_TOKEN_PATH")
+AMBIENT_VARS = (
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+)
 
 
 def _free_port() -> int:
@@ -78,7 +83,7 @@ def _proc_state(pid: int) -> str | None:
             stat = f.read()
     except OSError:
         return None
-    return stat[stat.rfind(b")") + 2:][:1].decode()
+    return stat[stat.rfind(b")") + 2 :][:1].decode()
 
 
 def _alive(pid: int) -> bool:
@@ -112,10 +117,17 @@ class RayHead:
         self.auth_headers = {"Authorization": f"Bearer {self.token}"}
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: node IP 127.0.0.1 (see above); a ray.init(address=gcs_address)
         # client needs it too, or it looks for a raylet on the routable IP and hangs.
-        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        self.head_env = {**self.env, MARKER_VAR: self.head_id, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-                         **(extra_env or {})}
+        self.env = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+        self.head_env = {
+            **self.env,
+            MARKER_VAR: self.head_id,
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            **(extra_env or {}),
+        }
         self.log_path = os.path.join(self.temp_dir, "ray-start.log")
         self.started_at: float | None = None
         self.ready_after_s: float | None = None  # `ray start` launched -> job server answered
@@ -138,11 +150,21 @@ class RayHead:
     def start(self, timeout: float = 90.0) -> None:
         assert not self._started, "already started"
         exe = os.path.join(os.path.dirname(sys.executable), "ray")
-        cmd = [exe, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--port={self.gcs_port}",
-               f"--ray-client-server-port={self.client_server_port}",
-               f"--dashboard-agent-listen-port={self.agent_http_port}", f"--num-cpus={self.num_cpus}",
-               f"--temp-dir={self.temp_dir}", "--disable-usage-stats", "--log-style=record"]
+        cmd = [
+            exe,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--port={self.gcs_port}",
+            f"--ray-client-server-port={self.client_server_port}",
+            f"--dashboard-agent-listen-port={self.agent_http_port}",
+            f"--num-cpus={self.num_cpus}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            "--log-style=record",
+        ]
         env = {k: v for k, v in os.environ.items() if k not in AMBIENT_VARS}
         env.update(self.head_env)
         # Job entrypoints run `python` from PATH: make it this interpreter's (the venv's).
@@ -150,8 +172,15 @@ class RayHead:
         self._started = True
         self.started_at, self.ray_start_s = time.monotonic(), None
         with open(self.log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir)
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.temp_dir,
+            )
         try:
             self._wait_ready(proc, timeout)
         except BaseException:
@@ -184,9 +213,11 @@ class RayHead:
                 except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as e:
                     last_error = repr(e)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Ray head not ready within {timeout:.0f}s: waited for {waiting_for}; "
-                                   f"last error: {last_error or '-'}\n"
-                                   f"`ray start` output:\n{self._log_tail()}")
+                raise RuntimeError(
+                    f"Ray head not ready within {timeout:.0f}s: waited for {waiting_for}; "
+                    f"last error: {last_error or '-'}\n"
+                    f"`ray start` output:\n{self._log_tail()}"
+                )
             time.sleep(0.1)
 
     def _log_tail(self, chars: int = 3000) -> str:
@@ -233,6 +264,7 @@ class RayHead:
 
         Idempotent. Leaves ``temp_dir`` (token, logs) in place until ``cleanup()``.
         """
+
         def signal_all(pids, sig):
             for pid in pids:
                 try:

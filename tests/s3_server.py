@@ -28,8 +28,11 @@ import pytest
 # Distinctive fake values: a test greps storage and output for them to prove no secret leaks.
 ACCESS_KEY_ID = "stagetrain-test-key-id"
 SECRET_ACCESS_KEY = "stagetrain-test-secret-do-not-log"
-CREDENTIALS_ENV = {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-                   "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS_ENV = {
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def _free_port() -> int:
@@ -51,8 +54,12 @@ class S3Server:
     def start(self, timeout: float = 20.0) -> None:
         assert self.proc is None, "already running"
         exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -64,7 +71,9 @@ class S3Server:
                 self._log.seek(0)
                 output = self._log.read().decode(errors="replace")[-2000:]
                 self.stop()
-                raise RuntimeError(f"moto_server on port {self.port} did not answer within {timeout:.0f}s:\n{output}")
+                raise RuntimeError(
+                    f"moto_server on port {self.port} did not answer within {timeout:.0f}s:\n{output}"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -100,8 +109,9 @@ def make_bucket(server: S3Server, bucket: str) -> None:
     InvalidLocationConstraint."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=server.endpoint,
-                           skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=server.endpoint, skip_instance_cache=True
+    )
     fs.mkdir(bucket)
 
 
@@ -120,8 +130,12 @@ def s3_url(s3_server, monkeypatch):
     if s3_server.running:  # free moto's memory; a restarted server has no bucket to delete
         import s3fs
 
-        fs = s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=s3_server.endpoint,
-                               skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            key=ACCESS_KEY_ID,
+            secret=SECRET_ACCESS_KEY,
+            endpoint_url=s3_server.endpoint,
+            skip_instance_cache=True,
+        )
         try:
             fs.rm(bucket, recursive=True)
         except FileNotFoundError:

@@ -39,8 +39,12 @@ def _worker(rank: int, port: int, compile_model: bool, out) -> None:
 
     ddp.register_comm_hook(None, counting_allreduce)
     g = torch.Generator().manual_seed(rank)
-    batches = iter([(torch.randn(4, 8, generator=g), torch.randint(0, 4, (4,), generator=g))
-                    for _ in range(ACCUM * STEPS)])
+    batches = iter(
+        [
+            (torch.randn(4, 8, generator=g), torch.randint(0, 4, (4,), generator=g))
+            for _ in range(ACCUM * STEPS)
+        ]
+    )
     per_step = []
     for _ in range(STEPS):
         before = len(calls)

@@ -24,6 +24,7 @@ from checkpoints.store import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointStore,
 from service.jobs import JobRecord, JobStore
 from service.plan import build_plan
 from tests.conftest import make_spec
+from tests.helpers import stagetrain, wait_until
 from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, make_bucket
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,17 +39,33 @@ def job_store(url: str, job_id: str = JOB, options: dict | None = None) -> Check
 
 
 def meta(step: int, stage: int = 1, boundary: bool = False) -> dict:
-    return dict(job_id=JOB, stage=stage, epoch=0, step=step, samples_seen=64 * step, boundary=boundary,
-                world_size=1, plan_hash="plan", stage_hash=f"stage-{stage}", spec_hash="spec",
-                versions={"torch": torch.__version__}, git_revision=None)
+    return dict(
+        job_id=JOB,
+        stage=stage,
+        epoch=0,
+        step=step,
+        samples_seen=64 * step,
+        boundary=boundary,
+        world_size=1,
+        plan_hash="plan",
+        stage_hash=f"stage-{stage}",
+        spec_hash="spec",
+        versions={"torch": torch.__version__},
+        git_revision=None,
+    )
 
 
 def small_state(step: int) -> dict:
     g = torch.Generator().manual_seed(step)
-    return {"model": {"w": torch.randn(64, 32, generator=g), "b": torch.zeros(32)},
-            "optimizer": {"state": {0: {"momentum_buffer": torch.randn(64, 32, generator=g)}},
-                          "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]},
-            "scheduler": {"step": step}, "data": {"step": step, "samples_seen": 64 * step}}
+    return {
+        "model": {"w": torch.randn(64, 32, generator=g), "b": torch.zeros(32)},
+        "optimizer": {
+            "state": {0: {"momentum_buffer": torch.randn(64, 32, generator=g)}},
+            "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}],
+        },
+        "scheduler": {"step": step},
+        "data": {"step": step, "samples_seen": 64 * step},
+    }
 
 
 def commit(store: CheckpointStore, step: int, stage: int = 1, boundary: bool = False) -> str:
@@ -71,22 +88,6 @@ def flip_byte(store: CheckpointStore, tag: str, name: str) -> None:
     store.storage.write_bytes(bytes(data), tag, name)
 
 
-def assert_same(a, b, where: str = "state") -> None:
-    """Nested state dicts are equal: tensors bit for bit, everything else by ``==``."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def all_objects(url: str) -> dict[str, bytes]:
     """Every object under the storage root (for S3: the whole bucket)."""
     storage = Storage(url)
@@ -99,14 +100,6 @@ def assert_no_secrets(blobs: dict[str, bytes]) -> None:
     for name, data in blobs.items():
         for secret in (ACCESS_KEY_ID, SECRET_ACCESS_KEY):
             assert secret.encode() not in data, f"{secret!r} leaked into {name}"
-
-
-def wait_until(condition, what: str, timeout: float = 60.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
-    return result
 
 
 class CheckedStore(CheckpointStore):
@@ -126,8 +119,9 @@ class CheckedStore(CheckpointStore):
         return super().prune(keep_last, keep_stage_checkpoints)
 
 
-def checked(url: str, job_id: str = JOB, keep_last: int = 2, keep_stage: bool = True,
-            options: dict | None = None) -> tuple[CheckedStore, AsyncCheckpointer]:
+def checked(
+    url: str, job_id: str = JOB, keep_last: int = 2, keep_stage: bool = True, options: dict | None = None
+) -> tuple[CheckedStore, AsyncCheckpointer]:
     store = CheckedStore(Storage(url, options).child(job_id, "checkpoints"))
     store.checkpointer = AsyncCheckpointer(store, keep_last, keep_stage)
     return store, store.checkpointer
@@ -172,15 +166,23 @@ def test_upload_killed_midway_leaves_no_manifest(storage_url):
     store, ckpt = checked(storage_url)
     ckpt.save(small_state(5), tag_for(5, 1, False), block=True, **meta(5))
     killed = tag_for(10, 1, False)
-    proc = subprocess.Popen([sys.executable, "-c", UPLOADER, storage_url, JOB, killed, json.dumps(meta(10))],
-                            cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UPLOADER, storage_url, JOB, killed, json.dumps(meta(10))],
+        cwd=REPO,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "uploading", proc.stderr.read()
         # The first bytes of the checkpoint are on storage (a temporary file locally, model.pt on S3).
         local = not storage_url.startswith("s3://")
-        wait_until(lambda: store.storage.listdir(killed) or proc.poll() is not None,
-                   "the upload to start", interval=0 if local else 0.01)
+        wait_until(
+            lambda: store.storage.listdir(killed) or proc.poll() is not None,
+            "the upload to start",
+            interval=0 if local else 0.01,
+        )
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -210,7 +212,9 @@ def test_corrupt_payload_is_detected_and_skipped(storage_url):
     # Without verify only sizes are checked: a same-size corruption passes (that is what --verify is for).
     assert store.inspect(bad, verify=False)[0].problem is None
     assert [(i.tag, i.problem) for i in store.list(verify=True)] == [
-        (good, None), (bad, f"{MODEL_FILE}: checksum mismatch")]
+        (good, None),
+        (bad, f"{MODEL_FILE}: checksum mismatch"),
+    ]
     manifest, payload = store.latest(verify=True)
     assert manifest.tag == good and set(payload) == {MODEL_FILE, STATE_FILE}
     with pytest.raises(ValueError, match="checksum mismatch"):
@@ -258,7 +262,9 @@ def test_prune_keeps_last_periodic_and_stage_boundaries(storage_url):
     # Without keep_stage_checkpoints, stage boundaries count against keep_last like the rest.
     store2, ckpt2 = checked(storage_url, job_id="job-2", keep_last=2, keep_stage=False)
     for step, stage, boundary in [(5, 1, False), (16, 1, True), (20, 2, False), (32, 2, True)]:
-        ckpt2.save(small_state(step), tag_for(step, stage, boundary), block=True, **meta(step, stage, boundary))
+        ckpt2.save(
+            small_state(step), tag_for(step, stage, boundary), block=True, **meta(step, stage, boundary)
+        )
     assert store2.tags() == [tag_for(20, 2, False), tag_for(32, 2, True)]
 
 
@@ -276,7 +282,7 @@ def outage(storage_url: str, request, store: CheckpointStore, ckpt: AsyncCheckpo
     if storage_url.startswith("s3://"):
         server = request.getfixturevalue("s3_server")
         ckpt.save(state, tag, **meta(10))
-        wait_until(lambda: store.storage.listdir(tag), "the first file of the upload")
+        wait_until(lambda: store.storage.listdir(tag), "the first file of the upload", interval=0.01)
         server.stop()
         try:
             yield
@@ -340,11 +346,6 @@ def test_storage_options_are_not_mutated(storage_url):
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def stagetrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_cli_lists_and_verifies_checkpoints_without_leaking_secrets(storage_url):
     spec = make_spec(checkpoint={"storage": storage_url})
     JobStore(Storage(storage_url), JOB).save(JobRecord.create(JOB, spec, build_plan(spec, 4096)))
@@ -362,5 +363,9 @@ def test_cli_lists_and_verifies_checkpoints_without_leaking_secrets(storage_url)
     assert set(rows) == {good, bad}
     assert "yes" in rows[good] and f"no: {STATE_FILE}: checksum mismatch" in rows[bad]
 
-    assert_no_secrets({**all_objects(storage_url), "cli": (listed.stdout + listed.stderr + verified.stdout
-                                                            + verified.stderr).encode()})
+    assert_no_secrets(
+        {
+            **all_objects(storage_url),
+            "cli": (listed.stdout + listed.stderr + verified.stdout + verified.stderr).encode(),
+        }
+    )

@@ -29,9 +29,25 @@ def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp
         worker_node = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         env = cli_env(RAY_AUTH_MODE="disabled")
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "run", job, "--job-id", "nl", "--storage",
-                                 str(storage), "--address", cluster.address], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "run",
+                job,
+                "--job-id",
+                "nl",
+                "--storage",
+                str(storage),
+                "--address",
+                cluster.address,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         deadline = time.time() + 300
         while steps_reported(job_dir) < 30 and time.time() < deadline:  # mid stage 2 (2 workers, 1 per node)
             assert proc.poll() is None, proc.stdout.read()
@@ -46,8 +62,9 @@ def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp
         stopped_at = record["current_step"]
         assert 24 <= stopped_at < 36
 
-        resumed = stagetrain("resume", "nl", "--storage", str(storage), "--address", cluster.address,
-                             "--workers", "1", env=env)
+        resumed = stagetrain(
+            "resume", "nl", "--storage", str(storage), "--address", cluster.address, "--workers", "1", env=env
+        )
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     finally:
         ray.shutdown()
@@ -55,8 +72,16 @@ def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp
     record = read_record(job_dir)
     assert record["status"] == "succeeded"
     assert [s["workers"] for s in record["stages"]] == [2, 1, 1]
-    assert record["spec"]["stages"][1] == {**spec["stages"][1], "workers": 1, "batch_size": 16, "grad_accum": 2,
-                                           "data_fraction": 1.0, "max_lr": None, "pct_start": None, "compile": False}
+    assert record["spec"]["stages"][1] == {
+        **spec["stages"][1],
+        "workers": 1,
+        "batch_size": 16,
+        "grad_accum": 2,
+        "data_fraction": 1.0,
+        "max_lr": None,
+        "pct_start": None,
+        "compile": False,
+    }
     # Same global batch, same samples, same micro-batch grouping, same LR: the weights equal the
     # uninterrupted run's up to reduction order. (BatchNorm running statistics are not weights: one
     # worker updates them once per micro-batch, two workers once per step from rank 0's micro-batch.)

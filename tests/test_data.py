@@ -26,7 +26,9 @@ def image_folder(tmp_path):
 
 
 def test_imagefolder_source_reads_classes_and_decodes_jpeg_near_the_stage_resolution(image_folder):
-    spec = ImageFolderData(kind="imagefolder", train=str(image_folder / "train"), val=str(image_folder / "val"))
+    spec = ImageFolderData(
+        kind="imagefolder", train=str(image_folder / "train"), val=str(image_folder / "val")
+    )
     assert dataset_size(spec) == 6
     train = open_source(spec, channels=3, seed=0, split="train")
     assert train.classes == ["cat", "dog"] and [label for _, label in train.samples] == [0, 0, 0, 1, 1, 1]
@@ -68,8 +70,23 @@ def test_augmentation_is_a_function_of_seed_stage_epoch_and_index():
 
 def test_sampler_gives_each_rank_disjoint_slices_of_every_step():
     subset = stage_subset(1000, 640, seed=0)
-    per_rank = [list(StageSampler(subset, 0, 0, epoch_samples=640, global_batch=64, micro_batch=16, world_size=2,
-                                  rank=r, first_step=0, last_step=10)) for r in range(2)]
+    per_rank = [
+        list(
+            StageSampler(
+                subset,
+                0,
+                0,
+                epoch_samples=640,
+                global_batch=64,
+                micro_batch=16,
+                world_size=2,
+                rank=r,
+                first_step=0,
+                last_step=10,
+            )
+        )
+        for r in range(2)
+    ]
     ids = [[i for i, _ in rank] for rank in per_rank]
     assert len(ids[0]) == len(ids[1]) == 10 * 32
     assert not set(ids[0]) & set(ids[1]) and set(ids[0]) | set(ids[1]) == set(subset.tolist())

@@ -38,9 +38,22 @@ CLUSTER = {"CPU": 2.0}
 
 
 def _manifest(step: int, stage: int, boundary: bool) -> Manifest:
-    return Manifest(job_id="j", tag=f"t{step}", stage=stage, epoch=0, step=step, samples_seen=0, boundary=boundary,
-                    world_size=2, plan_hash="", stage_hash="", spec_hash="", created="", versions={},
-                    files={"model.pt": FileEntry(size=1, sha256="")})
+    return Manifest(
+        job_id="j",
+        tag=f"t{step}",
+        stage=stage,
+        epoch=0,
+        step=step,
+        samples_seen=0,
+        boundary=boundary,
+        world_size=2,
+        plan_hash="",
+        stage_hash="",
+        spec_hash="",
+        created="",
+        versions={},
+        files={"model.pt": FileEntry(size=1, sha256="")},
+    )
 
 
 def _job(**overrides):
@@ -58,7 +71,9 @@ def test_next_action_walks_the_stages_from_the_latest_checkpoint():
     assert next_action(record, plan, _manifest(32, 1, True), res, CLUSTER) == RunStage(1, 32, 3)
     assert next_action(record, plan, _manifest(plan.total_steps, 3, True), res, CLUSTER) == Finish()
     assert stage_completed(plan, 0, _manifest(32, 1, True))
-    assert not stage_completed(plan, 0, _manifest(32, 1, False)) and not stage_completed(plan, 1, _manifest(32, 1, True))
+    assert not stage_completed(plan, 0, _manifest(32, 1, False)) and not stage_completed(
+        plan, 1, _manifest(32, 1, True)
+    )
 
 
 def test_next_action_fails_fast_when_the_cluster_cannot_hold_the_stage():
@@ -78,19 +93,26 @@ def test_check_resume_allows_changes_to_stages_not_started_and_records_them():
     new = make_spec(stages=later, lr_scaling={"rule": "linear"})
     assert check_resume(record, plan, new, step=40) == ["stages[2]: resolution 32 -> 40, epochs 1.0 -> 2.0"]
     assert check_resume(record, plan, spec, step=40) == []
-    more = make_spec(stages=[*STAGES, {"resolution": 48, "epochs": 1, "batch_size": 16, "workers": 2}],
-                     lr_scaling={"rule": "linear"})
+    more = make_spec(
+        stages=[*STAGES, {"resolution": 48, "epochs": 1, "batch_size": 16, "workers": 2}],
+        lr_scaling={"rule": "linear"},
+    )
     assert check_resume(record, plan, more, step=40) == ["stages[3]: added"]
 
 
-@pytest.mark.parametrize("change,expected", [
-    ({"stages": [STAGES[0], {**STAGES[1], "resolution": 28}, STAGES[2]]}, "stages[1] already ran (checkpoint at step 40)"
-                                                                          " and cannot change: resolution 24 -> 28"),
-    ({"model": {"arch": "resnet34", "num_classes": 10, "in_channels": 3}}, "model: was"),
-    ({"schedule": {"max_lr": 0.8}}, "schedule / lr_scaling changed"),
-    ({"seed": 1}, "seed: was 0, now 1"),
-    ({"stages": STAGES[:1]}, "stages[1] already ran (checkpoint at step 40) and cannot change: removed"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (
+            {"stages": [STAGES[0], {**STAGES[1], "resolution": 28}, STAGES[2]]},
+            "stages[1] already ran (checkpoint at step 40) and cannot change: resolution 24 -> 28",
+        ),
+        ({"model": {"arch": "resnet34", "num_classes": 10, "in_channels": 3}}, "model: was"),
+        ({"schedule": {"max_lr": 0.8}}, "schedule / lr_scaling changed"),
+        ({"seed": 1}, "seed: was 0, now 1"),
+        ({"stages": STAGES[:1]}, "stages[1] already ran (checkpoint at step 40) and cannot change: removed"),
+    ],
+)
 def test_check_resume_refuses_what_would_contradict_what_already_ran(change, expected):
     _, plan, record = _job()
     new = make_spec(**{"stages": STAGES, "lr_scaling": {"rule": "linear"}, **change})
@@ -102,7 +124,11 @@ def test_check_resume_refuses_what_would_contradict_what_already_ran(change, exp
 def test_resize_keeps_the_global_batch_through_accumulation():
     spec = make_spec(stages=STAGES, keep_global_batch=True)
     resized = resize_remaining(spec, first_stage=1, workers=1)
-    assert [(s.workers, s.batch_size, s.grad_accum) for s in resized.stages] == [(2, 64, 1), (1, 32, 2), (1, 32, 2)]
+    assert [(s.workers, s.batch_size, s.grad_accum) for s in resized.stages] == [
+        (2, 64, 1),
+        (1, 32, 2),
+        (1, 32, 2),
+    ]
     assert [s.global_batch for s in resized.stages] == [s.global_batch for s in spec.stages]
     three = make_spec(stages=STAGES, keep_global_batch=True)
     with pytest.raises(ValueError, match="global batch 64 does not split evenly over 3 workers"):
@@ -126,7 +152,8 @@ def test_mid_stage_resize_splits_the_stage_and_rescales_the_lr_from_the_next_ste
     resized = resize_remaining(spec, 1, workers=1)  # stage 2: global 64 -> 32
     history = layout_history(plan, resized, step=50)  # 18 steps into stage 2
     assert [h.model_dump() for h in history] == [
-        {"stage": 1, "until_step": 50, "workers": 2, "batch_size": 32, "grad_accum": 1}]
+        {"stage": 1, "until_step": 50, "workers": 2, "batch_size": 32, "grad_accum": 1}
+    ]
     new = build_plan(resized, N, history=tuple(history))
     a, b = new.stages[1], new.stages[2]
     assert (a.index, a.segment, a.last_segment, a.step_start, a.step_end) == (1, 0, False, 32, 50)
@@ -146,8 +173,19 @@ def test_mid_stage_resize_splits_the_stage_and_rescales_the_lr_from_the_next_ste
     def ids(stage, world, first, last):
         out = []
         for rank in range(world):
-            sampler = StageSampler(subset, 0, stage.index, stage.epoch_samples, stage.global_batch, stage.batch_size,
-                                   world, rank, first, last, stage.stream_offset)
+            sampler = StageSampler(
+                subset,
+                0,
+                stage.index,
+                stage.epoch_samples,
+                stage.global_batch,
+                stage.batch_size,
+                world,
+                rank,
+                first,
+                last,
+                stage.stream_offset,
+            )
             out += [i for i, _ in sampler]
         return sorted(out)
 
@@ -170,28 +208,83 @@ def test_mid_stage_resize_with_per_stage_curves_stays_on_the_stage_curve():
 # ------------------------------------------------------------------------------------- stage outcomes
 
 
-@pytest.mark.parametrize(("end", "error", "lost", "stop", "latest", "expect", "job_status", "stage_status"), [
-    # the stage ran to its end and committed its boundary checkpoint
-    (StageEnd(stage=2, step=160, val_acc=0.5, val_loss=1.0), None, None, None, (160, 2, True),
-     Completed("t160", 1.0, 0.5), "pending", "completed"),
-    # a worker raised (after Ray's FailureConfig gave up): the training code failed
-    (None, "worker 0: ZeroDivisionError: boom", None, None, (64, 2, False),
-     Failed("stage 2 failed: worker 0: ZeroDivisionError: boom"), "failed", "failed"),
-    # the worker group failed and the cluster can no longer hold the stage: a node went away
-    (None, "worker 1: ActorDiedError", "stage 2 needs 2 CPUs, the cluster has 1", None, (64, 2, False),
-     Preempted("the cluster lost capacity (checkpoint t64)", "stage 2 needs 2 CPUs, the cluster has 1"),
-     "preempted", "preempted"),
-    # SIGTERM to the coordinator: the workers committed a checkpoint at the step they reached
-    (StageEnd(stage=2, step=70, preempted=True), None, None, "SIGTERM", (70, 2, False),
-     Preempted("SIGTERM requested (checkpoint t70)"), "preempted", "preempted"),
-    # stagetrain cancel
-    (StageEnd(stage=2, step=70, preempted=True), None, None, "cancel", (70, 2, False),
-     Cancelled("cancel requested (checkpoint t70)"), "cancelled", "cancelled"),
-    # fit() returned without the boundary checkpoint: never completed silently
-    (StageEnd(stage=2, step=160), None, None, None, (150, 2, False),
-     Failed("stage 2 ended without committing its boundary checkpoint"), "failed", "failed"),
-], ids=["completed", "code-failure", "lost-capacity", "sigterm", "cancel", "no-boundary-commit"])
-def test_stage_outcome_and_the_status_it_becomes(end, error, lost, stop, latest, expect, job_status, stage_status):
+@pytest.mark.parametrize(
+    ("end", "error", "lost", "stop", "latest", "expect", "job_status", "stage_status"),
+    [
+        # the stage ran to its end and committed its boundary checkpoint
+        (
+            StageEnd(stage=2, step=160, val_acc=0.5, val_loss=1.0),
+            None,
+            None,
+            None,
+            (160, 2, True),
+            Completed("t160", 1.0, 0.5),
+            "pending",
+            "completed",
+        ),
+        # a worker raised (after Ray's FailureConfig gave up): the training code failed
+        (
+            None,
+            "worker 0: ZeroDivisionError: boom",
+            None,
+            None,
+            (64, 2, False),
+            Failed("stage 2 failed: worker 0: ZeroDivisionError: boom"),
+            "failed",
+            "failed",
+        ),
+        # the worker group failed and the cluster can no longer hold the stage: a node went away
+        (
+            None,
+            "worker 1: ActorDiedError",
+            "stage 2 needs 2 CPUs, the cluster has 1",
+            None,
+            (64, 2, False),
+            Preempted(
+                "the cluster lost capacity (checkpoint t64)", "stage 2 needs 2 CPUs, the cluster has 1"
+            ),
+            "preempted",
+            "preempted",
+        ),
+        # SIGTERM to the coordinator: the workers committed a checkpoint at the step they reached
+        (
+            StageEnd(stage=2, step=70, preempted=True),
+            None,
+            None,
+            "SIGTERM",
+            (70, 2, False),
+            Preempted("SIGTERM requested (checkpoint t70)"),
+            "preempted",
+            "preempted",
+        ),
+        # stagetrain cancel
+        (
+            StageEnd(stage=2, step=70, preempted=True),
+            None,
+            None,
+            "cancel",
+            (70, 2, False),
+            Cancelled("cancel requested (checkpoint t70)"),
+            "cancelled",
+            "cancelled",
+        ),
+        # fit() returned without the boundary checkpoint: never completed silently
+        (
+            StageEnd(stage=2, step=160),
+            None,
+            None,
+            None,
+            (150, 2, False),
+            Failed("stage 2 ended without committing its boundary checkpoint"),
+            "failed",
+            "failed",
+        ),
+    ],
+    ids=["completed", "code-failure", "lost-capacity", "sigterm", "cancel", "no-boundary-commit"],
+)
+def test_stage_outcome_and_the_status_it_becomes(
+    end, error, lost, stop, latest, expect, job_status, stage_status
+):
     spec, plan, record = _job()
     manifest = _manifest(*latest)
     outcome = stage_outcome(plan, 1, end, error, lost, stop, manifest)

@@ -51,7 +51,8 @@ Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are 
 
 needs_crds = pytest.mark.skipif(
     not CRD_DIR.is_dir(),
-    reason=f"no KubeRay CRDs at {CRD_DIR}: put a copy of the shared/ folder beside the repository clone")
+    reason=f"no KubeRay CRDs at {CRD_DIR}: put a copy of the shared/ folder beside the repository clone",
+)
 
 
 def rel(path: Path) -> str:
@@ -121,12 +122,14 @@ def _list_map_keys(validator, keys, instance, schema) -> Iterator[jsonschema.Val
         key = tuple(item.get(k, item_props.get(k, {}).get("default")) for k in keys)
         if key in seen:
             yield jsonschema.ValidationError(
-                f"items {seen[key]} and {i} have the same {', '.join(keys)}: {', '.join(map(str, key))}")
+                f"items {seen[key]} and {i} have the same {', '.join(keys)}: {', '.join(map(str, key))}"
+            )
         seen.setdefault(key, i)
 
 
 KubeValidator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator, {"x-kubernetes-list-map-keys": _list_map_keys})
+    jsonschema.Draft202012Validator, {"x-kubernetes-list-map-keys": _list_map_keys}
+)
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +162,12 @@ def manifest(name: str, kind: str) -> dict:
 
 def test_deploy_files_exist():
     names = {rel(p) for p in DEPLOY_FILES}
-    assert {"deploy/Dockerfile", "deploy/cluster-launcher.yaml", "deploy/kuberay/rayjob.yaml",
-            "deploy/kuberay/raycluster.yaml"} <= names
+    assert {
+        "deploy/Dockerfile",
+        "deploy/cluster-launcher.yaml",
+        "deploy/kuberay/rayjob.yaml",
+        "deploy/kuberay/raycluster.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", DEPLOY_FILES, ids=rel)
@@ -173,8 +180,10 @@ def test_header_says_how_to_launch(path):
         if not line.startswith("#"):
             break
         header.append(line)
-    assert any(re.match(r"#\s{2,}\S", line) for line in header), \
-        f"{rel(path)}: the opening comment shows no command (an indented line like '#   kubectl apply -f ...')"
+    assert any(re.match(r"#\s{2,}\S", line) for line in header), (
+        f"{rel(path)}: the opening comment shows no command (an indented line like '#   kubectl apply -f "
+        "...')"
+    )
 
 
 @needs_crds
@@ -186,15 +195,18 @@ def test_manifest_validates_against_its_crd(path, crd_validators):
     for doc in docs:
         kinds.add(doc.get("kind"))
         name = doc.get("metadata", {}).get("name", "")
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, \
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, (
             f"{rel(path)}: {doc.get('kind')} metadata.name must be a DNS-1123 label, got {name!r}"
+        )
         if doc.get("apiVersion", "").startswith("ray.io/"):
             errors = schema_errors(doc, crd_validators)
             assert not errors, f"{rel(path)}: {doc['kind']} {name}:\n  " + "\n  ".join(errors)
         else:
             # No schema here for core kinds: allow only the ones checked by hand below.
-            assert (doc.get("apiVersion"), doc.get("kind")) == ("v1", "ServiceAccount"), \
-                f"{rel(path)}: {doc.get('apiVersion')} {doc.get('kind')} is not checked by tests/test_deploy.py"
+            assert (doc.get("apiVersion"), doc.get("kind")) == ("v1", "ServiceAccount"), (
+                f"{rel(path)}: {doc.get('apiVersion')} {doc.get('kind')} is not checked by "
+                "tests/test_deploy.py"
+            )
     assert kinds & {"RayJob", "RayCluster"}, f"{rel(path)}: no RayJob or RayCluster"
 
 
@@ -219,7 +231,9 @@ def test_schema_rejects_an_unknown_field(crd_validators):
 
 
 @needs_crds
-@pytest.mark.parametrize(("cpu", "ok"), [(8, True), ("8", True), ("500m", True), (8.5, False), ("8 cores", False)])
+@pytest.mark.parametrize(
+    ("cpu", "ok"), [(8, True), ("8", True), ("500m", True), (8.5, False), ("8 cores", False)]
+)
 def test_schema_int_or_string_quantities(crd_validators, cpu, ok):
     doc = copy.deepcopy(manifest("rayjob.yaml", "RayJob"))
     head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -263,8 +277,10 @@ def ray_resources(group: dict) -> dict[str, float]:
     container = group["template"]["spec"]["containers"][0]
     resources = container.get("resources", {})
     limits = {**resources.get("requests", {}), **resources.get("limits", {})}
-    return {"CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
-            "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+    return {
+        "CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
+        "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+    }
 
 
 def cluster_problems(spec_path: Path, nodes: list[tuple[dict[str, float], int]]) -> list[str]:
@@ -277,8 +293,10 @@ def cluster_problems(spec_path: Path, nodes: list[tuple[dict[str, float], int]])
     plan = build_plan(spec, DATASET_SIZE)
     total = {r: sum(res.get(r, 0) * n for res, n in nodes) for r in ("CPU", "GPU")}
     res = spec.resources
-    problems = [fits_cluster(plan, i, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker, total)
-                for i in range(len(plan.stages))]
+    problems = [
+        fits_cluster(plan, i, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker, total)
+        for i in range(len(plan.stages))
+    ]
     return [p for p in problems if p]
 
 
@@ -286,7 +304,9 @@ def ray_docs() -> list[tuple[Path, dict]]:
     return [(p, d) for p in MANIFESTS for d in load_docs(p) if d["kind"] in ("RayJob", "RayCluster")]
 
 
-@pytest.mark.parametrize(("path", "doc"), ray_docs(), ids=lambda x: rel(x) if isinstance(x, Path) else x["kind"])
+@pytest.mark.parametrize(
+    ("path", "doc"), ray_docs(), ids=lambda x: rel(x) if isinstance(x, Path) else x["kind"]
+)
 def test_cluster_can_run_its_jobs(path, doc):
     """Each job the file runs or documents fits the cluster (fails fast otherwise), and every pod gives
     it the job's preemption grace period; the preStop hook waits longer than that, and less than the pod."""
@@ -299,19 +319,25 @@ def test_cluster_can_run_its_jobs(path, doc):
     assert any(res["GPU"] > 0 and n > 0 for res, n in nodes), f"{rel(path)}: no GPU worker group"
     for job in jobs:
         problems = cluster_problems(job, nodes)
-        assert not problems, f"{rel(path)}: {rel(job)} would fail fast on this cluster: " + "; ".join(problems)
+        assert not problems, f"{rel(path)}: {rel(job)} would fail fast on this cluster: " + "; ".join(
+            problems
+        )
         grace = load_spec(str(job)).preemption.grace_seconds
         for name, group, _ in groups:
             pod = group["template"]["spec"]
             period = pod.get("terminationGracePeriodSeconds", 30)
-            assert period >= grace, (f"{rel(path)}: group {name}: terminationGracePeriodSeconds {period} < "
-                                     f"preemption.grace_seconds {grace:g} of {rel(job)}")
+            assert period >= grace, (
+                f"{rel(path)}: group {name}: terminationGracePeriodSeconds {period} < "
+                f"preemption.grace_seconds {grace:g} of {rel(job)}"
+            )
             for container in pod["containers"]:
                 hook = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
                 if hook and hook[0] == IMAGE_ROOT + "deploy/prestop.sh":
                     wait = float(hook[1])
-                    assert grace < wait < period, (f"{rel(path)}: group {name}: prestop.sh waits {wait:g}s; needs "
-                                                   f"preemption.grace_seconds {grace:g} < it < {period}")
+                    assert grace < wait < period, (
+                        f"{rel(path)}: group {name}: prestop.sh waits {wait:g}s; needs "
+                        f"preemption.grace_seconds {grace:g} < it < {period}"
+                    )
 
 
 def test_rayjob_contract():
@@ -353,10 +379,13 @@ def test_pods_get_s3_access_from_irsa(path):
             continue
         for name, group, _ in ray_groups(doc):
             account = group["template"]["spec"].get("serviceAccountName")
-            assert account in accounts, \
+            assert account in accounts, (
                 f"{rel(path)}: group {name}: serviceAccountName {account!r} is not defined in this file"
+            )
             arn = accounts[account]["metadata"].get("annotations", {}).get("eks.amazonaws.com/role-arn", "")
-            assert re.fullmatch(r"arn:aws:iam::\d{12}:role/\S+", arn), f"{rel(path)}: {account}: role-arn {arn!r}"
+            assert re.fullmatch(r"arn:aws:iam::\d{12}:role/\S+", arn), (
+                f"{rel(path)}: {account}: role-arn {arn!r}"
+            )
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=rel)
@@ -373,10 +402,18 @@ def test_manifest_versions_match_pyproject(path):
 @pytest.mark.parametrize("path", DEPLOY_FILES, ids=rel)
 def test_no_secrets(path):
     text = path.read_text()
-    for pattern in (r"AWS_SECRET_ACCESS_KEY", r"AWS_ACCESS_KEY_ID", r"AWS_SESSION_TOKEN", r"\bAKIA[0-9A-Z]{16}\b",
-                    r"secretKeyRef", r"^kind:\s*Secret\b"):
-        assert not re.search(pattern, text, re.MULTILINE), \
-            f"{rel(path)}: matches {pattern!r}; credentials come from IRSA or instance profiles, not deploy files"
+    for pattern in (
+        r"AWS_SECRET_ACCESS_KEY",
+        r"AWS_ACCESS_KEY_ID",
+        r"AWS_SESSION_TOKEN",
+        r"\bAKIA[0-9A-Z]{16}\b",
+        r"secretKeyRef",
+        r"^kind:\s*Secret\b",
+    ):
+        assert not re.search(pattern, text, re.MULTILINE), (
+            f"{rel(path)}: matches {pattern!r}; credentials come from IRSA or instance profiles, not deploy "
+            "files"
+        )
 
 
 # ------------------------------------------------------------------------------ stagetrain commands
@@ -410,8 +447,11 @@ def cli_arguments(command: str) -> list[tuple[str, bool]]:
     """The positional arguments as (metavar, required): [('JOB.yaml', True)], [('JOB_ID', True)]."""
     import click
 
-    return [(p.metavar or p.human_readable_name, p.required) for p in _command(command).params
-            if isinstance(p, click.Argument)]
+    return [
+        (p.metavar or p.human_readable_name, p.required)
+        for p in _command(command).params
+        if isinstance(p, click.Argument)
+    ]
 
 
 @dataclass
@@ -439,7 +479,7 @@ def invocations_in_command(line: str, where: str, complete: bool = True) -> list
     for i, tok in enumerate(tokens):
         if re.fullmatch(r"(\S*/bin/)?stagetrain", tok):
             argv = []
-            for t in tokens[i + 1:]:
+            for t in tokens[i + 1 :]:
                 if set(t) <= _SHELL_OPERATORS:
                     break
                 argv.append(t)
@@ -514,7 +554,7 @@ def repo_path(path: str) -> Path | None:
         return None
     for root in (IMAGE_ROOT, LAUNCHER_ROOT):
         if path.startswith(root):
-            return REPO / path[len(root):]
+            return REPO / path[len(root) :]
     return REPO / path
 
 
@@ -531,7 +571,9 @@ def parse_invocation(inv: Invocation) -> tuple[list[str], list[str], list[str]]:
             continue
         name, eq, value = arg.partition("=")
         if name not in options:
-            problems.append(f"{inv.where}: `{shown}`: {command} has no option {name} (it has {sorted(options)})")
+            problems.append(
+                f"{inv.where}: `{shown}`: {command} has no option {name} (it has {sorted(options)})"
+            )
             continue
         if options[name] and not eq:
             value = next(args, None)
@@ -563,13 +605,16 @@ def check_invocation(inv: Invocation) -> list[str]:
             job_ids.append(value)
         elif metavar.endswith((".yaml", ".yml")) and (job := repo_path(value)) is not None:
             if not job.is_file():
-                problems.append(f"{inv.where}: `{shown}`: job file {value} is not in the repository ({rel(job)})")
+                problems.append(
+                    f"{inv.where}: `{shown}`: job file {value} is not in the repository ({rel(job)})"
+                )
                 continue
             try:
                 load_spec(str(job))
             except SpecError as e:
-                problems.append(f"{inv.where}: `{shown}`: {rel(job)} is not a valid job spec: "
-                                + "; ".join(e.problems))
+                problems.append(
+                    f"{inv.where}: `{shown}`: {rel(job)} is not a valid job spec: " + "; ".join(e.problems)
+                )
     for job_id in job_ids:
         try:
             check_job_id(job_id)
@@ -612,13 +657,15 @@ def test_dockerfile_matches_pyproject():
     (base,) = [a for i, a in instructions if i == "FROM"]
     base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], base.split()[0])
     ray = pinned("ray")
-    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray)}-py311(-gpu|-cu\d+|-cpu)?", base), \
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray)}-py311(-gpu|-cu\d+|-cpu)?", base), (
         f"deploy/Dockerfile: base {base}: want rayproject/ray:{ray}-py311[-gpu] (pyproject pins ray=={ray})"
+    )
     runs = " ".join(a for i, a in instructions if i == "RUN")
     for name in ("torch", "torchvision"):
         found = set(re.findall(rf"(?<![\w-]){name}==([\w.+]+)", runs))
-        assert found == {pinned(name)}, \
+        assert found == {pinned(name)}, (
             f"deploy/Dockerfile installs {name} {found or 'unpinned'}, pyproject.toml pins {pinned(name)}"
+        )
     assert re.search(r"pip install [^&;]*(?<!\S)\.(\s|$)", runs), "deploy/Dockerfile does not `pip install .`"
 
 
@@ -636,8 +683,9 @@ def test_dockerfile_env_and_layout():
             *sources, dest = [w for w in a.split() if not w.startswith("--")]
             for src in sources:
                 assert (REPO / src).exists(), f"deploy/Dockerfile: COPY {src}: not in the repository"
-                assert dest.rstrip("/") in (IMAGE_ROOT + src, IMAGE_ROOT.rstrip("/")), \
+                assert dest.rstrip("/") in (IMAGE_ROOT + src, IMAGE_ROOT.rstrip("/")), (
                     f"deploy/Dockerfile: COPY {src} {dest}: keep the repository layout under {IMAGE_ROOT}"
+                )
                 copied[src] = dest
     needed = ["pyproject.toml", *pyproject()["tool"]["setuptools"]["packages"]]
     # and whatever the manifests use from the image: job files, the preStop hook
@@ -645,11 +693,14 @@ def test_dockerfile_env_and_layout():
         for doc in load_docs(path):
             needed += re.findall(rf"{IMAGE_ROOT}(\S+?\.(?:ya?ml|sh))\b", json.dumps(doc))
     for inv in (inv for path in MANIFESTS for inv in file_invocations(path) if inv.complete):
-        needed += [a[len(IMAGE_ROOT):] for a in inv.argv if a.startswith(IMAGE_ROOT)]
+        needed += [a[len(IMAGE_ROOT) :] for a in inv.argv if a.startswith(IMAGE_ROOT)]
     for path in sorted(set(needed)):
-        assert (REPO / path).exists(), f"{IMAGE_ROOT}{path} is used by deploy/kuberay but is not in the repository"
-        assert any(path == src or path.startswith(src.rstrip("/") + "/") for src in copied), \
+        assert (REPO / path).exists(), (
+            f"{IMAGE_ROOT}{path} is used by deploy/kuberay but is not in the repository"
+        )
+        assert any(path == src or path.startswith(src.rstrip("/") + "/") for src in copied), (
             f"deploy/Dockerfile does not COPY {path} (used as {IMAGE_ROOT}{path})"
+        )
 
 
 def test_prestop_hook_is_valid_bash():
@@ -691,16 +742,22 @@ def test_cluster_launcher_rejects_a_wrong_type():
 def test_cluster_launcher_contract():
     config = launcher_config()
     workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
-    spot = [k for k, v in workers.items()
-            if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    spot = [
+        k
+        for k, v in workers.items()
+        if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    ]
     assert any(workers[k]["resources"].get("GPU", 0) > 0 for k in spot), "no GPU spot worker type"
     ray = pinned("ray")
     assert config["docker"]["image"].startswith(f"rayproject/ray:{ray}-py311"), config["docker"]["image"]
     setup = " ".join(config["setup_commands"])
     for name in ("torch", "torchvision"):
-        assert set(re.findall(rf"(?<![\w-]){name}==([\w.+]+)", setup)) == {pinned(name)}, f"setup_commands: {name}"
-    assert config["file_mounts"].get(LAUNCHER_ROOT.rstrip("/")) == ".", \
+        assert set(re.findall(rf"(?<![\w-]){name}==([\w.+]+)", setup)) == {pinned(name)}, (
+            f"setup_commands: {name}"
+        )
+    assert config["file_mounts"].get(LAUNCHER_ROOT.rstrip("/")) == ".", (
         f"file_mounts: the repository goes to {LAUNCHER_ROOT}"
+    )
     assert f"pip install --no-cache-dir {LAUNCHER_ROOT.rstrip('/')}" in setup
 
 
@@ -708,8 +765,12 @@ def test_cluster_launcher_can_run_its_jobs():
     config = launcher_config()
     jobs = referenced_jobs(LAUNCHER)
     assert jobs, "deploy/cluster-launcher.yaml runs no job file of the repository"
-    nodes = [(t.get("resources", {}), 1 if name == config["head_node_type"] else t.get("min_workers", 0))
-             for name, t in config["available_node_types"].items()]
+    nodes = [
+        (t.get("resources", {}), 1 if name == config["head_node_type"] else t.get("min_workers", 0))
+        for name, t in config["available_node_types"].items()
+    ]
     for job in jobs:
         problems = cluster_problems(job, nodes)
-        assert not problems, f"deploy/cluster-launcher.yaml: {rel(job)} would fail fast at min_workers: {problems}"
+        assert not problems, (
+            f"deploy/cluster-launcher.yaml: {rel(job)} would fail fast at min_workers: {problems}"
+        )

@@ -19,14 +19,24 @@ from service.spec import SpecError
 from tests.conftest import make_spec
 from tests.helpers import REPO, stagetrain
 
-CORE = ["service.spec", "service.plan", "service.curve", "service.layout", "service.sources", "service.jobs",
-        "service.decisions", "service.report", "service.archs", "service.cli", "checkpoints.storage",
-        "checkpoints.store"]
+CORE = [
+    "service.spec",
+    "service.plan",
+    "service.curve",
+    "service.layout",
+    "service.sources",
+    "service.jobs",
+    "service.decisions",
+    "service.report",
+    "service.archs",
+    "service.cli",
+    "checkpoints.storage",
+    "checkpoints.store",
+]
 
 
 def _imported_by(modules: list[str]) -> list[str]:
-    code = (f"import sys, json; import {', '.join(modules)}; "
-            "print(json.dumps(sorted(m for m in sys.modules)))")
+    code = f"import sys, json; import {', '.join(modules)}; print(json.dumps(sorted(m for m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -52,17 +62,23 @@ def test_arch_names_are_the_pinned_torchvision_models():
 
 
 def test_unknown_arch_gets_a_did_you_mean():
-    with pytest.raises(SpecError, match=r"model.arch: unknown torchvision architecture 'resnet19'; did you mean"):
+    with pytest.raises(
+        SpecError, match=r"model.arch: unknown torchvision architecture 'resnet19'; did you mean"
+    ):
         make_spec(model={"arch": "resnet19", "num_classes": 10})
 
 
-@pytest.mark.parametrize("options", [
-    {"key": "AKIA-something"},
-    {"secret": "s3cr3t-value"},
-    {"token": "t0ken-value"},
-    {"client_kwargs": {"aws_secret_access_key": "s3cr3t-value", "region_name": "us-east-1"}},
-    {"client_kwargs": {"aws_session_token": "t0ken-value"}},
-], ids=["key", "secret", "token", "client_kwargs.secret", "client_kwargs.session_token"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"key": "AKIA-something"},
+        {"secret": "s3cr3t-value"},
+        {"token": "t0ken-value"},
+        {"client_kwargs": {"aws_secret_access_key": "s3cr3t-value", "region_name": "us-east-1"}},
+        {"client_kwargs": {"aws_session_token": "t0ken-value"}},
+    ],
+    ids=["key", "secret", "token", "client_kwargs.secret", "client_kwargs.session_token"],
+)
 def test_secrets_in_storage_options_are_refused_without_echoing_them(options):
     with pytest.raises(SpecError) as info:
         make_spec(checkpoint={"storage": "s3://bucket/runs", "storage_options": options})
@@ -72,7 +88,9 @@ def test_secrets_in_storage_options_are_refused_without_echoing_them(options):
 
 
 def test_non_secret_storage_options_pass():
-    spec = make_spec(checkpoint={"storage": "s3://b/p", "storage_options": {"client_kwargs": {"region_name": "x"}}})
+    spec = make_spec(
+        checkpoint={"storage": "s3://b/p", "storage_options": {"client_kwargs": {"region_name": "x"}}}
+    )
     assert spec.checkpoint.storage_options == {"client_kwargs": {"region_name": "x"}}
 
 
@@ -81,8 +99,10 @@ def test_secret_in_a_job_file_exits_2_and_writes_nothing(tmp_path):
 
     from tests.conftest import BASE_SPEC, merge
 
-    raw = merge(BASE_SPEC, {"checkpoint": {"storage": str(tmp_path / "runs"),
-                                           "storage_options": {"secret": "s3cr3t-value"}}})
+    raw = merge(
+        BASE_SPEC,
+        {"checkpoint": {"storage": str(tmp_path / "runs"), "storage_options": {"secret": "s3cr3t-value"}}},
+    )
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(raw))
     for command in (["plan", str(job)], ["run", str(job), "--job-id", "x"]):
@@ -93,17 +113,35 @@ def test_secret_in_a_job_file_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("command", [["status"], ["checkpoints"], ["plot"], ["resume"]])
-@pytest.mark.parametrize("bad", ["../x", "a/b", "/abs", "has space", "..", ""])
+@pytest.mark.parametrize(
+    ("command", "bad"),
+    [
+        (["status"], "../x"),
+        (["checkpoints"], "../x"),
+        (["plot"], "../x"),
+        (["resume"], "../x"),
+        (["logs"], "../x"),
+        (["cancel"], "../x"),
+        (["wait"], "../x"),
+        (["scale", "--workers", "1"], "../x"),
+        (["status"], "a/b"),
+        (["plot"], "/abs"),
+        (["resume"], "has space"),
+        (["status"], ".."),
+        (["status"], ""),
+    ],
+)
 def test_every_command_refuses_a_job_id_outside_the_storage_root(tmp_path, command, bad):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "job.json").write_text("{}")  # a job one level up must stay out of reach
-    out = stagetrain(*command, bad, "--storage", str(tmp_path / "runs"))
+    out = stagetrain(command[0], bad, *command[1:], "--storage", str(tmp_path / "runs"))
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "letters, digits, '.', '_' and '-'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
 
 def test_run_refuses_a_bad_job_id_option(tmp_path):
-    out = stagetrain("run", f"{REPO}/examples/quickstart.yaml", "--job-id", "../x", "--storage", str(tmp_path))
+    out = stagetrain(
+        "run", f"{REPO}/examples/quickstart.yaml", "--job-id", "../x", "--storage", str(tmp_path)
+    )
     assert out.returncode == 2 and "--job-id" in out.stderr and list(tmp_path.iterdir()) == []

@@ -18,10 +18,18 @@ from tests.conftest import BASE_SPEC, make_spec, merge
 SEED_STAGES = [
     {"resolution": 128, "epochs": 2, "data_fraction": 0.25, "batch_size": 64, "workers": 4},  # global 256
     {"resolution": 160, "epochs": 2, "data_fraction": 0.5, "batch_size": 48, "workers": 4},  # global 192
-    {"resolution": 224, "epochs": 1, "data_fraction": 1.0, "batch_size": 32, "workers": 2, "grad_accum": 2},  # 128
+    {
+        "resolution": 224,
+        "epochs": 1,
+        "data_fraction": 1.0,
+        "batch_size": 32,
+        "workers": 2,
+        "grad_accum": 2,
+    },  # 128
 ]
 N = 10_000
-# By hand: subset = floor(f N); steps/epoch = subset // global batch (drop last); steps = floor(epochs x that).
+# By hand: subset = floor(f N); steps/epoch = subset // global batch (drop last);
+# steps = floor(epochs x that).
 #   stage 1: 2500 // 256 = 9/epoch  -> 18 steps,  4608 samples, steps [0, 18)
 #   stage 2: 5000 // 192 = 26/epoch -> 52 steps,  9984 samples, steps [18, 70)
 #   stage 3: 10000 // 128 = 78      -> 78 steps,  9984 samples, steps [70, 148)
@@ -44,32 +52,57 @@ def _hand_lr(strategy: str, step: int) -> float:
     h = HAND[stage]
     local = step - h["start"]
     if strategy == "global_onecycle":
-        # progress: samples, in units of stage 1's global batch (256): T = 24576 / 256 = 96, phase 1 ends at 23
+        # progress: samples, in units of stage 1's global batch (256): T = 24576 / 256 = 96,
+        # phase 1 ends at 23
         x = (h["sample_start"] + local * h["gb"]) / 256
         lr = _cos(INITIAL, MAX_LR, x / 23) if x <= 23 else _cos(MAX_LR, MIN_LR, min((x - 23) / (95 - 23), 1))
     elif strategy == "per_stage_onecycle":
         end1 = 0.25 * h["steps"] - 1
-        lr = _cos(INITIAL, MAX_LR, local / end1) if local <= end1 else _cos(MAX_LR, MIN_LR, (local - end1) / (h["steps"] - 1 - end1))
+        lr = (
+            _cos(INITIAL, MAX_LR, local / end1)
+            if local <= end1
+            else _cos(MAX_LR, MIN_LR, (local - end1) / (h["steps"] - 1 - end1))
+        )
     else:
         lr = MAX_LR * (1 + math.cos(math.pi * local / h["steps"])) / 2
     return lr * h["factor"]
 
 
 def _spec_dict(strategy: str) -> dict:
-    return merge(BASE_SPEC, {
-        "name": "seed-scenario", "data": {"kind": "synthetic", "size": N, "num_classes": 10},
-        "schedule": {"strategy": strategy, "max_lr": MAX_LR, "div_factor": DIV, "final_div_factor": FINAL_DIV},
-        "lr_scaling": {"rule": "linear", "reference_batch": 256}, "stages": SEED_STAGES,
-    })
+    return merge(
+        BASE_SPEC,
+        {
+            "name": "seed-scenario",
+            "data": {"kind": "synthetic", "size": N, "num_classes": 10},
+            "schedule": {
+                "strategy": strategy,
+                "max_lr": MAX_LR,
+                "div_factor": DIV,
+                "final_div_factor": FINAL_DIV,
+            },
+            "lr_scaling": {"rule": "linear", "reference_batch": 256},
+            "stages": SEED_STAGES,
+        },
+    )
 
 
 def test_plan_numbers_match_hand_computation():
-    plan = build_plan(make_spec(**{k: v for k, v in _spec_dict("global_onecycle").items() if k != "version"}), N)
+    plan = build_plan(
+        make_spec(**{k: v for k, v in _spec_dict("global_onecycle").items() if k != "version"}), N
+    )
     assert plan.dataset_size == N
     for stage, h in zip(plan.stages, HAND, strict=True):
         assert (stage.subset_size, stage.global_batch, stage.steps_per_epoch, stage.steps) == (
-            h["subset"], h["gb"], h["per_epoch"], h["steps"])
-        assert (stage.step_start, stage.sample_start, stage.lr_scale) == (h["start"], h["sample_start"], h["factor"])
+            h["subset"],
+            h["gb"],
+            h["per_epoch"],
+            h["steps"],
+        )
+        assert (stage.step_start, stage.sample_start, stage.lr_scale) == (
+            h["start"],
+            h["sample_start"],
+            h["factor"],
+        )
     assert (plan.total_steps, plan.total_samples) == (TOTAL_STEPS, TOTAL_SAMPLES)
     assert plan.stage_at(17).index == 0 and plan.stage_at(18).index == 1 and plan.stage_at(147).index == 2
     assert plan.stages[1].epoch_of(18 + 25) == 0 and plan.stages[1].epoch_of(18 + 26) == 1
@@ -92,8 +125,12 @@ def _run_plan(tmp_path, strategy):
     job = tmp_path / f"{strategy}.yaml"
     job.write_text(yaml.safe_dump(_spec_dict(strategy)))
     out_csv = tmp_path / f"{strategy}.csv"
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "plan", str(job), "--csv", str(out_csv)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "plan", str(job), "--csv", str(out_csv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     with open(out_csv) as f:
         return proc.stdout, list(csv.DictReader(f))
@@ -108,13 +145,31 @@ def test_plan_cli_table_and_csv(tmp_path, strategy):
     for line, stage, h in zip(lines, SEED_STAGES, HAND, strict=True):
         cells = [c.strip() for c in line.strip("│┃ ").split("│")]
         assert cells[:11] == [
-            str(SEED_STAGES.index(stage) + 1), f"{stage['resolution']}px", f"{stage['data_fraction']:g}",
-            f"{h['subset']:,}", f"{stage['epochs']:g}", str(stage["workers"]), str(stage["batch_size"]),
-            str(stage.get("grad_accum", 1)), str(h["gb"]), str(h["steps"]), f"{h['factor']:.4g}"]
+            str(SEED_STAGES.index(stage) + 1),
+            f"{stage['resolution']}px",
+            f"{stage['data_fraction']:g}",
+            f"{h['subset']:,}",
+            f"{stage['epochs']:g}",
+            str(stage["workers"]),
+            str(stage["batch_size"]),
+            str(stage.get("grad_accum", 1)),
+            str(h["gb"]),
+            str(h["steps"]),
+            f"{h['factor']:.4g}",
+        ]
     total = next(line for line in table.splitlines() if "total" in line)
     assert f"{TOTAL_SAMPLES:,} seen" in total and f" {TOTAL_STEPS} " in total
     # the CSV: one row per optimizer step
-    assert list(rows[0]) == ["step", "stage", "epoch", "resolution", "global_batch", "samples_seen", "lr", "momentum"]
+    assert list(rows[0]) == [
+        "step",
+        "stage",
+        "epoch",
+        "resolution",
+        "global_batch",
+        "samples_seen",
+        "lr",
+        "momentum",
+    ]
     assert len(rows) == TOTAL_STEPS
     seen = 0
     for row in rows:
@@ -147,8 +202,12 @@ def test_plan_cli_json_and_plot(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(_spec_dict("global_onecycle")))
     png = tmp_path / "lr.png"
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "plan", str(job), "--json", "--plot", str(png), "--compare"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "plan", str(job), "--json", "--plot", str(png), "--compare"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["plan_hash"] and [s["steps"] for s in data["stages"]] == [18, 52, 78]

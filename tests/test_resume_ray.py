@@ -28,6 +28,7 @@ from tests.jobs import (
 
 pytestmark = pytest.mark.ray
 
+
 def _assert_equivalent(job_dir, straight_dir, resumed_from: list[int]):
     model_a, state_a = final_state(straight_dir)
     model_b, state_b = final_state(job_dir)
@@ -50,11 +51,15 @@ def _kill_when(proc, condition, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"coordinator exited {proc.returncode} before the kill point:\n{proc.stdout.read()}")
+            raise AssertionError(
+                f"coordinator exited {proc.returncode} before the kill point:\n{proc.stdout.read()}"
+            )
         if condition():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            time.sleep(LEASE_TIMEOUT_S + 1)  # the raylet, GCS and workers of that session go; the lease goes stale
+            time.sleep(
+                LEASE_TIMEOUT_S + 1
+            )  # the raylet, GCS and workers of that session go; the lease goes stale
             return
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -63,15 +68,22 @@ def _kill_when(proc, condition, timeout=240):
 
 def _committed(job_dir, suffix: str) -> bool:
     folder = job_dir / CHECKPOINTS
-    return folder.exists() and any(t.endswith(suffix) and (folder / t / MANIFEST).exists() for t in os.listdir(folder))
+    return folder.exists() and any(
+        t.endswith(suffix) and (folder / t / MANIFEST).exists() for t in os.listdir(folder)
+    )
 
 
 def _upload_in_flight(job_dir, after_step: int) -> bool:
     folder = job_dir / CHECKPOINTS
     if not folder.exists():
         return False
-    return any(int(t.split("-")[1]) > after_step and not (folder / t / MANIFEST).exists()
-               and (folder / t).is_dir() and os.listdir(folder / t) for t in os.listdir(folder))
+    return any(
+        int(t.split("-")[1]) > after_step
+        and not (folder / t / MANIFEST).exists()
+        and (folder / t).is_dir()
+        and os.listdir(folder / t)
+        for t in os.listdir(folder)
+    )
 
 
 def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight):
@@ -91,7 +103,9 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     # (c) during a checkpoint upload: payload written, manifest not yet
     proc = launch("resume", "killed", "--storage", str(storage), STAGETRAIN_TEST_COMMIT_DELAY_S="3")
     _kill_when(proc, lambda: _upload_in_flight(job_dir, after_step=24))
-    orphans = [t for t in os.listdir(job_dir / CHECKPOINTS) if not (job_dir / CHECKPOINTS / t / MANIFEST).exists()]
+    orphans = [
+        t for t in os.listdir(job_dir / CHECKPOINTS) if not (job_dir / CHECKPOINTS / t / MANIFEST).exists()
+    ]
     assert orphans, "the kill should have left an uncommitted checkpoint folder"
     listing = stagetrain("checkpoints", "killed", "--storage", str(storage))
     assert "no manifest" in listing.stdout
@@ -165,8 +179,14 @@ def test_sigterm_to_the_workers_as_on_a_spot_node_preempts_with_a_checkpoint(tmp
 
 
 def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
-    spec = merge(DETERMINISTIC, {"name": "worker-kill", "failure": {"max_failures": 3},
-                                 "stages": [{"resolution": 16, "epochs": 4, "batch_size": 16, "workers": 2}]})
+    spec = merge(
+        DETERMINISTIC,
+        {
+            "name": "worker-kill",
+            "failure": {"max_failures": 3},
+            "stages": [{"resolution": 16, "epochs": 4, "batch_size": 16, "workers": 2}],
+        },
+    )
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "wk"
@@ -177,7 +197,9 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
         while steps_reported(job_dir) < threshold and time.time() < deadline:
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.05)
-        pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        pids = subprocess.run(
+            ["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True
+        ).stdout.split()
         assert pids, "no Ray Train worker process found"
         os.kill(int(pids[-1]), signal.SIGKILL)  # one worker of the group
         killed += 1
@@ -198,7 +220,9 @@ def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):
     # a longer stage 2 (36 steps), so the stop lands inside it whatever the machine's speed
     stages = [dict(s) for s in DETERMINISTIC["stages"]]
     stages[1]["epochs"] = 3
-    spec = merge(DETERMINISTIC, {"name": "rescale-resume", "lr_scaling": {"rule": "linear"}, "stages": stages})
+    spec = merge(
+        DETERMINISTIC, {"name": "rescale-resume", "lr_scaling": {"rule": "linear"}, "stages": stages}
+    )
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "rr"

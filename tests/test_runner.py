@@ -5,6 +5,7 @@ accumulation that all-reduces once per optimizer step with and without ``torch.c
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -19,12 +20,16 @@ from workers.train import StageRunner
 
 # mobilenet_v3_small has dropout in its classifier: every training step draws from the global RNG.
 SPEC = dict(
-    name="inproc", deterministic=True,
+    name="inproc",
+    deterministic=True,
     model={"arch": "mobilenet_v3_small", "num_classes": 10, "in_channels": 3},
     data={"kind": "synthetic", "size": 96, "val_size": 16, "num_classes": 10, "loader_workers": 0},
-    stages=[{"resolution": 32, "epochs": 1, "batch_size": 16, "workers": 1},
-            {"resolution": 40, "epochs": 2, "batch_size": 8, "workers": 1, "grad_accum": 2}],
-    metrics={"every_n_steps": 2}, checkpoint={"every_n_steps": 0},
+    stages=[
+        {"resolution": 32, "epochs": 1, "batch_size": 16, "workers": 1},
+        {"resolution": 40, "epochs": 2, "batch_size": 8, "workers": 1, "grad_accum": 2},
+    ],
+    metrics={"every_n_steps": 2},
+    checkpoint={"every_n_steps": 0},
 )
 
 
@@ -41,10 +46,14 @@ class StopAfter:
         return self.seen >= self.n
 
 
-def runner(url: str, row: int, job_id: str = "j", stop: StopAfter | None = None, **spec_overrides) -> StageRunner:
+def runner(
+    url: str, row: int, job_id: str = "j", stop: StopAfter | None = None, **spec_overrides
+) -> StageRunner:
     spec = make_spec(**{**SPEC, **spec_overrides})
     plan = build_plan(spec, spec.data.size)
-    return StageRunner(spec, plan, row, job_id, url, stop_requested=stop, on_step=stop.on_step if stop else None)
+    return StageRunner(
+        spec, plan, row, job_id, url, stop_requested=stop, on_step=stop.on_step if stop else None
+    )
 
 
 def store(url: str, job_id: str = "j") -> CheckpointStore:
@@ -52,19 +61,30 @@ def store(url: str, job_id: str = "j") -> CheckpointStore:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def stage1(tmp_path_factory) -> str:
+    """Storage holding job j after stage 1 (its boundary checkpoint): each test starts from a copy."""
+    url = str(tmp_path_factory.mktemp("stage1"))
+    runner(url, 0).run()
+    return url
+
+
+def after_stage1(stage1: str, tmp_path) -> str:
+    shutil.copytree(stage1, tmp_path, dirs_exist_ok=True)
+    return str(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def straight(stage1, tmp_path_factory):
     """Both stages without interruption: the final checkpoint's state."""
-    url = str(tmp_path_factory.mktemp("straight"))
-    for row in (0, 1):
-        runner(url, row).run()
+    url = after_stage1(stage1, tmp_path_factory.mktemp("straight"))
+    runner(url, 1).run()
     latest = store(url).latest(verify=True)[0]
     assert latest.boundary and latest.stage == 2
     return load(store(url), latest.tag)[1]
 
 
-def test_stop_mid_stage_then_restore_through_the_runner_is_exact(tmp_path, straight):
-    url = str(tmp_path)
-    runner(url, 0).run()
+def test_stop_mid_stage_then_restore_through_the_runner_is_exact(tmp_path, stage1, straight):
+    url = after_stage1(stage1, tmp_path)
     stopped = runner(url, 1, stop=StopAfter(4)).run()  # stage 2 has 12 steps; reports every 2
     assert stopped.preempted and stopped.step == runner(url, 1).plan.stages[1].step_start + 4
     manifest, saved = load(store(url), store(url).latest()[0].tag)
@@ -89,10 +109,9 @@ def test_stop_mid_stage_then_restore_through_the_runner_is_exact(tmp_path, strai
     assert final["scheduler"] == straight["scheduler"] and final["data"] == straight["data"]
 
 
-def test_payload_is_the_runners_stateful_dict_in_plain_torch_files(tmp_path):
-    url = str(tmp_path)
-    r = runner(url, 0)
-    r.run()
+def test_payload_is_the_runners_stateful_dict_in_plain_torch_files(stage1):
+    url = stage1
+    r = runner(url, 1)  # restores stage 1's boundary checkpoint: the same stateful dict that saved it
     tag = store(url).latest()[0].tag
     folder = f"{url}/j/checkpoints/{tag}"
     weights = torch.load(f"{folder}/{MODEL_FILE}", weights_only=True)
@@ -100,26 +119,24 @@ def test_payload_is_the_runners_stateful_dict_in_plain_torch_files(tmp_path):
     assert weights.keys() == r.raw_model.state_dict().keys()
     assert set(state) == set(r.stateful()) - {"model"} == {"optimizer", "scheduler", "data", "rng"}
     assert state["scheduler"] == state["data"] == {"step": r.plan.stages[0].step_end}
+    assert r.restored_from == tag
 
 
-def test_restore_refuses_another_jobs_checkpoint(tmp_path):
-    url = str(tmp_path)
-    runner(url, 0).run()
+def test_restore_refuses_another_jobs_checkpoint(tmp_path, stage1):
+    url = after_stage1(stage1, tmp_path)
     with pytest.raises(RuntimeError, match="belongs to job j, not other"):
         StageRunner(runner(url, 1).spec, runner(url, 1).plan, 1, "other", url, store=store(url))
 
 
-def test_restore_refuses_a_checkpoint_outside_the_stage(tmp_path):
-    url = str(tmp_path)
-    runner(url, 0).run()
+def test_restore_refuses_a_checkpoint_outside_the_stage(tmp_path, stage1):
+    url = after_stage1(stage1, tmp_path)
     runner(url, 1, stop=StopAfter(2)).run()  # the newest checkpoint is now inside stage 2
     with pytest.raises(RuntimeError, match="outside stage 1's steps"):
         runner(url, 0)
 
 
-def test_restore_refuses_samples_that_disagree_with_the_plan(tmp_path):
-    url = str(tmp_path)
-    runner(url, 0).run()
+def test_restore_refuses_samples_that_disagree_with_the_plan(tmp_path, stage1):
+    url = after_stage1(stage1, tmp_path)
     tag = store(url).latest()[0].tag
     path = f"{url}/j/checkpoints/{tag}/{MANIFEST}"
     manifest = json.loads(open(path).read())

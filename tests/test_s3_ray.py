@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 
 def _fs(endpoint: str) -> s3fs.S3FileSystem:
-    return s3fs.S3FileSystem(key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=endpoint, skip_instance_cache=True)
+    return s3fs.S3FileSystem(
+        key=ACCESS_KEY_ID, secret=SECRET_ACCESS_KEY, endpoint_url=endpoint, skip_instance_cache=True
+    )
 
 
 def test_quickstart_on_s3_leaves_verified_boundary_and_periodic_checkpoints(tmp_path, s3_url, s3_server):
@@ -37,7 +39,11 @@ def test_quickstart_on_s3_leaves_verified_boundary_and_periodic_checkpoints(tmp_
     tags = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints", refresh=True))
     # stage steps: 1200 // 256 = 4, 1200 // 192 = 6, 1200 // 128 = 9 -> boundaries at 4, 10, 19
     boundaries = [t for t in tags if t.endswith("-end")]
-    assert boundaries == ["step-000000004-stage-1-end", "step-000000010-stage-2-end", "step-000000019-stage-3-end"]
+    assert boundaries == [
+        "step-000000004-stage-1-end",
+        "step-000000010-stage-2-end",
+        "step-000000019-stage-3-end",
+    ]
     periodic = [t for t in tags if not t.endswith("-end")]
     assert periodic == ["step-000000015", "step-000000018"]  # keep_last: 2 of 3, 6, 9, 12, 15, 18
     for tag in tags:
@@ -112,15 +118,23 @@ class FlakyProxy:
         self.start()
 
 
-def test_s3_restart_during_a_periodic_upload_never_commits_a_corrupt_checkpoint(tmp_path, s3_url, s3_server, monkeypatch):
+def test_s3_restart_during_a_periodic_upload_never_commits_a_corrupt_checkpoint(
+    tmp_path, s3_url, s3_server, monkeypatch
+):
     from tests.conftest import merge
     from tests.jobs import TINY, launch
 
     proxy = FlakyProxy(s3_server.port)
     proxy.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    spec = merge(TINY, {"name": "s3-restart", "checkpoint": {"every_n_steps": 3, "keep_last": 2},
-                        "stages": [{"resolution": 16, "epochs": 3, "batch_size": 16, "workers": 2}]})
+    spec = merge(
+        TINY,
+        {
+            "name": "s3-restart",
+            "checkpoint": {"every_n_steps": 3, "keep_last": 2},
+            "stages": [{"resolution": 16, "epochs": 3, "batch_size": 16, "workers": 2}],
+        },
+    )
     job = write_job(tmp_path, spec)
     fs = _fs(s3_server.endpoint)
     root = s3_url.removeprefix("s3://") + "/s3r"
@@ -133,7 +147,11 @@ def test_s3_restart_during_a_periodic_upload_never_commits_a_corrupt_checkpoint(
             tags = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints", refresh=True)]
         except FileNotFoundError:
             tags = []
-        pending = [t for t in tags if not t.endswith("-end") and not fs.exists(f"{root}/checkpoints/{t}/manifest.json")]
+        pending = [
+            t
+            for t in tags
+            if not t.endswith("-end") and not fs.exists(f"{root}/checkpoints/{t}/manifest.json")
+        ]
         if pending:
             proxy.restart(down_s=3)
         time.sleep(0.1)
@@ -141,8 +159,14 @@ def test_s3_restart_during_a_periodic_upload_never_commits_a_corrupt_checkpoint(
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     # every checkpoint that has a manifest verifies; the job finished from verified state
-    listing = stagetrain("checkpoints", "s3r", "--storage", s3_url, "--verify", env=cli_env(
-        AWS_ENDPOINT_URL=s3_server.endpoint))
+    listing = stagetrain(
+        "checkpoints",
+        "s3r",
+        "--storage",
+        s3_url,
+        "--verify",
+        env=cli_env(AWS_ENDPOINT_URL=s3_server.endpoint),
+    )
     assert listing.returncode == 0, listing.stdout
     record = json.loads(fs.cat_file(f"{root}/job.json"))
     assert record["status"] == "succeeded"

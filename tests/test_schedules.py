@@ -54,17 +54,29 @@ CONSTANT_BATCH_STAGES = [
 @pytest.mark.parametrize("anneal", ["cos", "linear"])
 def test_global_onecycle_equals_torch_onecycle(progress, optimizer, anneal):
     opt_spec = {"name": "sgd", "momentum": 0.9, "nesterov": True} if optimizer == "sgd" else {"name": "adamw"}
-    spec = make_spec(stages=CONSTANT_BATCH_STAGES, optimizer=opt_spec,
-                     schedule={"progress": progress, "anneal": anneal}, lr_scaling={"rule": "none"})
+    spec = make_spec(
+        stages=CONSTANT_BATCH_STAGES,
+        optimizer=opt_spec,
+        schedule={"progress": progress, "anneal": anneal},
+        lr_scaling={"rule": "none"},
+    )
     plan = build_plan(spec, N)
     assert {s.global_batch for s in plan.stages} == {128}
     sch = spec.schedule
     ours_opt, ref_opt = _optimizer(optimizer), _optimizer(optimizer)
     ours = _drive(PlanScheduler(ours_opt, plan), ours_opt, plan.total_steps)
     ref = torch.optim.lr_scheduler.OneCycleLR(
-        ref_opt, max_lr=sch.max_lr, total_steps=plan.total_steps, pct_start=sch.pct_start,
-        div_factor=sch.div_factor, final_div_factor=sch.final_div_factor, anneal_strategy=sch.anneal,
-        cycle_momentum=sch.cycle_momentum, base_momentum=sch.base_momentum, max_momentum=sch.max_momentum)
+        ref_opt,
+        max_lr=sch.max_lr,
+        total_steps=plan.total_steps,
+        pct_start=sch.pct_start,
+        div_factor=sch.div_factor,
+        final_div_factor=sch.final_div_factor,
+        anneal_strategy=sch.anneal,
+        cycle_momentum=sch.cycle_momentum,
+        base_momentum=sch.base_momentum,
+        max_momentum=sch.max_momentum,
+    )
     theirs = _drive(ref, ref_opt, plan.total_steps)
     assert len(ours) == plan.total_steps == 32 + 24 + 48
     for step, ((lr, m), (lr_ref, m_ref)) in enumerate(zip(ours, theirs, strict=True)):
@@ -84,9 +96,16 @@ def test_per_stage_onecycle_equals_fresh_onecycle_per_stage():
     for stage in plan.stages:
         ref_opt = _optimizer("sgd")
         ref = torch.optim.lr_scheduler.OneCycleLR(
-            ref_opt, max_lr=stage.max_lr, total_steps=stage.steps, pct_start=stage.pct_start,
-            div_factor=sch.div_factor, final_div_factor=sch.final_div_factor, anneal_strategy=sch.anneal,
-            base_momentum=sch.base_momentum, max_momentum=sch.max_momentum)
+            ref_opt,
+            max_lr=stage.max_lr,
+            total_steps=stage.steps,
+            pct_start=stage.pct_start,
+            div_factor=sch.div_factor,
+            final_div_factor=sch.final_div_factor,
+            anneal_strategy=sch.anneal,
+            base_momentum=sch.base_momentum,
+            max_momentum=sch.max_momentum,
+        )
         theirs = _drive(ref, ref_opt, stage.steps)
         for k, (lr_ref, m_ref) in enumerate(theirs):
             lr, m = ours[stage.step_start + k]
@@ -113,9 +132,11 @@ def test_per_stage_cosine_equals_cosine_annealing_per_stage():
 def test_samples_progress_gives_each_stage_the_same_share_of_the_curve():
     # Stage 2 at half the global batch takes twice the steps but covers the same samples,
     # so the curve at the end of stage 2 is at the same place either way.
-    base = [{"resolution": 16, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2},
-            {"resolution": 24, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2},
-            {"resolution": 32, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2}]
+    base = [
+        {"resolution": 16, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2},
+        {"resolution": 24, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2},
+        {"resolution": 32, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2},
+    ]
     halved = [dict(s) for s in base]
     halved[1]["workers"] = 1
     a, b = build_plan(make_spec(stages=base), N), build_plan(make_spec(stages=halved), N)
@@ -137,19 +158,25 @@ def test_samples_progress_gives_each_stage_the_same_share_of_the_curve():
 
 
 def test_steps_progress_spends_more_curve_on_small_batch_stages():
-    stages = [{"resolution": 16, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2},
-              {"resolution": 24, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 1}]
+    stages = [
+        {"resolution": 16, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 2},
+        {"resolution": 24, "epochs": 1, "data_fraction": 1.0, "batch_size": 64, "workers": 1},
+    ]
     plan = build_plan(make_spec(stages=stages, schedule={"progress": "steps"}), N)
     # half the samples, but a third of the steps: the boundary is at 1/3 of the curve
     assert plan.stages[1].step_start * 3 == plan.total_steps
 
 
-@pytest.mark.parametrize("rule,expected", [("linear", [1.0, 2.0, 0.5]), ("sqrt", [1.0, math.sqrt(2), math.sqrt(0.5)]),
-                                           ("none", [1.0, 1.0, 1.0])])
+@pytest.mark.parametrize(
+    "rule,expected",
+    [("linear", [1.0, 2.0, 0.5]), ("sqrt", [1.0, math.sqrt(2), math.sqrt(0.5)]), ("none", [1.0, 1.0, 1.0])],
+)
 def test_lr_scaling_rules(rule, expected):
-    stages = [{"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},
-              {"resolution": 24, "epochs": 1, "batch_size": 64, "workers": 4},
-              {"resolution": 32, "epochs": 1, "batch_size": 32, "workers": 2}]
+    stages = [
+        {"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},
+        {"resolution": 24, "epochs": 1, "batch_size": 64, "workers": 4},
+        {"resolution": 32, "epochs": 1, "batch_size": 32, "workers": 2},
+    ]
     plan = build_plan(make_spec(stages=stages, lr_scaling={"rule": rule}), N)
     assert [s.lr_scale for s in plan.stages] == pytest.approx(expected)
     for stage in plan.stages:
@@ -167,8 +194,10 @@ def test_reference_batch_sets_where_max_lr_holds():
 
 
 def test_ramp_moves_factor_linearly_from_previous_stage():
-    stages = [{"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},
-              {"resolution": 24, "epochs": 1, "batch_size": 64, "workers": 4}]
+    stages = [
+        {"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},
+        {"resolution": 24, "epochs": 1, "batch_size": 64, "workers": 4},
+    ]
     plan = build_plan(make_spec(stages=stages, lr_scaling={"rule": "linear", "ramp_steps": 4}), N)
     start = plan.stages[1].step_start
     assert [lr_factor(plan, start + k) for k in range(6)] == [1.0, 1.25, 1.5, 1.75, 2.0, 2.0]
@@ -177,10 +206,14 @@ def test_ramp_moves_factor_linearly_from_previous_stage():
 
 @pytest.mark.parametrize("progress", ["samples", "steps"])
 def test_global_onecycle_never_reheats(progress):
-    stages = [{"resolution": 16, "epochs": 2, "data_fraction": 0.25, "batch_size": 128, "workers": 2},
-              {"resolution": 24, "epochs": 2, "data_fraction": 0.5, "batch_size": 48, "workers": 2},
-              {"resolution": 32, "epochs": 1, "data_fraction": 1.0, "batch_size": 32, "workers": 1}]
-    plan = build_plan(make_spec(stages=stages, schedule={"progress": progress}, lr_scaling={"rule": "linear"}), N)
+    stages = [
+        {"resolution": 16, "epochs": 2, "data_fraction": 0.25, "batch_size": 128, "workers": 2},
+        {"resolution": 24, "epochs": 2, "data_fraction": 0.5, "batch_size": 48, "workers": 2},
+        {"resolution": 32, "epochs": 1, "data_fraction": 1.0, "batch_size": 32, "workers": 1},
+    ]
+    plan = build_plan(
+        make_spec(stages=stages, schedule={"progress": progress}, lr_scaling={"rule": "linear"}), N
+    )
     lrs = [curve(plan, k)[0] for k in range(plan.total_steps)]  # scale factor removed
     diffs = [abs(b - a) for a, b in zip(lrs, lrs[1:], strict=False)]
     boundaries = {s.step_start - 1 for s in plan.stages[1:]}

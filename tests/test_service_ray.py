@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,21 +20,28 @@ from tests.jobs import DETERMINISTIC, TINY, final_state, read_metrics, read_reco
 
 pytestmark = pytest.mark.ray
 
-THREE = merge(TINY, {
-    "name": "svc",
-    "stages": [{"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},   # 12 steps of 32
-               {"resolution": 20, "epochs": 1, "batch_size": 16, "workers": 2},   # 12 steps
-               {"resolution": 24, "epochs": 1, "batch_size": 16, "workers": 2}],  # 12 steps
-    "metrics": {"every_n_steps": 2}, "checkpoint": {"every_n_steps": 4},
-})
+THREE = merge(
+    TINY,
+    {
+        "name": "svc",
+        "stages": [
+            {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},  # 12 steps of 32
+            {"resolution": 20, "epochs": 1, "batch_size": 16, "workers": 2},  # 12 steps
+            {"resolution": 24, "epochs": 1, "batch_size": 16, "workers": 2},
+        ],  # 12 steps
+        "metrics": {"every_n_steps": 2},
+        "checkpoint": {"every_n_steps": 4},
+    },
+)
 
 
 @pytest.fixture(scope="module")
 def svc(ray_head, tmp_path_factory):
     """The head, a storage folder and the environment a user's shell has (token auth, short lease)."""
     storage = tmp_path_factory.mktemp("svc") / "runs"
-    env = ray_head.subprocess_env(STAGETRAIN_LEASE_TIMEOUT_S="6", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
-                                  PYTHONUNBUFFERED="1")
+    env = ray_head.subprocess_env(
+        STAGETRAIN_LEASE_TIMEOUT_S="6", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", PYTHONUNBUFFERED="1"
+    )
     return ray_head, str(storage), env
 
 
@@ -42,21 +50,38 @@ def st(svc, *args, **kw):
     return stagetrain(*args, "--storage", storage, env=env, **kw)
 
 
-def test_submit_scale_status_list_logs(svc, tmp_path):
+def test_submit_scale_takeover_status_list_logs(svc, tmp_path):
+    """Submit and walk away; scale a stage before it starts; one coordinator per job: a second one is
+    refused while the first runs, and once it is SIGKILLed (its lease goes stale) a resubmission of the
+    same job id continues it."""
     head, storage, env = svc
     job = write_job(tmp_path, THREE)
     out = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address)
     assert out.returncode == 0, out.stderr
     assert "svc1" in out.stdout and "stagetrain logs svc1" in out.stdout
     assert head.token not in out.stdout + out.stderr
-    # scale stage 3 before it starts: a request file the coordinator applies at the stage-2 boundary
+    # scale stage 3 before it starts: a request file the coordinator applies at a stage boundary
     scaled = st(svc, "scale", "svc1", "--workers", "1", "--from-stage", "3")
     assert scaled.returncode == 0, scaled.stderr
+    lease_path = f"{storage}/svc1/lease.json"
+    wait_until(lambda: os.path.exists(lease_path), "the coordinator's lease", timeout=120)
+    # a second coordinator of the running job is refused, naming the holder
+    second = st(svc, "run", "--job-id", "svc1")
+    assert second.returncode == 2 and "is running: coordinator" in second.stderr, second.stderr
+    again = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address)
+    assert again.returncode == 2 and "is running" in again.stderr
+    wait_until(lambda: steps_reported(Path(f"{storage}/svc1")) >= 6, "training", timeout=300)
+    pid = json.loads(open(lease_path).read())["pid"]
+    os.kill(pid, signal.SIGKILL)  # the coordinator dies without a word (head restart, OOM kill)
+    time.sleep(7)  # the lease (6 s in this test) goes stale
+    resubmitted = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address)
+    assert resubmitted.returncode == 0, resubmitted.stderr
     waited = st(svc, "wait", "svc1", timeout=400)
     assert waited.returncode == 0, (waited.stdout, waited.stderr, st(svc, "logs", "svc1").stdout)
 
     record = JobRecord.model_validate(read_record(f"{storage}/svc1"))
-    assert record.status == "succeeded" and record.ray_submissions == ["svc1-attempt-1"]
+    assert record.status == "succeeded" and record.ray_submissions == ["svc1-attempt-1", "svc1-attempt-2"]
+    assert any("took over" in e for e in record.events), record.events
     assert [s.workers for s in record.stages] == [2, 2, 1]
     assert [c.workers for c in record.layout_changes] == [1] and record.layout_changes[0].from_stage == 3
     plan = record.plan()
@@ -67,18 +92,23 @@ def test_submit_scale_status_list_logs(svc, tmp_path):
         assert m["workers"] == plan.stage_at(m["step"]).workers
         assert m["lr"] == pytest.approx(lr_momentum(plan, m["step"])[0], rel=1e-12)
     # the Ray job ends a moment after the coordinator released its lease (summary, plot)
-    wait_until(lambda: head.client().get_job_status("svc1-attempt-1").value == "SUCCEEDED", "the Ray job to end")
+    wait_until(
+        lambda: head.client().get_job_status("svc1-attempt-2").value == "SUCCEEDED", "the Ray job to end"
+    )
 
     status = st(svc, "status", "svc1")
-    assert status.returncode == 0 and "succeeded" in status.stdout and "Ray job svc1-attempt-1: SUCCEEDED" in status.stdout
+    assert status.returncode == 0 and "succeeded" in status.stdout
+    assert "Ray job svc1-attempt-2: SUCCEEDED" in status.stdout
     listed = st(svc, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     (row,) = [r for r in json.loads(listed.stdout) if r["job_id"] == "svc1"]
     assert row["status"] == "succeeded" and row["stage"] == "3/3" and row["step"] == plan.total_steps
     assert row["val_acc"] is not None
-    logs = st(svc, "logs", "svc1")
-    assert logs.returncode == 0 and "scale request" in logs.stdout and "stage 3" in logs.stdout
+    logs = st(svc, "logs", "svc1", "--attempt", "2")
+    assert logs.returncode == 0 and "stage 3" in logs.stdout and "took over" in logs.stdout
     assert "succeeded" in logs.stdout and head.token not in logs.stdout
+    first = st(svc, "logs", "svc1", "--attempt", "1")
+    assert first.returncode == 0 and "coordinator attempt 1" in first.stdout
 
 
 def test_cancel_then_resume_ends_bit_identical(svc, straight, tmp_path):
@@ -87,8 +117,6 @@ def test_cancel_then_resume_ends_bit_identical(svc, straight, tmp_path):
     job = write_job(tmp_path, DETERMINISTIC)
     assert st(svc, "submit", job, "--job-id", "svc2", "--address", head.address).returncode == 0
     job_dir = f"{storage}/svc2"
-    from pathlib import Path
-
     wait_until(lambda: steps_reported(Path(job_dir)) >= 28, "stage 2 to be under way", timeout=300)
     cancelled = st(svc, "cancel", "svc2", timeout=120)
     assert cancelled.returncode == 0, cancelled.stderr
@@ -113,42 +141,20 @@ def test_cancel_then_resume_ends_bit_identical(svc, straight, tmp_path):
     assert_same(state_a["rng"], state_b["rng"], "rng")
 
 
-def test_one_coordinator_per_job_and_a_dead_one_is_taken_over(svc, tmp_path):
-    head, storage, env = svc
-    job = write_job(tmp_path, THREE)
-    assert st(svc, "submit", job, "--job-id", "svc3", "--address", head.address).returncode == 0
-    lease_path = f"{storage}/svc3/lease.json"
-    wait_until(lambda: os.path.exists(lease_path), "the coordinator's lease", timeout=120)
-    # a second coordinator of the running job is refused, naming the holder; nothing changes
-    second = st(svc, "run", "--job-id", "svc3")
-    assert second.returncode == 2 and "is running: coordinator" in second.stderr, second.stderr
-    again = st(svc, "submit", job, "--job-id", "svc3", "--address", head.address)
-    assert again.returncode == 2 and "is running" in again.stderr
-    wait_until(lambda: steps_reported(__import__("pathlib").Path(f"{storage}/svc3")) >= 6, "training", timeout=300)
-    pid = json.loads(open(lease_path).read())["pid"]
-    os.kill(pid, signal.SIGKILL)  # the coordinator dies without a word (head restart, OOM kill)
-    time.sleep(7)  # the lease (6 s in this test) goes stale
-    resubmitted = st(svc, "submit", job, "--job-id", "svc3", "--address", head.address)
-    assert resubmitted.returncode == 0, resubmitted.stderr
-    assert st(svc, "wait", "svc3", timeout=400).returncode == 0
-    record = JobRecord.model_validate(read_record(f"{storage}/svc3"))
-    assert record.status == "succeeded" and record.ray_submissions == ["svc3-attempt-1", "svc3-attempt-2"]
-    assert any("took over" in e for e in record.events), record.events
-    steps = {m["step"] for m in read_metrics(f"{storage}/svc3") if m["kind"] == "step"}
-    assert steps == set(range(36))
-
-
-@pytest.mark.parametrize(("args", "expect"), [
-    (["status", "nope"], "no job 'nope'"),
-    (["cancel", "nope"], "no job 'nope'"),
-    (["scale", "nope", "--workers", "1"], "no job 'nope'"),
-    (["wait", "nope"], "no job 'nope'"),
-    (["logs", "nope"], "no job 'nope'"),
-    (["logs", "../x"], "letters, digits"),
-    (["cancel", "../x"], "letters, digits"),
-    (["scale", "svc1", "--workers", "0"], "--workers"),
-    (["scale", "svc1", "--workers", "1"], "svc1 has finished (succeeded)"),
-])
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["status", "nope"], "no job 'nope'"),
+        (["cancel", "nope"], "no job 'nope'"),
+        (["scale", "nope", "--workers", "1"], "no job 'nope'"),
+        (["wait", "nope"], "no job 'nope'"),
+        (["logs", "nope"], "no job 'nope'"),
+        (["logs", "../x"], "letters, digits"),
+        (["cancel", "../x"], "letters, digits"),
+        (["scale", "svc1", "--workers", "0"], "--workers"),
+        (["scale", "svc1", "--workers", "1"], "svc1 has finished (succeeded)"),
+    ],
+)
 def test_bad_input_exits_2_and_changes_nothing(svc, args, expect):
     _, storage, _ = svc
     before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(storage) for p in fs}
@@ -182,11 +188,21 @@ def test_scale_refuses_a_started_or_missing_stage(svc, tmp_path):
 def test_submit_refuses_unreachable_or_unsuitable_targets(svc, tmp_path):
     _, storage, env = svc
     job = write_job(tmp_path, THREE)
-    refused = stagetrain("submit", job, "--job-id", "x1", "--storage", storage, "--address", "http://127.0.0.1:9",
-                         env=env)
+    refused = stagetrain(
+        "submit", job, "--job-id", "x1", "--storage", storage, "--address", "http://127.0.0.1:9", env=env
+    )
     assert refused.returncode == 2 and "cannot reach the Ray job server" in refused.stderr, refused.stderr
-    remote = stagetrain("submit", job, "--job-id", "x2", "--storage", storage, "--address",
-                        "http://ray-head.example:8265", env=env)
+    remote = stagetrain(
+        "submit",
+        job,
+        "--job-id",
+        "x2",
+        "--storage",
+        storage,
+        "--address",
+        "http://ray-head.example:8265",
+        env=env,
+    )
     assert remote.returncode == 2 and "is a local folder, which the cluster" in remote.stderr
     assert not os.path.exists(f"{storage}/x1") and not os.path.exists(f"{storage}/x2")
 

@@ -76,99 +76,192 @@ ADAMW = {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.
 # (id, edits to BASE_SPEC, a problem line that must appear verbatim)
 MISTAKES = [
     # ranges and the stage's own validator
-    ("fraction-above-1", {"stages[2].data_fraction": 1.5},
-     "stages[2].data_fraction: must be in (0, 1], got 1.5"),
-    ("fraction-zero", {"stages[0].data_fraction": 0},
-     "stages[0].data_fraction: must be in (0, 1], got 0.0"),
+    (
+        "fraction-above-1",
+        {"stages[2].data_fraction": 1.5},
+        "stages[2].data_fraction: must be in (0, 1], got 1.5",
+    ),
+    ("fraction-zero", {"stages[0].data_fraction": 0}, "stages[0].data_fraction: must be in (0, 1], got 0.0"),
     ("resolution-too-small", {"stages[1].resolution": 4}, "stages[1].resolution: must be >= 8, got 4"),
-    ("resolution-too-large", {"stages[1].resolution": 5000}, "stages[1].resolution: must be <= 4096, got 5000"),
+    (
+        "resolution-too-large",
+        {"stages[1].resolution": 5000},
+        "stages[1].resolution: must be <= 4096, got 5000",
+    ),
     ("epochs-negative", {"stages[0].epochs": -1}, "stages[0].epochs: must be > 0.0, got -1"),
-    ("epochs-infinite", {"stages[0].epochs": float("inf")}, "stages[0].epochs: expected a finite number, got inf"),
+    (
+        "epochs-infinite",
+        {"stages[0].epochs": float("inf")},
+        "stages[0].epochs: expected a finite number, got inf",
+    ),
     ("batch-size-zero", {"stages[1].batch_size": 0}, "stages[1].batch_size: must be > 0, got 0"),
     ("pct-start-one", {"schedule.pct_start": 1}, "schedule.pct_start: must be < 1.0, got 1"),
     ("num-classes-one", {"model.num_classes": 1}, "model.num_classes: must be >= 2, got 1"),
     ("seed-negative", {"seed": -1}, "seed: must be >= 0, got -1"),
     ("max-failures", {"failure.max_failures": -2}, "failure.max_failures: must be >= -1, got -2"),
     ("keep-last-zero", {"checkpoint.keep_last": 0}, "checkpoint.keep_last: must be > 0, got 0"),
-    ("reference-batch-zero", {"lr_scaling.reference_batch": 0}, "lr_scaling.reference_batch: must be > 0, got 0"),
+    (
+        "reference-batch-zero",
+        {"lr_scaling.reference_batch": 0},
+        "lr_scaling.reference_batch: must be > 0, got 0",
+    ),
     # wrong types
-    ("resolution-string", {"stages[1].resolution": "big"}, "stages[1].resolution: expected an integer, got 'big'"),
-    ("resolution-fractional", {"stages[1].resolution": 16.5},
-     "stages[1].resolution: expected an integer, got 16.5"),
-    ("fraction-string", {"stages[2].data_fraction": "half"},
-     "stages[2].data_fraction: expected a number, got 'half'"),
+    (
+        "resolution-string",
+        {"stages[1].resolution": "big"},
+        "stages[1].resolution: expected an integer, got 'big'",
+    ),
+    (
+        "resolution-fractional",
+        {"stages[1].resolution": 16.5},
+        "stages[1].resolution: expected an integer, got 16.5",
+    ),
+    (
+        "fraction-string",
+        {"stages[2].data_fraction": "half"},
+        "stages[2].data_fraction: expected a number, got 'half'",
+    ),
     ("bool-string", {"deterministic": "maybe"}, "deterministic: expected true or false, got 'maybe'"),
     ("name-number", {"name": 5}, "name: expected a string, got 5"),
     ("stages-mapping", {"stages": {"resolution": 16}}, "stages: expected a list, got {'resolution': 16}"),
     ("stage-null", {"stages[0]": None}, "stages[0]: expected a mapping of fields, got None"),
     ("model-list", {"model": ["resnet18"]}, "model: expected a mapping of fields, got ['resnet18']"),
-    ("storage-options-string", {"checkpoint.storage_options": "region=x"},
-     "checkpoint.storage_options: expected a mapping, got 'region=x'"),
-    ("name-pattern", {"name": "my job!"},
-     "name: must match the pattern ^[A-Za-z0-9][A-Za-z0-9_.-]*$, got 'my job!'"),
+    (
+        "storage-options-string",
+        {"checkpoint.storage_options": "region=x"},
+        "checkpoint.storage_options: expected a mapping, got 'region=x'",
+    ),
+    (
+        "name-pattern",
+        {"name": "my job!"},
+        "name: must match the pattern ^[A-Za-z0-9][A-Za-z0-9_.-]*$, got 'my job!'",
+    ),
     ("name-empty", {"name": ""}, "name: must be at least 1 character(s) long, got ''"),
     ("name-too-long", {"name": "a" * 70}, "name: must be at most 64 characters long, got 70 characters"),
     # literals, with did-you-mean for near misses
-    ("strategy-typo", {"schedule.strategy": "global_onecyle"},
-     "schedule.strategy: expected one of 'global_onecycle', 'per_stage_onecycle', 'per_stage_cosine',"
-     " got 'global_onecyle'; did you mean 'global_onecycle'?"),
-    ("lr-rule-typo", {"lr_scaling.rule": "sqr"},
-     "lr_scaling.rule: expected one of 'linear', 'sqrt', 'none', got 'sqr'; did you mean 'sqrt'?"),
+    (
+        "strategy-typo",
+        {"schedule.strategy": "global_onecyle"},
+        "schedule.strategy: expected one of 'global_onecycle', 'per_stage_onecycle', 'per_stage_cosine',"
+        " got 'global_onecyle'; did you mean 'global_onecycle'?",
+    ),
+    (
+        "lr-rule-typo",
+        {"lr_scaling.rule": "sqr"},
+        "lr_scaling.rule: expected one of 'linear', 'sqrt', 'none', got 'sqr'; did you mean 'sqrt'?",
+    ),
     ("version-2", {"version": 2}, "version: expected one of 1, got 2"),
     ("in-channels-2", {"model.in_channels": 2}, "model.in_channels: expected one of 1, 3, got 2"),
     # unknown keys
-    ("stage-key-typo", {"stages[0].resoluton": 16}, "stages[0].resoluton: unknown field; did you mean 'resolution'?"),
+    (
+        "stage-key-typo",
+        {"stages[0].resoluton": 16},
+        "stages[0].resoluton: unknown field; did you mean 'resolution'?",
+    ),
     ("schedule-key-typo", {"schedule.maxlr": 0.4}, "schedule.maxlr: unknown field; did you mean 'max_lr'?"),
     ("top-key-typo", {"stagez": []}, "stagez: unknown field; did you mean 'stages'?"),
     ("key-with-space", {"schedule.max lr": 0.4}, "schedule['max lr']: unknown field; did you mean 'max_lr'?"),
-    ("unknown-key-far", {"stages[0].foo": 1},
-     "stages[0].foo: unknown field; expected one of resolution, epochs, data_fraction, batch_size, workers,"
-     " grad_accum, max_lr, pct_start, compile"),
+    (
+        "unknown-key-far",
+        {"stages[0].foo": 1},
+        "stages[0].foo: unknown field; expected one of resolution, epochs, data_fraction, batch_size, "
+        "workers,"
+        " grad_accum, max_lr, pct_start, compile",
+    ),
     # missing fields and empty lists
     ("missing-max-lr", {"schedule.max_lr": DELETE}, "schedule.max_lr: required field is missing"),
     ("missing-model", {"model": DELETE}, "model: required field is missing"),
     ("missing-epochs", {"stages[0].epochs": DELETE}, "stages[0].epochs: required field is missing"),
     ("empty-stages", {"stages": []}, "stages: must have at least 1 item(s), got an empty list"),
     # model.arch against torchvision's own list
-    ("arch-typo", {"model.arch": "resnt18"},
-     "model.arch: unknown torchvision architecture 'resnt18'; did you mean 'resnet18'?"),
-    ("arch-unknown", {"model.arch": "zzzzzz"},
-     "model.arch: unknown torchvision architecture 'zzzzzz'; see torchvision.models.list_models()"),
+    (
+        "arch-typo",
+        {"model.arch": "resnt18"},
+        "model.arch: unknown torchvision architecture 'resnt18'; did you mean 'resnet18'?",
+    ),
+    (
+        "arch-unknown",
+        {"model.arch": "zzzzzz"},
+        "model.arch: unknown torchvision architecture 'zzzzzz'; see torchvision.models.list_models()",
+    ),
     # discriminated unions: the tag, and fields of the other variant
-    ("data-kind-unknown", {"data.kind": "cifar10"},
-     "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 'cifar10'"),
-    ("data-kind-typo", {"data.kind": "synthetc"},
-     "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 'synthetc';"
-     " did you mean 'synthetic'?"),
-    ("data-kind-number", {"data.kind": 3},
-     "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 3"),
-    ("data-kind-missing", {"data.kind": DELETE},
-     "data.kind: required field is missing; it selects the variant, one of 'synthetic', 'fashion_mnist',"
-     " 'imagefolder'"),
-    ("data-key-typo", {"data.sise": 10}, "data.sise: unknown field for kind 'synthetic'; did you mean 'size'?"),
-    ("optimizer-name-typo", {"optimizer.name": "adam"},
-     "optimizer.name: expected one of 'sgd', 'adamw', got 'adam'; did you mean 'adamw'?"),
-    ("betas-on-sgd", {"optimizer.betas": [0.9, 0.99]},
-     "optimizer.betas: unknown field for name 'sgd' (it belongs to name 'adamw');"
-     " expected one of name, momentum, nesterov, weight_decay"),
-    ("momentum-on-adamw", {"optimizer": {**ADAMW, "momentum": 0.9}},
-     "optimizer.momentum: unknown field for name 'adamw' (it belongs to name 'sgd');"
-     " expected one of name, betas, eps, weight_decay"),
-    ("beta-out-of-range", {"optimizer": {**ADAMW, "betas": [0.9, 1.0]}},
-     "optimizer.betas[1]: must be < 1.0, got 1.0"),
-    ("three-betas", {"optimizer": {**ADAMW, "betas": [0.9, 0.99, 0.5]}},
-     "optimizer.betas: must have at most 2 item(s), got 3"),
+    (
+        "data-kind-unknown",
+        {"data.kind": "cifar10"},
+        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 'cifar10'",
+    ),
+    (
+        "data-kind-typo",
+        {"data.kind": "synthetc"},
+        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 'synthetc';"
+        " did you mean 'synthetic'?",
+    ),
+    (
+        "data-kind-number",
+        {"data.kind": 3},
+        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 3",
+    ),
+    (
+        "data-kind-missing",
+        {"data.kind": DELETE},
+        "data.kind: required field is missing; it selects the variant, one of 'synthetic', 'fashion_mnist',"
+        " 'imagefolder'",
+    ),
+    (
+        "data-key-typo",
+        {"data.sise": 10},
+        "data.sise: unknown field for kind 'synthetic'; did you mean 'size'?",
+    ),
+    (
+        "optimizer-name-typo",
+        {"optimizer.name": "adam"},
+        "optimizer.name: expected one of 'sgd', 'adamw', got 'adam'; did you mean 'adamw'?",
+    ),
+    (
+        "betas-on-sgd",
+        {"optimizer.betas": [0.9, 0.99]},
+        "optimizer.betas: unknown field for name 'sgd' (it belongs to name 'adamw');"
+        " expected one of name, momentum, nesterov, weight_decay",
+    ),
+    (
+        "momentum-on-adamw",
+        {"optimizer": {**ADAMW, "momentum": 0.9}},
+        "optimizer.momentum: unknown field for name 'adamw' (it belongs to name 'sgd');"
+        " expected one of name, betas, eps, weight_decay",
+    ),
+    (
+        "beta-out-of-range",
+        {"optimizer": {**ADAMW, "betas": [0.9, 1.0]}},
+        "optimizer.betas[1]: must be < 1.0, got 1.0",
+    ),
+    (
+        "three-betas",
+        {"optimizer": {**ADAMW, "betas": [0.9, 0.99, 0.5]}},
+        "optimizer.betas: must have at most 2 item(s), got 3",
+    ),
     ("eps-zero", {"optimizer": {**ADAMW, "eps": 0}}, "optimizer.eps: must be > 0.0, got 0"),
     # validators across fields name the field the user should change
-    ("nesterov-no-momentum", {"optimizer.momentum": 0},
-     "optimizer.nesterov: true needs momentum > 0, got momentum 0.0; set momentum or nesterov: false"),
-    ("momentum-order", {"schedule.base_momentum": 0.96},
-     "schedule.base_momentum: must be <= max_momentum (0.95) when cycle_momentum is true, got 0.96"),
+    (
+        "nesterov-no-momentum",
+        {"optimizer.momentum": 0},
+        "optimizer.nesterov: true needs momentum > 0, got momentum 0.0; set momentum or nesterov: false",
+    ),
+    (
+        "momentum-order",
+        {"schedule.base_momentum": 0.96},
+        "schedule.base_momentum: must be <= max_momentum (0.95) when cycle_momentum is true, got 0.96",
+    ),
     ("min-lr-above-max", {"schedule.min_lr": 0.5}, "schedule.min_lr: must be < max_lr (0.4), got 0.5"),
-    ("data-classes-exceed-model", {"data.num_classes": 20},
-     "data.num_classes: must be <= model.num_classes (10), got 20"),
-    ("fashion-mnist-classes", {"data": {"kind": "fashion_mnist"}, "model.num_classes": 5},
-     "model.num_classes: must be >= 10 for data.kind fashion_mnist (10 classes), got 5"),
+    (
+        "data-classes-exceed-model",
+        {"data.num_classes": 20},
+        "data.num_classes: must be <= model.num_classes (10), got 20",
+    ),
+    (
+        "fashion-mnist-classes",
+        {"data": {"kind": "fashion_mnist"}, "model.num_classes": 5},
+        "model.num_classes: must be >= 10 for data.kind fashion_mnist (10 classes), got 5",
+    ),
     # YAML keys that are not strings (`1:` or `null:`)
     ("key-not-string", {"schedule.1": 0.4}, "schedule: field names must be strings, got the key 1"),
 ]
@@ -181,10 +274,20 @@ def test_mistake_names_field_and_expectation(edits, line):
 
 
 def test_every_mistake_is_reported_at_once():
-    problems = _problems(_spec({
-        "stages[0].resoluton": 16, "stages[2].data_fraction": 1.5, "schedule.strategy": "global_onecyle",
-    }))
-    assert [p.split(":")[0] for p in problems] == ["schedule.strategy", "stages[0].resoluton", "stages[2].data_fraction"]
+    problems = _problems(
+        _spec(
+            {
+                "stages[0].resoluton": 16,
+                "stages[2].data_fraction": 1.5,
+                "schedule.strategy": "global_onecyle",
+            }
+        )
+    )
+    assert [p.split(":")[0] for p in problems] == [
+        "schedule.strategy",
+        "stages[0].resoluton",
+        "stages[2].data_fraction",
+    ]
 
 
 def test_renamed_field_reports_both_sides():
@@ -232,21 +335,33 @@ def test_long_values_are_shortened():
 # ------------------------------------------------------------------------------------- YAML and files
 
 
-@pytest.mark.parametrize(("text", "line"), [
-    ("version: 1\nname: x\nstages: [{resolution: 16, epochs: 1\nseed: 0\n",
-     "malformed YAML at line 4, column 5: expected ',' or '}', but got ':'"
-     " (while parsing a flow mapping that starts at line 3, column 10)"),
-    ("name: 'abc\nseed: 1\n",
-     "malformed YAML at line 3, column 1: found unexpected end of stream"
-     " (while scanning a quoted scalar that starts at line 1, column 7)"),
-    ("version: 1\nmodel:\n  arch: resnet18\n   num_classes: 10\n",
-     "malformed YAML at line 4, column 15: mapping values are not allowed here"),
-    ("version: 1\nmodel:\n\tarch: resnet18\n",
-     "malformed YAML at line 3, column 1: found character '\\t' that cannot start any token;"
-     " indent YAML with spaces, not tabs"),
-    ("", "(top level): expected a mapping of fields (name, model, data, ...), got an empty document"),
-    ("- 1\n- 2\n", "(top level): expected a mapping of fields (name, model, data, ...), got list [1, 2]"),
-], ids=["unclosed-bracket", "unclosed-quote", "bad-indent", "tab", "empty", "list"])
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (
+            "version: 1\nname: x\nstages: [{resolution: 16, epochs: 1\nseed: 0\n",
+            "malformed YAML at line 4, column 5: expected ',' or '}', but got ':'"
+            " (while parsing a flow mapping that starts at line 3, column 10)",
+        ),
+        (
+            "name: 'abc\nseed: 1\n",
+            "malformed YAML at line 3, column 1: found unexpected end of stream"
+            " (while scanning a quoted scalar that starts at line 1, column 7)",
+        ),
+        (
+            "version: 1\nmodel:\n  arch: resnet18\n   num_classes: 10\n",
+            "malformed YAML at line 4, column 15: mapping values are not allowed here",
+        ),
+        (
+            "version: 1\nmodel:\n\tarch: resnet18\n",
+            "malformed YAML at line 3, column 1: found character '\\t' that cannot start any token;"
+            " indent YAML with spaces, not tabs",
+        ),
+        ("", "(top level): expected a mapping of fields (name, model, data, ...), got an empty document"),
+        ("- 1\n- 2\n", "(top level): expected a mapping of fields (name, model, data, ...), got list [1, 2]"),
+    ],
+    ids=["unclosed-bracket", "unclosed-quote", "bad-indent", "tab", "empty", "list"],
+)
 def test_yaml_problems_have_position(text, line):
     with pytest.raises(SpecError) as info:
         parse_spec(text, source="job.yaml")
@@ -254,8 +369,11 @@ def test_yaml_problems_have_position(text, line):
 
 
 def test_parse_spec_reports_field_paths_like_validate_spec():
-    text = (ROOT / "examples/quickstart.yaml").read_text().replace("epochs: 1, data_fraction: 0.5",
-                                                                   "epochs: 1, data_fraction: 1.5", 1)
+    text = (
+        (ROOT / "examples/quickstart.yaml")
+        .read_text()
+        .replace("epochs: 1, data_fraction: 0.5", "epochs: 1, data_fraction: 1.5", 1)
+    )
     with pytest.raises(SpecError) as info:
         parse_spec(text)
     assert info.value.problems == ["stages[0].data_fraction: must be in (0, 1], got 1.5"]
@@ -277,31 +395,40 @@ def test_quickstart_is_valid():
 
 
 def test_global_batch_larger_than_stage_subset():
-    spec = make_spec(stages=[{"resolution": 16, "epochs": 1, "data_fraction": 0.01, "batch_size": 64, "workers": 2}])
+    spec = make_spec(
+        stages=[{"resolution": 16, "epochs": 1, "data_fraction": 0.01, "batch_size": 64, "workers": 2}]
+    )
     with pytest.raises(SpecError) as info:
         build_plan(spec, spec.data.size)
     assert info.value.problems == [
-        "stages[0].batch_size: global batch 128 (batch_size 64 x workers 2 x grad_accum 1) exceeds the stage's"
+        "stages[0].batch_size: global batch 128 (batch_size 64 x workers 2 x grad_accum 1) exceeds the "
+        "stage's"
         " 40 samples (data_fraction 0.01 x 4096)"
     ]
 
 
 def test_epochs_too_small_for_one_step():
-    spec = make_spec(stages=[
-        {"resolution": 16, "epochs": 1, "data_fraction": 1.0, "batch_size": 64},
-        {"resolution": 24, "epochs": 0.01, "data_fraction": 0.5, "batch_size": 64, "workers": 2},
-    ])
+    spec = make_spec(
+        stages=[
+            {"resolution": 16, "epochs": 1, "data_fraction": 1.0, "batch_size": 64},
+            {"resolution": 24, "epochs": 0.01, "data_fraction": 0.5, "batch_size": 64, "workers": 2},
+        ]
+    )
     with pytest.raises(SpecError) as info:
         build_plan(spec, spec.data.size)
-    assert info.value.problems == ["stages[1].epochs: 0.01 epochs of 16 steps is less than one optimizer step"]
+    assert info.value.problems == [
+        "stages[1].epochs: 0.01 epochs of 16 steps is less than one optimizer step"
+    ]
 
 
 def test_plan_reports_every_bad_stage():
-    spec = make_spec(stages=[
-        {"resolution": 16, "epochs": 1, "data_fraction": 0.01, "batch_size": 64, "workers": 2},
-        {"resolution": 24, "epochs": 1, "data_fraction": 1.0, "batch_size": 64},
-        {"resolution": 32, "epochs": 0.01, "data_fraction": 0.5, "batch_size": 64, "workers": 2},
-    ])
+    spec = make_spec(
+        stages=[
+            {"resolution": 16, "epochs": 1, "data_fraction": 0.01, "batch_size": 64, "workers": 2},
+            {"resolution": 24, "epochs": 1, "data_fraction": 1.0, "batch_size": 64},
+            {"resolution": 32, "epochs": 0.01, "data_fraction": 0.5, "batch_size": 64, "workers": 2},
+        ]
+    )
     with pytest.raises(SpecError) as info:
         build_plan(spec, spec.data.size)
     assert [p.split(":")[0] for p in info.value.problems] == ["stages[0].batch_size", "stages[2].epochs"]
@@ -328,18 +455,27 @@ PATHS = _paths(BASE_SPEC)
 MAPPINGS = [""] + [p for p in PATHS if isinstance(_get(BASE_SPEC, p), dict)]  # where extra keys can go
 
 scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(-(10**6), 10**6), st.integers().map(lambda n: n * 10**400),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.integers().map(lambda n: n * 10**400),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["resnet18", "sgd", "adamw", "synthetic", "global_onecycle", "0.5"]),
+    st.text(max_size=12),
+    st.sampled_from(["resnet18", "sgd", "adamw", "synthetic", "global_onecycle", "0.5"]),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 mutations = st.one_of(
     st.tuples(st.just("set"), st.sampled_from(PATHS), values),
     st.tuples(st.just("delete"), st.sampled_from(PATHS), st.none()),
-    st.tuples(st.just("extra"), st.sampled_from(MAPPINGS), st.tuples(
-        st.one_of(st.text(max_size=10), st.integers(), st.none(), st.booleans()), values)),
+    st.tuples(
+        st.just("extra"),
+        st.sampled_from(MAPPINGS),
+        st.tuples(st.one_of(st.text(max_size=10), st.integers(), st.none(), st.booleans()), values),
+    ),
 )
 
 
@@ -355,7 +491,9 @@ def _mutate(raw: dict, mutation) -> None:
     if op == "extra":
         if isinstance(node, dict):
             node[arg[0]] = arg[1]
-    elif isinstance(node, dict) or (isinstance(node, list) and isinstance(keys[-1], int) and keys[-1] < len(node)):
+    elif isinstance(node, dict) or (
+        isinstance(node, list) and isinstance(keys[-1], int) and keys[-1] < len(node)
+    ):
         if op == "delete":
             if isinstance(node, dict):
                 node.pop(keys[-1], None)
@@ -413,7 +551,10 @@ def test_cli_malformed_yaml_and_plan_errors_exit_2(tmp_path):
     bad_yaml.write_text("name: 'abc\nseed: 1\n")
     too_big = tmp_path / "big.yaml"
     too_big.write_text(yaml.safe_dump(_spec({"stages[0].data_fraction": 0.01})))
-    for job, needle in [(bad_yaml, "malformed YAML at line 3, column 1"), (too_big, "stages[0].batch_size: global batch")]:
+    for job, needle in [
+        (bad_yaml, "malformed YAML at line 3, column 1"),
+        (too_big, "stages[0].batch_size: global batch"),
+    ]:
         result = _run("plan", str(job))
         assert result.returncode == 2 and needle in result.stderr, result.stderr
         assert "Traceback" not in result.stderr + result.stdout
@@ -435,12 +576,20 @@ def test_cli_plan_quickstart():
     assert "fmnist-quickstart" in result.stdout
 
 
-@pytest.mark.parametrize("override,expected", [
-    ({"stages": [{"resolution": 16, "epochs": 1, "batch_size": 8, "workers": True}]},
-     "stages[0].workers: expected an integer, got True"),
-    ({"data": {"kind": "synthetic", "size": 10**400}}, "data.size: must be <= 1000000000"),
-    ({"stages": [{"resolution": 16, "epochs": 1e300, "batch_size": 8}]}, "stages[0].epochs: must be <= 10000"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            {"stages": [{"resolution": 16, "epochs": 1, "batch_size": 8, "workers": True}]},
+            "stages[0].workers: expected an integer, got True",
+        ),
+        ({"data": {"kind": "synthetic", "size": 10**400}}, "data.size: must be <= 1000000000"),
+        (
+            {"stages": [{"resolution": 16, "epochs": 1e300, "batch_size": 8}]},
+            "stages[0].epochs: must be <= 10000",
+        ),
+    ],
+)
 def test_no_silent_coercion_or_overflow(override, expected):
     with pytest.raises(SpecError) as e:
         make_spec(**override)

@@ -17,8 +17,16 @@ def test_two_stage_run_follows_the_plan(tmp_path):
     spec_dict = merge(TINY, {"name": "plan-check"})
     job = write_job(tmp_path, spec_dict)
     storage = tmp_path / "runs"
-    proc = stagetrain("run", job, "--job-id", "t1", "--storage", str(storage),
-                      env=cli_env(STAGETRAIN_AUDIT_SAMPLES="1"), check=True)
+    proc = stagetrain(
+        "run",
+        job,
+        "--job-id",
+        "t1",
+        "--storage",
+        str(storage),
+        env=cli_env(STAGETRAIN_AUDIT_SAMPLES="1"),
+        check=True,
+    )
     assert "succeeded" in proc.stdout
 
     plan = build_plan(validate_spec(spec_dict), spec_dict["data"]["size"])
@@ -62,10 +70,16 @@ def test_two_stage_run_follows_the_plan(tmp_path):
 
 
 def test_fewer_workers_get_the_rescaled_lr(tmp_path):
-    spec_dict = merge(TINY, {"name": "rescale", "stages": [
-        {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
-        {"resolution": 16, "epochs": 0.5, "batch_size": 16, "workers": 1},
-    ]})
+    spec_dict = merge(
+        TINY,
+        {
+            "name": "rescale",
+            "stages": [
+                {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
+                {"resolution": 16, "epochs": 0.5, "batch_size": 16, "workers": 1},
+            ],
+        },
+    )
     job = write_job(tmp_path, spec_dict)
     storage = tmp_path / "runs"
     stagetrain("run", job, "--job-id", "t2", "--storage", str(storage), check=True)
@@ -80,8 +94,14 @@ def test_fewer_workers_get_the_rescaled_lr(tmp_path):
 
 
 def test_stage_that_cannot_fit_fails_fast(tmp_path):
-    spec_dict = merge(TINY, {"name": "too-big", "resources": {"cpus_per_worker": 2},
-                             "stages": [{"resolution": 16, "epochs": 1, "batch_size": 8, "workers": 4}]})
+    spec_dict = merge(
+        TINY,
+        {
+            "name": "too-big",
+            "resources": {"cpus_per_worker": 2},
+            "stages": [{"resolution": 16, "epochs": 1, "batch_size": 8, "workers": 4}],
+        },
+    )
     job = write_job(tmp_path, spec_dict)
     proc = stagetrain("run", job, "--job-id", "t3", "--storage", str(tmp_path / "runs"), timeout=120)
     assert proc.returncode == 1

@@ -31,7 +31,9 @@ def _install_sigterm_deferral(grace_seconds: float) -> None:
     def deferred(message: str, exit_code: int = 1):
         if "SIGTERM" not in message:
             return original(message, exit_code=exit_code)
-        log.warning("SIGTERM: finishing the current step and committing a checkpoint (grace %.0fs)", grace_seconds)
+        log.warning(
+            "SIGTERM: finishing the current step and committing a checkpoint (grace %.0fs)", grace_seconds
+        )
         _sigterm.set()
         threading.Timer(grace_seconds, lambda: os._exit(exit_code)).start()
 

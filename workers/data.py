@@ -108,7 +108,9 @@ class ImageFolderImages(Dataset):
 
 def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset:
     if isinstance(data, SyntheticData):
-        return SyntheticImages(data.size if split == "train" else data.val_size, data.num_classes, channels, seed, split)
+        return SyntheticImages(
+            data.size if split == "train" else data.val_size, data.num_classes, channels, seed, split
+        )
     if isinstance(data, FashionMNISTData):
         if channels != 1:
             raise ValueError("model.in_channels: fashion_mnist images are greyscale, set in_channels: 1")
@@ -128,17 +130,27 @@ class StageDataset(Dataset):
     resize + center crop. Each sample's augmentation is seeded by (seed, stage, epoch, index). Batches go
     through :func:`to_input` on the training device."""
 
-    def __init__(self, source: Dataset, resolution: int, train: bool, seed: int = 0, stage: int = 0,
-                 crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True):
+    def __init__(
+        self,
+        source: Dataset,
+        resolution: int,
+        train: bool,
+        seed: int = 0,
+        stage: int = 0,
+        crop_scale: tuple[float, float] = (0.35, 1.0),
+        hflip: bool = True,
+    ):
         self.source, self.resolution, self.train = source, resolution, train
         self.seed, self.stage = seed, stage
         if isinstance(source, ImageFolderImages):
             source.draft_size = resolution
         if train:
-            self.transform = v2.Compose([
-                v2.RandomResizedCrop(resolution, scale=crop_scale, antialias=True),
-                v2.RandomHorizontalFlip() if hflip else v2.Identity(),
-            ])
+            self.transform = v2.Compose(
+                [
+                    v2.RandomResizedCrop(resolution, scale=crop_scale, antialias=True),
+                    v2.RandomHorizontalFlip() if hflip else v2.Identity(),
+                ]
+            )
         else:
             self.transform = v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
 
@@ -185,13 +197,31 @@ class StageSampler(Sampler[tuple[int, int]]):
     reads row (a, r). Ranks therefore see disjoint samples, and which samples a step reads depends on
     the step alone, so a resumed run -- even on another world size -- reads exactly the remaining ones."""
 
-    def __init__(self, subset: torch.Tensor, seed: int, stage: int, epoch_samples: int, global_batch: int,
-                 micro_batch: int, world_size: int, rank: int, first_step: int, last_step: int,
-                 stream_offset: int = 0):
+    def __init__(
+        self,
+        subset: torch.Tensor,
+        seed: int,
+        stage: int,
+        epoch_samples: int,
+        global_batch: int,
+        micro_batch: int,
+        world_size: int,
+        rank: int,
+        first_step: int,
+        last_step: int,
+        stream_offset: int = 0,
+    ):
         if micro_batch * world_size * (global_batch // (micro_batch * world_size)) != global_batch:
-            raise ValueError(f"global batch {global_batch} is not micro_batch {micro_batch} x world {world_size} x accum")
+            raise ValueError(
+                f"global batch {global_batch} is not micro_batch {micro_batch} x world {world_size} x accum"
+            )
         self.subset, self.seed, self.stage, self.epoch_samples = subset, seed, stage, epoch_samples
-        self.global_batch, self.micro_batch, self.world_size, self.rank = global_batch, micro_batch, world_size, rank
+        self.global_batch, self.micro_batch, self.world_size, self.rank = (
+            global_batch,
+            micro_batch,
+            world_size,
+            rank,
+        )
         self.grad_accum = global_batch // (micro_batch * world_size)
         self.first_step, self.last_step, self.stream_offset = first_step, last_step, stream_offset
         self._perms: dict[int, torch.Tensor] = {}
@@ -199,17 +229,28 @@ class StageSampler(Sampler[tuple[int, int]]):
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(_mix(self.seed, self.stage, epoch, 13))
-            self._perms = {epoch: self.subset[torch.randperm(len(self.subset), generator=g)]}  # keep one epoch
+            self._perms = {
+                epoch: self.subset[torch.randperm(len(self.subset), generator=g)]
+            }  # keep one epoch
         return self._perms[epoch]
 
     def step_ids(self, step: int) -> list[list[tuple[int, int]]]:
         """This rank's (sample id, epoch) pairs for ``step``, one list per micro-batch."""
         start = self.stream_offset + step * self.global_batch
-        pos = torch.arange(start, start + self.global_batch).view(self.grad_accum, self.world_size, self.micro_batch)
+        pos = torch.arange(start, start + self.global_batch).view(
+            self.grad_accum, self.world_size, self.micro_batch
+        )
         out = []
         for row in pos[:, self.rank, :].tolist():
-            out.append([(int(self._perm(p // self.epoch_samples)[p % self.epoch_samples]), p // self.epoch_samples)
-                        for p in row])
+            out.append(
+                [
+                    (
+                        int(self._perm(p // self.epoch_samples)[p % self.epoch_samples]),
+                        p // self.epoch_samples,
+                    )
+                    for p in row
+                ]
+            )
         return out
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

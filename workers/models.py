@@ -35,4 +35,6 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
                 )
                 setattr(parent, name, new)
                 return
-    raise ValueError(f"model.in_channels: found no 3-channel stem convolution to replace in {type(model).__name__}")
+    raise ValueError(
+        f"model.in_channels: found no 3-channel stem convolution to replace in {type(model).__name__}"
+    )

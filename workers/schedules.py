@@ -37,7 +37,8 @@ class PlanScheduler(LRScheduler):
         total = self.plan.total_steps
         if self.last_epoch > total:
             raise ValueError(
-                f"PlanScheduler stepped {self.last_epoch} times, past the plan's total of {total} optimizer steps"
+                f"PlanScheduler stepped {self.last_epoch} times, past the plan's total of {total} optimizer "
+                "steps"
             )
         if self.last_epoch == total:  # after the last optimizer step: nothing left to schedule
             return

@@ -86,9 +86,11 @@ class RNGState:
 def _plain_rng(s: dict) -> dict:
     version, internal, gauss = s["python"]
     kind, keys, pos, has_gauss, cached = s["numpy"]
-    out = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-           "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-           "torch": s["torch"]}
+    out = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": s["torch"],
+    }
     if "cuda" in s:
         out["cuda"] = s["cuda"]
     return out
@@ -97,8 +99,11 @@ def _plain_rng(s: dict) -> dict:
 def _rich_rng(s: dict) -> dict:
     version, internal, gauss = s["python"]
     kind, keys, pos, has_gauss, cached = s["numpy"]
-    out = {"python": (version, tuple(internal.tolist()), gauss),
-           "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached), "torch": s["torch"]}
+    out = {
+        "python": (version, tuple(internal.tolist()), gauss),
+        "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached),
+        "torch": s["torch"],
+    }
     if "cuda" in s:
         out["cuda"] = s["cuda"]
     return out
@@ -108,9 +113,12 @@ def build_optimizer(spec: JobSpec, model: torch.nn.Module) -> torch.optim.Optimi
     opt = spec.optimizer
     lr = spec.schedule.max_lr  # overwritten by the scheduler before the first step
     if isinstance(opt, AdamWSpec):
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=opt.momentum, nesterov=opt.nesterov,
-                           weight_decay=opt.weight_decay)
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
+    )
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -190,8 +198,9 @@ class Distributed:
         return self.cpu_group if t.device.type == "cpu" else None
 
 
-def wrap_model(model: torch.nn.Module, world: int, device: torch.device, compile_model: bool
-               ) -> tuple[torch.nn.Module, DDP | None]:
+def wrap_model(
+    model: torch.nn.Module, world: int, device: torch.device, compile_model: bool
+) -> tuple[torch.nn.Module, DDP | None]:
     """(what the loop calls, the DDP module or None). DDP only for a world of several processes;
     ``torch.compile`` wraps DDP, so keep the DDP handle: the compiled module is no ``DDP`` instance,
     and gradient accumulation must still switch DDP's all-reduce off (``no_sync``) through it."""
@@ -201,8 +210,14 @@ def wrap_model(model: torch.nn.Module, world: int, device: torch.device, compile
     return (torch.compile(model) if compile_model else model), ddp
 
 
-def accumulate(model: torch.nn.Module, ddp: DDP | None, batches, grad_accum: int, loss_fn,
-               autocast=contextlib.nullcontext) -> torch.Tensor:
+def accumulate(
+    model: torch.nn.Module,
+    ddp: DDP | None,
+    batches,
+    grad_accum: int,
+    loss_fn,
+    autocast=contextlib.nullcontext,
+) -> torch.Tensor:
     """Forward and backward ``grad_accum`` micro-batches from ``batches`` into the gradients; DDP
     all-reduces once, on the last micro-batch. Returns the summed (already 1/grad_accum-scaled) loss."""
     loss_sum = None
@@ -224,17 +239,31 @@ class StageRunner:
     Injected for benchmarks and tests: ``device`` (default: the job's, from Ray Train), ``store`` (the
     job's checkpoint store), ``on_step(step)`` (called after every optimizer step)."""
 
-    def __init__(self, spec: JobSpec, plan: Plan, stage_index: int, job_id: str, storage_url: str,
-                 report=None, stop_requested=None, provenance: dict | None = None,
-                 device: torch.device | None = None, store: CheckpointStore | None = None,
-                 on_step: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        plan: Plan,
+        stage_index: int,
+        job_id: str,
+        storage_url: str,
+        report=None,
+        stop_requested=None,
+        provenance: dict | None = None,
+        device: torch.device | None = None,
+        store: CheckpointStore | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ):
         self.spec, self.plan, self.stage = spec, plan, plan.stages[stage_index]
         self.job_id = job_id
         self.report = report or (lambda metrics: None)
         self.stop_requested = stop_requested or (lambda: False)
         self.on_step = on_step or (lambda step: None)
-        # Recorded in every manifest: what wrote it (the driver knows the git revision, workers their versions).
-        self.provenance = {"versions": package_versions(), "git_revision": (provenance or {}).get("git_revision")}
+        # Recorded in every manifest: what wrote it (the driver knows the git revision, workers their
+        # versions).
+        self.provenance = {
+            "versions": package_versions(),
+            "git_revision": (provenance or {}).get("git_revision"),
+        }
         self.dist = Distributed()
         self.device = device or _device(spec)
         job_storage = Storage(storage_url, spec.checkpoint.storage_options).child(job_id)
@@ -252,8 +281,9 @@ class StageRunner:
         self.scheduler = PlanScheduler(self.optimizer, plan, start_step=self.stage.step_start)
         self.progress = Progress(step=self.stage.step_start)
         self.rng = RNGState(self.dist.gather_objects, self.dist.rank, self.dist.world)
-        self.checkpointer = AsyncCheckpointer(self.store, spec.checkpoint.keep_last,
-                                              spec.checkpoint.keep_stage_checkpoints)
+        self.checkpointer = AsyncCheckpointer(
+            self.store, spec.checkpoint.keep_last, spec.checkpoint.keep_stage_checkpoints
+        )
         self.restored_from = self.restore()
         self.model, self.ddp = wrap_model(self.raw_model, self.dist.world, self.device, self.stage.compile)
 
@@ -266,13 +296,20 @@ class StageRunner:
     def stateful(self) -> dict:
         """The worker's whole training state: saved and restored through this one dict. The RNG entry
         goes last on restore: loading the others must not move the restored streams."""
-        return {"model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "data": self.progress, "rng": self.rng}
+        return {
+            "model": self.raw_model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "data": self.progress,
+            "rng": self.rng,
+        }
 
     def restore(self) -> str | None:
         """Load the latest committed checkpoint, chosen by rank 0 so every rank loads the same one."""
         tag, manifest, state = None, None, None
-        if self.dist.rank == 0:  # the newest checkpoint whose bytes verify; corrupt or partial ones are skipped
+        if (
+            self.dist.rank == 0
+        ):  # the newest checkpoint whose bytes verify; corrupt or partial ones are skipped
             latest = self.store.latest(verify=True)
             if latest:
                 manifest, state = latest[0], decode(latest[1])
@@ -280,8 +317,10 @@ class StageRunner:
         tag = self.dist.broadcast_object(tag)
         if tag is None:
             if self.stage.step_start > 0:
-                raise RuntimeError(f"stage {self.stage.label} starts at step {self.stage.step_start}, but "
-                                   f"{self.store.storage.url} has no committed checkpoint to start from")
+                raise RuntimeError(
+                    f"stage {self.stage.label} starts at step {self.stage.step_start}, but "
+                    f"{self.store.storage.url} has no committed checkpoint to start from"
+                )
             return None
         if state is None:  # ranks > 0 load (and verify) the tag rank 0 chose
             manifest, state = load(self.store, tag)
@@ -290,16 +329,21 @@ class StageRunner:
         if not self.stage.step_start <= manifest.step <= self.stage.step_end:
             raise RuntimeError(
                 f"latest checkpoint {tag} is at step {manifest.step}, outside stage {self.stage.label}'s "
-                f"steps [{self.stage.step_start}, {self.stage.step_end}]: the job record and storage disagree")
+                f"steps [{self.stage.step_start}, {self.stage.step_end}]: the job record and storage disagree"
+            )
         # Data position and LR are functions of the step: the checkpoint must agree with the plan.
         if manifest.samples_seen != self.plan.samples_before(manifest.step):
-            raise RuntimeError(f"checkpoint {tag}: samples_seen {manifest.samples_seen} at step {manifest.step} "
-                               f"disagrees with the plan's {self.plan.samples_before(manifest.step)}")
+            raise RuntimeError(
+                f"checkpoint {tag}: samples_seen {manifest.samples_seen} at step {manifest.step} "
+                f"disagrees with the plan's {self.plan.samples_before(manifest.step)}"
+            )
         for name, obj in self.stateful().items():
             obj.load_state_dict(state[name])
         if self.progress.step != manifest.step or self.scheduler.last_epoch != manifest.step:
-            raise RuntimeError(f"checkpoint {tag}: its state is at step {self.progress.step} (scheduler "
-                               f"{self.scheduler.last_epoch}), its manifest says {manifest.step}")
+            raise RuntimeError(
+                f"checkpoint {tag}: its state is at step {self.progress.step} (scheduler "
+                f"{self.scheduler.last_epoch}), its manifest says {manifest.step}"
+            )
         return tag
 
     def save(self, boundary: bool) -> None:
@@ -309,11 +353,21 @@ class StageRunner:
             return
         step = self.progress.step
         self.checkpointer.save(
-            state, tag_for(step, self.stage.index + 1, boundary), block=boundary,
-            job_id=self.job_id, stage=self.stage.index + 1, epoch=self.stage.epoch_of(step), step=step,
-            samples_seen=self.plan.samples_before(step), boundary=boundary, world_size=self.dist.world,
-            plan_hash=self.plan.plan_hash(), stage_hash=self.plan.stage_hash(self.plan.row(self.stage)),
-            spec_hash=self.spec.spec_hash(), **self.provenance)
+            state,
+            tag_for(step, self.stage.index + 1, boundary),
+            block=boundary,
+            job_id=self.job_id,
+            stage=self.stage.index + 1,
+            epoch=self.stage.epoch_of(step),
+            step=step,
+            samples_seen=self.plan.samples_before(step),
+            boundary=boundary,
+            world_size=self.dist.world,
+            plan_hash=self.plan.plan_hash(),
+            stage_hash=self.plan.stage_hash(self.plan.row(self.stage)),
+            spec_hash=self.spec.spec_hash(),
+            **self.provenance,
+        )
 
     # ------------------------------------------------------------------------------------ data
 
@@ -322,9 +376,16 @@ class StageRunner:
         # Its own generator: a DataLoader without one draws its base seed from the global torch RNG when
         # its iterator is made, so where a resumed run makes it would shift every dropout mask after it.
         generator = torch.Generator().manual_seed(_mix(self.spec.seed, self.stage.index, self.dist.rank))
-        return DataLoader(dataset, batch_size=batch_size or self.stage.batch_size, sampler=sampler,
-                          num_workers=workers, pin_memory=self._cuda, prefetch_factor=4 if workers else None,
-                          persistent_workers=False, generator=generator)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.stage.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self._cuda,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+            generator=generator,
+        )
 
     def _batches(self, loader: DataLoader):
         """Batches as model input on the device (uint8 -> normalised float there)."""
@@ -340,10 +401,19 @@ class StageRunner:
             return self._finish(evaluate=False)
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
         if len(source) != self.plan.dataset_size:
-            raise RuntimeError(f"data: the training split has {len(source)} samples, but this job was planned "
-                               f"for {self.plan.dataset_size}: the data changed since the job started")
-        train_set = StageDataset(source, st.resolution, train=True, seed=spec.seed, stage=st.index,
-                                 crop_scale=spec.data.crop_scale, hflip=spec.data.hflip)
+            raise RuntimeError(
+                f"data: the training split has {len(source)} samples, but this job was planned "
+                f"for {self.plan.dataset_size}: the data changed since the job started"
+            )
+        train_set = StageDataset(
+            source,
+            st.resolution,
+            train=True,
+            seed=spec.seed,
+            stage=st.index,
+            crop_scale=spec.data.crop_scale,
+            hflip=spec.data.hflip,
+        )
         subset = stage_subset(self.plan.dataset_size, st.subset_size, spec.seed)
         audit = os.environ.get(AUDIT_ENV) == "1"
         every_report, every_ckpt = spec.metrics.every_n_steps, spec.checkpoint.every_n_steps
@@ -351,9 +421,19 @@ class StageRunner:
         self.model.train()
 
         first = self.progress.step - st.step_start
-        sampler = StageSampler(subset, spec.seed, st.index, st.epoch_samples, st.global_batch, st.batch_size,
-                               self.dist.world, self.dist.rank, first_step=first, last_step=st.steps,
-                               stream_offset=st.stream_offset)
+        sampler = StageSampler(
+            subset,
+            spec.seed,
+            st.index,
+            st.epoch_samples,
+            st.global_batch,
+            st.batch_size,
+            self.dist.world,
+            self.dist.rank,
+            first_step=first,
+            last_step=st.steps,
+            stream_offset=st.stream_offset,
+        )
         batches = self._batches(self._loader(train_set, sampler))
 
         def loss_fn(logits, y):
@@ -392,8 +472,9 @@ class StageRunner:
         return group["lr"], group["betas"][0] if "betas" in group else group["momentum"]
 
     def _report(self, pending: list[tuple], window_start: float, final: bool) -> float:
-        """Report the steps in ``pending``; returns when the next window starts. Windows are back to back
-        and end after the loss copy (a device sync), so images_per_s counts all the time, GPU work included."""
+        """Report the steps in ``pending``; returns when the next window starts. Windows are back to
+        back and end after the loss copy (a device sync), so images_per_s counts all the time, GPU work
+        included."""
         st = self.stage
         losses = self.dist.mean(torch.stack([p[1] for p in pending]).float().cpu())
         now = time.perf_counter()
@@ -401,12 +482,23 @@ class StageRunner:
         audit = pending[0][4] is not None
         ids = self.dist.gather_objects([p[4] for p in pending]) if audit else None
         records = [
-            StepRecord(step=step, stage=st.index + 1, epoch=st.epoch_of(step),
-                       samples_seen=self.plan.samples_before(step + 1), loss=loss, lr=lr, momentum=momentum,
-                       resolution=st.resolution, global_batch=st.global_batch, workers=self.dist.world,
-                       grad_accum=st.grad_accum, images_per_s=img_s,
-                       sample_ids=[[i for micro in rank[k] for i, _ in micro] for rank in ids] if audit else None)
-            for k, ((step, _, lr, momentum, _), loss) in enumerate(zip(pending, losses.tolist(), strict=True))]
+            StepRecord(
+                step=step,
+                stage=st.index + 1,
+                epoch=st.epoch_of(step),
+                samples_seen=self.plan.samples_before(step + 1),
+                loss=loss,
+                lr=lr,
+                momentum=momentum,
+                resolution=st.resolution,
+                global_batch=st.global_batch,
+                workers=self.dist.world,
+                grad_accum=st.grad_accum,
+                images_per_s=img_s,
+                sample_ids=[[i for micro in rank[k] for i, _ in micro] for rank in ids] if audit else None,
+            )
+            for k, ((step, _, lr, momentum, _), loss) in enumerate(zip(pending, losses.tolist(), strict=True))
+        ]
         if final:
             self._tail = records
         else:
@@ -432,8 +524,14 @@ class StageRunner:
         and leave."""
         self.save(boundary=False)
         self.checkpointer.wait()
-        return self._end(StageEnd(stage=self.stage.index + 1, step=self.progress.step, preempted=True,
-                                  restored_from=self.restored_from))
+        return self._end(
+            StageEnd(
+                stage=self.stage.index + 1,
+                step=self.progress.step,
+                preempted=True,
+                restored_from=self.restored_from,
+            )
+        )
 
     def _end(self, end: StageEnd) -> StageEnd:
         """The stage's last report: the records not yet sent and, from rank 0, the summary."""
@@ -441,8 +539,12 @@ class StageRunner:
             last = self.checkpointer.last_committed
             end.checkpoint = last.tag if last else None
             end.checkpoint_failures, end.stall_s = self.checkpointer.failures, self.checkpointer.stall_s
-        self.report(Report(records=self._tail if self.dist.rank == 0 else [],
-                           stage_end=end if self.dist.rank == 0 else None).model_dump())
+        self.report(
+            Report(
+                records=self._tail if self.dist.rank == 0 else [],
+                stage_end=end if self.dist.rank == 0 else None,
+            ).model_dump()
+        )
         return end
 
     @torch.no_grad()
@@ -452,7 +554,9 @@ class StageRunner:
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "val")
         val = StageDataset(source, self.stage.resolution, train=False)
         indices = split_evenly(range(len(val)), self.dist.world, self.dist.rank)
-        loader = self._loader(torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size)
+        loader = self._loader(
+            torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size
+        )
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         self.raw_model.eval()
         for x, y in self._batches(loader):
@@ -489,7 +593,14 @@ def train_loop_per_worker(config: dict) -> None:
     spec = JobSpec.model_validate(config["spec"])
     plan = Plan.model_validate(config["plan"])
     job_storage = Storage(config["storage"], spec.checkpoint.storage_options).child(config["job_id"])
-    runner = StageRunner(spec, plan, config["stage"], config["job_id"], config["storage"], report=ray.train.report,
-                         stop_requested=StopSignal(job_storage, spec.preemption.grace_seconds),
-                         provenance=config.get("provenance"))
+    runner = StageRunner(
+        spec,
+        plan,
+        config["stage"],
+        config["job_id"],
+        config["storage"],
+        report=ray.train.report,
+        stop_requested=StopSignal(job_storage, spec.preemption.grace_seconds),
+        provenance=config.get("provenance"),
+    )
     runner.run()

@@ -481,13 +481,14 @@ def logs(job_id: str, storage: str | None, follow: bool, attempt: int | None) ->
 def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
     """Block until the job ends; exit with its exit code (as `run` would)."""
     from service.coordination import read_lease
-    from service.jobs import TERMINAL, exit_code
+    from service.jobs import EXIT_FAILED, TERMINAL, exit_code
 
     jobs, record = _open(job_id, storage)
     deadline = time.monotonic() + timeout if timeout else None
     checked = 0.0
     while True:
         lease = read_lease(jobs.storage)
+        record = jobs.load()  # after the lease: a coordinator settles the record before releasing it
         if record.status in TERMINAL and (lease is None or not lease.fresh()):
             console.print(
                 f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
@@ -495,6 +496,12 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
                 markup=False,
             )
             sys.exit(exit_code(record.status))
+        if record.status == "running" and (lease is None or not lease.fresh()):
+            err_console.print(
+                f"job {job_id}: its coordinator stopped without a final status (no lease renewed for "
+                f"{lease.age_s() if lease else 0:.0f}s); continue it with `stagetrain resume {job_id}`"
+            )
+            sys.exit(EXIT_FAILED)
         if record.status == "pending" and record.ray_submissions and time.monotonic() - checked > 10:
             # submitted, but no coordinator has started: did the Ray job itself die?
             from service.submit import ray_job_state
@@ -511,7 +518,6 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
             err_console.print(f"job {job_id} is still {record.status} after {timeout:g}s")
             sys.exit(124)
         time.sleep(1.0)
-        record = jobs.load()
 
 
 # ------------------------------------------------------------------------------------ changing a job
@@ -535,6 +541,14 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
         raise ValueError(f"job {job_id} has finished ({record.status}); nothing to cancel")
     lease = read_lease(jobs.storage)
     if lease is None or not lease.fresh():  # nobody runs it: take the lease and mark it ourselves
+        if record.status == "pending" and record.ray_address and record.ray_submissions:
+            # submitted, coordinator not started yet: stop the Ray job so that it never starts one
+            from service.submit import stop
+
+            try:
+                stop(record.ray_address, record.ray_submissions[-1])
+            except Exception as e:  # noqa: BLE001 - unreachable cluster: the record still says cancelled
+                err_console.print(f"[yellow]could not stop Ray job {record.ray_submissions[-1]}: {e}[/]")
         keeper = LeaseKeeper(jobs.storage, job_id).acquire()
         try:
             record = jobs.load()

@@ -64,7 +64,9 @@ def _job_id_param(ctx, param, value):
 
 JOB_ID = click.argument("job_id", callback=_job_id_param)
 STORAGE_HELP = "Job storage (fsspec URL or local path); default: the spec's checkpoint.storage, or ./runs."
-STORAGE = click.option("--storage", help=STORAGE_HELP)
+STORAGE = click.option(
+    "--storage", envvar="STAGETRAIN_STORAGE", help=STORAGE_HELP + " Env: STAGETRAIN_STORAGE."
+)
 RAY_ADDRESS = click.option(
     "--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."
 )
@@ -73,7 +75,34 @@ JOB_SERVER = click.option(
 )
 
 
+def _versions() -> str:
+    """Installed versions from package metadata (nothing imported: torch and Ray take seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("stagetrain", "torch", "torchvision", "ray"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} not installed")
+    return ", ".join(out)
+
+
+def _print_versions(ctx, param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_versions())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_versions,
+    help="Show the versions of stagetrain, torch, torchvision and Ray, and exit.",
+)
 def cli() -> None:
     """stagetrain: progressive-resizing image training on Ray Train."""
 
@@ -91,17 +120,28 @@ def schema() -> None:
 @click.option("--compare", is_flag=True, help="With --plot: overlay all three LR strategies.")
 @click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--dataset-size",
+    type=click.IntRange(min=1),
+    help="Training samples, instead of reading the data's index (a bucket this machine cannot reach).",
+)
 @user_errors
 def plan(
-    job: str, csv_path: str | None, plot_path: str | None, compare: bool, x_axis: str, as_json: bool
+    job: str,
+    csv_path: str | None,
+    plot_path: str | None,
+    compare: bool,
+    x_axis: str,
+    as_json: bool,
+    dataset_size: int | None,
 ) -> None:
     """Show what a job will do: stages, steps, batches, LR and momentum, before any compute is spent."""
     from service.plan import build_plan
-    from service.report import plan_table, plot_plans, write_csv
-    from service.sources import dataset_size
+    from service.report import peak_lr_note, plan_table, plot_plans, write_csv
+    from service.sources import dataset_size as measure
 
     spec = load_spec(job)
-    the_plan = build_plan(spec, dataset_size(spec.data))
+    the_plan = build_plan(spec, dataset_size or measure(spec.data))
     if as_json:
         click.echo(
             json.dumps({"plan_hash": the_plan.plan_hash(), **the_plan.model_dump(mode="json")}, indent=2)
@@ -115,6 +155,7 @@ def plan(
                 f"plan {the_plan.plan_hash()}",
             )
         )
+        console.print(peak_lr_note(the_plan), highlight=False, markup=False)
     if csv_path:
         write_csv(the_plan, csv_path)
         err_console.print(f"wrote {the_plan.total_steps} steps to {csv_path}")

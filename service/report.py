@@ -79,6 +79,19 @@ def plan_table(plan: Plan, title: str = "") -> Table:
     return table
 
 
+def peak_lr_note(plan: Plan) -> str:
+    """What max_lr means, in numbers: the peak at the reference batch, and each stage's actual peak."""
+    peaks = "; ".join(
+        f"stage {s.label} {max(lr_momentum(plan, k)[0] for k in range(s.step_start, s.step_end)):.4g}"
+        f" (LR factor {s.lr_scale:.4g})"
+        for s in plan.stages
+    )
+    return (
+        f"schedule.max_lr {plan.schedule.max_lr:g} is the peak LR at global batch {plan.reference_batch} "
+        f"(lr_scaling.reference_batch); the LR each stage actually reaches: {peaks}"
+    )
+
+
 def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples") -> None:
     """LR, momentum, resolution and global batch against samples (or steps), stage boundaries dashed.
     Several plans (e.g. the three strategies) are overlaid."""

@@ -57,4 +57,12 @@ def dataset_size(data: DataSpec) -> int:
     if isinstance(data, FashionMNISTData):
         return idx_count(fashion_mnist_files(data.root, "train")[1])
     assert isinstance(data, ImageFolderData)
-    return len(image_folder_index(data.train)[2])
+    try:
+        return len(image_folder_index(data.train)[2])
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - credentials, network, permissions: say which and where
+        raise ValueError(
+            f"data.train: cannot list {data.train}: {type(e).__name__}: {e} (to plan without reading the "
+            "data, pass --dataset-size N)"
+        ) from None

@@ -145,3 +145,50 @@ def test_run_refuses_a_bad_job_id_option(tmp_path):
         "run", f"{REPO}/examples/quickstart.yaml", "--job-id", "../x", "--storage", str(tmp_path)
     )
     assert out.returncode == 2 and "--job-id" in out.stderr and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- everyday CLI comfort
+
+
+def test_version_names_the_stack_without_importing_it():
+    out = stagetrain("--version", check=True)
+    assert out.stdout.startswith("stagetrain 0.1.0, torch 2.14.1, torchvision 0.29.1, ray 2.60.0")
+
+
+def test_storage_comes_from_stagetrain_storage(tmp_path):
+    from checkpoints.storage import Storage
+    from service.jobs import JobRecord, JobStore
+    from service.plan import build_plan
+
+    spec = make_spec()
+    JobStore(Storage(str(tmp_path)), "envjob").save(JobRecord.create("envjob", spec, build_plan(spec, 4096)))
+    from tests.helpers import cli_env
+
+    out = stagetrain("list", "--json", env=cli_env(STAGETRAIN_STORAGE=str(tmp_path)), check=True)
+    assert [r["job_id"] for r in json.loads(out.stdout)] == ["envjob"]
+
+
+def test_plan_states_each_stages_peak_lr_without_reading_the_data():
+    out = stagetrain(
+        "plan", f"{REPO}/examples/imagenet-resnet50.yaml", "--dataset-size", "1281167", check=True
+    )
+    note = " ".join(out.stdout.split())
+    assert "schedule.max_lr 2 is the peak LR at global batch 1024" in note
+    assert "stage 1 3.229 (LR factor 2)" in note
+
+
+def test_plan_of_unreadable_data_is_a_clear_error(tmp_path):
+    import yaml
+
+    from tests.conftest import BASE_SPEC, merge
+
+    raw = merge(BASE_SPEC, {})
+    raw["data"] = {
+        "kind": "imagefolder",
+        "train": str(tmp_path / "missing"),
+        "val": str(tmp_path / "missing"),
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    out = stagetrain("plan", str(job))
+    assert out.returncode == 2 and "data.train: cannot list" in out.stderr and "--dataset-size" in out.stderr

@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore
@@ -129,9 +129,8 @@ class JobRecord(BaseModel):
     name: str
     status: JobStatus = "pending"
     spec: dict
-    dataset_size: (
-        int  # measured once at submission; a resume re-uses it (workers check the data still has it)
-    )
+    # measured once at submission; a resume re-uses it (workers check the data still has it)
+    dataset_size: int
     plan_hash: str
     stage_hashes: list[str]
     total_steps: int
@@ -149,6 +148,16 @@ class JobRecord(BaseModel):
     images_per_s: float | None = None  # the last reported throughput
     checkpoint_failures: list[str] = []
     events: list[str] = []  # resumes, re-plans, preemptions: one line each, timestamped
+
+    @model_validator(mode="before")
+    @classmethod
+    def _measure_legacy(cls, data):
+        """Records written before the size was recorded: measure it once (the next save keeps it)."""
+        if isinstance(data, dict) and "dataset_size" not in data and "spec" in data:
+            from service.sources import dataset_size
+
+            data = {**data, "dataset_size": dataset_size(JobSpec.model_validate(data["spec"]).data)}
+        return data
 
     @classmethod
     def create(cls, job_id: str, spec: JobSpec, plan: Plan) -> JobRecord:

@@ -237,9 +237,7 @@ class JobRunner:
         for name, req in pending_scales(self.jobs.storage):
             try:
                 spec = resize_remaining(self.spec, req.from_stage - 1, req.workers)
-                first = self.plan.stages[
-                    self.plan.row(self.plan.stage_at(min(step, self.plan.total_steps - 1)))
-                ]
+                first = self.plan.stage_at(min(step, self.plan.total_steps - 1))  # where the job is
                 if req.from_stage - 1 < first.index or (
                     req.from_stage - 1 == first.index and step > first.step_start
                 ):

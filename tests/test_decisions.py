@@ -310,3 +310,11 @@ def test_spec_differences_name_what_changed():
     b = make_spec(stages=[STAGES[0], {**STAGES[1], "resolution": 28}, STAGES[2]], seed=3)
     assert spec_differences(a, b) == ["seed: 0 -> 3", "stages[1]: resolution 24 -> 28"]
     assert spec_differences(a, a) == []
+
+
+def test_a_record_from_before_the_dataset_size_was_recorded_still_loads():
+    spec, plan, record = _job()
+    legacy = record.model_dump(mode="json")
+    del legacy["dataset_size"]
+    again = JobRecord.model_validate(legacy)
+    assert again.dataset_size == N and again.plan().plan_hash() == plan.plan_hash()

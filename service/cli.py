@@ -210,6 +210,10 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None):
         if spec is not None and spec != record.job_spec():
             from service.decisions import spec_differences
 
+            if not spec_differences(record.job_spec(), spec, layout=False):
+                # the same job; `scale` or `resume --workers` changed its layout since: the record wins
+                err_console.print(f"job {job_id}: continuing with its recorded worker layout")
+                return jobs, record, False
             raise ValueError(
                 f"job {job_id} already exists in {url} with another spec ("
                 + "; ".join(spec_differences(record.job_spec(), spec))

@@ -164,8 +164,10 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, step: int
     return changes
 
 
-def spec_differences(old: JobSpec, new: JobSpec) -> list[str]:
-    """What differs between two specs, one short line per top-level field or stage."""
+def spec_differences(old: JobSpec, new: JobSpec, layout: bool = True) -> list[str]:
+    """What differs between two specs, one short line per top-level field or stage. ``layout=False``
+    ignores how stages lay out their global batch over workers (what ``scale``/``resume --workers``
+    change in a job's recorded spec)."""
     out = []
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     for key in a.keys() | b.keys():
@@ -175,6 +177,8 @@ def spec_differences(old: JobSpec, new: JobSpec) -> list[str]:
     for i in range(max(len(old.stages), len(new.stages))):
         x = old.stages[i] if i < len(old.stages) else None
         y = new.stages[i] if i < len(new.stages) else None
+        if x is not None and y is not None and not layout and _what(x) == _what(y):
+            continue
         if x != y:
             out.append(f"stages[{i}]: " + ("added" if x is None else "removed" if y is None else _diff(x, y)))
     return sorted(out)

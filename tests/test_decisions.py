@@ -318,3 +318,12 @@ def test_a_record_from_before_the_dataset_size_was_recorded_still_loads():
     del legacy["dataset_size"]
     again = JobRecord.model_validate(legacy)
     assert again.dataset_size == N and again.plan().plan_hash() == plan.plan_hash()
+
+
+def test_spec_differences_can_ignore_the_worker_layout():
+    a = make_spec(stages=STAGES)
+    scaled = resize_remaining(a, 2, 1)
+    assert spec_differences(a, scaled) == ["stages[2]: workers 2 -> 1"]
+    assert spec_differences(a, scaled, layout=False) == []
+    other = make_spec(stages=[STAGES[0], STAGES[1], {**STAGES[2], "epochs": 2}])
+    assert spec_differences(a, other, layout=False) == ["stages[2]: epochs 1.0 -> 2.0"]

@@ -465,11 +465,18 @@ def list_jobs(storage: str | None, only: str | None, as_json: bool) -> None:
         console.print(jobs_table(rows))
 
 
+def _ended(record, lease) -> bool:
+    """The job has a final status and no coordinator holds it any more (it settles, then releases)."""
+    from service.jobs import TERMINAL
+
+    return record.status in TERMINAL and (lease is None or not lease.fresh())
+
+
 def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int:
     """Print the job's log (``attempt``: that coordinator attempt's; default: the newest) and, with
     ``until_done``, keep printing new lines until the job ends; returns the job's exit code."""
     from service.coordination import log_name, read_lease
-    from service.jobs import TERMINAL, exit_code
+    from service.jobs import exit_code
     from service.layout import LOGS_DIR
 
     shown: dict[str, int] = {}
@@ -484,7 +491,7 @@ def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int
                 sys.stdout.flush()
                 shown[name] = len(text)
         lease = read_lease(jobs.storage)
-        if not until_done or (record.status in TERMINAL and (lease is None or not lease.fresh())):
+        if not until_done or _ended(record, lease):
             return exit_code(record.status)
         time.sleep(1.0)
 
@@ -526,7 +533,7 @@ def logs(job_id: str, storage: str | None, follow: bool, attempt: int | None) ->
 def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
     """Block until the job ends; exit with its exit code (as `run` would)."""
     from service.coordination import read_lease
-    from service.jobs import EXIT_FAILED, TERMINAL, exit_code
+    from service.jobs import EXIT_FAILED, exit_code
 
     jobs, record = _open(job_id, storage)
     deadline = time.monotonic() + timeout if timeout else None
@@ -534,7 +541,7 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
     while True:
         lease = read_lease(jobs.storage)
         record = jobs.load()  # after the lease: a coordinator settles the record before releasing it
-        if record.status in TERMINAL and (lease is None or not lease.fresh()):
+        if _ended(record, lease):
             console.print(
                 f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
                 highlight=False,
@@ -579,7 +586,6 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
     the Ray job is stopped too."""
     from service.coordination import LeaseKeeper, read_lease, request_cancel, wait_for
     from service.decisions import Cancelled
-    from service.jobs import TERMINAL
 
     jobs, record = _open(job_id, storage)
     if record.status in ("succeeded", "failed", "cancelled"):
@@ -612,7 +618,7 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
 
     def confirmed() -> bool:
         current = read_lease(jobs.storage)
-        return jobs.load().status in TERMINAL and (current is None or not current.fresh())
+        return _ended(jobs.load(), current)
 
     if now or not wait_for(confirmed, timeout=grace + 15):
         if record.ray_address and record.ray_submissions:

@@ -190,15 +190,16 @@ def _open(job_id: str, storage: str | None):
     return JobStore(Storage(url, record.job_spec().checkpoint.storage_options), job_id), record
 
 
-def _prepare(job_id: str | None, job_file: str | None, storage: str | None):
-    """The job to run or submit: a new one from JOB.yaml, or an existing one (its stored spec, or the same
-    JOB.yaml: a rerun of the same entrypoint continues the job). Returns (jobs, record, new)."""
+def _prepare(job_id: str | None, job_file: str | None, storage: str | None, spec=None):
+    """The job to run or submit: a new one from JOB.yaml (or ``spec``), or an existing one (its stored
+    spec, or the same JOB.yaml: a rerun of the same entrypoint continues the job). Returns (jobs, record,
+    new)."""
     from checkpoints.storage import Storage
     from service.jobs import JobRecord, JobStore, new_job_id
     from service.plan import build_plan
     from service.sources import dataset_size
 
-    spec = load_spec(job_file) if job_file else None
+    spec = spec or (load_spec(job_file) if job_file else None)
     if spec is None and job_id is None:
         raise ValueError("give JOB.yaml, or --job-id of a job already in --storage")
     url = resolve_storage(storage or (spec.checkpoint.storage if spec else "./runs"))
@@ -351,6 +352,87 @@ def submit(job: str, job_id: str | None, storage: str | None, address: str | Non
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("job", metavar="JOB.yaml")
+@click.option(
+    "--strategies",
+    default="global_onecycle,per_stage_onecycle,per_stage_cosine",
+    show_default=True,
+    help="Comma-separated schedule.strategy values to run.",
+)
+@click.option(
+    "--baseline",
+    is_flag=True,
+    help="Also a fixed-resolution run: the final stage's resolution on the full data, as many epochs as "
+    "all stages, global OneCycle.",
+)
+@click.option(
+    "--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Seeds seed..seed+N-1."
+)
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: compare-<name>).")
+@STORAGE
+@click.option(
+    "--address",
+    help="Submit the runs to this Ray cluster (http://HEAD:8265), one after another; default: run here.",
+)
+@user_errors
+def compare(
+    job: str,
+    strategies: str,
+    baseline: bool,
+    seeds: int,
+    out: str | None,
+    storage: str | None,
+    address: str | None,
+) -> None:
+    """Run JOB.yaml once per LR strategy (and seed, and baseline) and write report.md and compare.png.
+
+    Every run is an ordinary job (`stagetrain status`/`logs` work on it); rerunning the same command
+    reuses the finished runs and continues an interrupted one."""
+    from service.compare import BASELINE, figures, parse_strategies, plot_compare, report_markdown, variants
+    from service.coordination import check_free
+    from service.jobs import EXIT_OK
+
+    spec = load_spec(job)
+    runs = variants(spec, parse_strategies(strategies), baseline, seeds)
+    url = resolve_storage(storage or spec.checkpoint.storage)
+    for k, v in enumerate(runs, 1):
+        jobs, record, new = _prepare(v.job_id, None, url, spec=v.spec)
+        what = f"[{k}/{len(runs)}] {v.label} seed {v.seed}: job {v.job_id}"
+        if record.status == "succeeded":
+            err_console.print(f"{what} already succeeded; reused", highlight=False)
+            continue
+        err_console.print(f"{what}" + ("" if new else f" (continues at step {record.current_step:,})"))
+        if new:
+            jobs.save(record)
+        if address:
+            _submit(jobs, record, address, follow=False)
+            code = _follow_log(jobs, v.job_id, None, until_done=True)
+        else:
+            check_free(jobs.storage, record.job_id)
+            code = _coordinate(jobs, record, None)
+        if code != EXIT_OK:
+            err_console.print(
+                f"compare stopped: {v.job_id} ended {jobs.load().status}; rerun the same command to continue"
+            )
+            sys.exit(code)
+    results = []
+    for v in runs:
+        jobs, record = _open(v.job_id, url)
+        results.append(figures(v, record, jobs.read_metrics()))
+    folder = out or f"compare-{spec.name}"
+    os.makedirs(folder, exist_ok=True)
+    command = "stagetrain compare " + " ".join(sys.argv[2:])
+    text = report_markdown(results, spec, command)
+    with open(os.path.join(folder, "report.md"), "w") as f:
+        f.write(text)
+    plan = _open(runs[0].job_id, url)[1].plan()
+    boundaries = [s.sample_start for s in plan.stages[1:]] if runs[0].label != BASELINE else []
+    plot_compare(results, os.path.join(folder, "compare.png"), boundaries)
+    console.print(text, highlight=False, markup=False)
+    err_console.print(f"report: {folder}/report.md, figure: {folder}/compare.png")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @JOB_ID
 @STORAGE
 @click.option(
@@ -432,6 +514,11 @@ def status(job_id: str, storage: str | None) -> None:
 
     jobs, record = _open(job_id, storage)
     latest = jobs.checkpoints.latest(verify=False)
+    if record.status == "running":  # the running stage's spike, once its first 5% is in
+        from service.analysis import boundary_spikes, plan_stage_steps
+
+        for stage, spike in boundary_spikes(jobs.read_metrics(), plan_stage_steps(record.plan())).items():
+            record.stages[stage - 1].spike = spike
     console.print(summary_table(record))
     ray_state = None
     if record.ray_address and record.ray_submissions:

@@ -68,7 +68,22 @@ class StepRecord(BaseModel):
     workers: int
     grad_accum: int
     images_per_s: float
+    time: float | None = None  # unix time when the step's report window closed (rank 0's clock)
     sample_ids: list[list[int]] | None = None  # audit mode: the sample ids each rank read, per rank
+
+
+class EvalRecord(BaseModel):
+    """A validation pass inside a stage (``metrics.eval_every_n_steps``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["eval"] = "eval"
+    step: int  # optimizer steps done before the evaluation (like ``StageEnd.step``)
+    stage: int  # 1-based
+    samples_seen: int
+    resolution: int
+    val_loss: float
+    val_acc: float
+    time: float
 
 
 class StageEnd(BaseModel):
@@ -86,12 +101,14 @@ class StageEnd(BaseModel):
     checkpoint: str | None = None
     checkpoint_failures: list[str] = []
     stall_s: float | None = None
+    time: float | None = None  # unix time after the stage-end evaluation
 
 
 class Report(BaseModel):
     """What a worker passes to ``ray.train.report`` (as ``model_dump()``): rank 0 sends the records."""
 
     records: list[StepRecord] = []
+    evals: list[EvalRecord] = []
     stage_end: StageEnd | None = None
 
 
@@ -108,6 +125,7 @@ class StageRecord(BaseModel):
     images_per_s: float | None = None
     val_loss: float | None = None
     val_acc: float | None = None
+    spike: float | None = None  # training-loss jump at this stage's start (service.analysis.boundary_spikes)
     checkpoint: str | None = None
 
 
@@ -281,7 +299,7 @@ class JobStore:
         record.updated = now()
         self.storage.write_text(record.model_dump_json(indent=2), JOB_FILE)
 
-    def append_metrics(self, records: list[StepRecord | StageEnd]) -> None:
+    def append_metrics(self, records: list[StepRecord | EvalRecord | StageEnd]) -> None:
         if records:
             lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
             self.storage.append_text(lines, METRICS_FILE)
@@ -296,4 +314,11 @@ class JobStore:
             if line.strip():
                 r = json.loads(line)
                 by_key[(r.get("kind", "step"), r.get("step"), r.get("stage"))] = r
-        return sorted(by_key.values(), key=lambda r: (r.get("step", 0), r.get("kind", "step") != "step"))
+        return sorted(by_key.values(), key=_metric_order)
+
+
+def _metric_order(r: dict) -> tuple[int, int]:
+    """Training order: step k, then the evaluation and stage end after k + 1 steps (their ``step``)."""
+    kind = r.get("kind", "step")
+    done = r.get("step", 0) + 1 if kind == "step" else r.get("step", 0)
+    return done, {"step": 0, "eval": 1}.get(kind, 2)

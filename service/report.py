@@ -127,7 +127,8 @@ def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples") -> No
 
 
 def summary_table(record) -> Table:
-    """Per stage: status, steps, time, throughput, validation accuracy (``stagetrain run`` / ``status``)."""
+    """Per stage: status, steps, time, throughput, validation accuracy, and the training-loss spike at the
+    stage's start (``service.analysis.boundary_spikes``) (``stagetrain run`` / ``status``)."""
     table = Table(title=f"{record.job_id}: {record.status}", title_justify="left")
     for col in [
         "stage",
@@ -139,6 +140,7 @@ def summary_table(record) -> Table:
         "img/s",
         "val acc",
         "val loss",
+        "spike",
         "checkpoint",
     ]:
         table.add_column(col, justify="right")
@@ -153,6 +155,7 @@ def summary_table(record) -> Table:
             f"{s.images_per_s:,.0f}" if s.images_per_s else "",
             f"{s.val_acc:.2%}" if s.val_acc is not None else "",
             f"{s.val_loss:.3f}" if s.val_loss is not None else "",
+            f"{s.spike:+.3f}" if s.spike is not None else "",
             s.checkpoint or "",
         )
     return table

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from checkpoints.storage import Storage, forwarded_env
 from checkpoints.store import git_revision
+from service.analysis import boundary_spikes, plan_stage_steps
 from service.coordination import JobLog, LeaseKeeper, cancel_requested, consume, pending_scales
 from service.decisions import (
     Cancelled,
@@ -370,6 +371,7 @@ class JobRunner:
         )
         if end is not None:
             self.record.checkpoint_failures.extend(end.checkpoint_failures)
+        self._note_spikes()
         if isinstance(outcome, Completed):
             self.record.settle(stage.index, outcome, manifest.step)
             self.jobs.save(self.record)
@@ -381,6 +383,12 @@ class JobRunner:
             )
             return None
         return self._settle(stage.index, outcome, manifest.step if manifest else self.record.current_step)
+
+    def _note_spikes(self) -> None:
+        """Each stage's boundary loss spike, into the record (``status`` and the summary table show it)."""
+        for stage, spike in boundary_spikes(self.jobs.read_metrics(), plan_stage_steps(self.plan)).items():
+            if stage <= len(self.record.stages):
+                self.record.stages[stage - 1].spike = spike
 
     def _settle(self, stage: int, outcome, step: int) -> int:
         self.record.settle(stage, outcome, step)
@@ -461,7 +469,7 @@ class JobRunner:
                     self.jobs.save(self.record)
                     continue
                 report = Report.model_validate(item["report"])
-                self.jobs.append_metrics(report.records)
+                self.jobs.append_metrics([*report.records, *report.evals])
                 if report.records:
                     last = report.records[-1]
                     rates.append(last.images_per_s)

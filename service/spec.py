@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -43,22 +44,50 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class ModelSpec(_Model):
-    arch: str = Field(
-        description="torchvision.models builder name, e.g. resnet18, resnet50, mobilenet_v3_small"
+    arch: str | None = Field(
+        None, description="torchvision.models builder name, e.g. resnet18, resnet50, mobilenet_v3_small"
+    )
+    builder: str | None = Field(
+        None,
+        description="your own model: 'package.module:function', called as function(num_classes=..., "
+        "**kwargs) on the workers (the package must be importable there)",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the builder (or torchvision's)"
     )
     num_classes: Annotated[int, Field(ge=2, strict=True)]
     in_channels: Literal[1, 3] = 3
 
     @field_validator("arch")
     @classmethod
-    def _known_arch(cls, v: str) -> str:
-        if v not in TORCHVISION_MODELS:
+    def _known_arch(cls, v: str | None) -> str | None:
+        if v is not None and v not in TORCHVISION_MODELS:
             hint = difflib.get_close_matches(v, TORCHVISION_MODELS, n=1)
             raise ValueError(
                 f"unknown torchvision architecture {v!r}"
                 + (f"; did you mean {hint[0]!r}?" if hint else "; see torchvision.models.list_models()")
             )
         return v
+
+    @field_validator("builder")
+    @classmethod
+    def _import_path(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", v):
+            raise ValueError(f"expected 'package.module:function', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.arch is None) == (self.builder is None):
+            raise ValueError(
+                "arch: give exactly one of arch (a torchvision model name) or builder "
+                f"('package.module:function'), got {'both' if self.arch else 'neither'}"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.arch or self.builder
 
 
 class _DataBase(_Model):
@@ -239,6 +268,9 @@ class FailureSpec(_Model):
 
 class MetricsSpec(_Model):
     every_n_steps: PositiveInt = Field(5, description="optimizer steps between ray.train.report calls")
+    eval_every_n_steps: NonNegInt = Field(
+        0, description="also evaluate every N optimizer steps inside a stage; 0 = at stage ends only"
+    )
 
 
 class PreemptionSpec(_Model):

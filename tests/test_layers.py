@@ -29,6 +29,8 @@ CORE = [
     "service.decisions",
     "service.report",
     "service.archs",
+    "service.analysis",
+    "service.compare",
     "service.cli",
     "checkpoints.storage",
     "checkpoints.store",

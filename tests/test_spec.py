@@ -184,6 +184,30 @@ MISTAKES = [
         {"model.arch": "zzzzzz"},
         "model.arch: unknown torchvision architecture 'zzzzzz'; see torchvision.models.list_models()",
     ),
+    # your own model builder: exactly one of arch / builder, an import path
+    (
+        "builder-and-arch",
+        {"model.builder": "mypkg.models:net"},
+        "model.arch: give exactly one of arch (a torchvision model name) or builder "
+        "('package.module:function'), got both",
+    ),
+    (
+        "neither-arch-nor-builder",
+        {"model.arch": DELETE},
+        "model.arch: give exactly one of arch (a torchvision model name) or builder "
+        "('package.module:function'), got neither",
+    ),
+    (
+        "builder-not-import-path",
+        {"model.arch": DELETE, "model.builder": "mypkg/models.py"},
+        "model.builder: expected 'package.module:function', got 'mypkg/models.py'",
+    ),
+    ("builder-kwargs-not-mapping", {"model.kwargs": [1]}, "model.kwargs: expected a mapping, got [1]"),
+    (
+        "eval-every-negative",
+        {"metrics.eval_every_n_steps": -1},
+        "metrics.eval_every_n_steps: must be >= 0, got -1",
+    ),
     # discriminated unions: the tag, and fields of the other variant
     (
         "data-kind-unknown",

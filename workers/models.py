@@ -1,22 +1,56 @@
-"""Models: any ``torchvision.models`` classification builder, by name, randomly initialised."""
+"""Models: a ``torchvision.models`` classification builder by name, or your own builder
+(``model.builder: package.module:function``), randomly initialised.
+
+A builder is called as ``function(num_classes=N, **model.kwargs)`` in every worker and returns an
+``nn.Module`` that maps an image batch ``(B, 3, H, W)`` to logits ``(B, N)`` at any resolution the
+stages use. With ``model.in_channels: 1`` its first 3-channel convolution is replaced by a 1-channel
+one, as for torchvision's models.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """``torchvision.models.get_model(arch, weights=None, num_classes=...)``, with the first convolution
-    replaced by a 1-channel one when ``in_channels == 1`` (greyscale data such as Fashion-MNIST)."""
-    import torchvision
+def build_model(spec) -> nn.Module:
+    """The model of a ``ModelSpec``: ``torchvision.models.get_model(arch, weights=None, ...)`` or the
+    user's builder, with the stem made ``in_channels`` wide."""
+    if spec.builder:
+        model = import_builder(spec.builder)(num_classes=spec.num_classes, **spec.kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model.builder: {spec.builder} returned {type(model).__name__}, not an nn.Module"
+            )
+    else:
+        import torchvision
 
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        _replace_stem(model, in_channels)
+        model = torchvision.models.get_model(
+            spec.arch, weights=None, num_classes=spec.num_classes, **spec.kwargs
+        )
+    if spec.in_channels != 3:
+        _replace_stem(model, spec.in_channels, spec.label)
     return model
 
 
-def _replace_stem(model: nn.Module, in_channels: int) -> None:
+def import_builder(path: str):
+    """``package.module:function`` -> the function; a clear error when it is not importable here."""
+    module_name, _, name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(
+            f"model.builder: cannot import {module_name!r} ({e}); it must be installed on every worker "
+            "(in the image, or shipped with the Ray runtime_env)"
+        ) from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ImportError(f"model.builder: {module_name!r} has no function {name!r}")
+    return fn
+
+
+def _replace_stem(model: nn.Module, in_channels: int, label: str) -> None:
     # The stem is the first Conv2d taking 3 channels, wherever the architecture keeps it
     # (resnet.conv1, mobilenet.features[0][0], vit.conv_proj, ...).
     for parent in model.modules():
@@ -36,5 +70,31 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
                 setattr(parent, name, new)
                 return
     raise ValueError(
-        f"model.in_channels: found no 3-channel stem convolution to replace in {type(model).__name__}"
+        f"model.in_channels: {in_channels} needs a 3-channel stem convolution to replace, and {label} "
+        f"({type(model).__name__}) has none; build the model with {in_channels} input channels yourself "
+        "and set in_channels: 3"
     )
+
+
+def small_resnet(
+    num_classes: int, widths: tuple[int, ...] = (16, 32, 64), blocks: tuple[int, ...] = (1, 1, 1)
+) -> nn.Module:
+    """A CIFAR-style ResNet from torchvision's ``BasicBlock``: a 3x3 stem without pooling, then one group
+    of blocks per width, each group after the first halving the resolution. Made for small images
+    (16-64 px), where ImageNet models' 32x downsampling leaves 1x1 feature maps. ``model.builder:
+    workers.models:small_resnet``; widths (16, 32, 64) with one block each has 78k parameters."""
+    from torchvision.models.resnet import BasicBlock
+
+    stem = nn.Sequential(
+        nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+    )
+    layers, cin = [], widths[0]
+    for group, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+        for k in range(count):
+            stride = 2 if group > 0 and k == 0 else 1
+            down = None
+            if stride != 1 or cin != width:
+                down = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            layers.append(BasicBlock(cin, width, stride, down))
+            cin = width
+    return nn.Sequential(stem, *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))

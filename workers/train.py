@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from checkpoints.checkpointer import AsyncCheckpointer, decode, load
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore, package_versions, tag_for
-from service.jobs import Report, StageEnd, StepRecord
+from service.jobs import EvalRecord, Report, StageEnd, StepRecord
 from service.layout import CHECKPOINTS
 from service.plan import Plan
 from service.spec import AdamWSpec, JobSpec
@@ -268,11 +268,12 @@ class StageRunner:
         self.device = device or _device(spec)
         job_storage = Storage(storage_url, spec.checkpoint.storage_options).child(job_id)
         self.store = store or CheckpointStore(job_storage.child(CHECKPOINTS))
-        self._tail: list[StepRecord] = []
+        self._tail: list[StepRecord] = []  # the stage's last records, sent with the stage end
+        self._evals: list[EvalRecord] = []  # mid-stage evaluations not yet reported
 
         # Model, optimizer, schedule. The raw module is what is saved; DDP/compile wrap it.
         torch.manual_seed(spec.seed)  # identical init on every rank (DDP would broadcast it anyway)
-        self.raw_model = build_model(spec.model.arch, spec.model.num_classes, spec.model.in_channels)
+        self.raw_model = build_model(spec.model)
         seed_everything(spec.seed + 1000 * self.dist.rank, spec.deterministic)  # per-rank streams (dropout)
         self.raw_model.to(self.device)
         if self._cuda and spec.train.channels_last:
@@ -417,6 +418,7 @@ class StageRunner:
         subset = stage_subset(self.plan.dataset_size, st.subset_size, spec.seed)
         audit = os.environ.get(AUDIT_ENV) == "1"
         every_report, every_ckpt = spec.metrics.every_n_steps, spec.checkpoint.every_n_steps
+        every_eval = spec.metrics.eval_every_n_steps
         pending, window_start = [], time.perf_counter()
         self.model.train()
 
@@ -450,6 +452,10 @@ class StageRunner:
             self.on_step(step)
             pending.append((step, loss, lr, momentum, sampler.step_ids(local) if audit else None))
             done = self.progress.step == st.step_end
+            if every_eval and self.progress.step % every_eval == 0 and not done:
+                started = time.perf_counter()
+                self._evals.append(self._eval_record())
+                window_start += time.perf_counter() - started  # throughput counts training time only
             reported = len(pending) >= every_report or done
             if reported:
                 window_start = self._report(pending, window_start, final=done)
@@ -477,7 +483,7 @@ class StageRunner:
         included."""
         st = self.stage
         losses = self.dist.mean(torch.stack([p[1] for p in pending]).float().cpu())
-        now = time.perf_counter()
+        now, stamp = time.perf_counter(), time.time()
         img_s = len(pending) * st.global_batch / max(now - window_start, 1e-9)
         audit = pending[0][4] is not None
         ids = self.dist.gather_objects([p[4] for p in pending]) if audit else None
@@ -495,6 +501,7 @@ class StageRunner:
                 workers=self.dist.world,
                 grad_accum=st.grad_accum,
                 images_per_s=img_s,
+                time=stamp,
                 sample_ids=[[i for micro in rank[k] for i, _ in micro] for rank in ids] if audit else None,
             )
             for k, ((step, _, lr, momentum, _), loss) in enumerate(zip(pending, losses.tolist(), strict=True))
@@ -502,8 +509,27 @@ class StageRunner:
         if final:
             self._tail = records
         else:
-            self.report(Report(records=records if self.dist.rank == 0 else []).model_dump())
+            mine = self.dist.rank == 0
+            self.report(
+                Report(records=records if mine else [], evals=self._evals if mine else []).model_dump()
+            )
+            self._evals = []
         return now
+
+    def _eval_record(self) -> EvalRecord:
+        """Evaluate inside the stage (all ranks); rank 0 sends the record with the next report."""
+        self.dist.broadcast_buffers(self.raw_model)  # rank 0's BatchNorm statistics, as at stage ends
+        val_loss, val_acc = self.evaluate()
+        step = self.progress.step
+        return EvalRecord(
+            step=step,
+            stage=self.stage.index + 1,
+            samples_seen=self.plan.samples_before(step),
+            resolution=self.stage.resolution,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            time=time.time(),
+        )
 
     def _finish(self, evaluate: bool) -> StageEnd:
         """Evaluate, commit the boundary checkpoint, and send the last report (with the stage summary)."""
@@ -514,6 +540,7 @@ class StageRunner:
             # holds its own running stats; take rank 0's, which is what the checkpoint saves.
             self.dist.broadcast_buffers(self.raw_model)
             end.val_loss, end.val_acc = self.evaluate()
+            end.time = time.time()
             end.param_digests = self.dist.gather_objects(param_digest(self.raw_model))
             if self.progress.step == st.step_end:
                 self.save(boundary=st.last_segment)
@@ -539,10 +566,12 @@ class StageRunner:
             last = self.checkpointer.last_committed
             end.checkpoint = last.tag if last else None
             end.checkpoint_failures, end.stall_s = self.checkpointer.failures, self.checkpointer.stall_s
+        mine = self.dist.rank == 0
         self.report(
             Report(
-                records=self._tail if self.dist.rank == 0 else [],
-                stage_end=end if self.dist.rank == 0 else None,
+                records=self._tail if mine else [],
+                evals=self._evals if mine else [],
+                stage_end=end if mine else None,
             ).model_dump()
         )
         return end

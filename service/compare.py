@@ -1,0 +1,223 @@
+"""``stagetrain compare``: one job per LR strategy (and seed, and an optional fixed-resolution baseline),
+each an ordinary stagetrain job, then a report of how they did.
+
+A run's job id is ``<name>-<spec hash>-<label>-seed<k>``: the same job file and options name the same
+runs, so an interrupted compare continues its unfinished runs and reuses the finished ones, and an edited
+job file starts fresh runs instead of colliding with the old ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service import analysis
+from service.spec import JobSpec
+
+STRATEGIES = ("global_onecycle", "per_stage_onecycle", "per_stage_cosine")
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str  # a strategy, or "baseline"
+    seed: int
+    spec: JobSpec
+    job_id: str
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise ValueError(
+            f"--strategies: expected a comma-separated list of {', '.join(STRATEGIES)}, got {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def baseline_spec(spec: JobSpec) -> JobSpec:
+    """The fixed-resolution reference: the final stage's resolution and layout on the full data, for as
+    many epochs as all stages together, with a global OneCycle at the same LR-per-batch rule."""
+    last = spec.stages[-1]
+    raw = spec.model_dump(mode="json")
+    raw["stages"] = [
+        {
+            **last.model_dump(mode="json"),
+            "epochs": sum(s.epochs for s in spec.stages),
+            "data_fraction": 1.0,
+            "max_lr": None,
+            "pct_start": None,
+        }
+    ]
+    raw["schedule"]["strategy"] = "global_onecycle"
+    # max_lr holds at the progressive job's reference batch, so both follow the same scaling rule
+    raw["lr_scaling"]["reference_batch"] = spec.lr_scaling.reference_batch or spec.stages[0].global_batch
+    raw["lr_scaling"]["ramp_steps"] = 0
+    return JobSpec.model_validate(raw)
+
+
+def variants(spec: JobSpec, strategies: list[str], baseline: bool, seeds: int) -> list[Variant]:
+    """Every run of the comparison, seed-major (one seed of every strategy before the next seed)."""
+    stem = f"{spec.name}-{spec.spec_hash()[:6]}"
+    out = []
+    for seed in range(spec.seed, spec.seed + seeds):
+        for strategy in strategies:
+            raw = spec.model_dump(mode="json")
+            raw["seed"], raw["schedule"]["strategy"] = seed, strategy
+            out.append(Variant(strategy, seed, JobSpec.model_validate(raw), f"{stem}-{strategy}-seed{seed}"))
+        if baseline:
+            base = baseline_spec(spec).model_copy(update={"seed": seed})
+            out.append(Variant(BASELINE, seed, base, f"{stem}-{BASELINE}-seed{seed}"))
+    return out
+
+
+@dataclass
+class RunFigures:
+    variant: Variant
+    metrics: list[dict]
+    started: str | None
+    final_acc: float | None
+    wall_s: float | None
+    images_per_s: float | None
+    spikes: dict[int, float]
+
+
+def figures(variant: Variant, record, metrics: list[dict]) -> RunFigures:
+    started = record.stages[0].started
+    return RunFigures(
+        variant,
+        metrics,
+        started,
+        analysis.final_accuracy(metrics),
+        analysis.wall_clock(metrics, started),
+        analysis.images_per_s(metrics),
+        analysis.boundary_spikes(metrics),
+    )
+
+
+def _stat(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    mean, std = analysis.mean_std(values)
+    return fmt.format(mean) + (" ± " + fmt.replace("+", "").format(std) if len(values) > 1 else "")
+
+
+def report_markdown(runs: list[RunFigures], spec: JobSpec, command: str) -> str:
+    """The comparison table (mean ± std over seeds) and one row per run."""
+    labels = list(dict.fromkeys(r.variant.label for r in runs))
+    base = [r for r in runs if r.variant.label == BASELINE]
+    target = analysis.mean_std([r.final_acc for r in base if r.final_acc is not None])[0] if base else None
+    base_wall = analysis.mean_std([r.wall_s for r in base if r.wall_s is not None])[0] if base else None
+    boundaries = list(range(2, len(spec.stages) + 1))
+    seeds = sorted({r.variant.seed for r in runs})
+    lines = [
+        f"# stagetrain compare: {spec.name}",
+        "",
+        f"{len(runs)} runs: {', '.join(labels)}; seeds {', '.join(map(str, seeds))}. "
+        f"Reproduce with `{command}`.",
+        "",
+        "Mean ± standard deviation over seeds. *spike k*: smoothed training loss over the first 5% of "
+        f"stage k minus over the last 5% of stage k-1 (moving average of {analysis.SMOOTH_STEPS} steps). "
+        "*wall-clock*: first stage start to last evaluation, stage start-up included.",
+    ]
+    if target is not None:
+        lines.append(
+            f"*time to baseline*: wall-clock until an evaluation first reached the baseline's final "
+            f"top-1 ({target:.2%}), and its ratio to the baseline's wall-clock ({base_wall:.0f} s); "
+            "`n/m` counts the runs that reached it."
+        )
+    header = ["strategy", "final val top-1", "wall-clock (s)", "images/s"]
+    header += [f"spike {k}" for k in boundaries]
+    header += ["time to baseline (s)", "ratio"] if target is not None else []
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in labels:
+        group = [r for r in runs if r.variant.label == label]
+        row = [
+            label,
+            _stat([100 * r.final_acc for r in group if r.final_acc is not None], "{:.2f}%"),
+            _stat([r.wall_s for r in group if r.wall_s is not None], "{:.0f}"),
+            _stat([r.images_per_s for r in group if r.images_per_s is not None], "{:,.0f}"),
+        ]
+        row += [
+            _stat([r.spikes[k] for r in group if k in r.spikes], "{:+.3f}") if label != BASELINE else "n/a"
+            for k in boundaries
+        ]
+        if target is not None:
+            times = [analysis.time_to_accuracy(r.metrics, r.started, target) for r in group]
+            reached = [t for t in times if t is not None]
+            ratio = f"{analysis.mean_std(reached)[0] / base_wall:.2f}×" if reached and base_wall else "-"
+            row += [f"{_stat(reached, '{:.0f}')} ({len(reached)}/{len(group)})", ratio]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| job id | seed | final val top-1 | wall-clock (s) | spikes |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        spikes = ", ".join(f"{k}: {v:+.3f}" for k, v in sorted(r.spikes.items())) or "-"
+        acc = f"{r.final_acc:.2%}" if r.final_acc is not None else "-"
+        wall = f"{r.wall_s:.0f}" if r.wall_s is not None else "-"
+        lines.append(f"| {r.variant.job_id} | {r.variant.seed} | {acc} | {wall} | {spikes} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(runs: list[RunFigures], path: str, boundaries: list[int]) -> None:
+    """Smoothed training loss, validation top-1 and LR, against samples (top) and wall-clock (bottom);
+    one colour per strategy (every seed drawn), stage boundaries dashed."""
+    from datetime import datetime
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r.variant.label for r in runs))
+    colours = {label: f"C{k}" for k, label in enumerate(labels)}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for r in runs:
+        steps = [m for m in r.metrics if m.get("kind", "step") == "step"]
+        evals = analysis.evaluations(r.metrics)
+        if not steps:
+            continue
+        t0 = datetime.fromisoformat(r.started).timestamp() if r.started else steps[0].get("time", 0)
+        smooth = analysis.smoothed_losses(steps)
+        loss = [v for stage in sorted(smooth) for v in smooth[stage]]
+        first = r is next(x for x in runs if x.variant.label == r.variant.label)
+        style = {"color": colours[r.variant.label], "lw": 1.0, "alpha": 0.8}
+        for row, key in enumerate(("samples", "time")):
+            if key == "samples":
+                sx = [m["samples_seen"] for m in steps]
+                points = [(_samples_at(e, steps), e["val_acc"]) for e in evals]
+            else:
+                sx = [m.get("time", t0) - t0 for m in steps]
+                points = [(e["time"] - t0, e["val_acc"]) for e in evals if e.get("time")]
+            axes[row][0].plot(sx, loss, label=r.variant.label if first and row == 0 else None, **style)
+            axes[row][1].plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, **style)
+            axes[row][2].plot(sx, [m["lr"] for m in steps], **style)
+            if key == "time" and first and r.variant.label != BASELINE:
+                for a, b in zip(steps, steps[1:], strict=False):
+                    if a["stage"] != b["stage"]:
+                        for ax in axes[row]:
+                            ax.axvline(b["time"] - t0, color=style["color"], linestyle=":", lw=0.8)
+    for ax in axes[0]:
+        for b in boundaries:
+            ax.axvline(b, color="grey", linestyle="--", lw=0.8)
+    for row, xlabel in enumerate(("samples seen", "wall-clock (s)")):
+        for ax, name in zip(axes[row], ("train loss (smoothed)", "val top-1", "learning rate"), strict=True):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _samples_at(evaluation: dict, steps: list[dict]) -> int:
+    """Samples seen at an evaluation (stage-end records carry the step, not the samples)."""
+    if "samples_seen" in evaluation:
+        return evaluation["samples_seen"]
+    before = [m["samples_seen"] for m in steps if m["step"] < evaluation["step"]]
+    return before[-1] if before else 0

@@ -11,7 +11,8 @@ Three strategies:
 - ``per_stage_cosine``: ``CosineAnnealingLR(T_max=stage steps, eta_min=min_lr)`` per stage.
 
 The curve is multiplied by the stage's batch-size factor (``lr_scaling``), optionally ramped over
-the first ``ramp_steps`` steps of a stage from the previous stage's factor. Momentum is never scaled.
+the first ``ramp_steps`` steps of a stage from the previous stage's factor, and optionally warmed up
+over the first ``schedule.stage_warmup_steps`` of every later stage. Momentum is never scaled.
 
 Pure Python: the CLI and the coordinator draw and check the curve without torch.
 ``workers.schedules.PlanScheduler`` applies it to an optimizer.
@@ -112,11 +113,27 @@ def lr_factor(plan: Plan, step: int) -> float:
     return prev + (stage.lr_scale - prev) * local / ramp
 
 
+def stage_warmup(plan: Plan, step: int) -> float:
+    """``schedule.stage_warmup_steps`` N: 1/N, 2/N, ... 1 over the first N steps of stages 2, 3, ..."""
+    n = plan.schedule.stage_warmup_steps
+    stage = plan.stage_at(step)
+    if n == 0 or stage.index == 0 or stage.segment > 0:
+        return 1.0
+    return min(1.0, (step - stage.step_start + 1) / n)
+
+
 def lr_momentum(plan: Plan, step: int) -> tuple[float, float]:
     """What the optimizer uses for optimizer step ``step``: (lr, momentum or Adam beta1)."""
     lr, momentum = curve(plan, step)
-    return lr * lr_factor(plan, step), momentum
+    return lr * lr_factor(plan, step) * stage_warmup(plan, step), momentum
 
 
 def resolution(plan: Plan, step: int) -> int:
-    return plan.stage_at(step).resolution
+    """The image resolution of optimizer step ``step``: the stage's, or on the way to it over the
+    stage's first ``resolution_ramp_steps`` steps (from the previous stage's resolution)."""
+    stage = plan.stage_at(step)
+    n = stage.resolution_ramp_steps
+    local = step - plan.stages[plan.row(stage) - stage.segment].step_start  # from the stage's first step
+    if n == 0 or local >= n:
+        return stage.resolution
+    return round(stage.ramp_from + (stage.resolution - stage.ramp_from) * (local + 1) / (n + 1))

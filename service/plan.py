@@ -60,6 +60,8 @@ class StagePlan(_Frozen):
     max_lr: float  # curve peak (stage override or schedule.max_lr), before lr_scale
     pct_start: float
     compile: bool
+    ramp_from: int = 0  # the previous stage's resolution (0 for the first stage)
+    resolution_ramp_steps: int = 0  # steps over which the resolution grows from ramp_from
 
     @property
     def samples(self) -> int:
@@ -204,6 +206,11 @@ def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...
             problems.append(
                 f"stages[{i}].max_lr: must exceed schedule.min_lr {spec.schedule.min_lr}, got {max_lr}"
             )
+        if st.resolution_ramp_steps >= steps0:
+            problems.append(
+                f"stages[{i}].resolution_ramp_steps: must be fewer than the stage's {steps0} steps, got "
+                f"{st.resolution_ramp_steps}"
+            )
         stream_samples, offset = steps0 * gb0, 0
         for j, layout in enumerate(layouts):
             gb = layout.global_batch
@@ -243,6 +250,8 @@ def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...
                     max_lr=max_lr,
                     pct_start=pct,
                     compile=st.compile,
+                    ramp_from=spec.stages[i - 1].resolution if i else 0,
+                    resolution_ramp_steps=st.resolution_ramp_steps,
                 )
             )
             step += steps

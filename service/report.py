@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from rich.table import Table
 
-from service.curve import lr_momentum
+from service.curve import lr_momentum, resolution
 from service.plan import Plan
 
 CSV_FIELDS = ["step", "stage", "epoch", "resolution", "global_batch", "samples_seen", "lr", "momentum"]
@@ -23,7 +23,7 @@ def step_rows(plan: Plan) -> Iterable[dict]:
                 "step": step,
                 "stage": stage.index + 1,
                 "epoch": stage.epoch_of(step),
-                "resolution": stage.resolution,
+                "resolution": resolution(plan, step),
                 "global_batch": stage.global_batch,
                 "samples_seen": plan.samples_before(step) + stage.global_batch,
                 "lr": lr,

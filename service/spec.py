@@ -160,6 +160,11 @@ class ScheduleSpec(_Model):
     max_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
     progress: Literal["samples", "steps"] = "samples"
     min_lr: Annotated[float, Field(ge=0)] = 0.0
+    stage_warmup_steps: NonNegInt = Field(
+        0,
+        description="ramp the LR linearly from 1/N of the curve to all of it over the first N steps of every "
+        "stage after the first (eases the jump to a new resolution); 0 = off",
+    )
 
     @model_validator(mode="after")
     def _momentum_order(self):
@@ -191,6 +196,11 @@ class StageSpec(_Model):
     max_lr: PositiveFloat | None = Field(None, description="per_stage_onecycle / per_stage_cosine override")
     pct_start: Annotated[float, Field(gt=0, lt=1)] | None = None
     compile: bool = Field(False, description="torch.compile the model for this stage")
+    resolution_ramp_steps: NonNegInt = Field(
+        0,
+        description="grow the resolution step by step from the previous stage's to this one's over the "
+        "first N steps (batches resized on the device), instead of jumping at the boundary; 0 = jump",
+    )
 
     @field_validator("data_fraction")
     @classmethod
@@ -303,6 +313,11 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.stages[0].resolution_ramp_steps:
+            raise ValueError(
+                "stages[0].resolution_ramp_steps: the first stage has no earlier resolution to ramp from, "
+                f"got {self.stages[0].resolution_ramp_steps}; set it on a later stage"
+            )
         if isinstance(self.data, SyntheticData) and self.data.num_classes > self.model.num_classes:
             raise ValueError(
                 f"data.num_classes: must be <= model.num_classes ({self.model.num_classes}), got "

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from service.curve import curve, lr_factor, lr_momentum
+from service.curve import curve, lr_factor, lr_momentum, resolution
 from service.plan import build_plan
+from service.report import step_rows
+from service.spec import SpecError
 from tests.conftest import make_spec
 from workers.schedules import PlanScheduler
 
@@ -202,6 +204,44 @@ def test_ramp_moves_factor_linearly_from_previous_stage():
     start = plan.stages[1].step_start
     assert [lr_factor(plan, start + k) for k in range(6)] == [1.0, 1.25, 1.5, 1.75, 2.0, 2.0]
     assert lr_factor(plan, start - 1) == 1.0
+
+
+def test_stage_warmup_ramps_the_lr_into_later_stages_only():
+    stages = [
+        {"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},
+        {"resolution": 24, "epochs": 1, "batch_size": 64, "workers": 2},
+    ]
+    plain = build_plan(make_spec(stages=stages), N)
+    warm = build_plan(make_spec(stages=stages, schedule={"stage_warmup_steps": 4}), N)
+    start = warm.stages[1].step_start
+    for k in range(start):  # stage 1 untouched
+        assert lr_momentum(warm, k) == lr_momentum(plain, k)
+    for k, f in enumerate([0.25, 0.5, 0.75, 1.0, 1.0]):
+        lr, momentum = lr_momentum(warm, start + k)
+        assert lr == pytest.approx(f * lr_momentum(plain, start + k)[0])
+        assert momentum == lr_momentum(plain, start + k)[1]  # momentum is not warmed up
+
+
+def test_resolution_ramp_grows_from_the_previous_stage():
+    stages = [
+        {"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},
+        {"resolution": 24, "epochs": 1, "batch_size": 64, "workers": 2, "resolution_ramp_steps": 3},
+    ]
+    plan = build_plan(make_spec(stages=stages), N)
+    start = plan.stages[1].step_start
+    assert [resolution(plan, start + k) for k in range(-1, 5)] == [16, 18, 20, 22, 24, 24]
+    assert [r["resolution"] for r in step_rows(plan)][start : start + 4] == [18, 20, 22, 24]
+
+
+def test_resolution_ramp_errors_name_the_field():
+    with pytest.raises(SpecError, match=r"stages\[0\].resolution_ramp_steps: the first stage has no earlier"):
+        make_spec(stages=[{"resolution": 16, "epochs": 1, "batch_size": 64, "resolution_ramp_steps": 2}])
+    stages = [
+        {"resolution": 16, "epochs": 1, "batch_size": 64, "workers": 2},
+        {"resolution": 24, "epochs": 1, "batch_size": 64, "workers": 2, "resolution_ramp_steps": 10_000},
+    ]
+    with pytest.raises(SpecError, match=r"stages\[1\].resolution_ramp_steps: must be fewer than the stage's"):
+        build_plan(make_spec(stages=stages), N)
 
 
 @pytest.mark.parametrize("progress", ["samples", "steps"])

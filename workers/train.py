@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from checkpoints.checkpointer import AsyncCheckpointer, decode, load
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore, package_versions, tag_for
+from service.curve import resolution
 from service.jobs import EvalRecord, Report, StageEnd, StepRecord
 from service.layout import CHECKPOINTS
 from service.plan import Plan
@@ -268,6 +269,7 @@ class StageRunner:
         self.device = device or _device(spec)
         job_storage = Storage(storage_url, spec.checkpoint.storage_options).child(job_id)
         self.store = store or CheckpointStore(job_storage.child(CHECKPOINTS))
+        self.resolution = self.stage.resolution  # of the step being trained (resolution_ramp_steps)
         self._tail: list[StepRecord] = []  # the stage's last records, sent with the stage end
         self._evals: list[EvalRecord] = []  # mid-stage evaluations not yet reported
 
@@ -388,11 +390,16 @@ class StageRunner:
             generator=generator,
         )
 
-    def _batches(self, loader: DataLoader):
-        """Batches as model input on the device (uint8 -> normalised float there)."""
+    def _batches(self, loader: DataLoader, follow_ramp: bool = False):
+        """Batches as model input on the device (uint8 -> normalised float there). ``follow_ramp``
+        (training): resized to ``self.resolution`` while the stage ramps its resolution up."""
         channels_last = self._cuda and self.spec.train.channels_last
         for x, y in loader:
-            yield to_input(x, self.device, channels_last), y.to(self.device, non_blocking=True)
+            x = to_input(x, self.device, channels_last)
+            if follow_ramp and x.shape[-1] != self.resolution:
+                size = (self.resolution, self.resolution)
+                x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+            yield x, y.to(self.device, non_blocking=True)
 
     # ----------------------------------------------------------------------------------- train
 
@@ -436,13 +443,14 @@ class StageRunner:
             last_step=st.steps,
             stream_offset=st.stream_offset,
         )
-        batches = self._batches(self._loader(train_set, sampler))
+        batches = self._batches(self._loader(train_set, sampler), follow_ramp=True)
 
         def loss_fn(logits, y):
             return F.cross_entropy(logits, y)
 
         for local in range(first, st.steps):
             step = st.step_start + local
+            self.resolution = resolution(self.plan, step)
             lr, momentum = self._lr_momentum()
             loss = accumulate(self.model, self.ddp, batches, st.grad_accum, loss_fn, self._autocast)
             self.optimizer.step()
@@ -450,7 +458,9 @@ class StageRunner:
             self.scheduler.step()
             self.progress.step = step + 1
             self.on_step(step)
-            pending.append((step, loss, lr, momentum, sampler.step_ids(local) if audit else None))
+            pending.append(
+                (step, loss, lr, momentum, self.resolution, sampler.step_ids(local) if audit else None)
+            )
             done = self.progress.step == st.step_end
             if every_eval and self.progress.step % every_eval == 0 and not done:
                 started = time.perf_counter()
@@ -485,8 +495,8 @@ class StageRunner:
         losses = self.dist.mean(torch.stack([p[1] for p in pending]).float().cpu())
         now, stamp = time.perf_counter(), time.time()
         img_s = len(pending) * st.global_batch / max(now - window_start, 1e-9)
-        audit = pending[0][4] is not None
-        ids = self.dist.gather_objects([p[4] for p in pending]) if audit else None
+        audit = pending[0][5] is not None
+        ids = self.dist.gather_objects([p[5] for p in pending]) if audit else None
         records = [
             StepRecord(
                 step=step,
@@ -496,7 +506,7 @@ class StageRunner:
                 loss=loss,
                 lr=lr,
                 momentum=momentum,
-                resolution=st.resolution,
+                resolution=res,
                 global_batch=st.global_batch,
                 workers=self.dist.world,
                 grad_accum=st.grad_accum,
@@ -504,7 +514,9 @@ class StageRunner:
                 time=stamp,
                 sample_ids=[[i for micro in rank[k] for i, _ in micro] for rank in ids] if audit else None,
             )
-            for k, ((step, _, lr, momentum, _), loss) in enumerate(zip(pending, losses.tolist(), strict=True))
+            for k, ((step, _, lr, momentum, res, _), loss) in enumerate(
+                zip(pending, losses.tolist(), strict=True)
+            )
         ]
         if final:
             self._tail = records

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service import analysis
-from service.spec import JobSpec
+from service.spec import JobSpec, validate_spec
 
 STRATEGIES = ("global_onecycle", "per_stage_onecycle", "per_stage_cosine")
 BASELINE = "baseline"
@@ -47,13 +47,14 @@ def baseline_spec(spec: JobSpec) -> JobSpec:
             "data_fraction": 1.0,
             "max_lr": None,
             "pct_start": None,
+            "resolution_ramp_steps": 0,  # one stage: nothing to ramp from
         }
     ]
     raw["schedule"]["strategy"] = "global_onecycle"
     # max_lr holds at the progressive job's reference batch, so both follow the same scaling rule
     raw["lr_scaling"]["reference_batch"] = spec.lr_scaling.reference_batch or spec.stages[0].global_batch
     raw["lr_scaling"]["ramp_steps"] = 0
-    return JobSpec.model_validate(raw)
+    return validate_spec(raw, f"{spec.name} (baseline)")
 
 
 def variants(spec: JobSpec, strategies: list[str], baseline: bool, seeds: int) -> list[Variant]:

@@ -92,7 +92,14 @@ def _spec():
             {
                 "stages": [
                     {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
-                    {"resolution": 24, "epochs": 2, "data_fraction": 0.5, "batch_size": 8, "workers": 2},
+                    {
+                        "resolution": 24,
+                        "epochs": 2,
+                        "data_fraction": 0.5,
+                        "batch_size": 8,
+                        "workers": 2,
+                        "resolution_ramp_steps": 2,
+                    },
                 ]
             },
         )

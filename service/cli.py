@@ -815,6 +815,60 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
 @cli.command()
 @JOB_ID
 @STORAGE
+@click.option("-o", "--output", default="model.pt", show_default=True, help="Where to write the model.")
+@user_errors
+def export(job_id: str, storage: str | None, output: str) -> None:
+    """Write a job's final weights (its newest verified checkpoint) with what rebuilds the module.
+
+    The file is weights-only (plain torch.load(f, weights_only=True)); load it with
+    workers.models.load_exported(path)."""
+    import io
+
+    import torch
+
+    from checkpoints.store import MODEL_FILE
+
+    jobs, record = _open(job_id, storage)
+    latest = jobs.checkpoints.latest(verify=True)
+    if latest is None:
+        raise ValueError(f"job {job_id} has no verified checkpoint to export yet")
+    manifest, payload = latest
+    if record.status != "succeeded":
+        err_console.print(
+            f"[yellow]job {job_id} is {record.status}: exporting its newest checkpoint, {manifest.tag} "
+            f"(step {manifest.step:,} of {record.total_steps:,})[/]"
+        )
+    state_dict = torch.load(io.BytesIO(payload[MODEL_FILE]), map_location="cpu", weights_only=True)
+    spec = record.job_spec()
+    last_acc = next((s.val_acc for s in reversed(record.stages) if s.val_acc is not None), None)
+    if os.path.exists(output):
+        raise ValueError(f"-o {output}: the file exists; choose another path or remove it")
+    torch.save(
+        {
+            "format": "stagetrain-export/1",
+            "job_id": job_id,
+            "checkpoint": manifest.tag,
+            "step": manifest.step,
+            "val_acc": last_acc,
+            "resolution": spec.stages[-1].resolution,
+            "model": spec.model.model_dump(mode="json"),
+            "state_dict": state_dict,
+        },
+        output,
+    )
+    console.print(
+        f"wrote {output}: {spec.model.label}, checkpoint {manifest.tag}"
+        + (f", val top-1 {last_acc:.2%}" if last_acc is not None else "")
+        + "\n  from workers.models import load_exported; model = load_exported("
+        + repr(output)
+        + ").eval()",
+        highlight=False,
+    )
+
+
+@cli.command()
+@JOB_ID
+@STORAGE
 @click.option("-o", "--output", help="PNG path (default: <storage>/<job-id>/metrics.png).")
 @click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)
 @user_errors

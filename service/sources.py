@@ -9,7 +9,7 @@ import struct
 
 import fsspec
 
-from service.spec import DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
+from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -56,6 +56,8 @@ def dataset_size(data: DataSpec) -> int:
         return data.size
     if isinstance(data, FashionMNISTData):
         return idx_count(fashion_mnist_files(data.root, "train")[1])
+    if isinstance(data, CustomData):
+        return len(custom_dataset(data, "train"))
     assert isinstance(data, ImageFolderData)
     try:
         return len(image_folder_index(data.train)[2])
@@ -66,3 +68,25 @@ def dataset_size(data: DataSpec) -> int:
             f"data.train: cannot list {data.train}: {type(e).__name__}: {e} (to plan without reading the "
             "data, pass --dataset-size N)"
         ) from None
+
+
+def custom_dataset(data: CustomData, split: str):
+    """``data.factory(split=split, **data.kwargs)``: the user's map-style dataset (imports their code, and
+    with it whatever it imports: torch, usually)."""
+    import importlib
+
+    module_name, _, name = data.factory.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(
+            f"data.factory: cannot import {data.factory} ({type(e).__name__}: {e}); it must be importable "
+            "where stagetrain runs and on every worker (installed, or shipped with the Ray runtime_env)"
+        ) from None
+    dataset = fn(split=split, **data.kwargs)
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ValueError(
+            f"data.factory: {data.factory}(split={split!r}) returned {type(dataset).__name__}, not a "
+            "map-style Dataset (__getitem__ and __len__)"
+        )
+    return dataset

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import re
 import types
@@ -43,9 +44,17 @@ NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+def _check_import_path(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", v):
+        raise ValueError(f"expected 'package.module:function', got {v!r}")
+    return v
+
+
 class ModelSpec(_Model):
     arch: str | None = Field(
-        None, description="torchvision.models builder name, e.g. resnet18, resnet50, mobilenet_v3_small"
+        None,
+        description="torchvision.models builder name (resnet18, resnet50, mobilenet_v3_small, ...), or "
+        "timm/<name> for a timm model when timm is installed (timm/convnext_tiny)",
     )
     builder: str | None = Field(
         None,
@@ -61,6 +70,11 @@ class ModelSpec(_Model):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("timm/"):
+            # the name itself is checked where the model is built: listing timm's models imports torch
+            if importlib.util.find_spec("timm") is None:
+                raise ValueError(f"{v!r} is a timm model, and timm is not installed here (pip install timm)")
+            return v
         if v is not None and v not in TORCHVISION_MODELS:
             hint = difflib.get_close_matches(v, TORCHVISION_MODELS, n=1)
             raise ValueError(
@@ -72,9 +86,7 @@ class ModelSpec(_Model):
     @field_validator("builder")
     @classmethod
     def _import_path(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", v):
-            raise ValueError(f"expected 'package.module:function', got {v!r}")
-        return v
+        return v if v is None else _check_import_path(v)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -93,6 +105,9 @@ class ModelSpec(_Model):
 class _DataBase(_Model):
     loader_workers: NonNegInt = Field(2, description="DataLoader worker processes per Ray worker")
     val_batch_size: PositiveInt = 256
+    val_resolution: Annotated[int, Field(ge=8, le=4096, strict=True)] | None = Field(
+        None, description="evaluate at this resolution (e.g. FixRes-style higher); default: the stage's"
+    )
     crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
         (0.35, 1.0), description="random-resized-crop area range (train)"
     )
@@ -119,7 +134,26 @@ class ImageFolderData(_DataBase):
     val: str | None = None
 
 
-DataSpec = Annotated[SyntheticData | FashionMNISTData | ImageFolderData, Field(discriminator="kind")]
+class CustomData(_DataBase):
+    kind: Literal["custom"]
+    factory: str = Field(
+        description="'package.module:function', called as function(split='train'|'val', **kwargs) on the "
+        "coordinator and the workers; returns a map-style torch Dataset of (uint8 CHW tensor or PIL image, "
+        "label) with a deterministic __getitem__ and a __len__ stable across the job"
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the factory"
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        return _check_import_path(v)
+
+
+DataSpec = Annotated[
+    SyntheticData | FashionMNISTData | ImageFolderData | CustomData, Field(discriminator="kind")
+]
 
 
 class SGDSpec(_Model):
@@ -288,8 +322,19 @@ class PreemptionSpec(_Model):
 
 
 class TrainSpec(_Model):
-    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    amp: bool = Field(
+        True, description="mixed precision on GPU (train.precision; ignored on CPU); false = fp32"
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="autocast dtype on GPU; fp16 adds a GradScaler whose state is checkpointed"
+    )
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="cross-entropy label smoothing"
+    )
+    grad_clip_norm: PositiveFloat | None = Field(
+        None, description="clip the global gradient norm to this before every optimizer step"
+    )
 
 
 class JobSpec(_Model):
@@ -441,6 +486,8 @@ def _describe(err: dict) -> str:
         )
     if kind in _BOUNDS:
         limit = next(iter(ctx.values()))
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)  # "> 0", not "> 0.0"
         return f"{path}: must be {_BOUNDS[kind]} {limit}, got {_show(got)}"
     if kind == "too_short":
         n = ctx["actual_length"]

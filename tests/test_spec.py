@@ -88,14 +88,14 @@ MISTAKES = [
         {"stages[1].resolution": 5000},
         "stages[1].resolution: must be <= 4096, got 5000",
     ),
-    ("epochs-negative", {"stages[0].epochs": -1}, "stages[0].epochs: must be > 0.0, got -1"),
+    ("epochs-negative", {"stages[0].epochs": -1}, "stages[0].epochs: must be > 0, got -1"),
     (
         "epochs-infinite",
         {"stages[0].epochs": float("inf")},
         "stages[0].epochs: expected a finite number, got inf",
     ),
     ("batch-size-zero", {"stages[1].batch_size": 0}, "stages[1].batch_size: must be > 0, got 0"),
-    ("pct-start-one", {"schedule.pct_start": 1}, "schedule.pct_start: must be < 1.0, got 1"),
+    ("pct-start-one", {"schedule.pct_start": 1}, "schedule.pct_start: must be < 1, got 1"),
     ("num-classes-one", {"model.num_classes": 1}, "model.num_classes: must be >= 2, got 1"),
     ("seed-negative", {"seed": -1}, "seed: must be >= 0, got -1"),
     ("max-failures", {"failure.max_failures": -2}, "failure.max_failures: must be >= -1, got -2"),
@@ -166,7 +166,7 @@ MISTAKES = [
         {"stages[0].foo": 1},
         "stages[0].foo: unknown field; expected one of resolution, epochs, data_fraction, batch_size, "
         "workers,"
-        " grad_accum, max_lr, pct_start, compile",
+        " grad_accum, max_lr, pct_start, compile, resolution_ramp_steps",
     ),
     # missing fields and empty lists
     ("missing-max-lr", {"schedule.max_lr": DELETE}, "schedule.max_lr: required field is missing"),
@@ -212,24 +212,24 @@ MISTAKES = [
     (
         "data-kind-unknown",
         {"data.kind": "cifar10"},
-        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 'cifar10'",
+        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', 'custom', got 'cifar10'",
     ),
     (
         "data-kind-typo",
         {"data.kind": "synthetc"},
-        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 'synthetc';"
+        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', 'custom', got 'synthetc';"
         " did you mean 'synthetic'?",
     ),
     (
         "data-kind-number",
         {"data.kind": 3},
-        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', got 3",
+        "data.kind: expected one of 'synthetic', 'fashion_mnist', 'imagefolder', 'custom', got 3",
     ),
     (
         "data-kind-missing",
         {"data.kind": DELETE},
         "data.kind: required field is missing; it selects the variant, one of 'synthetic', 'fashion_mnist',"
-        " 'imagefolder'",
+        " 'imagefolder', 'custom'",
     ),
     (
         "data-key-typo",
@@ -256,14 +256,14 @@ MISTAKES = [
     (
         "beta-out-of-range",
         {"optimizer": {**ADAMW, "betas": [0.9, 1.0]}},
-        "optimizer.betas[1]: must be < 1.0, got 1.0",
+        "optimizer.betas[1]: must be < 1, got 1.0",
     ),
     (
         "three-betas",
         {"optimizer": {**ADAMW, "betas": [0.9, 0.99, 0.5]}},
         "optimizer.betas: must have at most 2 item(s), got 3",
     ),
-    ("eps-zero", {"optimizer": {**ADAMW, "eps": 0}}, "optimizer.eps: must be > 0.0, got 0"),
+    ("eps-zero", {"optimizer": {**ADAMW, "eps": 0}}, "optimizer.eps: must be > 0, got 0"),
     # validators across fields name the field the user should change
     (
         "nesterov-no-momentum",
@@ -327,7 +327,7 @@ def test_imagefolder_with_synthetic_fields():
     assert problems == [
         "data.train: required field is missing",
         "data.size: unknown field for kind 'imagefolder' (it belongs to kind 'synthetic'); expected one of"
-        " loader_workers, val_batch_size, crop_scale, hflip, kind, train, val",
+        " loader_workers, val_batch_size, val_resolution, crop_scale, hflip, kind, train, val",
     ]
 
 

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from service.sources import fashion_mnist_files, image_folder_index
-from service.spec import DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
+from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
+from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
 
@@ -106,6 +106,30 @@ class ImageFolderImages(Dataset):
             return v2.functional.pil_to_tensor(img), label
 
 
+class CustomImages(Dataset):
+    """A user's dataset (``data.kind: custom``) as uint8 CHW tensors with ``channels`` channels: PIL images
+    are converted (``L`` or ``RGB``), tensors are checked."""
+
+    def __init__(self, dataset, channels: int, factory: str):
+        self.dataset, self.channels, self.factory = dataset, channels, factory
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        if not isinstance(image, torch.Tensor):
+            image = v2.functional.pil_to_tensor(image.convert(self.mode))
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != self.channels:
+            raise ValueError(
+                f"data.factory: {self.factory} item {index} is a {image.dtype} tensor of shape "
+                f"{tuple(image.shape)}; expected uint8 (C, H, W) with C = model.in_channels = "
+                f"{self.channels}, or a PIL image"
+            )
+        return image, int(label)
+
+
 def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset:
     if isinstance(data, SyntheticData):
         return SyntheticImages(
@@ -115,6 +139,8 @@ def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset
         if channels != 1:
             raise ValueError("model.in_channels: fashion_mnist images are greyscale, set in_channels: 1")
         return IDXImages(data.root, split)
+    if isinstance(data, CustomData):
+        return CustomImages(custom_dataset(data, split), channels, data.factory)
     assert isinstance(data, ImageFolderData)
     root = data.train if split == "train" else data.val
     if root is None:

@@ -1,5 +1,5 @@
-"""Models: a ``torchvision.models`` classification builder by name, or your own builder
-(``model.builder: package.module:function``), randomly initialised.
+"""Models: a ``torchvision.models`` classification builder by name, a timm model (``timm/<name>``), or
+your own builder (``model.builder: package.module:function``), randomly initialised.
 
 A builder is called as ``function(num_classes=N, **model.kwargs)`` in every worker and returns an
 ``nn.Module`` that maps an image batch ``(B, 3, H, W)`` to logits ``(B, N)`` at any resolution the
@@ -23,6 +23,8 @@ def build_model(spec) -> nn.Module:
             raise TypeError(
                 f"model.builder: {spec.builder} returned {type(model).__name__}, not an nn.Module"
             )
+    elif spec.arch.startswith("timm/"):
+        return _timm_model(spec)
     else:
         import torchvision
 
@@ -32,6 +34,24 @@ def build_model(spec) -> nn.Module:
     if spec.in_channels != 3:
         _replace_stem(model, spec.in_channels, spec.label)
     return model
+
+
+def _timm_model(spec) -> nn.Module:
+    """``timm.create_model`` (random init); timm builds the stem for ``in_chans`` itself."""
+    import difflib
+
+    import timm
+
+    name = spec.arch.removeprefix("timm/")
+    if not timm.is_model(name):
+        hint = difflib.get_close_matches(name, timm.list_models(), n=1)
+        raise ValueError(
+            f"model.arch: unknown timm model {name!r}"
+            + (f"; did you mean 'timm/{hint[0]}'?" if hint else "; see timm.list_models()")
+        )
+    return timm.create_model(
+        name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_channels, **spec.kwargs
+    )
 
 
 def import_builder(path: str):
@@ -98,3 +118,17 @@ def small_resnet(
             layers.append(BasicBlock(cin, width, stride, down))
             cin = width
     return nn.Sequential(stem, *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
+def load_exported(path: str) -> nn.Module:
+    """The module of a ``stagetrain export`` file, weights loaded (weights-only unpickling)."""
+    import torch
+
+    from service.spec import ModelSpec
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("format") != "stagetrain-export/1":
+        raise ValueError(f"{path}: not a stagetrain export (format {saved.get('format')!r})")
+    model = build_model(ModelSpec.model_validate(saved["model"]))
+    model.load_state_dict(saved["state_dict"])
+    return model

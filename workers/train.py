@@ -218,6 +218,7 @@ def accumulate(
     grad_accum: int,
     loss_fn,
     autocast=contextlib.nullcontext,
+    scaler=None,
 ) -> torch.Tensor:
     """Forward and backward ``grad_accum`` micro-batches from ``batches`` into the gradients; DDP
     all-reduces once, on the last micro-batch. Returns the summed (already 1/grad_accum-scaled) loss."""
@@ -228,7 +229,7 @@ def accumulate(
         with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
             with autocast():
                 loss = loss_fn(model(x), y) / grad_accum
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return loss_sum
 
@@ -281,6 +282,9 @@ class StageRunner:
         if self._cuda and spec.train.channels_last:
             self.raw_model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(spec, self.raw_model)
+        # fp16 needs loss scaling (bf16 and fp32 do not); its scale then belongs to the checkpoint
+        fp16 = self._cuda and spec.train.amp and spec.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.scheduler = PlanScheduler(self.optimizer, plan, start_step=self.stage.step_start)
         self.progress = Progress(step=self.stage.step_start)
         self.rng = RNGState(self.dist.gather_objects, self.dist.rank, self.dist.world)
@@ -299,13 +303,15 @@ class StageRunner:
     def stateful(self) -> dict:
         """The worker's whole training state: saved and restored through this one dict. The RNG entry
         goes last on restore: loading the others must not move the restored streams."""
-        return {
+        state = {
             "model": self.raw_model,
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "data": self.progress,
-            "rng": self.rng,
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler
+        return {**state, "rng": self.rng}
 
     def restore(self) -> str | None:
         """Load the latest committed checkpoint, chosen by rank 0 so every rank loads the same one."""
@@ -341,6 +347,8 @@ class StageRunner:
                 f"disagrees with the plan's {self.plan.samples_before(manifest.step)}"
             )
         for name, obj in self.stateful().items():
+            if name == "scaler" and name not in state:  # saved without fp16 loss scaling: start afresh
+                continue
             obj.load_state_dict(state[name])
         if self.progress.step != manifest.step or self.scheduler.last_epoch != manifest.step:
             raise RuntimeError(
@@ -445,15 +453,27 @@ class StageRunner:
         )
         batches = self._batches(self._loader(train_set, sampler), follow_ramp=True)
 
+        smoothing, clip = spec.train.label_smoothing, spec.train.grad_clip_norm
+
         def loss_fn(logits, y):
-            return F.cross_entropy(logits, y)
+            return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
         for local in range(first, st.steps):
             step = st.step_start + local
             self.resolution = resolution(self.plan, step)
             lr, momentum = self._lr_momentum()
-            loss = accumulate(self.model, self.ddp, batches, st.grad_accum, loss_fn, self._autocast)
-            self.optimizer.step()
+            loss = accumulate(
+                self.model, self.ddp, batches, st.grad_accum, loss_fn, self._autocast, self.scaler
+            )
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if clip:  # DDP has all-reduced the gradients: every rank clips the same norm
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.progress.step = step + 1
@@ -479,8 +499,10 @@ class StageRunner:
         return self._finish(evaluate=True)
 
     def _autocast(self):
-        cuda_bf16 = self._cuda and self.spec.train.amp
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda_bf16 else contextlib.nullcontext()
+        precision = self.spec.train.precision if self._cuda and self.spec.train.amp else "fp32"
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
     def _lr_momentum(self) -> tuple[float, float]:
         """What the optimizer will actually use for this step (read back, not recomputed)."""
@@ -590,10 +612,11 @@ class StageRunner:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """(loss, top-1 accuracy) on the validation split at the stage's resolution, over all ranks."""
+        """(loss, top-1 accuracy) on the validation split at the stage's resolution (or
+        ``data.val_resolution``), over all ranks."""
         spec = self.spec
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "val")
-        val = StageDataset(source, self.stage.resolution, train=False)
+        val = StageDataset(source, spec.data.val_resolution or self.stage.resolution, train=False)
         indices = split_evenly(range(len(val)), self.dist.world, self.dist.rank)
         loader = self._loader(
             torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size

@@ -1,0 +1,204 @@
+"""Bring your own model and data: a builder and a dataset factory from a module of the user's
+(``tests/custom_parts.py``), training options (label smoothing, gradient clipping, validation
+resolution), exact resume with all of them, and ``stagetrain export``."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from checkpoints.checkpointer import load
+from checkpoints.storage import Storage
+from checkpoints.store import MODEL_FILE, CheckpointStore
+from service.plan import build_plan
+from service.spec import SpecError
+from tests.conftest import BASE_SPEC, make_spec, merge
+from tests.custom_parts import stripes
+from tests.helpers import assert_same, stagetrain
+from tests.jobs import write_job
+from workers.data import open_source
+from workers.models import build_model, load_exported
+from workers.train import StageRunner
+
+CUSTOM = dict(
+    name="custom",
+    deterministic=True,
+    model={
+        "arch": None,
+        "builder": "tests.custom_parts:tiny_net",
+        "kwargs": {"width": 6},
+        "num_classes": 4,
+        "in_channels": 1,
+    },
+    data={
+        "kind": "custom",
+        "factory": "tests.custom_parts:stripes",
+        "kwargs": {"size": 64},
+        "loader_workers": 0,
+        "val_resolution": 20,
+        "crop_scale": [0.8, 1.0],
+    },
+    train={"label_smoothing": 0.1, "grad_clip_norm": 0.5},
+    stages=[
+        {"resolution": 12, "epochs": 1, "batch_size": 16, "workers": 1},
+        {
+            "resolution": 16,
+            "epochs": 2,
+            "batch_size": 8,
+            "workers": 1,
+            "grad_accum": 2,
+            "resolution_ramp_steps": 2,
+        },
+    ],
+    metrics={"every_n_steps": 2},
+    checkpoint={"every_n_steps": 0},
+)
+
+
+class StopAfter:
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def on_step(self, step: int) -> None:
+        self.seen += 1
+
+    def __call__(self) -> bool:
+        return self.seen >= self.n
+
+
+def run_stage(url: str, row: int, stop: StopAfter | None = None):
+    spec = make_spec(**CUSTOM)
+    runner = StageRunner(
+        spec, build_plan(spec, 64), row, "c", url, stop_requested=stop, on_step=stop.on_step if stop else None
+    )
+    return runner, runner.run()
+
+
+def store(url: str) -> CheckpointStore:
+    return CheckpointStore(Storage(url).child("c", "checkpoints"))
+
+
+def test_builder_gets_kwargs_and_a_one_channel_stem():
+    model = build_model(make_spec(**CUSTOM).model)
+    assert model[0].in_channels == 1 and model[0].out_channels == 6 and model[-1].out_features == 4
+    assert model(torch.zeros(2, 1, 12, 12)).shape == (2, 4)
+
+
+def test_custom_source_converts_pil_images_and_checks_tensors():
+    spec = make_spec(**CUSTOM)
+    source = open_source(spec.data, 1, 0, "train")
+    image, label = source[5]
+    assert image.dtype == torch.uint8 and image.shape == (1, 20, 20) and label == 1
+    rgb = open_source(spec.data, 3, 0, "train")[5][0]
+    assert rgb.shape == (3, 20, 20)  # PIL images follow model.in_channels
+
+
+def test_custom_parts_resume_exactly_mid_stage(tmp_path):
+    """Stage 2 stopped after 3 steps and resumed by a fresh runner ends bit-identical to a straight run:
+    the user's dataset order, augmentation, dropout, label smoothing and clipping all replay exactly."""
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    run_stage(straight, 0)
+    shutil.copytree(straight, stopped)
+    run_stage(straight, 1)
+    _, end = run_stage(stopped, 1, stop=StopAfter(3))
+    assert end.preempted
+    resumed, end = run_stage(stopped, 1)
+    assert not end.preempted and end.restored_from is not None
+    a = load(store(straight), store(straight).latest()[0].tag)[1]
+    b = load(store(stopped), store(stopped).latest()[0].tag)[1]
+    for key in ("model", "optimizer", "rng"):
+        assert_same(a[key], b[key], key)
+    assert end.val_acc is not None  # evaluated at data.val_resolution (20 px)
+
+
+def _first_two_steps_move(tmp_path, clip) -> tuple[float, float]:
+    """(weight change over the first 2 optimizer steps, the LRs of those steps summed)."""
+    from service.curve import lr_momentum
+
+    spec = make_spec(**merge(CUSTOM, {"train": {"grad_clip_norm": clip}}))
+    plan = build_plan(spec, 64)
+    runner = StageRunner(spec, plan, 0, "c", str(tmp_path), stop_requested=lambda: True)
+    before = torch.cat([p.detach().flatten().clone() for p in runner.raw_model.parameters()])
+    runner.run()  # stops at the first report: 2 steps
+    after = torch.cat([p.detach().flatten() for p in runner.raw_model.parameters()])
+    return float((after - before).norm()), lr_momentum(plan, 0)[0] + lr_momentum(plan, 1)[0]
+
+
+def test_grad_clip_norm_bounds_the_update(tmp_path):
+    """Clipped to 1e-3, two SGD steps (nesterov, momentum 0.9) move the weights by at most about
+    (lr0 + lr1) x 2 x 1e-3 (plus weight decay); unclipped they move far more."""
+    clipped, lrs = _first_two_steps_move(tmp_path / "a", 1e-3)
+    free, _ = _first_two_steps_move(tmp_path / "b", None)
+    assert 0 < clipped <= lrs * 2 * 1e-3 * 1.5
+    assert free > 20 * clipped
+
+
+@pytest.mark.parametrize(
+    ("edits", "line"),
+    [
+        ({"data": {"kind": "custom"}}, "data.factory: required field is missing"),
+        (
+            {"data": {"kind": "custom", "factory": "a.b"}},
+            "data.factory: expected 'package.module:function', got 'a.b'",
+        ),
+        (
+            {"data": {"kind": "synthetic", "size": 8, "val_resolution": 4}},
+            "data.val_resolution: must be >= 8, got 4",
+        ),
+        (
+            {"train": {"precision": "fp8"}},
+            "train.precision: expected one of 'bf16', 'fp16', 'fp32', got 'fp8'",
+        ),
+        ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing: must be < 1, got 1.0"),
+        ({"train": {"grad_clip_norm": 0}}, "train.grad_clip_norm: must be > 0, got 0"),
+    ],
+)
+def test_new_fields_bad_input_names_the_field(edits, line):
+    raw = merge(BASE_SPEC, {k: v for k, v in edits.items() if k != "data"})
+    if "data" in edits:
+        raw["data"] = edits["data"]
+    from service.spec import validate_spec
+
+    with pytest.raises(SpecError) as e:
+        validate_spec(raw)
+    assert line in e.value.problems
+
+
+def test_factory_that_cannot_be_imported_or_returns_no_dataset_is_exit_2(tmp_path):
+    for factory, words in [
+        ("tests.no_such_module:f", "data.factory: cannot import tests.no_such_module:f"),
+        ("tests.custom_parts:not_a_dataset", "returned int, not a map-style Dataset"),
+    ]:
+        spec = merge(BASE_SPEC, {})
+        spec["data"] = {"kind": "custom", "factory": factory}
+        proc = stagetrain("run", write_job(tmp_path, spec), "--storage", str(tmp_path / "runs"))
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.ray
+def test_custom_job_on_ray_then_export(tmp_path):
+    spec = merge(BASE_SPEC, {k: v for k, v in CUSTOM.items() if k != "data"})
+    spec["data"] = CUSTOM["data"]
+    spec["stages"][0]["workers"] = 2
+    storage = str(tmp_path / "runs")
+    stagetrain("run", write_job(tmp_path, spec), "--job-id", "byo", "--storage", storage, check=True)
+    out = tmp_path / "model.pt"
+    proc = stagetrain("export", "byo", "--storage", storage, "-o", str(out), check=True)
+    assert "load_exported" in proc.stdout
+    model = load_exported(str(out)).eval()
+    final = store_of(storage).latest()[0].tag
+    weights = torch.load(f"{storage}/byo/checkpoints/{final}/{MODEL_FILE}", weights_only=True)
+    assert_same(model.state_dict(), weights, "exported weights")
+    x = torch.stack([open_source(make_spec(**CUSTOM).data, 1, 0, "val")[i][0] for i in range(4)]).float()
+    assert model(x / 255).shape == (4, 4)
+    # never overwrites
+    again = stagetrain("export", "byo", "--storage", storage, "-o", str(out))
+    assert again.returncode == 2 and "the file exists" in again.stderr
+    assert stripes("val")[0][1] == 0
+
+
+def store_of(storage: str) -> CheckpointStore:
+    return CheckpointStore(Storage(storage).child("byo", "checkpoints"))

@@ -86,6 +86,16 @@ def test_builder_gets_kwargs_and_a_one_channel_stem():
     assert model(torch.zeros(2, 1, 12, 12)).shape == (2, 4)
 
 
+def test_timm_models_by_name_with_their_own_one_channel_stem():
+    spec = make_spec(model={"arch": "timm/test_resnet", "num_classes": 10, "in_channels": 1})
+    model = build_model(spec.model)
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    with pytest.raises(
+        ValueError, match=r"model.arch: unknown timm model 'test_resnett'; did you mean 'timm/test_resnet'"
+    ):
+        build_model(make_spec(model={"arch": "timm/test_resnett", "num_classes": 10}).model)
+
+
 def test_custom_source_converts_pil_images_and_checks_tensors():
     spec = make_spec(**CUSTOM)
     source = open_source(spec.data, 1, 0, "train")

@@ -27,6 +27,7 @@ REQUESTS_DIR = "control/requests"
 LEASE_FILE = "lease.json"
 LOGS_DIR = "logs"
 RAY_DIR = "ray"
+TENSORBOARD_DIR = "tensorboard"
 
 JOB_ID_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

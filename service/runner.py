@@ -60,6 +60,7 @@ from service.jobs import (
 from service.layout import CANCEL_FILE, RAY_DIR, STOP_FILE
 from service.plan import Plan, StagePlan
 from service.report import plan_table
+from service.sinks import open_sinks
 from service.spec import JobSpec
 from service.submit import SUBMISSION_ENV
 
@@ -157,6 +158,7 @@ class JobRunner:
         self._grace_timer: threading.Timer | None = None
         self._git_revision = git_revision()  # recorded in every manifest
         self.record.coordinator_attempts += 1
+        self.sinks: list = []  # metrics.sinks, opened with Ray
         self.log = JobLog(jobs.storage, self.record.coordinator_attempts)
 
     def say(self, text: str, style: str | None = None) -> None:
@@ -185,6 +187,7 @@ class JobRunner:
             self.jobs.storage.remove(CANCEL_FILE)
             self.jobs.save(self.record)
             connect_ray(self.opt.address)
+            self.sinks = open_sinks(self.jobs, self.spec, self.record.current_step)
             if (
                 threading.current_thread() is threading.main_thread()
             ):  # after ray.init, which installs its own
@@ -200,6 +203,8 @@ class JobRunner:
                 self._grace_timer.cancel()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            for sink in self.sinks:
+                sink.close()
             self.log.close()
             self.lease.release()
 
@@ -470,6 +475,10 @@ class JobRunner:
                     continue
                 report = Report.model_validate(item["report"])
                 self.jobs.append_metrics([*report.records, *report.evals])
+                for sink in self.sinks:
+                    sink.write(
+                        [*report.records, *report.evals, *([report.stage_end] if report.stage_end else [])]
+                    )
                 if report.records:
                     last = report.records[-1]
                     rates.append(last.images_per_s)

@@ -315,6 +315,10 @@ class MetricsSpec(_Model):
     eval_every_n_steps: NonNegInt = Field(
         0, description="also evaluate every N optimizer steps inside a stage; 0 = at stage ends only"
     )
+    sinks: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="where else the coordinator writes the metrics: tensorboard (<job>/tensorboard/)",
+    )
 
 
 class PreemptionSpec(_Model):

@@ -17,7 +17,7 @@ from service.spec import SpecError
 from tests.conftest import BASE_SPEC, make_spec, merge
 from tests.custom_parts import stripes
 from tests.helpers import assert_same, stagetrain
-from tests.jobs import write_job
+from tests.jobs import read_metrics, write_job
 from workers.data import open_source
 from workers.models import build_model, load_exported
 from workers.train import StageRunner
@@ -193,8 +193,10 @@ def test_custom_job_on_ray_then_export(tmp_path):
     spec = merge(BASE_SPEC, {k: v for k, v in CUSTOM.items() if k != "data"})
     spec["data"] = CUSTOM["data"]
     spec["stages"][0]["workers"] = 2
+    spec["metrics"] = {"every_n_steps": 2, "eval_every_n_steps": 3, "sinks": ["tensorboard"]}
     storage = str(tmp_path / "runs")
     stagetrain("run", write_job(tmp_path, spec), "--job-id", "byo", "--storage", storage, check=True)
+    check_tensorboard(f"{storage}/byo")
     out = tmp_path / "model.pt"
     proc = stagetrain("export", "byo", "--storage", storage, "-o", str(out), check=True)
     assert "load_exported" in proc.stdout
@@ -210,5 +212,102 @@ def test_custom_job_on_ray_then_export(tmp_path):
     assert stripes("val")[0][1] == 0
 
 
+def check_tensorboard(job_dir: str) -> None:
+    """The event files hold what metrics.jsonl holds, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = read_metrics(job_dir)
+    steps = [m for m in metrics if m["kind"] == "step"]
+    acc = EventAccumulator(f"{job_dir}/tensorboard", size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [m["step"] for m in steps]
+    assert [e.value for e in loss] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
+    assert [e.value for e in acc.Scalars("train/resolution")] == [m["resolution"] for m in steps]
+    assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([m["lr"] for m in steps], rel=1e-6)
+    boundary = next(e.step for e in acc.Scalars("train/stage") if e.value == 2)
+    assert boundary == next(m["step"] for m in steps if m["stage"] == 2)
+    evals = [m for m in metrics if m["kind"] in ("eval", "stage_end") and "val_acc" in m]
+    assert [(e.step, e.value) for e in acc.Scalars("val/top1")] == [
+        (m["step"], pytest.approx(m["val_acc"])) for m in evals
+    ]
+    spec_text = acc.Tensors("spec/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "tests.custom_parts:tiny_net" in spec_text
+
+
 def store_of(storage: str) -> CheckpointStore:
     return CheckpointStore(Storage(storage).child("byo", "checkpoints"))
+
+
+@pytest.mark.parametrize("root", ["local", "memory://tb-sink"])
+def test_tensorboard_sink_writes_and_continues_on_any_storage(tmp_path, root):
+    """Local storage gets the event files directly; an object store (memory:// here) gets them uploaded
+    at each stage end; a second coordinator continuing at step 3 purges what came after it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from service.jobs import JobStore, StageEnd, StepRecord
+    from service.sinks import TensorBoardSink
+
+    url = str(tmp_path / "runs") if root == "local" else root
+    jobs = JobStore(Storage(url), "tb")
+    spec = make_spec(metrics={"sinks": ["tensorboard"]})
+
+    def step(k: int, loss: float) -> StepRecord:
+        return StepRecord(
+            step=k,
+            stage=1,
+            epoch=0,
+            samples_seen=8 * (k + 1),
+            loss=loss,
+            lr=0.1,
+            momentum=0.9,
+            resolution=16,
+            global_batch=8,
+            workers=1,
+            grad_accum=1,
+            images_per_s=10.0,
+            time=1e9 + k,
+        )
+
+    first = TensorBoardSink(jobs, spec, start_step=0)
+    first.write(
+        [step(k, 1.0) for k in range(5)] + [StageEnd(stage=1, step=5, val_acc=0.5, val_loss=1.0, time=2e9)]
+    )
+    first.writer.close()  # a coordinator that died after its stage end
+    second = TensorBoardSink(jobs, spec, start_step=3)
+    second.write(
+        [step(k, 2.0) for k in range(3, 6)] + [StageEnd(stage=1, step=5, val_acc=0.6, val_loss=0.9, time=3e9)]
+    )
+    second.close()
+    local = tmp_path / "read"
+    local.mkdir()
+    for name in jobs.storage.listdir("tensorboard"):
+        (local / name).write_bytes(jobs.storage.read_bytes("tensorboard", name))
+    acc = EventAccumulator(str(local), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (0, 1.0),
+        (1, 1.0),
+        (2, 1.0),
+        (3, 2.0),
+        (4, 2.0),
+        (5, 2.0),
+    ]
+    assert [(e.step, e.value) for e in acc.Scalars("val/top1")] == [(5, pytest.approx(0.6))]
+
+
+def test_missing_sink_package_is_named(monkeypatch):
+    import builtins
+
+    from service.sinks import TensorBoardSink
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ValueError, match="metrics.sinks: tensorboard needs the tensorboard package"):
+        TensorBoardSink(None, make_spec(), 0)

@@ -6,8 +6,8 @@ boundary. Measured at the boundary, before any stage-2 update:
 
 - the LR of the last stage-1 step and the first stage-2 step, and the LR-rescale factor between them;
 - the momentum buffers carried across (their norm relative to the weights');
-- the loss of the first stage-2 batches at 22 px and of the same images at 16 px (train mode: the
-  resolution change alone, no update yet);
+- the loss of the first stage-2 batches at 22 px and of the same images resized to 16 px (train
+  mode: the resolution change alone, no update yet);
 - validation loss/top-1 in eval mode at 22 px with stage 1's BatchNorm running statistics, and after
   re-estimating them on 22 px batches.
 
@@ -40,7 +40,7 @@ from service.analysis import boundary_spikes, plan_stage_steps
 from service.curve import lr_momentum
 from service.plan import build_plan
 from service.spec import validate_spec
-from workers.data import StageDataset, open_source
+from workers.control import StopAfter
 from workers.train import StageRunner
 
 MODELS = {
@@ -100,17 +100,6 @@ class Collect:
             self.records.append(dict(report["stage_end"]))
 
 
-class StopAfter:
-    def __init__(self, n: int):
-        self.n, self.seen = n, 0
-
-    def on_step(self, step: int) -> None:
-        self.seen += 1
-
-    def __call__(self) -> bool:
-        return self.seen >= self.n
-
-
 def make(spec_dict: dict, url: str, stage: int, report=None, stop: StopAfter | None = None) -> StageRunner:
     spec = validate_spec(spec_dict)
     plan = build_plan(spec, 60000)
@@ -128,37 +117,16 @@ def make(spec_dict: dict, url: str, stage: int, report=None, stop: StopAfter | N
     )
 
 
-def first_batches(runner: StageRunner, n: int, resolution: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``n`` stage-2 batches (the same images the run will see), at ``resolution``."""
-    from workers.data import StageSampler, stage_subset, to_input
+def first_batches(runner: StageRunner, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` batches of the runner's stage: the images the run itself will see first."""
+    return list(runner.train_data(0, n)[1])
 
-    spec, st = runner.spec, runner.stage
-    source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
-    data = StageDataset(
-        source,
-        resolution,
-        train=True,
-        seed=spec.seed,
-        stage=st.index,
-        crop_scale=spec.data.crop_scale,
-        hflip=spec.data.hflip,
-    )
-    subset = stage_subset(runner.plan.dataset_size, st.subset_size, spec.seed)
-    sampler = StageSampler(
-        subset,
-        spec.seed,
-        st.index,
-        st.epoch_samples,
-        st.global_batch,
-        st.batch_size,
-        1,
-        0,
-        first_step=0,
-        last_step=n,
-        stream_offset=st.stream_offset,
-    )
-    loader = torch.utils.data.DataLoader(data, batch_size=st.batch_size, sampler=sampler)
-    return [(to_input(x, runner.device, False), y) for x, y in loader][:n]
+
+def resized(batches, resolution: int):
+    """The same images at another resolution (as ``resolution_ramp_steps`` resizes them)."""
+    return [
+        (F.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True), y) for x, y in batches
+    ]
 
 
 @torch.no_grad()
@@ -218,7 +186,8 @@ def main() -> None:
     plan, st = probe.plan, probe.stage
     lr_last, lr_first = lr_momentum(plan, st.step_start - 1)[0], lr_momentum(plan, st.step_start)[0]
     peak_step = max(range(plan.total_steps), key=lambda k: lr_momentum(plan, k)[0])
-    b22, b16 = first_batches(probe, 4, st.resolution), first_batches(probe, 4, plan.stages[0].resolution)
+    b22 = first_batches(probe, 4)
+    b16 = resized(b22, plan.stages[0].resolution)
     tail = [r["loss"] for r in stage1.records if r.get("kind", "step") == "step"][-6:]
     at = {
         "lr_last_stage1": lr_last,
@@ -232,7 +201,7 @@ def main() -> None:
         "same_images_loss_16px": train_mode_loss(probe.raw_model, b16),
     }
     val22_loss, val22_acc = probe.evaluate()
-    recalibrate_bn(probe.raw_model, first_batches(probe, 20, st.resolution))
+    recalibrate_bn(probe.raw_model, first_batches(probe, 20))
     at["val_22px_stage1_bn"] = {"loss": val22_loss, "acc": val22_acc}
     rl, ra = probe.evaluate()
     at["val_22px_recalibrated_bn"] = {"loss": rl, "acc": ra}
@@ -267,7 +236,7 @@ def main() -> None:
                 s["momentum_buffer"].zero_()
 
     def recalibrate(runner: StageRunner) -> None:
-        recalibrate_bn(runner.raw_model, first_batches(runner, 20, runner.stage.resolution))
+        recalibrate_bn(runner.raw_model, first_batches(runner, 20))
 
     results = {
         "as_is": branch("as_is", base),

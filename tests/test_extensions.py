@@ -18,6 +18,7 @@ from tests.conftest import BASE_SPEC, make_spec, merge
 from tests.custom_parts import stripes
 from tests.helpers import assert_same, stagetrain
 from tests.jobs import read_metrics, write_job
+from workers.control import StopAfter
 from workers.data import open_source
 from workers.models import build_model, load_exported
 from workers.train import StageRunner
@@ -55,17 +56,6 @@ CUSTOM = dict(
     metrics={"every_n_steps": 2},
     checkpoint={"every_n_steps": 0},
 )
-
-
-class StopAfter:
-    def __init__(self, n: int):
-        self.n, self.seen = n, 0
-
-    def on_step(self, step: int) -> None:
-        self.seen += 1
-
-    def __call__(self) -> bool:
-        return self.seen >= self.n
 
 
 def run_stage(url: str, row: int, stop: StopAfter | None = None):

@@ -16,6 +16,7 @@ from checkpoints.store import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointStore
 from service.plan import build_plan
 from tests.conftest import make_spec
 from tests.helpers import assert_same
+from workers.control import StopAfter
 from workers.train import StageRunner
 
 # mobilenet_v3_small has dropout in its classifier: every training step draws from the global RNG.
@@ -31,19 +32,6 @@ SPEC = dict(
     metrics={"every_n_steps": 2},
     checkpoint={"every_n_steps": 0},
 )
-
-
-class StopAfter:
-    """stop_requested that says yes once ``n`` optimizer steps of this runner have run."""
-
-    def __init__(self, n: int):
-        self.n, self.seen = n, 0
-
-    def on_step(self, step: int) -> None:
-        self.seen += 1
-
-    def __call__(self) -> bool:
-        return self.seen >= self.n
 
 
 def runner(

@@ -66,3 +66,17 @@ class StopSignal:
 
     def __call__(self) -> bool:
         return self._stopped.is_set() or _sigterm.is_set()
+
+
+class StopAfter:
+    """A ``stop_requested`` that says yes once ``n`` optimizer steps have run; pass its ``on_step`` to
+    the ``StageRunner`` too. For benchmarks and tests that stop a stage part-way, in-process."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def on_step(self, step: int) -> None:
+        self.seen += 1
+
+    def __call__(self) -> bool:
+        return self.seen >= self.n

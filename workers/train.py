@@ -409,12 +409,10 @@ class StageRunner:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
             yield x, y.to(self.device, non_blocking=True)
 
-    # ----------------------------------------------------------------------------------- train
-
-    def run(self) -> StageEnd:
+    def train_data(self, first: int, last: int | None = None):
+        """(sampler, batches on the device) of this rank for the stage's steps ``[first, last)``
+        (counted from the stage's start; ``last`` defaults to the stage's end)."""
         st, spec = self.stage, self.spec
-        if self.progress.step == st.step_end:  # restarted after the stage's checkpoint was committed
-            return self._finish(evaluate=False)
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
         if len(source) != self.plan.dataset_size:
             raise RuntimeError(
@@ -430,16 +428,8 @@ class StageRunner:
             crop_scale=spec.data.crop_scale,
             hflip=spec.data.hflip,
         )
-        subset = stage_subset(self.plan.dataset_size, st.subset_size, spec.seed)
-        audit = os.environ.get(AUDIT_ENV) == "1"
-        every_report, every_ckpt = spec.metrics.every_n_steps, spec.checkpoint.every_n_steps
-        every_eval = spec.metrics.eval_every_n_steps
-        pending, window_start = [], time.perf_counter()
-        self.model.train()
-
-        first = self.progress.step - st.step_start
         sampler = StageSampler(
-            subset,
+            stage_subset(self.plan.dataset_size, st.subset_size, spec.seed),
             spec.seed,
             st.index,
             st.epoch_samples,
@@ -448,10 +438,24 @@ class StageRunner:
             self.dist.world,
             self.dist.rank,
             first_step=first,
-            last_step=st.steps,
+            last_step=st.steps if last is None else last,
             stream_offset=st.stream_offset,
         )
-        batches = self._batches(self._loader(train_set, sampler), follow_ramp=True)
+        return sampler, self._batches(self._loader(train_set, sampler), follow_ramp=True)
+
+    # ----------------------------------------------------------------------------------- train
+
+    def run(self) -> StageEnd:
+        st, spec = self.stage, self.spec
+        if self.progress.step == st.step_end:  # restarted after the stage's checkpoint was committed
+            return self._finish(evaluate=False)
+        audit = os.environ.get(AUDIT_ENV) == "1"
+        every_report, every_ckpt = spec.metrics.every_n_steps, spec.checkpoint.every_n_steps
+        every_eval = spec.metrics.eval_every_n_steps
+        pending, window_start = [], time.perf_counter()
+        self.model.train()
+        first = self.progress.step - st.step_start
+        sampler, batches = self.train_data(first)
 
         smoothing, clip = spec.train.label_smoothing, spec.train.grad_clip_norm
 

@@ -143,7 +143,6 @@ def test_report_has_every_column_for_every_strategy():
             metrics = _steps(1, 0, [1.0] * 20, t0) + [_end(1, 20, 0.7, t0 + 30)]
             metrics += _steps(2, 20, [2.0] * 20, t0) + [_end(2, 40, 0.82, t0 + 50 + 2 * v.seed)]
         runs.append(figures(v, SimpleNamespace(stages=[SimpleNamespace(started=started)]), metrics))
-        )
     text = report_markdown(runs, spec, "stagetrain compare job.yaml --baseline --seeds 2")
     rows = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]

@@ -563,7 +563,7 @@ class StageRunner:
             step=step,
             stage=self.stage.index + 1,
             samples_seen=self.plan.samples_before(step),
-            resolution=self.stage.resolution,
+            resolution=self.spec.data.val_resolution or self.stage.resolution,
             val_loss=val_loss,
             val_acc=val_acc,
             time=time.time(),

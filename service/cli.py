@@ -388,7 +388,7 @@ def compare(
 
     Every run is an ordinary job (`stagetrain status`/`logs` work on it); rerunning the same command
     reuses the finished runs and continues an interrupted one."""
-    from service.compare import BASELINE, figures, parse_strategies, plot_compare, report_markdown, variants
+    from service.compare import figures, parse_strategies, plot_compare, report_markdown, variants
     from service.coordination import check_free
     from service.jobs import EXIT_OK
 
@@ -425,9 +425,8 @@ def compare(
     text = report_markdown(results, spec, command)
     with open(os.path.join(folder, "report.md"), "w") as f:
         f.write(text)
-    plan = _open(runs[0].job_id, url)[1].plan()
-    boundaries = [s.sample_start for s in plan.stages[1:]] if runs[0].label != BASELINE else []
-    plot_compare(results, os.path.join(folder, "compare.png"), boundaries)
+    plan = _open(runs[0].job_id, url)[1].plan()  # runs[0] is a strategy run: the stages' boundaries
+    plot_compare(results, os.path.join(folder, "compare.png"), [s.sample_start for s in plan.stages[1:]])
     console.print(text, highlight=False, markup=False)
     err_console.print(f"report: {folder}/report.md, figure: {folder}/compare.png")
 

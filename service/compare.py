@@ -143,7 +143,9 @@ def report_markdown(runs: list[RunFigures], spec: JobSpec, command: str) -> str:
             _stat([r.spikes[k] for r in group if k in r.spikes], "{:+.3f}") if label != BASELINE else "n/a"
             for k in boundaries
         ]
-        if target is not None:
+        if target is not None and label == BASELINE:
+            row += ["n/a", "1×"]  # the reference itself
+        elif target is not None:
             times = [analysis.time_to_accuracy(r.metrics, r.started, target) for r in group]
             reached = [t for t in times if t is not None]
             ratio = f"{analysis.mean_std(reached)[0] / base_wall:.2f}×" if reached and base_wall else "-"

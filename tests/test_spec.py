@@ -415,6 +415,13 @@ def test_quickstart_is_valid():
     assert spec.name == "fmnist-quickstart" and len(spec.stages) == 3
 
 
+def test_the_studied_recipe_is_the_quickstart_under_another_name():
+    """docs/results.md studies examples/fashion-mnist-progressive.yaml: it stays the quickstart's recipe."""
+    studied = load_spec(str(ROOT / "examples/fashion-mnist-progressive.yaml"))
+    quick = load_spec(str(ROOT / "examples/quickstart.yaml"))
+    assert studied.model_copy(update={"name": quick.name}) == quick
+
+
 # ------------------------------------------------------------------------------- plan-level mistakes
 
 

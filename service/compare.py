@@ -1,13 +1,15 @@
 """``stagetrain compare``: one job per LR strategy (and seed, and an optional fixed-resolution baseline),
 each an ordinary stagetrain job, then a report of how they did.
 
-A run's job id is ``<name>-<spec hash>-<label>-seed<k>``: the same job file and options name the same
-runs, so an interrupted compare continues its unfinished runs and reuses the finished ones, and an edited
-job file starts fresh runs instead of colliding with the old ones.
+A run's job id is ``<name>-<hash of the fields the job file sets>-<label>-seed<k>``: the same job file
+and options name the same runs (in later stagetrain releases too), so an interrupted compare continues
+its unfinished runs and reuses the finished ones, and an edited job file starts fresh runs instead of
+colliding with the old ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from service import analysis
@@ -57,9 +59,15 @@ def baseline_spec(spec: JobSpec) -> JobSpec:
     return validate_spec(raw, f"{spec.name} (baseline)")
 
 
+def stable_hash(spec: JobSpec) -> str:
+    """6 hex digits of the fields the job file sets (defaults left out), so a stagetrain release that
+    adds a spec field with a default still names the same runs."""
+    return hashlib.sha256(spec.model_dump_json(exclude_defaults=True).encode()).hexdigest()[:6]
+
+
 def variants(spec: JobSpec, strategies: list[str], baseline: bool, seeds: int) -> list[Variant]:
     """Every run of the comparison, seed-major (one seed of every strategy before the next seed)."""
-    stem = f"{spec.name}-{spec.spec_hash()[:6]}"
+    stem = f"{spec.name}-{stable_hash(spec)}"
     out = []
     for seed in range(spec.seed, spec.seed + seeds):
         for strategy in strategies:

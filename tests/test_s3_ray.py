@@ -29,6 +29,8 @@ def test_quickstart_on_s3_leaves_verified_boundary_and_periodic_checkpoints(tmp_
         spec = yaml.safe_load(f)
     for stage in spec["stages"]:
         stage["data_fraction"] = 0.02
+        if "resolution_ramp_steps" in stage:  # 20 would be longer than these 6- and 9-step stages
+            stage["resolution_ramp_steps"] = 2
     spec["checkpoint"].update(every_n_steps=3, keep_last=2)
     job = write_job(tmp_path, spec)
     proc = stagetrain("run", job, "--job-id", "qs", "--storage", s3_url, env=cli_env(), check=True)

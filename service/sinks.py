@@ -3,16 +3,22 @@ records: per step the loss, LR, momentum, resolution, global batch, workers and 
 evaluation; the stage (a step function, so boundaries show); and the spec as the run's parameters.
 
 Each sink's package is imported only when the job uses it, with a clear error when it is missing.
+A coordinator that continues a job (after a restart or a ``resume``) continues the same run in each
+sink; the steps it re-runs from the checkpoint are written once (see each sink for how).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
 
 from service.jobs import EvalRecord, StageEnd, StepRecord
 from service.layout import TENSORBOARD_DIR
+
+log = logging.getLogger(__name__)
 
 STEP_SCALARS = (
     "loss",
@@ -77,7 +83,197 @@ class TensorBoardSink:
         self.writer.close()
 
 
-SINKS = {"tensorboard": TensorBoardSink}
+def spec_params(spec) -> dict[str, str]:
+    """The spec as flat run parameters: ``{"model.arch": "resnet18", "stages.0.resolution": "128"}``.
+    Strings as they are, everything else as JSON (``null``, ``true``, ``[]``)."""
+    out: dict[str, str] = {}
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict | list) and value:
+            for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+
+    walk(spec.model_dump(mode="json"), "")
+    return out
+
+
+def scalars(r) -> dict[str, float]:
+    """What the sinks plot of one record, as TensorBoard names them."""
+    if isinstance(r, StepRecord):
+        return {
+            **{f"train/{key}": float(getattr(r, key)) for key in STEP_SCALARS},
+            "train/stage": float(r.stage),
+        }
+    if isinstance(r, EvalRecord | StageEnd) and r.val_acc is not None:
+        return {"val/top1": r.val_acc, "val/loss": r.val_loss}
+    return {}
+
+
+def step_rows(records: list) -> dict[int, dict[str, float]]:
+    """The scalars of ``records`` by optimizer step, in step order: an evaluation comes after the step
+    records of its report but may belong to an earlier step."""
+    rows: dict[int, dict[str, float]] = {}
+    for r in records:
+        if values := scalars(r):
+            rows.setdefault(r.step, {}).update(values)
+    return dict(sorted(rows.items()))
+
+
+JOB_ID_TAG = "stagetrain.job_id"  # how a continuing coordinator finds the job's MLflow run
+MLFLOW_PARAM_MAX = 6000  # characters of a parameter value (MLflow's limit)
+MLFLOW_BATCH = {"metrics": 1000, "params": 100}  # entries per log_batch call (MLflow's limits)
+
+
+class MLflowSink:
+    """An MLflow run per job, on the tracking server of ``MLFLOW_TRACKING_URI`` (MLflow's default when
+    unset), in the experiment ``MLFLOW_EXPERIMENT_NAME`` or else the job name (created if missing).
+    The run is named after the job id and tagged ``stagetrain.job_id``; a coordinator that continues
+    the job finds it by that tag and continues it. MLflow keeps every point logged and cannot delete
+    one, so the continued run skips the steps it already has: each step appears once, with the value
+    first logged (``metrics.jsonl`` keeps both). Parameters are the flat spec (``spec_params``); a
+    continued run adds only the keys it lacks, since MLflow refuses to change a logged value.
+
+    Each ``write`` is one ``log_batch`` call (per 1000 metrics); a failed one is logged and dropped:
+    ``metrics.jsonl`` has them all. An unreachable server fails the job at start, saying so."""
+
+    def __init__(self, jobs, spec, start_step: int):
+        try:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric, Param
+            from mlflow.exceptions import MlflowException
+        except ImportError as e:
+            raise ValueError(
+                f"metrics.sinks: mlflow needs the mlflow package ({e}); pip install mlflow"
+            ) from None
+        self.Metric, self.Error = Metric, MlflowException
+        self.client = MlflowClient()
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.name
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+            found = self.client.search_runs(
+                [exp_id], filter_string=f"tags.`{JOB_ID_TAG}` = '{jobs.job_id}'", max_results=1
+            )
+            if found:
+                run = found[0]
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            else:
+                run = self.client.create_run(exp_id, run_name=jobs.job_id, tags={JOB_ID_TAG: jobs.job_id})
+            self.run_id = run.info.run_id
+            params = [
+                Param(k, v[:MLFLOW_PARAM_MAX])
+                for k, v in spec_params(spec).items()
+                if k not in run.data.params
+            ]
+            self._batches("params", params)
+            # the last step of each kind the run has: a continuing coordinator re-runs some
+            self.logged = {key: self._last_step(key) if found else -1 for key in ("train/loss", "val/top1")}
+        except MlflowException as e:
+            raise ValueError(
+                f"metrics.sinks: mlflow: tracking server {self.client.tracking_uri}, experiment "
+                f"{name!r}: {e}; set MLFLOW_TRACKING_URI (and MLFLOW_EXPERIMENT_NAME) to one this "
+                f"coordinator can reach"
+            ) from None
+        log.info("mlflow run %s in experiment %r on %s", self.run_id, name, self.client.tracking_uri)
+
+    def _last_step(self, key: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+
+    def _batches(self, kind: str, entries: list) -> None:
+        size = MLFLOW_BATCH[kind]
+        for i in range(0, len(entries), size):
+            self.client.log_batch(self.run_id, **{kind: entries[i : i + size]})
+
+    def write(self, records: list) -> None:
+        metrics = []
+        for r in records:
+            values = scalars(r)
+            if values and r.step > self.logged["train/loss" if isinstance(r, StepRecord) else "val/top1"]:
+                stamp = int((r.time if r.time is not None else time.time()) * 1000)
+                metrics += [self.Metric(key, value, stamp, r.step) for key, value in values.items()]
+        try:
+            self._batches("metrics", metrics)
+        except self.Error as e:  # best effort (see the class)
+            log.warning(
+                "mlflow: metrics of steps %s not logged to run %s: %s",
+                {m.step for m in metrics},
+                self.run_id,
+                e,
+            )
+
+    def close(self) -> None:
+        try:
+            self.client.set_terminated(self.run_id, status="FINISHED")
+        except self.Error as e:
+            log.warning("mlflow: could not end run %s: %s", self.run_id, e)
+
+
+class WandbSink:
+    """A W&B run per job, in the project ``WANDB_PROJECT`` or else the job name. Its id is the job id,
+    so a coordinator that continues the job resumes the same run (``resume="allow"``). ``WANDB_MODE``
+    (``online``, ``offline``, ``disabled``), ``WANDB_ENTITY`` and the API key come from the environment
+    as usual; offline, nothing leaves the machine (``wandb sync`` the run folder later). The config is
+    the spec. The run prints only warnings and leaves the coordinator's console alone.
+
+    Its local folder is ``WANDB_DIR`` if set, else the job folder on local storage (the run lands in
+    ``<job>/wandb/``), else a temporary folder: an offline run of a job on an object store needs
+    ``WANDB_DIR`` to be kept.
+
+    W&B steps only grow, and it drops (with a warning) a step at or below one it has. A continued
+    online run skips the steps the server has already (the values first logged stay). A continued
+    offline run cannot know them: it writes a second run file with the same id from its start step,
+    and ``wandb sync`` drops the repeated steps. Either way a step W&B holds in part is not completed:
+    when a coordinator stopped right after a stage end, the new stage's first step keeps only the
+    stage-end evaluation logged at that step."""
+
+    def __init__(self, jobs, spec, start_step: int):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ValueError(
+                f"metrics.sinks: wandb needs the wandb package ({e}); pip install wandb"
+            ) from None
+        folder = os.environ.get("WANDB_DIR") or (
+            jobs.storage.path() if jobs.storage.local else tempfile.mkdtemp(prefix="stagetrain-wandb-")
+        )
+        os.makedirs(folder, exist_ok=True)
+        self.wandb = wandb
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or spec.name,
+                id=jobs.job_id,
+                name=jobs.job_id,
+                resume="allow",
+                dir=folder,
+                config=spec.model_dump(mode="json"),
+                reinit="create_new",  # the run is this sink's, not wandb.run's
+                # quiet; the folder is no git work tree (each checkpoint manifest records the revision)
+                settings=wandb.Settings(silent=True, console="off", disable_git=True),
+            )
+        except wandb.Error as e:  # no API key, server unreachable, ...
+            raise ValueError(
+                f"metrics.sinks: wandb: {str(e).rstrip('.')}; "
+                f"to keep the run on this machine, set WANDB_MODE=offline"
+            ) from None
+        self.next_step = self.run.step  # > 0 when W&B already has steps of this run
+        log.info("wandb run %s in project %r (%s)", self.run.id, self.run.project, folder)
+
+    def write(self, records: list) -> None:
+        for step, row in step_rows(records).items():
+            if step >= self.next_step:
+                self.run.log(row, step=step)
+
+    def close(self) -> None:
+        """Finish the run and wait until W&B has written (and, online, sent) all of it: ``finish`` alone
+        returns before the run file is complete, and the atexit hook that completes it does not always
+        run in a coordinator. The coordinator has one W&B run, so shutting W&B down here is safe."""
+        self.run.finish()
+        self.wandb.teardown()
+
+
+SINKS = {"tensorboard": TensorBoardSink, "mlflow": MLflowSink, "wandb": WandbSink}
 
 
 def open_sinks(jobs, spec, start_step: int) -> list:

@@ -300,7 +300,7 @@ def run(job: str | None, job_id: str | None, storage: str | None, address: str |
     _finish(_coordinate(jobs, record, address), jobs, record)
 
 
-def _submit(jobs, record, address: str | None, follow: bool) -> None:
+def _submit(jobs, record, address: str | None, follow: bool, max_restarts: int = 0) -> None:
     from service.coordination import check_free
     from service.submit import check_reachable, job_server, submission_id, submit
 
@@ -320,6 +320,23 @@ def _submit(jobs, record, address: str | None, follow: bool) -> None:
     record.status, record.error = "pending", None  # until the submitted coordinator takes the lease
     record.event(f"submitted to {server} as Ray job {sid}")
     jobs.save(record)
+    if max_restarts:
+        from service.keeper import keeper_id
+
+        kid = keeper_id(record.job_id, len(record.ray_submissions))
+        submit(
+            record.job_id,
+            jobs.root.url,
+            server,
+            0,
+            0,
+            command=["keep", record.job_id, "--storage", jobs.root.url, "--address", server]
+            + ["--max-restarts", str(max_restarts)],
+            sid=kid,
+        )
+        record.keeper = kid
+        record.event(f"keeper {kid}: resubmits the coordinator up to {max_restarts} time(s)")
+        jobs.save(record)
     storage = jobs.root.url
     console.print(
         f"submitted job [bold]{record.job_id}[/] as Ray job {sid} ({server})\n"
@@ -338,8 +355,17 @@ def _submit(jobs, record, address: str | None, follow: bool) -> None:
 @STORAGE
 @JOB_SERVER
 @click.option("--follow", is_flag=True, help="Show the job's log until it ends; exit with its exit code.")
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Resubmit a coordinator that died without a final status up to N times (a keeper Ray job).",
+)
 @user_errors
-def submit(job: str, job_id: str | None, storage: str | None, address: str | None, follow: bool) -> None:
+def submit(
+    job: str, job_id: str | None, storage: str | None, address: str | None, follow: bool, max_restarts: int
+) -> None:
     """Submit a job to a Ray cluster and return: its coordinator runs as a Ray job on the cluster.
 
     The spec and the job record go to storage first; the cluster runs `stagetrain run --job-id ID --storage
@@ -348,7 +374,25 @@ def submit(job: str, job_id: str | None, storage: str | None, address: str | Non
     if record.status == "succeeded":
         console.print(f"job {record.job_id} already succeeded; nothing to submit")
         return
-    _submit(jobs, record, address, follow)
+    _submit(jobs, record, address, follow, max_restarts)
+
+
+@cli.command()
+@JOB_ID
+@STORAGE
+@JOB_SERVER
+@click.option("--max-restarts", type=click.IntRange(min=0), required=True)
+@user_errors
+def keep(job_id: str, storage: str | None, address: str | None, max_restarts: int) -> None:
+    """(Run by `submit --max-restarts` as a Ray job.) Resubmit the job's coordinator when it dies without
+    a final status, up to N times; end when the job ends."""
+    from service.keeper import keep as keep_job
+    from service.submit import job_server
+
+    jobs, _ = _open(job_id, storage)
+    sys.exit(
+        keep_job(jobs, job_server(address), max_restarts, say=lambda t: err_console.print(t, markup=False))
+    )
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -634,7 +678,10 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
                 markup=False,
             )
             sys.exit(exit_code(record.status))
-        if record.status == "running" and (lease is None or not lease.fresh()):
+        if record.status in ("running", "waiting_for_capacity") and (lease is None or not lease.fresh()):
+            if record.keeper and _keeper_running(record):
+                time.sleep(1.0)  # the keeper resubmits the coordinator (submit --max-restarts)
+                continue
             err_console.print(
                 f"job {job_id}: its coordinator stopped without a final status (no lease renewed for "
                 f"{lease.age_s() if lease else 0:.0f}s); continue it with `stagetrain resume {job_id}`"
@@ -659,6 +706,12 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ changing a job
+
+
+def _keeper_running(record) -> bool:
+    from service.submit import ray_job_state
+
+    return ray_job_state(record.ray_address, record.keeper) in ("PENDING", "RUNNING")
 
 
 @cli.command()

@@ -1,9 +1,11 @@
 """The coordinator's decisions, as values, computed in one place and tested without Ray.
 
 Given the job record, the plan and the latest committed checkpoint, ``next_action`` says what to do
-next; ``stage_outcome`` what a finished ``fit()`` amounts to; ``check_resume`` whether a (possibly
-edited) spec may continue a job; ``fits_cluster`` whether a stage can be placed at all.
-``service.runner`` executes the decisions on Ray; ``JobRecord.settle`` turns outcomes into statuses.
+next (run a stage, continue it on fewer workers, wait for capacity, give up); ``stage_outcome`` what a
+finished ``fit()`` amounts to; ``after_outcome`` whether the coordinator runs a stage again by itself;
+``check_resume`` whether a (possibly edited) spec may continue a job; ``fits_cluster`` whether a stage
+can be placed at all. ``service.runner`` executes the decisions on Ray; ``JobRecord.settle`` turns
+outcomes into statuses.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from checkpoints.store import Manifest
 from service.plan import Plan, StageLayout
-from service.spec import JobSpec, ResourcesSpec
+from service.spec import FailureSpec, JobSpec
 
 if TYPE_CHECKING:
     from service.jobs import JobRecord, StageEnd
@@ -36,7 +38,29 @@ class Fail:
     reason: str
 
 
-Action = RunStage | Finish | Fail
+@dataclass(frozen=True)
+class Relayout:
+    """Continue stage ``stage`` (0-based) on ``workers`` now, as the cluster cannot hold its planned
+    count: the stage's global batch is kept by gradient accumulation when it divides (see
+    ``resize_stage``). Later stages keep their planned worker counts."""
+
+    stage: int
+    workers: int
+    reason: str  # what the cluster lacks for the planned count
+
+
+@dataclass(frozen=True)
+class WaitForCapacity:
+    need: str  # what the cluster lacks
+    left_s: float  # of failure.capacity_wait_s
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    outcome: Outcome
+
+
+Action = RunStage | Finish | Fail | Relayout | WaitForCapacity | GiveUp
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,11 @@ class Completed:
 class Preempted:
     reason: str
     lost_capacity: str | None = None  # what the cluster lacks now, when a node went away
+    # "stop": the coordinator was asked to stop (SIGTERM); "node": worker nodes went away; "notice": a
+    # worker saw its node's termination notice and the stage stopped with a checkpoint. The last two are
+    # infrastructure: the coordinator recovers from them by itself, without using up max_failures.
+    cause: str = "stop"
+    nodes: tuple[str, ...] = ()  # the Ray node ids that got a notice
 
 
 @dataclass(frozen=True)
@@ -73,22 +102,34 @@ def stage_outcome(
     lost_capacity: str | None,
     stop_requested: str | None,
     latest: Manifest | None,
+    node_lost: bool = False,
 ) -> Outcome:
     """What one ``fit()`` of plan row ``row`` amounts to. ``end``: the stage's last report (None if
     it never came); ``error``: the root cause if ``fit()`` raised; ``lost_capacity``: after a worker-group
     failure, what the cluster lacks for the stage now (None if it still fits); ``stop_requested``: why the
     coordinator asked the workers to stop (``"cancel"``, ``"SIGTERM"``) or None; ``latest``: the newest
-    committed checkpoint after the stage."""
+    committed checkpoint after the stage; ``node_lost``: a node that was alive when the stage started
+    died with its workers (then the error is the infrastructure's, not the training code's)."""
     label = plan.stages[row].label
     at = f"checkpoint {latest.tag}" if latest else "no checkpoint"
     if lost_capacity:  # checked only after the worker group failed
-        return Preempted(f"the cluster lost capacity ({at})", lost_capacity=lost_capacity)
+        return Preempted(f"the cluster lost capacity ({at})", lost_capacity=lost_capacity, cause="node")
+    if error is not None and node_lost:
+        return Preempted(f"a worker node went away ({error}; {at})", cause="node")
     if error is not None:
         return Failed(f"stage {label} failed: {error}")
     if stop_requested == "cancel":
         return Cancelled(f"cancel requested ({at})")
-    if (end is not None and end.preempted) or stop_requested:
-        return Preempted(f"{stop_requested or 'stop'} requested ({at})")
+    if stop_requested:
+        return Preempted(f"{stop_requested} requested ({at})")
+    if end is not None and end.preempted and end.notices:
+        return Preempted(
+            f"termination notice: {'; '.join(end.notices)} ({at})",
+            cause="notice",
+            nodes=tuple(end.notice_nodes),
+        )
+    if end is not None and end.preempted:
+        return Preempted(f"stop requested ({at})")
     if not stage_completed(plan, row, latest):
         return Failed(f"stage {label} ended without committing its boundary checkpoint")
     return Completed(
@@ -100,22 +141,58 @@ def next_action(
     record: JobRecord,
     plan: Plan,
     latest: Manifest | None,
-    resources: ResourcesSpec,
+    spec: JobSpec,
     cluster: dict[str, float],
+    waiting_s: float | None = None,
 ) -> Action:
-    """Run the stage the latest committed checkpoint leads to, finish, or fail when the cluster cannot
-    hold that stage's workers (rather than wait for resources that may never come)."""
+    """Run the stage the latest committed checkpoint leads to, or finish. When the cluster cannot hold
+    the stage's workers: continue on fewer if the stage's ``min_workers`` allows; else, if the job lost
+    capacity (``waiting_s``: seconds since, None if it did not), wait up to ``failure.capacity_wait_s``
+    and then give up as preempted; else fail at once (the cluster is simply too small)."""
     step = latest.step if latest is not None else 0
     if step >= plan.total_steps:
         return Finish()
     stage = plan.stage_at(step)
     row = plan.row(stage)
-    problem = fits_cluster(
-        plan, row, resources.use_gpu, resources.cpus_per_worker, resources.gpus_per_worker, cluster
-    )
-    if problem:
+    res = spec.resources
+    problem = fits_cluster(plan, row, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker, cluster)
+    if not problem:
+        return RunStage(stage=row, start_step=step, attempt=record.stages[stage.index].attempts + 1)
+    fewest = spec.stages[stage.index].fewest_workers(spec.failure)
+    for workers in range(stage.workers - 1, fewest - 1, -1):
+        if not _shortfall(
+            stage.index, workers, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker, cluster
+        ):
+            return Relayout(stage=stage.index, workers=workers, reason=problem)
+    if waiting_s is None:
         return Fail(problem)
-    return RunStage(stage=row, start_step=step, attempt=record.stages[stage.index].attempts + 1)
+    wait = spec.failure.capacity_wait_s
+    if waiting_s < wait:
+        return WaitForCapacity(need=problem, left_s=wait - waiting_s)
+    at = f"checkpoint {latest.tag}" if latest else "no checkpoint"
+    waited = f"waited {wait:g}s for capacity" if wait else "failure.capacity_wait_s is 0"
+    return GiveUp(
+        Preempted(f"the cluster lost capacity; {waited} ({at})", lost_capacity=problem, cause="node")
+    )
+
+
+@dataclass(frozen=True)
+class Retry:
+    reason: str
+    infra: bool  # lost nodes or a notice: not counted against failure.max_failures
+
+
+def after_outcome(outcome: Outcome, failure: FailureSpec, restarts: int) -> Retry | None:
+    """Does the coordinator run the stage again by itself (from the newest committed checkpoint, as a new
+    attempt)? Infrastructure losses always (``next_action`` then decides where and when); a crash of the
+    training code while the stage's ``restarts`` are under ``failure.max_failures``. None: the outcome
+    settles the job (completed, cancelled, asked to stop, out of retries)."""
+    if isinstance(outcome, Preempted) and outcome.cause in ("node", "notice"):
+        return Retry(outcome.reason, infra=True)
+    if isinstance(outcome, Failed) and (failure.max_failures == -1 or restarts < failure.max_failures):
+        limit = "unlimited" if failure.max_failures == -1 else failure.max_failures
+        return Retry(f"{outcome.reason}; retry {restarts + 1} of {limit}", infra=False)
+    return None
 
 
 def stage_completed(plan: Plan, row: int, latest: Manifest | None) -> bool:
@@ -186,7 +263,7 @@ def spec_differences(old: JobSpec, new: JobSpec, layout: bool = True) -> list[st
 
 def _what(stage) -> dict:
     """A stage without its worker layout: what it computes."""
-    return stage.model_dump(exclude={"workers", "batch_size", "grad_accum", "compile"})
+    return stage.model_dump(exclude={"workers", "batch_size", "grad_accum", "compile", "min_workers"})
 
 
 def _diff(old, new) -> str:
@@ -240,19 +317,24 @@ def fits_cluster(
 ) -> str | None:
     """None if the cluster can hold the stage's workers, else a message saying what is missing."""
     s = plan.stages[row]
-    stage = s.index
-    need_cpu = s.workers * cpus_per_worker
+    return _shortfall(s.index, s.workers, use_gpu, cpus_per_worker, gpus_per_worker, cluster)
+
+
+def _shortfall(
+    stage: int, workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float, cluster: dict
+) -> str | None:
+    need_cpu = workers * cpus_per_worker
     have_cpu = cluster.get("CPU", 0)
     if need_cpu > have_cpu:
         return (
-            f"stage {stage + 1} needs {s.workers} workers x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
+            f"stage {stage + 1} needs {workers} workers x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
             "but the "
             f"Ray cluster has {have_cpu:g}; lower stages[{stage}].workers or resources.cpus_per_worker, "
             "or add nodes"
         )
-    if use_gpu and s.workers * gpus_per_worker > cluster.get("GPU", 0):
+    if use_gpu and workers * gpus_per_worker > cluster.get("GPU", 0):
         return (
-            f"stage {stage + 1} needs {s.workers * gpus_per_worker:g} GPUs, but the Ray cluster has "
+            f"stage {stage + 1} needs {workers * gpus_per_worker:g} GPUs, but the Ray cluster has "
             f"{cluster.get('GPU', 0):g}; lower stages[{stage}].workers or add GPU nodes"
         )
     return None
@@ -271,17 +353,48 @@ def resize_remaining(spec: JobSpec, first_stage: int, workers: int) -> JobSpec:
         if not spec.keep_global_batch:
             stages.append(st.model_copy(update={"workers": workers}))
             continue
-        gb = st.global_batch
-        if gb % workers:
+        if st.global_batch % workers:
             raise ValueError(
-                f"--workers {workers}: stages[{i}] global batch {gb} does not split evenly over {workers} "
-                "workers; pick another worker count or set keep_global_batch: false to rescale the LR"
+                f"--workers {workers}: stages[{i}] global batch {st.global_batch} does not split evenly "
+                f"over {workers} workers; pick another worker count or set keep_global_batch: false to "
+                "rescale the LR"
             )
-        per_worker = gb // workers
-        accum = next(
-            a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= st.batch_size
-        )
-        stages.append(
-            st.model_copy(update={"workers": workers, "batch_size": per_worker // accum, "grad_accum": accum})
-        )
+        stages.append(_split(st, workers))
     return spec.model_copy(update={"stages": stages})
+
+
+def resize_stage(spec: JobSpec, stage: int, workers: int) -> JobSpec:
+    """The spec with stage ``stage`` (0-based) on ``workers`` (elastic continuation): its global batch is
+    kept through gradient accumulation when it divides over ``workers`` (the optimisation is unchanged),
+    else the micro-batch stays and the global batch, so the LR by ``lr_scaling.rule``, changes."""
+    st = spec.stages[stage]
+    new = (
+        _split(st, workers) if st.global_batch % workers == 0 else st.model_copy(update={"workers": workers})
+    )
+    return spec.model_copy(update={"stages": [new if i == stage else s for i, s in enumerate(spec.stages)]})
+
+
+def _split(st, workers: int):
+    """``st`` on ``workers`` with the same global batch: per-worker micro-batches no larger than before
+    (memory per worker does not grow) and gradient accumulation."""
+    per_worker = st.global_batch // workers
+    accum = next(
+        a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= st.batch_size
+    )
+    return st.model_copy(update={"workers": workers, "batch_size": per_worker // accum, "grad_accum": accum})
+
+
+def keeper_action(
+    status: str, coordinator_alive: bool, ray_state: str | None, restarts: int, max_restarts: int
+) -> str:
+    """What ``submit --max-restarts``'s keeper does now: ``"done"`` (the job has a final status and no
+    coordinator runs it), ``"watch"``, ``"resubmit"`` (the coordinator's Ray job ended but the job has no
+    final status and no coordinator holds its lease: it died, e.g. OOM-killed or stopped by the system),
+    or ``"give_up"`` (that happened more than ``max_restarts`` times)."""
+    from service.jobs import TERMINAL
+
+    if status in TERMINAL and not coordinator_alive:
+        return "done"
+    if coordinator_alive or ray_state not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        return "watch"
+    return "resubmit" if restarts < max_restarts else "give_up"

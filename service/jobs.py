@@ -22,7 +22,9 @@ from service.spec import JobSpec
 
 RECORD_VERSION = 1
 
-JobStatus = Literal["pending", "running", "preempted", "cancelled", "failed", "succeeded"]
+JobStatus = Literal[
+    "pending", "running", "waiting_for_capacity", "preempted", "cancelled", "failed", "succeeded"
+]
 StageStatus = Literal["pending", "running", "completed", "preempted", "cancelled", "failed"]
 TERMINAL = ("succeeded", "failed", "preempted", "cancelled")  # no coordinator runs the job
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_CANCELLED = 0, 1, 75, 130  # 75 = EX_TEMPFAIL: resume it later
@@ -102,6 +104,8 @@ class StageEnd(BaseModel):
     checkpoint_failures: list[str] = []
     stall_s: float | None = None
     time: float | None = None  # unix time after the stage-end evaluation
+    notices: list[str] = []  # termination notices the workers saw (preemption.notice), one line each
+    notice_nodes: list[str] = []  # the Ray node ids they came from
 
 
 class Report(BaseModel):
@@ -118,7 +122,8 @@ class StageRecord(BaseModel):
     status: StageStatus = "pending"
     workers: int
     attempts: int = 0  # TorchTrainer.fit() calls (runs, resumes)
-    restarts: int = 0  # worker-group restarts inside those, by Ray's FailureConfig
+    restarts: int = 0  # runs again after a crash of the training code (counted against max_failures)
+    infra_failures: int = 0  # runs again after lost nodes or a termination notice (not counted)
     started: str | None = None
     finished: str | None = None
     seconds: float = 0.0
@@ -157,12 +162,14 @@ class JobRecord(BaseModel):
     created: str = Field(default_factory=now)
     updated: str = Field(default_factory=now)
     error: str | None = None
+    waiting_for: str | None = None  # status waiting_for_capacity: what the cluster lacks
     stages: list[StageRecord]
     history: list[StageLayout] = []  # worker layouts that resumes replaced mid-stage (see build_plan)
     layout_changes: list[LayoutChange] = []
     coordinator_attempts: int = 0  # coordinators started on this job (runs, resumes, Ray submissions)
     ray_address: str | None = None  # the Ray job server the job was last submitted to
     ray_submissions: list[str] = []  # Ray job submission ids, one per submitted attempt
+    keeper: str | None = None  # the Ray job of `submit --max-restarts`'s keeper, if any
     images_per_s: float | None = None  # the last reported throughput
     checkpoint_failures: list[str] = []
     events: list[str] = []  # resumes, re-plans, preemptions: one line each, timestamped
@@ -204,7 +211,7 @@ class JobRecord(BaseModel):
     def settle(self, stage: int, outcome: Outcome, step: int) -> None:
         """The one place where a stage's outcome becomes stage and job status (``stage``: 0-based)."""
         srec = self.stages[stage]
-        self.current_step = step
+        self.current_step, self.waiting_for = step, None
         if isinstance(outcome, Completed):
             srec.status, srec.finished, srec.checkpoint = "completed", now(), outcome.checkpoint
             srec.val_loss, srec.val_acc = outcome.val_loss, outcome.val_acc
@@ -250,7 +257,7 @@ class JobRecord(BaseModel):
         self.event(f"re-planned ({source}): " + ("; ".join(changes) or "worker layout changed"))
 
     def finish(self, total_steps: int) -> None:
-        self.status, self.current_step, self.error = "succeeded", total_steps, None
+        self.status, self.current_step, self.error, self.waiting_for = "succeeded", total_steps, None, None
         self.event("succeeded")
 
     def fail(self, reason: str) -> None:

@@ -136,6 +136,7 @@ def summary_table(record) -> Table:
         "workers",
         "attempts",
         "restarts",
+        "infra",
         "time",
         "img/s",
         "val acc",
@@ -151,6 +152,7 @@ def summary_table(record) -> Table:
             str(s.workers),
             str(s.attempts),
             str(s.restarts),
+            str(s.infra_failures),
             f"{s.seconds:.0f}s" if s.seconds else "",
             f"{s.images_per_s:,.0f}" if s.images_per_s else "",
             f"{s.val_acc:.2%}" if s.val_acc is not None else "",
@@ -245,6 +247,15 @@ def status_lines(record, latest, lease, ray_state: str | None) -> list[str]:
         lines.append("coordinator: none running")
     if record.ray_submissions:
         lines.append(f"Ray job {record.ray_submissions[-1]}: {ray_state or 'unknown'} ({record.ray_address})")
+    if record.status == "waiting_for_capacity":
+        lines.append(f"waiting for capacity: {record.waiting_for}")
+    code = sum(s.restarts for s in record.stages)
+    infra = sum(s.infra_failures for s in record.stages)
+    if code or infra:
+        lines.append(
+            f"recovered by itself: {infra} time(s) from lost nodes or notices, {code} time(s) from crashes "
+            f"of the training code (failure.max_failures {record.job_spec().failure.max_failures} per stage)"
+        )
     return lines
 
 

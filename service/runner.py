@@ -37,12 +37,19 @@ from service.decisions import (
     Completed,
     Fail,
     Finish,
+    GiveUp,
+    Outcome,
     Preempted,
+    Relayout,
     RunStage,
+    WaitForCapacity,
+    after_outcome,
     check_resume,
     fits_cluster,
+    layout_history,
     next_action,
     resize_remaining,
+    resize_stage,
     stage_completed,
     stage_outcome,
 )
@@ -67,6 +74,7 @@ from service.submit import SUBMISSION_ENV
 DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # else every report blocks ~2 s
 PROGRESS_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
 REQUEST_POLL_S = 1.0  # how often a running stage looks for a cancel request
+CAPACITY_POLL_S = 5.0  # how often a job waiting for capacity looks at the cluster again
 
 
 @dataclass
@@ -159,6 +167,9 @@ class JobRunner:
         self._git_revision = git_revision()  # recorded in every manifest
         self.record.coordinator_attempts += 1
         self.sinks: list = []  # metrics.sinks, opened with Ray
+        self.lost_at: float | None = (
+            None  # when the job lost capacity (monotonic), while it has not run since
+        )
         self.log = JobLog(jobs.storage, self.record.coordinator_attempts)
 
     def say(self, text: str, style: str | None = None) -> None:
@@ -223,9 +234,16 @@ class JobRunner:
                     Cancelled("cancelled between stages"),
                     step,
                 )
+            if self.stop.is_set():  # SIGTERM while waiting for capacity
+                if self._grace_timer is not None:
+                    self._grace_timer.cancel()
+                return self._settle(
+                    self.record.current_stage - 1, Preempted(f"{self.stop_reason} requested"), step
+                )
             self._apply_scale_requests(step)
+            waiting = None if self.lost_at is None else time.monotonic() - self.lost_at
             action = next_action(
-                self.record, self.plan, manifest, self.spec.resources, ray.cluster_resources()
+                self.record, self.plan, manifest, self.spec, ray.cluster_resources(), waiting
             )
             if isinstance(action, Finish):
                 self.record.finish(self.plan.total_steps)
@@ -233,10 +251,90 @@ class JobRunner:
                 return EXIT_OK
             if isinstance(action, Fail):
                 return self._fail(action.reason)
+            if isinstance(action, GiveUp):
+                return self._settle(self.plan.stage_at(step).index, action.outcome, step)
+            if isinstance(action, WaitForCapacity):
+                self._wait_for_capacity(action, step)
+                continue
+            if isinstance(action, Relayout):
+                self._relayout(action, step)
+                continue
             assert isinstance(action, RunStage)
-            code = self._run_stage(action)
-            if code is not None:
-                return code
+            self.lost_at = None
+            outcome, step = self._run_stage(action)
+            if isinstance(outcome, Completed):
+                continue
+            srec = self.record.stages[self.plan.stages[action.stage].index]
+            retry = after_outcome(outcome, self.spec.failure, srec.restarts)
+            if retry is None:
+                return self._settle(srec.stage - 1, outcome, step)
+            if retry.infra:
+                srec.infra_failures += 1
+                self.lost_at = time.monotonic()
+            else:
+                srec.restarts += 1
+            self.say(f"stage {srec.stage}: {retry.reason}; running it again from step {step}", "yellow")
+            self.record.event(f"stage {srec.stage} runs again from step {step}: {retry.reason}")
+            self.jobs.save(self.record)
+            if isinstance(outcome, Preempted) and outcome.nodes:
+                self._await_gone(outcome.nodes)
+
+    def _wait_for_capacity(self, action: WaitForCapacity, step: int) -> None:
+        """Status ``waiting_for_capacity`` (in ``status`` and the log) until the next decision, a few
+        seconds on; cancel requests and SIGTERM are seen meanwhile."""
+        if self.record.status != "waiting_for_capacity":
+            self.record.status, self.record.waiting_for = "waiting_for_capacity", action.need
+            self.event(
+                f"waiting up to {action.left_s:.0f}s for capacity at step {step} "
+                f"(failure.capacity_wait_s): {action.need}"
+            )
+            self.say(f"waiting up to {action.left_s:.0f}s for capacity: {action.need}", "yellow")
+            self.jobs.save(self.record)
+        deadline = time.monotonic() + min(CAPACITY_POLL_S, action.left_s)
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if cancel_requested(self.jobs.storage):
+                return
+            time.sleep(0.5)
+
+    def _relayout(self, action: Relayout, step: int) -> None:
+        """Continue stage ``action.stage`` on fewer workers (``stages[].min_workers``), from ``step``."""
+        old_plan = self.plan
+        spec = resize_stage(self.spec, action.stage, action.workers)
+        new_layouts = layout_history(old_plan, spec, step)
+        history = self.record.history + new_layouts
+        plan = self.record.plan(spec, history)
+        st = spec.stages[action.stage]
+        how = (
+            f"global batch {st.global_batch} kept: {st.workers} x {st.batch_size} x accum {st.grad_accum}"
+            if not new_layouts
+            else f"global batch now {st.global_batch}: LR x{plan.stage_at(step).lr_scale:.4g} from step "
+            f"{step}"
+        )
+        self.record.replan(
+            spec,
+            plan,
+            [f"stages[{action.stage}] on {action.workers} worker(s) from step {step} ({how})"],
+            source=f"elastic: {action.reason}",
+            workers=action.workers,
+            from_stage=action.stage + 1,
+            step=step,
+            history=history,
+        )
+        self.spec, self.plan = spec, plan
+        self.say(f"stage {action.stage + 1} continues on {action.workers} worker(s): {how}", "yellow")
+        self.log.line(f"new plan {plan.plan_hash()} after: {action.reason}")
+        self.jobs.save(self.record)
+
+    def _await_gone(self, nodes: tuple[str, ...]) -> None:
+        """After a termination notice and its checkpoint: give the noticed nodes up to
+        ``preemption.notice_window_s`` to go, so the next attempt is not placed on them."""
+        deadline = time.monotonic() + self.spec.preemption.notice_window_s
+        self.say(f"waiting for noticed node(s) {', '.join(n[:8] for n in nodes)} to go", "yellow")
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if not set(nodes) & _alive_nodes():
+                return
+            time.sleep(1.0)
+        self.log.line("the noticed node(s) are still there; continuing")
 
     def _apply_scale_requests(self, step: int) -> None:
         """``stagetrain scale`` requests, at a stage boundary: the same re-layout as ``resume --workers``."""
@@ -289,8 +387,9 @@ class JobRunner:
             consume(self.jobs.storage, name)
             self.jobs.save(self.record)
 
-    def _run_stage(self, action: RunStage) -> int | None:
-        """One ``TorchTrainer.fit()`` of plan row ``action.stage``; None when the stage completed."""
+    def _run_stage(self, action: RunStage) -> tuple[Outcome, int]:
+        """One ``TorchTrainer.fit()`` of plan row ``action.stage``: its outcome and the step of the newest
+        committed checkpoint after it."""
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
@@ -304,6 +403,7 @@ class JobRunner:
         srec.status, srec.attempts, srec.workers = "running", action.attempt, stage.workers
         srec.started = srec.started or now()
         self.record.status, self.record.current_stage = "running", stage.index + 1
+        self.record.waiting_for = None
         self.record.current_step = action.start_step
         self.say(
             f"stage {stage.label}: {stage.resolution}px, {stage.workers} worker(s) x {stage.batch_size} x "
@@ -335,13 +435,15 @@ class JobRunner:
             ),
             run_config=RunConfig(
                 name=f"{self.record.job_id}-stage-{stage.index + 1}-attempt-{action.attempt}",
-                failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+                # Every failure comes back to the coordinator, which tells lost nodes from crashes of the
+                # training code (only those count against failure.max_failures): see after_outcome.
+                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
                 callbacks=[_make_callback(q)],
                 **_ray_storage(self.jobs.root, self.record.job_id),
             ),
         )
         error: list[BaseException] = []
-        started = time.perf_counter()
+        started, nodes_before = time.perf_counter(), _alive_nodes()
 
         def fit():
             try:
@@ -358,10 +460,12 @@ class JobRunner:
             error.clear()
         ray.kill(q.actor)
         srec.seconds += time.perf_counter() - started
-        if error and not lost:
-            lost = self._capacity_lost(stage, wait_s=10)  # a node went away: not the job's fault
+        node_lost = False
         if error:
             self.log.line("".join(traceback.format_exception(error[0])))
+            # a worker actor died: was its node lost (infrastructure), or the process (the code, OOM)?
+            node_lost = _actor_died(error[0]) and self._node_lost(nodes_before, wait_s=10)
+            lost = lost or self._capacity_lost(stage)
 
         latest = self.jobs.checkpoints.latest(verify=False)
         manifest = latest[0] if latest else None
@@ -373,6 +477,7 @@ class JobRunner:
             lost,
             self.stop_reason,
             manifest,
+            node_lost=node_lost,
         )
         if end is not None:
             self.record.checkpoint_failures.extend(end.checkpoint_failures)
@@ -386,8 +491,7 @@ class JobRunner:
                 if outcome.val_acc is not None
                 else f"stage {stage.label} completed: {outcome.checkpoint}"
             )
-            return None
-        return self._settle(stage.index, outcome, manifest.step if manifest else self.record.current_step)
+        return outcome, manifest.step if manifest else action.start_step
 
     def _note_spikes(self) -> None:
         """Each stage's boundary loss spike, into the record (``status`` and the summary table show it)."""
@@ -462,15 +566,11 @@ class JobRunner:
                         return end, lost
                     continue
                 if "worker_errors" in item:
-                    srec.restarts += 1
                     failed = True
                     for rank, (_, text) in item["worker_errors"].items():
                         self.log.line(f"worker {rank} failed:\n{text}")
                     first = {r: summary for r, (summary, _) in item["worker_errors"].items()}
-                    self.event(
-                        f"stage {stage.label}: worker group failed ({first}); Ray Train restarts it "
-                        f"from the latest checkpoint"
-                    )
+                    self.event(f"stage {stage.label}: worker group failed ({first})")
                     self.jobs.save(self.record)
                     continue
                 report = Report.model_validate(item["report"])
@@ -503,6 +603,17 @@ class JobRunner:
         if rates:
             srec.images_per_s = sum(rates) / len(rates)
         return end, None
+
+    def _node_lost(self, before: set[str], wait_s: float) -> bool:
+        """Did a node alive at the stage's start die? Ray marks a dead node within seconds: look that
+        long."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if before - _alive_nodes():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
     def _capacity_lost(self, stage, wait_s: float = 0.0) -> str | None:
         """After a worker-group failure: can the cluster still hold the stage? If a node went away for
@@ -557,6 +668,24 @@ class JobRunner:
         self.jobs.save(self.record)
         self.say(f"job failed: {reason}", "bold red")
         return EXIT_FAILED
+
+
+def _alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _actor_died(e: BaseException) -> bool:
+    """Did a worker's actor die (its process or its node gone), rather than raise from the training
+    code? Ray Train reports that as ``RayActorError`` (or a failed health check wrapping one)."""
+    from ray.exceptions import RayActorError
+
+    failures = getattr(e, "worker_failures", None) or {0: e}
+    return any(
+        isinstance(err, RayActorError)
+        or isinstance(getattr(err, "health_check_failure", None), RayActorError)
+        or "HealthCheck" in type(err).__name__
+        for err in failures.values()
+    )
 
 
 def _first_line(text: str, limit: int = 300) -> str:

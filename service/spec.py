@@ -235,6 +235,11 @@ class StageSpec(_Model):
         description="grow the resolution step by step from the previous stage's to this one's over the "
         "first N steps (batches resized on the device), instead of jumping at the boundary; 0 = jump",
     )
+    min_workers: PositiveInt | None = Field(
+        None,
+        description="when the cluster cannot hold `workers`, continue at once on as few as this many "
+        "(global batch kept by gradient accumulation when it divides); default: failure.min_workers",
+    )
 
     @field_validator("data_fraction")
     @classmethod
@@ -246,6 +251,10 @@ class StageSpec(_Model):
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.workers * self.grad_accum
+
+    def fewest_workers(self, failure: FailureSpec) -> int:
+        """The fewest workers this stage may continue on when the cluster shrinks."""
+        return min(self.min_workers or failure.min_workers or self.workers, self.workers)
 
 
 class CheckpointSpec(_Model):
@@ -307,7 +316,25 @@ class ResourcesSpec(_Model):
 
 
 class FailureSpec(_Model):
-    max_failures: Annotated[int, Field(ge=-1, strict=True)] = 0
+    max_failures: Annotated[int, Field(ge=-1, strict=True)] = Field(
+        0,
+        description="retries of a stage after a crash of the training code (-1 = always); lost nodes, "
+        "lost capacity and preemption notices do not count",
+    )
+    capacity_wait_s: Annotated[float, Field(ge=0)] = Field(
+        600.0,
+        description="after losing worker nodes, wait this long for the cluster to hold the stage again "
+        "(an autoscaler replacing them), then continue by itself; 0 = stop as preempted at once",
+    )
+    min_workers: PositiveInt | None = Field(
+        None, description="default stages[].min_workers: continue on fewer workers instead of waiting"
+    )
+
+
+class NoticeURL(_Model):
+    url: Annotated[str, Field(pattern=r"^https?://")] = Field(
+        description="polled by every worker: HTTP 200 with a non-empty body is a termination notice"
+    )
 
 
 class MetricsSpec(_Model):
@@ -315,14 +342,48 @@ class MetricsSpec(_Model):
     eval_every_n_steps: NonNegInt = Field(
         0, description="also evaluate every N optimizer steps inside a stage; 0 = at stage ends only"
     )
-    sinks: list[Literal["tensorboard"]] = Field(
+    sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
-        description="where else the coordinator writes the metrics: tensorboard (<job>/tensorboard/)",
+        description="where else the coordinator writes the metrics: tensorboard (<job>/tensorboard/), "
+        "mlflow (MLFLOW_TRACKING_URI; experiment MLFLOW_EXPERIMENT_NAME or the job name), wandb (WANDB_MODE, "
+        "WANDB_PROJECT or the job name; run id = job id)",
     )
 
 
 class PreemptionSpec(_Model):
     grace_seconds: PositiveFloat = 30.0
+    notice: Literal["none", "aws", "gcp"] | NoticeURL = Field(
+        "none",
+        description="termination notice each worker polls: aws (IMDSv2 spot/instance-action and "
+        "rebalance recommendation), gcp (instance/preempted), {url: ...}; none never polls",
+    )
+    notice_poll_s: PositiveFloat = Field(5.0, description="how often workers poll the notice")
+
+    @field_validator("notice", mode="before")
+    @classmethod
+    def _notice(cls, v):
+        """One clear message instead of one per member of the union."""
+        expected = "none, aws, gcp or {url: http://...}"
+        if isinstance(v, str) and v not in ("none", "aws", "gcp"):
+            hint = difflib.get_close_matches(v, ["none", "aws", "gcp"], n=1)
+            raise ValueError(
+                f"expected {expected}, got {v!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        if isinstance(v, dict) and (
+            set(v) != {"url"}
+            or not isinstance(v["url"], str)
+            or not v["url"].startswith(("http://", "https://"))
+        ):
+            raise ValueError(f"expected {expected}, got {v!r}")
+        if not isinstance(v, str | dict | NoticeURL):
+            raise ValueError(f"expected {expected}, got {v!r}")
+        return v
+
+    notice_window_s: PositiveFloat = Field(
+        120.0,
+        description="after a notice and its checkpoint, how long to wait for the node to go before "
+        "continuing anyway (a rebalance recommendation may never end in a termination)",
+    )
 
 
 class TrainSpec(_Model):
@@ -367,6 +428,12 @@ class JobSpec(_Model):
                 "stages[0].resolution_ramp_steps: the first stage has no earlier resolution to ramp from, "
                 f"got {self.stages[0].resolution_ramp_steps}; set it on a later stage"
             )
+        for i, st in enumerate(self.stages):
+            if st.min_workers is not None and st.min_workers > st.workers:
+                raise ValueError(
+                    f"stages[{i}].min_workers: must be <= stages[{i}].workers ({st.workers}), got "
+                    f"{st.min_workers}"
+                )
         if isinstance(self.data, SyntheticData) and self.data.num_classes > self.model.num_classes:
             raise ValueError(
                 f"data.num_classes: must be <= model.num_classes ({self.model.num_classes}), got "

@@ -69,8 +69,13 @@ def check_reachable(storage_url: str, address: str) -> None:
 
 
 def code_modules() -> list[str]:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return [os.path.join(here, m) for m in ("service", "workers", "checkpoints")]
+    """The package folders to ship as ``py_modules``, wherever they are: a checkout, site-packages, or
+    (for the keeper, which submits from inside the cluster) each in its own unpacked Ray package."""
+    import importlib.util
+
+    return [
+        os.path.dirname(importlib.util.find_spec(m).origin) for m in ("service", "workers", "checkpoints")
+    ]
 
 
 def submit(
@@ -80,11 +85,14 @@ def submit(
     attempt: int,
     grace_seconds: float,
     metadata: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    sid: str | None = None,
 ) -> str:
-    """Submit the coordinator of ``job_id`` as Ray job ``<job-id>-attempt-<attempt>``; returns its id."""
+    """Submit the coordinator of ``job_id`` as Ray job ``<job-id>-attempt-<attempt>`` (or ``command``,
+    ``stagetrain`` arguments, as Ray job ``sid``); returns its id."""
     from ray.job_submission import JobSubmissionClient
 
-    sid = submission_id(job_id, attempt)
+    sid = sid or submission_id(job_id, attempt)
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection, auth and version errors all mean "cannot submit"
@@ -94,7 +102,12 @@ def submit(
         ) from None
     entrypoint = " ".join(
         shlex.quote(a)
-        for a in ("python", "-m", "service.cli", "run", "--job-id", job_id, "--storage", storage_url)
+        for a in (
+            "python",
+            "-m",
+            "service.cli",
+            *(command or ["run", "--job-id", job_id, "--storage", storage_url]),
+        )
     )
     env = {
         SUBMISSION_ENV: sid,

@@ -47,3 +47,23 @@ def stripes(split: str, size: int = 64) -> Dataset:
 
 def not_a_dataset(split: str):
     return 42
+
+
+class _Explodes(nn.Module):
+    """``tiny_net`` whose training forward raises on its ``after``-th call in each process: a bug in the
+    training code that every attempt meets again."""
+
+    def __init__(self, num_classes: int, after: int):
+        super().__init__()
+        self.net, self.after, self.calls = tiny_net(num_classes), after, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                raise RuntimeError(f"boom at training forward {self.calls}")
+        return self.net(x)
+
+
+def exploding_net(num_classes: int, after: int = 3) -> nn.Module:
+    return _Explodes(num_classes, after)

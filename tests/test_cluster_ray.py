@@ -1,88 +1,235 @@
-"""Node loss on a two-node Ray cluster on one machine (ray.cluster_utils.Cluster)."""
+"""Node loss on a two-node Ray cluster on one machine (ray.cluster_utils.Cluster): the coordinator waits
+for capacity, continues on fewer workers, or stops on a termination notice, by itself.
+
+Each test's head and worker node have 1 CPU each; the 2-worker stages put one worker on each. A fake
+metadata server on 127.0.0.1 per node stands in for the cloud's (nothing else is contacted)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
 
 from service.spec import JobSpec, StageSpec
 from tests.conftest import merge
-from tests.jobs import DETERMINISTIC, cli_env, final_state, read_record, stagetrain, steps_reported, write_job
+from tests.fake_metadata import FakeMetadata
+from tests.jobs import (
+    DETERMINISTIC,
+    TOTAL,
+    cli_env,
+    final_state,
+    read_metrics,
+    read_record,
+    stagetrain,
+    steps_reported,
+    write_job,
+)
+from tests.test_resume_ray import _committed
+from workers.control import AWS_ENDPOINT_ENV
 
 pytestmark = pytest.mark.ray
 
 
-def test_node_loss_stops_as_preempted_and_resume_with_fewer_workers_finishes(tmp_path, monkeypatch, straight):
+@contextlib.contextmanager
+def two_nodes(monkeypatch, head_env: dict | None = None, node_env: dict | None = None):
     import ray
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    spec = merge(DETERMINISTIC, {"name": "node-loss", "keep_global_batch": True})
-    job = write_job(tmp_path, spec)
-    storage = tmp_path / "runs"
-    job_dir = storage / "nl"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": head_env or {}})
     try:
-        worker_node = cluster.add_node(num_cpus=1)
+        node = cluster.add_node(num_cpus=1, env_vars=node_env or {})
         cluster.wait_for_nodes()
-        env = cli_env(RAY_AUTH_MODE="disabled")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "run",
-                job,
-                "--job-id",
-                "nl",
-                "--storage",
-                str(storage),
-                "--address",
-                cluster.address,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        deadline = time.time() + 300
-        while steps_reported(job_dir) < 30 and time.time() < deadline:  # mid stage 2 (2 workers, 1 per node)
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.1)
-        cluster.remove_node(worker_node)
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 75, out
-        record = read_record(job_dir)
-        assert record["status"] == "preempted"
-        assert "lost capacity" in record["error"] and "--workers" in record["error"]
-        assert "needs 2 workers x 1 CPUs = 2 CPUs, but the Ray cluster has 1" in record["error"]
-        stopped_at = record["current_step"]
-        assert 24 <= stopped_at < 36
-
-        resumed = stagetrain(
-            "resume", "nl", "--storage", str(storage), "--address", cluster.address, "--workers", "1", env=env
-        )
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        yield cluster, node
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def start(job: str, job_id: str, storage, cluster, **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "run", job, "--job-id", job_id, "--storage", str(storage)]
+        + ["--address", cluster.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(RAY_AUTH_MODE="disabled", **env),
+    )
+
+
+def wait_until(proc, what, timeout: float = 300, poll: float = 0.1):
+    deadline = time.time() + timeout
+    while not (found := what()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)
+    return found
+
+
+def record_of(job_dir) -> dict:
+    try:
+        return read_record(job_dir)
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or mid-write
+        return {}
+
+
+def weights(state: dict) -> list[str]:
+    """Parameters, not BatchNorm running statistics (one worker updates those once per micro-batch)."""
+    return [n for n in state if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+
+def test_min_workers_continues_at_once_on_fewer_and_returns_to_the_plan_at_the_next_stage(
+    tmp_path, monkeypatch
+):
+    stages = [dict(s) for s in DETERMINISTIC["stages"]]
+    stages[1]["epochs"] = 3  # steps 24-59: room for the node to come back before stage 3
+    spec = merge(DETERMINISTIC, {"name": "elastic", "stages": stages, "failure": {"min_workers": 1}})
+    job, job_dir = write_job(tmp_path, spec), tmp_path / "runs" / "el"
+    with two_nodes(monkeypatch) as (cluster, node):
+        proc = start(job, "el", tmp_path / "runs", cluster)
+        wait_until(proc, lambda: steps_reported(job_dir) >= 30)
+        cluster.remove_node(node)
+        wait_until(proc, lambda: any(m.get("workers") == 1 for m in read_metrics(job_dir)), 120, 0.5)
+        cluster.add_node(num_cpus=1)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
     record = read_record(job_dir)
     assert record["status"] == "succeeded"
-    assert [s["workers"] for s in record["stages"]] == [2, 1, 1]
-    # stage 2 kept its global batch: half the workers, the same micro-batch, twice the accumulation
-    assert JobSpec.model_validate(record["spec"]).stages[1] == StageSpec(
-        **{**spec["stages"][1], "workers": 1, "batch_size": 16, "grad_accum": 2}
+    assert [s["workers"] for s in record["stages"]] == [2, 1, 2]
+    assert record["stages"][1]["infra_failures"] == 1 and record["stages"][1]["restarts"] == 0
+    (change,) = record["layout_changes"]
+    assert (change["from_stage"], change["workers"]) == (2, 1) and change["source"].startswith("elastic")
+    assert not any("waiting" in e for e in record["events"])  # it did not wait
+    steps = [m for m in read_metrics(job_dir) if m["kind"] == "step"]
+    assert [m["step"] for m in steps] == list(range(TOTAL + 24))
+    layouts = {(m["stage"], m["workers"], m["grad_accum"], m["global_batch"]) for m in steps}
+    # stage 2 kept its global batch of 32: one worker, twice the accumulation; stage 3 back on 2 workers
+    assert layouts == {(1, 2, 1, 32), (2, 2, 1, 32), (2, 1, 2, 32), (3, 2, 2, 32)}
+
+
+def test_termination_notice_commits_the_step_reached_and_no_step_is_lost_or_repeated(
+    tmp_path, monkeypatch, straight
+):
+    head_md, doomed_md, fresh_md = FakeMetadata(), FakeMetadata(), FakeMetadata()
+    spec = merge(
+        DETERMINISTIC,
+        {
+            "name": "notice",
+            "preemption": {"notice": "aws", "notice_poll_s": 0.2},
+            "failure": {"capacity_wait_s": 120},
+        },
+    )
+    job, job_dir = write_job(tmp_path, spec), tmp_path / "runs" / "nt"
+    try:
+        with two_nodes(
+            monkeypatch, head_env={AWS_ENDPOINT_ENV: head_md.url}, node_env={AWS_ENDPOINT_ENV: doomed_md.url}
+        ) as (cluster, node):
+            proc = start(job, "nt", tmp_path / "runs", cluster, **{AWS_ENDPOINT_ENV: head_md.url})
+            wait_until(proc, lambda: steps_reported(job_dir) >= 28)  # in stage 2
+            doomed_md.announced = "terminate"
+            record = wait_until(
+                proc, lambda: (r := record_of(job_dir)) and r["stages"][1]["infra_failures"] and r
+            )
+            stopped = record["current_step"]
+            assert "attempt 2" not in json.dumps(record["events"])  # it waits for the node to go first
+            assert _committed(job_dir, f"step-{stopped:09d}")  # before the node goes
+            cluster.remove_node(node)  # the two minutes are up
+            time.sleep(5)
+            cluster.add_node(num_cpus=1, env_vars={AWS_ENDPOINT_ENV: fresh_md.url})
+            out, _ = proc.communicate(timeout=300)
+    finally:
+        for md in (head_md, doomed_md, fresh_md):
+            md.close()
+    assert proc.returncode == 0, out
+    record = read_record(job_dir)
+    assert record["status"] == "succeeded" and record["stages"][1]["infra_failures"] == 1
+    assert any("termination notice: aws spot/instance-action" in e for e in record["events"])
+    assert any("waiting up to" in e for e in record["events"]) and record["stages"][1]["attempts"] == 2
+    assert 28 <= stopped < 36
+    assert any(p == ("GET", "/latest/meta-data/spot/instance-action") for p in doomed_md.requests)
+    # every step reported exactly once, in the metrics file as written (not de-duplicated)
+    lines = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = Counter(m["step"] for m in lines if m["kind"] == "step")
+    assert sorted(counts) == list(range(TOTAL)) and set(counts.values()) == {1}
+    model_a, state_a = final_state(straight[0])
+    model_b, state_b = final_state(job_dir)
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+
+
+def last_step(job_dir) -> int:
+    return max((m["step"] for m in read_metrics(job_dir) if m["kind"] == "step"), default=-1)
+
+
+def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
+    tmp_path, monkeypatch, straight
+):
+    """Stage 2 loses its node, which comes back 10 s later: the job continues by itself. Stage 3 loses
+    it for good: after failure.capacity_wait_s the job stops as preempted with today's message, and
+    `resume --workers 1` finishes it. With keep_global_batch the weights are the uninterrupted run's."""
+    spec = merge(
+        DETERMINISTIC, {"name": "node-loss", "keep_global_batch": True, "failure": {"capacity_wait_s": 25}}
+    )
+    job, storage = write_job(tmp_path, spec), tmp_path / "runs"
+    job_dir = storage / "nl"
+    with two_nodes(monkeypatch) as (cluster, node):
+        proc = start(job, "nl", storage, cluster)
+        wait_until(proc, lambda: last_step(job_dir) >= 29, poll=0.2)  # mid stage 2 (steps 24-35)
+        cluster.remove_node(node)
+        wait_until(proc, lambda: record_of(job_dir).get("status") == "waiting_for_capacity", 60)
+        assert "needs 2 workers" in record_of(job_dir)["waiting_for"]
+        time.sleep(10)
+        node = cluster.add_node(num_cpus=1)
+        wait_until(proc, lambda: last_step(job_dir) >= 39, poll=0.2)  # mid stage 3 (steps 36-47)
+        cluster.remove_node(node)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 75, out
+        record = read_record(job_dir)
+        assert record["status"] == "preempted" and record["waiting_for"] is None
+        assert "lost capacity" in record["error"] and "--workers" in record["error"]
+        assert "needs 2 workers x 1 CPUs = 2 CPUs, but the Ray cluster has 1" in record["error"]
+        assert any("waited 25s for capacity" in e for e in record["events"])
+        assert any("waiting up to 25s for capacity" in e for e in record["events"])
+        stage2, stage3 = record["stages"][1:]
+        assert (stage2["status"], stage2["attempts"], stage2["infra_failures"], stage2["restarts"]) == (
+            "completed",
+            2,
+            1,
+            0,
+        )
+        assert stage3["infra_failures"] == 1 and stage3["status"] == "preempted"
+        stopped_at = record["current_step"]
+        assert 36 <= stopped_at < 48
+
+        resumed = stagetrain(
+            "resume",
+            "nl",
+            "--storage",
+            str(storage),
+            "--address",
+            cluster.address,
+            "--workers",
+            "1",
+            env=cli_env(RAY_AUTH_MODE="disabled"),
+        )
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    record = read_record(job_dir)
+    assert record["status"] == "succeeded"
+    assert [s["workers"] for s in record["stages"]] == [2, 2, 1]
+    # stage 3 kept its global batch: one worker, half the micro-batch... (8 x 2 x 2 = 32 = 1 x 8 x 4)
+    assert JobSpec.model_validate(record["spec"]).stages[2] == StageSpec(
+        **{**spec["stages"][2], "workers": 1, "batch_size": 8, "grad_accum": 4}
     )
     # Same global batch, same samples, same micro-batch grouping, same LR: the weights equal the
-    # uninterrupted run's up to reduction order. (BatchNorm running statistics are not weights: one
-    # worker updates them once per micro-batch, two workers once per step from rank 0's micro-batch.)
+    # uninterrupted run's up to reduction order.
     model_a, _ = final_state(straight[0])
     model_b, _ = final_state(job_dir)
-    weights = [n for n in model_a if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert len(weights) > 50
-    for name in weights:
+    assert len(weights(model_a)) > 50
+    for name in weights(model_a):
         assert torch.allclose(model_a[name], model_b[name], rtol=1e-3, atol=1e-4), name

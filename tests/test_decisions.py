@@ -12,19 +12,26 @@ from service.decisions import (
     Fail,
     Failed,
     Finish,
+    GiveUp,
     IncompatibleResume,
     Preempted,
+    Relayout,
+    Retry,
     RunStage,
+    WaitForCapacity,
+    after_outcome,
     check_resume,
     layout_history,
     next_action,
     resize_remaining,
+    resize_stage,
     spec_differences,
     stage_completed,
     stage_outcome,
 )
 from service.jobs import JobRecord, StageEnd
 from service.plan import build_plan
+from service.spec import FailureSpec
 from tests.conftest import make_spec
 from workers.data import StageSampler, stage_subset
 
@@ -57,14 +64,14 @@ def _manifest(step: int, stage: int, boundary: bool) -> Manifest:
 
 
 def _job(**overrides):
-    spec = make_spec(stages=STAGES, lr_scaling={"rule": "linear"}, **overrides)
+    spec = make_spec(**{"stages": STAGES, "lr_scaling": {"rule": "linear"}, **overrides})
     plan = build_plan(spec, N)
     return spec, plan, JobRecord.create("j", spec, plan)
 
 
 def test_next_action_walks_the_stages_from_the_latest_checkpoint():
     spec, plan, record = _job()
-    res = spec.resources
+    res = spec
     assert next_action(record, plan, None, res, CLUSTER) == RunStage(stage=0, start_step=0, attempt=1)
     assert next_action(record, plan, _manifest(20, 1, False), res, CLUSTER) == RunStage(0, 20, 1)
     record.stages[1].attempts = 2
@@ -78,11 +85,11 @@ def test_next_action_walks_the_stages_from_the_latest_checkpoint():
 
 def test_next_action_fails_fast_when_the_cluster_cannot_hold_the_stage():
     spec, plan, record = _job(resources={"cpus_per_worker": 2})
-    action = next_action(record, plan, None, spec.resources, CLUSTER)
+    action = next_action(record, plan, None, spec, CLUSTER)
     assert isinstance(action, Fail)
     assert action.reason.startswith("stage 1 needs 2 workers x 2 CPUs = 4 CPUs, but the Ray cluster has 2")
     gpu = make_spec(stages=STAGES, resources={"use_gpu": True})
-    action = next_action(record, build_plan(gpu, N), None, gpu.resources, {"CPU": 64})
+    action = next_action(record, build_plan(gpu, N), None, gpu, {"CPU": 64})
     assert isinstance(action, Fail) and "needs 2 GPUs" in action.reason
 
 
@@ -222,7 +229,7 @@ def test_mid_stage_resize_with_per_stage_curves_stays_on_the_stage_curve():
             "pending",
             "completed",
         ),
-        # a worker raised (after Ray's FailureConfig gave up): the training code failed
+        # a worker raised: the training code failed
         (
             None,
             "worker 0: ZeroDivisionError: boom",
@@ -241,7 +248,9 @@ def test_mid_stage_resize_with_per_stage_curves_stays_on_the_stage_curve():
             None,
             (64, 2, False),
             Preempted(
-                "the cluster lost capacity (checkpoint t64)", "stage 2 needs 2 CPUs, the cluster has 1"
+                "the cluster lost capacity (checkpoint t64)",
+                "stage 2 needs 2 CPUs, the cluster has 1",
+                cause="node",
             ),
             "preempted",
             "preempted",
@@ -279,8 +288,29 @@ def test_mid_stage_resize_with_per_stage_curves_stays_on_the_stage_curve():
             "failed",
             "failed",
         ),
+        # a worker saw its node's termination notice: everyone stopped with a checkpoint
+        (
+            StageEnd(
+                stage=2,
+                step=70,
+                preempted=True,
+                notices=["aws spot/instance-action: {}"],
+                notice_nodes=["n1"],
+            ),
+            None,
+            None,
+            None,
+            (70, 2, False),
+            Preempted(
+                "termination notice: aws spot/instance-action: {} (checkpoint t70)",
+                cause="notice",
+                nodes=("n1",),
+            ),
+            "preempted",
+            "preempted",
+        ),
     ],
-    ids=["completed", "code-failure", "lost-capacity", "sigterm", "cancel", "no-boundary-commit"],
+    ids=["completed", "code-failure", "lost-capacity", "sigterm", "cancel", "no-boundary-commit", "notice"],
 )
 def test_stage_outcome_and_the_status_it_becomes(
     end, error, lost, stop, latest, expect, job_status, stage_status
@@ -327,3 +357,104 @@ def test_spec_differences_can_ignore_the_worker_layout():
     assert spec_differences(a, scaled, layout=False) == []
     other = make_spec(stages=[STAGES[0], STAGES[1], {**STAGES[2], "epochs": 2}])
     assert spec_differences(a, other, layout=False) == ["stages[2]: epochs 1.0 -> 2.0"]
+
+
+def test_a_lost_node_is_the_infrastructure_even_when_the_cluster_still_holds_the_stage():
+    _, plan, _ = _job()
+    outcome = stage_outcome(
+        plan, 1, None, "worker 1: ActorDiedError", None, None, _manifest(64, 2, False), True
+    )
+    assert outcome == Preempted(
+        "a worker node went away (worker 1: ActorDiedError; checkpoint t64)", cause="node"
+    )
+
+
+def test_after_outcome_retries_lost_capacity_always_and_code_crashes_up_to_max_failures():
+    node = Preempted("lost", "needs 2 CPUs", cause="node")
+    notice = Preempted("notice", cause="notice", nodes=("n",))
+    crash = Failed("stage 2 failed: worker 0: ZeroDivisionError: boom")
+    none, two, forever = FailureSpec(), FailureSpec(max_failures=2), FailureSpec(max_failures=-1)
+    assert after_outcome(node, none, restarts=0) == Retry("lost", infra=True)
+    assert after_outcome(notice, none, restarts=99).infra  # never counted against max_failures
+    assert after_outcome(crash, none, restarts=0) is None
+    assert after_outcome(crash, two, restarts=1) == Retry(crash.reason + "; retry 2 of 2", infra=False)
+    assert after_outcome(crash, two, restarts=2) is None
+    assert after_outcome(crash, forever, restarts=1000) is not None
+    for settles in (Preempted("SIGTERM requested"), Cancelled("cancel"), Completed("t")):
+        assert after_outcome(settles, forever, restarts=0) is None
+
+
+def test_next_action_after_a_capacity_loss_waits_then_gives_up_with_todays_message():
+    spec, plan, record = _job(failure={"capacity_wait_s": 300})
+    small = {"CPU": 1.0}
+    latest = _manifest(64, 2, False)
+    # no loss seen: a cluster too small from the start fails at once (as before)
+    assert isinstance(next_action(record, plan, latest, spec, small), Fail)
+    wait = next_action(record, plan, latest, spec, small, waiting_s=20)
+    assert wait == WaitForCapacity(
+        need="stage 2 needs 2 workers x 1 CPUs = 2 CPUs, but the Ray cluster has 1; lower stages[1].workers "
+        "or resources.cpus_per_worker, or add nodes",
+        left_s=280,
+    )
+    assert next_action(record, plan, latest, spec, CLUSTER, waiting_s=20) == RunStage(1, 64, 1)
+    give_up = next_action(record, plan, latest, spec, small, waiting_s=300)
+    assert isinstance(give_up, GiveUp) and give_up.outcome.lost_capacity == wait.need
+    record.settle(1, give_up.outcome, 64)
+    assert record.status == "preempted" and "stagetrain resume j --workers N" in record.error
+    # capacity_wait_s: 0 is the old behaviour: preempted at once
+    spec0, plan0, record0 = _job(failure={"capacity_wait_s": 0})
+    assert isinstance(next_action(record0, plan0, latest, spec0, small, waiting_s=0.0), GiveUp)
+
+
+def test_next_action_continues_on_fewer_workers_when_min_workers_allows():
+    stages = [dict(s) for s in STAGES]
+    stages[1]["min_workers"] = 1
+    spec, plan, record = _job(stages=stages)
+    latest = _manifest(64, 2, False)
+    action = next_action(record, plan, latest, spec, {"CPU": 1.0})
+    assert action == Relayout(stage=1, workers=1, reason=action.reason) and "needs 2 workers" in action.reason
+    # a job-level default, capped by the stage's own worker count
+    spec, plan, record = _job(failure={"min_workers": 1})
+    assert isinstance(next_action(record, plan, _manifest(0, 1, False), spec, {"CPU": 1.0}), Relayout)
+    assert isinstance(next_action(record, plan, latest, spec, {"CPU": 0.5}, waiting_s=1), WaitForCapacity)
+
+
+def test_resize_stage_keeps_the_global_batch_when_it_divides_else_the_lr_rule_applies():
+    spec = make_spec(stages=STAGES)
+    one = resize_stage(spec, 1, 1)
+    assert [(s.workers, s.batch_size, s.grad_accum) for s in one.stages] == [
+        (2, 64, 1),
+        (1, 32, 2),
+        (2, 32, 1),
+    ]
+    odd = make_spec(stages=[STAGES[0], {**STAGES[1], "workers": 4, "batch_size": 16}, STAGES[2]])
+    three = resize_stage(odd, 1, 3)  # 64 does not split over 3: 3 x 16 = 48, the LR follows the rule
+    assert (three.stages[1].workers, three.stages[1].global_batch) == (3, 48)
+    # elastic continuation mid-stage: the steps already run keep their layout in the history
+    plan = build_plan(odd, N)
+    assert layout_history(plan, three, 40)[0].workers == 4
+
+
+def test_min_workers_above_workers_is_refused_naming_the_field():
+    from service.spec import SpecError, validate_spec
+    from tests.conftest import BASE_SPEC, merge
+
+    raw = merge(BASE_SPEC, {})
+    raw["stages"] = [{**STAGES[0], "min_workers": 3}]
+    with pytest.raises(SpecError) as e:
+        validate_spec(raw)
+    assert "stages[0].min_workers: must be <= stages[0].workers (2), got 3" in str(e.value)
+
+
+def test_keeper_resubmits_only_a_coordinator_that_died_without_a_final_status():
+    from service.decisions import keeper_action
+
+    assert keeper_action("succeeded", False, "SUCCEEDED", 0, 1) == "done"
+    assert keeper_action("preempted", False, "SUCCEEDED", 0, 1) == "done"  # gave up waiting: final
+    assert keeper_action("succeeded", True, "RUNNING", 0, 1) == "watch"  # still writing its summary
+    assert keeper_action("pending", False, "PENDING", 0, 1) == "watch"  # not started yet
+    assert keeper_action("running", True, "RUNNING", 0, 1) == "watch"
+    assert keeper_action("running", False, "RUNNING", 0, 1) == "watch"  # its Ray job has not ended yet
+    assert keeper_action("running", False, "FAILED", 0, 1) == "resubmit"  # SIGKILL, OOM
+    assert keeper_action("waiting_for_capacity", False, "STOPPED", 0, 2) == "resubmit"
+    assert keeper_action("running", False, "FAILED", 1, 1) == "give_up"

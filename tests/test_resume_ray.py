@@ -16,6 +16,7 @@ from tests.conftest import merge
 from tests.helpers import LEASE_TIMEOUT_S, assert_same
 from tests.jobs import (
     DETERMINISTIC,
+    TINY,
     TOTAL,
     final_state,
     launch,
@@ -211,6 +212,27 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     rerun = len(lines) - len({line.split('"step": ')[1].split(",")[0] for line in lines})
     # each failure loses at most one checkpoint interval (5) plus the unreported tail (< 2 steps)
     assert rerun <= killed * (5 + 2), rerun
+
+
+def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path):
+    """Each attempt meets the same bug: one retry (failure.max_failures: 1), then the job fails; no node
+    was lost, so nothing is counted as an infrastructure failure."""
+    spec = merge(
+        TINY,
+        {
+            "name": "crash",
+            "model": {"arch": None, "builder": "tests.custom_parts:exploding_net", "num_classes": 10},
+            "failure": {"max_failures": 1},
+            "stages": [{"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 1}],
+        },
+    )
+    proc = stagetrain("run", write_job(tmp_path, spec), "--job-id", "cr", "--storage", str(tmp_path / "runs"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    record = read_record(tmp_path / "runs" / "cr")
+    assert record["status"] == "failed" and "RuntimeError: boom at training forward 3" in record["error"]
+    stage = record["stages"][0]
+    assert (stage["attempts"], stage["restarts"], stage["infra_failures"]) == (2, 1, 0)
+    assert any(e.endswith("boom at training forward 3; retry 1 of 1") for e in record["events"])
 
 
 def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -52,11 +51,11 @@ def st(svc, *args, **kw):
 
 def test_submit_scale_takeover_status_list_logs(svc, tmp_path):
     """Submit and walk away; scale a stage before it starts; one coordinator per job: a second one is
-    refused while the first runs, and once it is SIGKILLed (its lease goes stale) a resubmission of the
-    same job id continues it."""
+    refused while the first runs, and once it is SIGKILLed (its lease goes stale) the keeper of
+    `submit --max-restarts 1` resubmits it as attempt 2, which continues the job."""
     head, storage, env = svc
     job = write_job(tmp_path, THREE)
-    out = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address)
+    out = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address, "--max-restarts", "1")
     assert out.returncode == 0, out.stderr
     assert "svc1" in out.stdout and "stagetrain logs svc1" in out.stdout
     assert head.token not in out.stdout + out.stderr
@@ -72,16 +71,18 @@ def test_submit_scale_takeover_status_list_logs(svc, tmp_path):
     assert again.returncode == 2 and "is running" in again.stderr
     wait_until(lambda: steps_reported(Path(f"{storage}/svc1")) >= 6, "training", timeout=300)
     pid = json.loads(open(lease_path).read())["pid"]
-    os.kill(pid, signal.SIGKILL)  # the coordinator dies without a word (head restart, OOM kill)
-    time.sleep(7)  # the lease (6 s in this test) goes stale
-    resubmitted = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address)
-    assert resubmitted.returncode == 0, resubmitted.stderr
+    os.kill(pid, signal.SIGKILL)  # the coordinator dies without a word (OOM kill): nobody types anything
     waited = st(svc, "wait", "svc1", timeout=400)
-    assert waited.returncode == 0, (waited.stdout, waited.stderr, st(svc, "logs", "svc1").stdout)
+    keeper = head.client().get_job_logs("svc1-keeper-1")
+    assert waited.returncode == 0, (waited.stdout, waited.stderr, st(svc, "logs", "svc1").stdout, keeper)
 
     record = JobRecord.model_validate(read_record(f"{storage}/svc1"))
     assert record.status == "succeeded" and record.ray_submissions == ["svc1-attempt-1", "svc1-attempt-2"]
     assert any("took over" in e for e in record.events), record.events
+    assert any("keeper: Ray job svc1-attempt-1 ended FAILED" in e for e in record.events), record.events
+    wait_until(
+        lambda: head.client().get_job_status("svc1-keeper-1").value == "SUCCEEDED", "the keeper to end"
+    )
     assert [s.workers for s in record.stages] == [2, 2, 1]
     assert [c.workers for c in record.layout_changes] == [1] and record.layout_changes[0].from_stage == 3
     plan = record.plan()

@@ -99,6 +99,19 @@ MISTAKES = [
     ("num-classes-one", {"model.num_classes": 1}, "model.num_classes: must be >= 2, got 1"),
     ("seed-negative", {"seed": -1}, "seed: must be >= 0, got -1"),
     ("max-failures", {"failure.max_failures": -2}, "failure.max_failures: must be >= -1, got -2"),
+    ("capacity-wait", {"failure.capacity_wait_s": -1}, "failure.capacity_wait_s: must be >= 0, got -1"),
+    ("min-workers-zero", {"failure.min_workers": 0}, "failure.min_workers: must be > 0, got 0"),
+    ("notice-poll", {"preemption.notice_poll_s": 0}, "preemption.notice_poll_s: must be > 0, got 0"),
+    (
+        "notice-unknown",
+        {"preemption.notice": "awss"},
+        "preemption.notice: expected none, aws, gcp or {url: http://...}, got 'awss'; did you mean 'aws'?",
+    ),
+    (
+        "notice-url",
+        {"preemption.notice": {"url": "ftp://x"}},
+        "preemption.notice: expected none, aws, gcp or {url: http://...}, got {'url': 'ftp://x'}",
+    ),
     ("keep-last-zero", {"checkpoint.keep_last": 0}, "checkpoint.keep_last: must be > 0, got 0"),
     (
         "reference-batch-zero",
@@ -166,7 +179,7 @@ MISTAKES = [
         {"stages[0].foo": 1},
         "stages[0].foo: unknown field; expected one of resolution, epochs, data_fraction, batch_size, "
         "workers,"
-        " grad_accum, max_lr, pct_start, compile, resolution_ramp_steps",
+        " grad_accum, max_lr, pct_start, compile, resolution_ramp_steps, min_workers",
     ),
     # missing fields and empty lists
     ("missing-max-lr", {"schedule.max_lr": DELETE}, "schedule.max_lr: required field is missing"),

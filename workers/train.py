@@ -589,12 +589,15 @@ class StageRunner:
         and leave."""
         self.save(boundary=False)
         self.checkpointer.wait()
+        notices = [n for n in self.dist.gather_objects(getattr(self.stop_requested, "notice", None)) if n]
         return self._end(
             StageEnd(
                 stage=self.stage.index + 1,
                 step=self.progress.step,
                 preempted=True,
                 restored_from=self.restored_from,
+                notices=[n["text"] for n in notices],
+                notice_nodes=sorted({n["node"] for n in notices}),
             )
         )
 
@@ -656,7 +659,7 @@ def train_loop_per_worker(config: dict) -> None:
     """The ``TorchTrainer`` entry point: ``config`` carries the spec, plan, stage and storage."""
     import ray.train
 
-    from workers.control import StopSignal
+    from workers.control import StopSignal, notice_source
 
     spec = JobSpec.model_validate(config["spec"])
     plan = Plan.model_validate(config["plan"])
@@ -668,7 +671,12 @@ def train_loop_per_worker(config: dict) -> None:
         config["job_id"],
         config["storage"],
         report=ray.train.report,
-        stop_requested=StopSignal(job_storage, spec.preemption.grace_seconds),
+        stop_requested=StopSignal(
+            job_storage,
+            spec.preemption.grace_seconds,
+            notice=notice_source(spec.preemption.notice),
+            notice_poll_s=spec.preemption.notice_poll_s,
+        ),
         provenance=config.get("provenance"),
     )
     runner.run()

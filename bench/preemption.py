@@ -1,11 +1,13 @@
 """Goodput under a scripted preemption schedule, on a 2-node local Ray cluster (ray.cluster_utils.Cluster:
 a 1-CPU head and a 1-CPU worker node, one of the job's two workers on each).
 
-    .venv/bin/python bench/preemption.py             # ~15 min on 2 cores (4 runs)
-    .venv/bin/python bench/preemption.py --quick     # shorter job, one preemption per run
+    .venv/bin/python bench/preemption.py             # ~15 min on 2 cores (4 runs, 2 preemptions each)
+    .venv/bin/python bench/preemption.py --quick     # ~10 min: shorter job, one preemption per run
 
 One job (synthetic 3x24x24 images, the small ResNet, 3 stages 16/20/24 px, 2 workers, periodic
-checkpoints every 10 steps, ``metrics.every_n_steps: 1``), launched through the CLI four times:
+checkpoints every 10 steps, ``metrics.every_n_steps: 1``), launched through the CLI four times. A
+preemption is due every ``--every`` seconds after the first step, and happens at the first moment
+after that when steps are flowing and the current stage has run ``--into-stage`` steps:
 
 1. ``uninterrupted``: the reference wall time, and a fresh start's time to its first step.
 2. ``notice``: every ``--every`` seconds of training the worker node's fake metadata server (127.0.0.1)
@@ -45,13 +47,13 @@ from tests.fake_metadata import FakeMetadata  # noqa: E402
 from workers.control import AWS_ENDPOINT_ENV  # noqa: E402
 
 
-def job_spec(name: str, epochs: float, boundary_only: bool, notice: bool) -> dict:
+def job_spec(name: str, epochs: float, size: int, boundary_only: bool, notice: bool) -> dict:
     stage = {"epochs": epochs, "batch_size": 32, "workers": 2}
     return {
         "name": name,
         "seed": 0,
         "model": {"builder": "workers.models:small_resnet", "num_classes": 10, "in_channels": 3},
-        "data": {"kind": "synthetic", "size": 2048, "val_size": 256, "num_classes": 10, "loader_workers": 0},
+        "data": {"kind": "synthetic", "size": size, "val_size": 256, "num_classes": 10, "loader_workers": 0},
         "optimizer": {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-5},
         "schedule": {"strategy": "global_onecycle", "max_lr": 0.2},
         "stages": [{**stage, "resolution": r} for r in (16, 20, 24)],
@@ -100,7 +102,9 @@ def run_mode(mode: str, args, work: str) -> dict:
     cluster.wait_for_nodes()
     storage = os.path.join(work, mode)
     job_dir = os.path.join(storage, mode)
-    spec = job_spec(mode, args.epochs, boundary_only=mode == "restart_stage", notice=mode == "notice")
+    spec = job_spec(
+        mode, args.epochs, args.size, boundary_only=mode == "restart_stage", notice=mode == "notice"
+    )
     path = os.path.join(work, f"{mode}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(spec, f)
@@ -123,6 +127,11 @@ def run_mode(mode: str, args, work: str) -> dict:
         while proc.poll() is None:
             if mode == "uninterrupted" or preemptions >= args.preemptions or time.time() < next_at:
                 time.sleep(0.2)
+                continue
+            ran = steps(job_dir)
+            in_stage = {r["step"] for r in ran if r["stage"] == ran[-1]["stage"]}
+            if time.time() - ran[-1]["time"] > 1.5 or len(in_stage) < args.into_stage:
+                time.sleep(0.1)  # between stages, or just into one: wait until it is well under way
                 continue
             if record(job_dir).get("current_step", 0) >= record(job_dir).get("total_steps", 1) - 10:
                 break  # too close to the end to matter
@@ -177,11 +186,15 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=40.0, help="seconds of training between preemptions")
     parser.add_argument("--down", type=float, default=10.0, help="seconds before the node is replaced")
     parser.add_argument("--preemptions", type=int, default=2)
-    parser.add_argument("--epochs", type=float, default=2.0, help="per stage")
+    parser.add_argument("--epochs", type=float, default=1.0, help="per stage")
+    parser.add_argument("--size", type=int, default=6144, help="synthetic training images")
+    parser.add_argument(
+        "--into-stage", type=int, default=15, help="steps a stage has run before a preemption"
+    )
     parser.add_argument("--modes", default="uninterrupted,notice,sigkill,restart_stage")
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.preemptions, args.every = 1.0, 1, 25.0
+        args.size, args.preemptions, args.every = 3072, 1, 20.0
     work = tempfile.mkdtemp(prefix="stagetrain-preemption-")
     print(f"machine: {os.cpu_count()} CPUs; work folder {work}", flush=True)
     results = {}

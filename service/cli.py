@@ -302,41 +302,16 @@ def run(job: str | None, job_id: str | None, storage: str | None, address: str |
 
 def _submit(jobs, record, address: str | None, follow: bool, max_restarts: int = 0) -> None:
     from service.coordination import check_free
-    from service.submit import check_reachable, job_server, submission_id, submit
+    from service.submit import check_reachable, job_server, submit_attempt
 
     server = job_server(address)
     check_reachable(jobs.root.url, server)
     check_free(jobs.storage, record.job_id)
-    sid = submission_id(record.job_id, len(record.ray_submissions) + 1)
-    submit(
-        record.job_id,
-        jobs.root.url,
-        server,
-        len(record.ray_submissions) + 1,
-        record.job_spec().preemption.grace_seconds,
-    )
-    record.ray_address = server
-    record.ray_submissions.append(sid)
-    record.status, record.error = "pending", None  # until the submitted coordinator takes the lease
-    record.event(f"submitted to {server} as Ray job {sid}")
-    jobs.save(record)
+    sid = submit_attempt(jobs, record, server)
     if max_restarts:
-        from service.keeper import keeper_id
+        from service.keeper import submit_keeper
 
-        kid = keeper_id(record.job_id, len(record.ray_submissions))
-        submit(
-            record.job_id,
-            jobs.root.url,
-            server,
-            0,
-            0,
-            command=["keep", record.job_id, "--storage", jobs.root.url, "--address", server]
-            + ["--max-restarts", str(max_restarts)],
-            sid=kid,
-        )
-        record.keeper = kid
-        record.event(f"keeper {kid}: resubmits the coordinator up to {max_restarts} time(s)")
-        jobs.save(record)
+        submit_keeper(jobs, record, server, max_restarts)
     storage = jobs.root.url
     console.print(
         f"submitted job [bold]{record.job_id}[/] as Ray job {sid} ({server})\n"

@@ -11,13 +11,32 @@ import time
 
 from service.coordination import read_lease
 from service.decisions import keeper_action
-from service.submit import ray_job_state, submission_id, submit
+from service.submit import ray_job_state, submit, submit_attempt
 
 KEEPER_POLL_S = 5.0
 
 
 def keeper_id(job_id: str, attempt: int) -> str:
     return f"{job_id}-keeper-{attempt}"
+
+
+def submit_keeper(jobs, record, server: str, max_restarts: int) -> str:
+    """Submit the keeper of ``record``'s job beside its coordinator, and record it."""
+    kid = keeper_id(record.job_id, len(record.ray_submissions))
+    submit(
+        record.job_id,
+        jobs.root.url,
+        server,
+        len(record.ray_submissions),
+        record.job_spec().preemption.grace_seconds,
+        command=["keep", record.job_id, "--storage", jobs.root.url, "--address", server]
+        + ["--max-restarts", str(max_restarts)],
+        sid=kid,
+    )
+    record.keeper = kid
+    record.event(f"keeper {kid}: resubmits the coordinator up to {max_restarts} time(s)")
+    jobs.save(record)
+    return kid
 
 
 def keep(jobs, address: str, max_restarts: int, say=print, poll_s: float = KEEPER_POLL_S) -> int:
@@ -41,17 +60,10 @@ def keep(jobs, address: str, max_restarts: int, say=print, poll_s: float = KEEPE
             return 1
         if action == "resubmit":
             restarts += 1
-            attempt = len(record.ray_submissions) + 1
-            sid = submission_id(record.job_id, attempt)
-            submit(record.job_id, jobs.root.url, address, attempt, record.job_spec().preemption.grace_seconds)
-            text = (
-                f"keeper: Ray job {record.ray_submissions[-1]} ended {state} without a final status; "
-                f"resubmitted as {sid} (restart {restarts} of {max_restarts})"
+            why = (
+                f"keeper: Ray job {record.ray_submissions[-1]} ended {state} without a final status "
+                f"(restart {restarts} of {max_restarts})"
             )
-            record = jobs.load()
-            record.ray_submissions.append(sid)
-            record.status, record.error = "pending", None
-            record.event(text)
-            jobs.save(record)
-            say(text)
+            sid = submit_attempt(jobs, record, address, why)
+            say(f"{why}: resubmitted as {sid}")
         time.sleep(poll_s)

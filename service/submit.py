@@ -129,6 +129,19 @@ def submit(
     return sid
 
 
+def submit_attempt(jobs, record, server: str, why: str = "") -> str:
+    """Submit the job's next coordinator attempt and record it: the job is ``pending`` until the submitted
+    coordinator takes the lease. Returns the Ray submission id."""
+    attempt = len(record.ray_submissions) + 1
+    sid = submit(record.job_id, jobs.root.url, server, attempt, record.job_spec().preemption.grace_seconds)
+    record.ray_address = server
+    record.ray_submissions.append(sid)
+    record.status, record.error = "pending", None
+    record.event(f"submitted to {server} as Ray job {sid}" + (f": {why}" if why else ""))
+    jobs.save(record)
+    return sid
+
+
 def stop(address: str, sid: str) -> bool:
     from ray.job_submission import JobSubmissionClient
 

@@ -67,6 +67,28 @@ def assert_same(a, b, where: str = "state") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+def wait_for_http(server, url: str, what: str, timeout: float, interval: float, tail: int) -> None:
+    """Until ``url`` answers: ``server`` has ``proc`` (the process just started), ``_log`` (a binary file
+    holding its output) and ``stop()``. If the process exits or ``timeout`` passes first, stop it and fail
+    with ``what`` and the last ``tail`` characters of its output."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            server._log.seek(0)
+            output = server._log.read().decode(errors="replace")[-tail:]
+            server.stop()
+            raise RuntimeError(f"{what} within {timeout:.0f}s:\n{output}")
+        time.sleep(interval)
+
+
 def wait_until(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
     """Poll ``condition`` until it is truthy (returned); fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout

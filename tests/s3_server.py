@@ -18,12 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
+
+from tests.helpers import wait_for_http
 
 # Distinctive fake values: a test greps storage and output for them to prove no secret leaks.
 ACCESS_KEY_ID = "stagetrain-test-key-id"
@@ -60,21 +59,8 @@ class S3Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(self.endpoint, timeout=1):  # ListBuckets
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._log.seek(0)
-                output = self._log.read().decode(errors="replace")[-2000:]
-                self.stop()
-                raise RuntimeError(
-                    f"moto_server on port {self.port} did not answer within {timeout:.0f}s:\n{output}"
-                )
-            time.sleep(0.05)
+        what = f"moto_server on port {self.port} did not answer"
+        wait_for_http(self, self.endpoint, what, timeout, interval=0.05, tail=2000)  # ListBuckets
 
     def stop(self) -> None:
         """Terminate the server (its objects are lost). Safe to call when stopped."""

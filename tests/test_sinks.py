@@ -13,8 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -22,6 +20,7 @@ from checkpoints.storage import Storage
 from service.jobs import EvalRecord, JobStore, StageEnd, StepRecord
 from service.spec import SpecError, validate_spec
 from tests.conftest import BASE_SPEC, make_spec, merge
+from tests.helpers import wait_for_http
 from tests.s3_server import _free_port
 
 NO_PHONING_HOME = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -54,22 +53,8 @@ class MLflowServer:
             env={**os.environ, **NO_PHONING_HOME, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._log.seek(0)
-                output = self._log.read().decode(errors="replace")[-3000:]
-                self.stop()
-                raise RuntimeError(
-                    f"mlflow server on port {self.port} did not answer /health within {timeout:.0f}s:\n"
-                    f"{output}"
-                )
-            time.sleep(0.1)
+        what = f"mlflow server on port {self.port} did not answer /health"
+        wait_for_http(self, f"{self.uri}/health", what, timeout, interval=0.1, tail=3000)
 
     def stop(self) -> None:
         """Terminate the server and its children. Safe to call when stopped."""

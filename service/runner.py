@@ -167,9 +167,8 @@ class JobRunner:
         self._git_revision = git_revision()  # recorded in every manifest
         self.record.coordinator_attempts += 1
         self.sinks: list = []  # metrics.sinks, opened with Ray
-        self.lost_at: float | None = (
-            None  # when the job lost capacity (monotonic), while it has not run since
-        )
+        # when the job lost capacity (monotonic), while it has not run a stage since
+        self.lost_at: float | None = None
         self.log = JobLog(jobs.storage, self.record.coordinator_attempts)
 
     def say(self, text: str, style: str | None = None) -> None:
@@ -291,10 +290,9 @@ class JobRunner:
             self.say(f"waiting up to {action.left_s:.0f}s for capacity: {action.need}", "yellow")
             self.jobs.save(self.record)
         deadline = time.monotonic() + min(CAPACITY_POLL_S, action.left_s)
-        while time.monotonic() < deadline and not self.stop.is_set():
-            if cancel_requested(self.jobs.storage):
+        while time.monotonic() < deadline and not cancel_requested(self.jobs.storage):
+            if self.stop.wait(REQUEST_POLL_S):  # SIGTERM: the loop settles the job
                 return
-            time.sleep(0.5)
 
     def _relayout(self, action: Relayout, step: int) -> None:
         """Continue stage ``action.stage`` on fewer workers (``stages[].min_workers``), from ``step``."""
@@ -330,10 +328,9 @@ class JobRunner:
         ``preemption.notice_window_s`` to go, so the next attempt is not placed on them."""
         deadline = time.monotonic() + self.spec.preemption.notice_window_s
         self.say(f"waiting for noticed node(s) {', '.join(n[:8] for n in nodes)} to go", "yellow")
-        while time.monotonic() < deadline and not self.stop.is_set():
-            if not set(nodes) & _alive_nodes():
+        while time.monotonic() < deadline:
+            if not set(nodes) & _alive_nodes() or self.stop.wait(1.0):
                 return
-            time.sleep(1.0)
         self.log.line("the noticed node(s) are still there; continuing")
 
     def _apply_scale_requests(self, step: int) -> None:

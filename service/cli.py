@@ -14,17 +14,18 @@ import sys
 import time
 
 import click
-from rich.console import Console
 
 from checkpoints.storage import StorageError
+from service.console import make_console, styled
 from service.coordination import LeaseHeld
 from service.layout import check_job_id
 from service.spec import SpecError, json_schema, load_spec
 
-# Wide enough for the plan table when output is piped (rich would assume 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 150)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+# Markup off (service.console): what is printed carries paths, errors and spec values.
+console = make_console()
+err_console = make_console(stderr=True)
 
+ERROR = ("error: ", "bold red")
 EXIT_CODES_HELP = (
     "Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted, 130 cancelled "
     "(continue both with `stagetrain resume`)."
@@ -39,14 +40,12 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SpecError as e:
-            err_console.print(f"[bold red]error:[/] {e.source}: invalid job spec", highlight=False)
+            err_console.print(styled(ERROR, f"{e.source}: invalid job spec"))
             for p in e.problems:
-                err_console.print(f"  {p}", highlight=False, markup=False)
+                err_console.print(f"  {p}")
             sys.exit(2)
         except (FileNotFoundError, ValueError, StorageError, LeaseHeld) as e:
-            from rich.markup import escape
-
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err_console.print(styled(ERROR, str(e)))
             sys.exit(2)
 
     return wrapper
@@ -155,7 +154,7 @@ def plan(
                 f"plan {the_plan.plan_hash()}",
             )
         )
-        console.print(peak_lr_note(the_plan), highlight=False, markup=False)
+        console.print(peak_lr_note(the_plan))
     if csv_path:
         write_csv(the_plan, csv_path)
         err_console.print(f"wrote {the_plan.total_steps} steps to {csv_path}")
@@ -294,7 +293,7 @@ def run(job: str | None, job_id: str | None, storage: str | None, address: str |
     if new:
         jobs.save(record)
     err_console.print(
-        f"job [bold]{record.job_id}[/] -> {jobs.storage.url}"
+        styled("job ", (record.job_id, "bold"), f" -> {jobs.storage.url}")
         + ("" if new else f" (continues at step {record.current_step:,})")
     )
     _finish(_coordinate(jobs, record, address), jobs, record)
@@ -314,11 +313,10 @@ def _submit(jobs, record, address: str | None, follow: bool, max_restarts: int =
         submit_keeper(jobs, record, server, max_restarts)
     storage = jobs.root.url
     console.print(
-        f"submitted job [bold]{record.job_id}[/] as Ray job {sid} ({server})\n"
-        f"  stagetrain status {record.job_id} --storage {storage}\n"
+        styled("submitted job ", (record.job_id, "bold"), f" as Ray job {sid} ({server})\n")
+        + f"  stagetrain status {record.job_id} --storage {storage}\n"
         f"  stagetrain logs {record.job_id} --storage {storage} --follow\n"
         f"  stagetrain cancel {record.job_id} --storage {storage}",
-        highlight=False,
     )
     if follow:
         sys.exit(_follow_log(jobs, record.job_id, None, until_done=True))
@@ -365,9 +363,7 @@ def keep(job_id: str, storage: str | None, address: str | None, max_restarts: in
     from service.submit import job_server
 
     jobs, _ = _open(job_id, storage)
-    sys.exit(
-        keep_job(jobs, job_server(address), max_restarts, say=lambda t: err_console.print(t, markup=False))
-    )
+    sys.exit(keep_job(jobs, job_server(address), max_restarts, say=lambda t: err_console.print(t)))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -418,7 +414,7 @@ def compare(
         jobs, record, new = _prepare(v.job_id, None, url, spec=v.spec)
         what = f"[{k}/{len(runs)}] {v.label} seed {v.seed}: job {v.job_id}"
         if record.status == "succeeded":
-            err_console.print(f"{what} already succeeded; reused", highlight=False)
+            err_console.print(f"{what} already succeeded; reused")
             continue
         err_console.print(f"{what}" + ("" if new else f" (continues at step {record.current_step:,})"))
         if new:
@@ -446,7 +442,7 @@ def compare(
         f.write(text)
     plan = _open(runs[0].job_id, url)[1].plan()  # runs[0] is a strategy run: the stages' boundaries
     plot_compare(results, os.path.join(folder, "compare.png"), [s.sample_start for s in plan.stages[1:]])
-    console.print(text, highlight=False, markup=False)
+    console.print(text)
     err_console.print(f"report: {folder}/report.md, figure: {folder}/compare.png")
 
 
@@ -514,7 +510,7 @@ def resume(
         _submit(jobs, record, address, follow=False)
         return
     jobs.save(record)
-    err_console.print(f"resuming [bold]{job_id}[/] at step {step:,} of {plan.total_steps:,}")
+    err_console.print(styled("resuming ", (job_id, "bold"), f" at step {step:,} of {plan.total_steps:,}"))
     _finish(_coordinate(jobs, record, address), jobs, record)
 
 
@@ -544,11 +540,11 @@ def status(job_id: str, storage: str | None) -> None:
 
         ray_state = ray_job_state(record.ray_address, record.ray_submissions[-1]) or "unreachable"
     for line in status_lines(record, latest[0] if latest else None, read_lease(jobs.storage), ray_state):
-        console.print(line, highlight=False, markup=False)
+        console.print(line)
     if record.error:
-        console.print(f"[red]error:[/] {record.error}", highlight=False)
+        console.print(styled(("error:", "red"), f" {record.error}"))
     for line in record.events[-5:]:
-        console.print(f"  {line}", highlight=False, markup=False)
+        console.print(f"  {line}")
 
 
 @cli.command(name="list")
@@ -649,8 +645,6 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
         if _ended(record, lease):
             console.print(
                 f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
-                highlight=False,
-                markup=False,
             )
             sys.exit(exit_code(record.status))
         if record.status in ("running", "waiting_for_capacity") and (lease is None or not lease.fresh()):
@@ -713,7 +707,9 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
             try:
                 stop(record.ray_address, record.ray_submissions[-1])
             except Exception as e:  # noqa: BLE001 - unreachable cluster: the record still says cancelled
-                err_console.print(f"[yellow]could not stop Ray job {record.ray_submissions[-1]}: {e}[/]")
+                err_console.print(
+                    styled((f"could not stop Ray job {record.ray_submissions[-1]}: {e}", "yellow"))
+                )
         keeper = LeaseKeeper(jobs.storage, job_id).acquire()
         try:
             record = jobs.load()
@@ -742,15 +738,19 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
             stop(record.ray_address, record.ray_submissions[-1])
         if not wait_for(confirmed, timeout=grace + 45):
             err_console.print(
-                f"[yellow]job {job_id}: the coordinator has not confirmed the cancel yet; "
-                f"check with `stagetrain status {job_id}`[/]"
+                styled(
+                    (
+                        f"job {job_id}: the coordinator has not confirmed the cancel yet; "
+                        f"check with `stagetrain status {job_id}`",
+                        "yellow",
+                    )
+                )
             )
             sys.exit(1)
     record = jobs.load()
     console.print(
         f"job {job_id} {record.status} at step {record.current_step:,}; "
         f"continue with `stagetrain resume {job_id}`",
-        highlight=False,
     )
 
 
@@ -794,7 +794,6 @@ def scale(job_id: str, storage: str | None, workers: int, from_stage: int | None
         f"requested: stage {from_stage}"
         + (f"..{n}" if from_stage < n else "")
         + f" of job {job_id} on {workers} worker(s) ({name}); applied at the next stage boundary",
-        highlight=False,
     )
 
 
@@ -810,7 +809,6 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
     """List a job's checkpoints: tag, stage, step, size, age, verified."""
     from datetime import datetime, timezone
 
-    from rich.markup import escape
     from rich.table import Table
 
     jobs, _ = _open(job_id, storage)
@@ -829,9 +827,9 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
             age = f"{minutes:.0f} min"
         size = f"{sum(f.size for f in m.files.values()) / 2**20:.1f} MiB" if m else ""
         verdict = (
-            f"[red]no: {escape(info.problem)}[/]"
+            styled((f"no: {info.problem}", "red"))
             if info.problem
-            else ("[green]yes[/]" if info.verified else "sizes ok")
+            else (styled(("yes", "green")) if info.verified else "sizes ok")
         )
         table.add_row(info.tag, str(m.stage) if m else "", str(m.step) if m else "", size, age, verdict)
     console.print(table)
@@ -862,8 +860,13 @@ def export(job_id: str, storage: str | None, output: str) -> None:
     manifest, payload = latest
     if record.status != "succeeded":
         err_console.print(
-            f"[yellow]job {job_id} is {record.status}: exporting its newest checkpoint, {manifest.tag} "
-            f"(step {manifest.step:,} of {record.total_steps:,})[/]"
+            styled(
+                (
+                    f"job {job_id} is {record.status}: exporting its newest checkpoint, {manifest.tag} "
+                    f"(step {manifest.step:,} of {record.total_steps:,})",
+                    "yellow",
+                )
+            )
         )
     state_dict = torch.load(io.BytesIO(payload[MODEL_FILE]), map_location="cpu", weights_only=True)
     spec = record.job_spec()
@@ -889,7 +892,6 @@ def export(job_id: str, storage: str | None, output: str) -> None:
         + "\n  from workers.models import load_exported; model = load_exported("
         + repr(output)
         + ").eval()",
-        highlight=False,
     )
 
 

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from checkpoints.storage import Storage, forwarded_env
 from checkpoints.store import git_revision
 from service.analysis import boundary_spikes, plan_stage_steps
+from service.console import make_console, styled
 from service.coordination import JobLog, LeaseKeeper, cancel_requested, consume, pending_scales
 from service.decisions import (
     Cancelled,
@@ -82,7 +83,7 @@ class RunOptions:
     job_id: str
     storage: str
     address: str | None = None
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    console: Console = field(default_factory=lambda: make_console(stderr=True))
 
 
 def connect_ray(address: str | None) -> None:
@@ -172,8 +173,9 @@ class JobRunner:
         self.log = JobLog(jobs.storage, self.record.coordinator_attempts)
 
     def say(self, text: str, style: str | None = None) -> None:
-        """To the console and the job log in storage."""
-        self.opt.console.print(f"[{style}]{text}[/]" if style else text, highlight=False, markup=bool(style))
+        """To the console and the job log in storage. ``text`` is never read as markup: it carries
+        worker errors (gloo's name source files in brackets), paths and job ids."""
+        self.opt.console.print(styled((text, style or "")), markup=False, highlight=False)
         self.log.line(text)
 
     def event(self, text: str) -> None:
@@ -532,10 +534,10 @@ class JobRunner:
         end, rates = None, []
         tty = self.opt.console.is_terminal
         columns = [
-            TextColumn("stage {task.fields[n]} {task.fields[res]}px"),
+            TextColumn("stage {task.fields[n]} {task.fields[res]}px", markup=False),
             BarColumn(),
-            TextColumn("{task.completed:,.0f}/{task.total:,.0f} samples"),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} samples", markup=False),
+            TextColumn("{task.fields[info]}", markup=False),
             TimeElapsedColumn(),
         ]
         bar = Progress(*columns, console=self.opt.console, transient=False, disable=not tty)
@@ -592,7 +594,7 @@ class JobRunner:
                         )
                         self.log.line(line)
                         if not tty:
-                            self.opt.console.print(line, highlight=False, markup=False)
+                            self.opt.console.print(line, markup=False, highlight=False)
                 if report.stage_end is not None:
                     end = report.stage_end
                     self.jobs.append_metrics([end])

@@ -1,0 +1,34 @@
+"""The consoles that stagetrain prints through: rich, with markup off.
+
+Almost everything printed carries text from outside the program: exception messages (gloo's contain
+``[/__w/pytorch/.../pair.cc:545]``), paths, Ray and torch errors, job ids, spec values. With markup on,
+rich parses such text as tags and raises ``MarkupError`` on a stray closing tag, or silently swallows
+``[bold]``. So no console here reads markup, table cells and progress columns included; style is a
+value (``styled``), never spliced into a string.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.text import Text
+
+# Wide enough for the plan table when output is piped (rich would assume 80 columns).
+PIPED_WIDTH = 150
+
+
+def make_console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(
+        stderr=stderr,
+        markup=False,
+        highlight=False,
+        width=None if stream.isatty() else PIPED_WIDTH,
+    )
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """Text from plain strings and ``(text, style)`` pairs: ``styled(("error:", "bold red"), " ", msg)``.
+    Nothing in ``parts`` is parsed as markup."""
+    return Text.assemble(*parts)

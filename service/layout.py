@@ -12,6 +12,8 @@ defined; the coordinator, the workers and the CLI all read them from here.
 | ``control/stop.json`` | the coordinator | asks the workers to stop after the current step |
 | ``control/cancel.json`` | ``stagetrain cancel`` | asks the coordinator to stop the job as ``cancelled`` |
 | ``control/requests/scale-*.json`` | ``stagetrain scale`` | worker-count changes for stages not started |
+| ``control/hold.json`` | tests, demos | hold the workers at given steps until a stop (``workers.control``) |
+| ``control/held/`` | each rank | one marker per rank and held step: pid, host, Ray node |
 | ``ray/`` | Ray Train | its own run folders |
 """
 
@@ -24,6 +26,8 @@ CHECKPOINTS = "checkpoints"
 STOP_FILE = "control/stop.json"
 CANCEL_FILE = "control/cancel.json"
 REQUESTS_DIR = "control/requests"
+HOLD_FILE = "control/hold.json"
+HELD_DIR = "control/held"
 LEASE_FILE = "lease.json"
 LOGS_DIR = "logs"
 RAY_DIR = "ray"

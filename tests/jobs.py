@@ -109,3 +109,38 @@ def steps_reported(job_dir) -> int:
     if not path.exists():
         return 0
     return sum(1 for line in path.read_text().splitlines() if line and json.loads(line)["kind"] == "step")
+
+
+def hold_at(job_dir, *steps: int, timeout_s: float = 600) -> None:
+    """The job's workers will hold before each of ``steps`` (once each) until a stop is requested
+    (``control/hold.json``): a test then kills, cancels or notices at a known step, not in a race."""
+    from checkpoints.storage import Storage
+    from service.layout import HOLD_FILE
+    from workers.control import HoldRequest
+
+    root, job_id = str(job_dir).rsplit("/", 1)
+    request = HoldRequest(steps=list(steps), timeout_s=timeout_s)
+    Storage(root).child(job_id).write_text(request.model_dump_json(), HOLD_FILE)
+
+
+def held(job_dir, step: int, ranks: int, proc=None, timeout: float = 300) -> list[dict]:
+    """Wait until ``ranks`` workers hold at ``step``; their markers (pid, host, node), by rank. With
+    ``proc`` (the coordinator), fail at once with its output if it exits first."""
+    import time
+
+    from checkpoints.storage import Storage
+    from workers.control import held_marker
+
+    root, job_id = str(job_dir).rsplit("/", 1)
+    storage = Storage(root).child(job_id)
+    names = [held_marker(step, r) for r in range(ranks)]
+    deadline = time.monotonic() + timeout
+    while not all(storage.exists(n) for n in names):
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(
+                f"coordinator exited {proc.returncode} before holding at step {step}:\n{out}"
+            )
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for a hold at step {step}"
+        time.sleep(0.05)
+    return [json.loads(storage.read_text(n)) for n in names]

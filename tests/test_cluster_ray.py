@@ -24,10 +24,11 @@ from tests.jobs import (
     TOTAL,
     cli_env,
     final_state,
+    held,
+    hold_at,
     read_metrics,
     read_record,
     stagetrain,
-    steps_reported,
     write_job,
 )
 from tests.test_resume_ray import _committed
@@ -92,8 +93,9 @@ def test_min_workers_continues_at_once_on_fewer_and_returns_to_the_plan_at_the_n
     spec = merge(DETERMINISTIC, {"name": "elastic", "stages": stages, "failure": {"min_workers": 1}})
     job, job_dir = write_job(tmp_path, spec), tmp_path / "runs" / "el"
     with two_nodes(monkeypatch) as (cluster, node):
+        hold_at(job_dir, 30)
         proc = start(job, "el", tmp_path / "runs", cluster)
-        wait_until(proc, lambda: steps_reported(job_dir) >= 30)
+        held(job_dir, 30, ranks=2, proc=proc)
         cluster.remove_node(node)
         wait_until(proc, lambda: any(m.get("workers") == 1 for m in read_metrics(job_dir)), 120, 0.5)
         cluster.add_node(num_cpus=1)
@@ -130,8 +132,9 @@ def test_termination_notice_commits_the_step_reached_and_no_step_is_lost_or_repe
         with two_nodes(
             monkeypatch, head_env={AWS_ENDPOINT_ENV: head_md.url}, node_env={AWS_ENDPOINT_ENV: doomed_md.url}
         ) as (cluster, node):
+            hold_at(job_dir, 28)  # in stage 2
             proc = start(job, "nt", tmp_path / "runs", cluster, **{AWS_ENDPOINT_ENV: head_md.url})
-            wait_until(proc, lambda: steps_reported(job_dir) >= 28)  # in stage 2
+            held(job_dir, 28, ranks=2, proc=proc)
             doomed_md.announced = "terminate"
             record = wait_until(
                 proc, lambda: (r := record_of(job_dir)) and r["stages"][1]["infra_failures"] and r
@@ -151,7 +154,7 @@ def test_termination_notice_commits_the_step_reached_and_no_step_is_lost_or_repe
     assert record["status"] == "succeeded" and record["stages"][1]["infra_failures"] == 1
     assert any("termination notice: aws spot/instance-action" in e for e in record["events"])
     assert any("waiting up to" in e for e in record["events"]) and record["stages"][1]["attempts"] == 2
-    assert 28 <= stopped < 36
+    assert stopped == 28
     assert any(p == ("GET", "/latest/meta-data/spot/instance-action") for p in doomed_md.requests)
     # every step reported exactly once, in the metrics file as written (not de-duplicated)
     lines = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
@@ -161,10 +164,6 @@ def test_termination_notice_commits_the_step_reached_and_no_step_is_lost_or_repe
     model_b, state_b = final_state(job_dir)
     for name in model_a:
         assert torch.equal(model_a[name], model_b[name]), name
-
-
-def last_step(job_dir) -> int:
-    return max((m["step"] for m in read_metrics(job_dir) if m["kind"] == "step"), default=-1)
 
 
 def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
@@ -179,14 +178,15 @@ def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
     job, storage = write_job(tmp_path, spec), tmp_path / "runs"
     job_dir = storage / "nl"
     with two_nodes(monkeypatch) as (cluster, node):
+        hold_at(job_dir, 29, 39)  # mid stage 2 (steps 24-35), mid stage 3 (steps 36-47)
         proc = start(job, "nl", storage, cluster)
-        wait_until(proc, lambda: last_step(job_dir) >= 29, poll=0.2)  # mid stage 2 (steps 24-35)
+        held(job_dir, 29, ranks=2, proc=proc)
         cluster.remove_node(node)
         wait_until(proc, lambda: record_of(job_dir).get("status") == "waiting_for_capacity", 60)
         assert "needs 2 workers" in record_of(job_dir)["waiting_for"]
         time.sleep(10)
         node = cluster.add_node(num_cpus=1)
-        wait_until(proc, lambda: last_step(job_dir) >= 39, poll=0.2)  # mid stage 3 (steps 36-47)
+        held(job_dir, 39, ranks=2, proc=proc)
         cluster.remove_node(node)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 75, out

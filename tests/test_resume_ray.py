@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -13,17 +12,18 @@ import pytest
 from checkpoints.store import MANIFEST
 from service.layout import CHECKPOINTS
 from tests.conftest import merge
-from tests.helpers import LEASE_TIMEOUT_S, assert_same
+from tests.helpers import LEASE_TIMEOUT_S, assert_same, wait_until
 from tests.jobs import (
     DETERMINISTIC,
     TINY,
     TOTAL,
     final_state,
+    held,
+    hold_at,
     launch,
     read_metrics,
     read_record,
     stagetrain,
-    steps_reported,
     write_job,
 )
 
@@ -48,23 +48,12 @@ def _assert_equivalent(job_dir, straight_dir, resumed_from: list[int]):
             assert got[step][key] == ref[step][key], (step, key)
 
 
-def _kill_when(proc, condition, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"coordinator exited {proc.returncode} before the kill point:\n{proc.stdout.read()}"
-            )
-        if condition():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            time.sleep(
-                LEASE_TIMEOUT_S + 1
-            )  # the raylet, GCS and workers of that session go; the lease goes stale
-            return
-        time.sleep(0.05)
+def _kill(proc) -> None:
+    """SIGKILL the coordinator with its whole session (its local Ray), then let its lease go stale."""
+    assert proc.poll() is None, f"coordinator exited {proc.returncode}:\n{proc.stdout.read()}"
     os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("kill point never reached")
+    proc.wait()
+    time.sleep(LEASE_TIMEOUT_S + 1)  # the raylet, GCS and workers of that session go; the lease goes stale
 
 
 def _committed(job_dir, suffix: str) -> bool:
@@ -94,16 +83,23 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     job_dir = storage / "killed"
     resumed_from = []
 
+    # The workers hold at each kill point (once each) until the kill: no race with the job.
+    hold_at(job_dir, 8, 24, 25)
     # (a) mid-epoch: past the step-5 checkpoint, inside stage 1's first epoch
     proc = launch("run", job, "--job-id", "killed", "--storage", str(storage))
-    _kill_when(proc, lambda: steps_reported(job_dir) >= 8)
+    held(job_dir, 8, ranks=2, proc=proc)
+    _kill(proc)
     assert read_record(job_dir)["status"] == "running"  # the driver died: nobody marked it
-    # (b) right after the stage-1 boundary commit
+    # (b) right after the stage-1 boundary commit, before stage 2's first step
     proc = launch("resume", "killed", "--storage", str(storage))
-    _kill_when(proc, lambda: _committed(job_dir, "stage-1-end"))
-    # (c) during a checkpoint upload: payload written, manifest not yet
-    proc = launch("resume", "killed", "--storage", str(storage), STAGETRAIN_TEST_COMMIT_DELAY_S="3")
-    _kill_when(proc, lambda: _upload_in_flight(job_dir, after_step=24))
+    held(job_dir, 24, ranks=2, proc=proc)
+    assert _committed(job_dir, "stage-1-end")
+    _kill(proc)
+    # (c) during a checkpoint upload: the step-25 payload written, its manifest held back 60 s
+    proc = launch("resume", "killed", "--storage", str(storage), STAGETRAIN_TEST_COMMIT_DELAY_S="60")
+    held(job_dir, 25, ranks=2, proc=proc)
+    wait_until(lambda: _upload_in_flight(job_dir, after_step=24), "the step-25 upload to start")
+    _kill(proc)
     orphans = [
         t for t in os.listdir(job_dir / CHECKPOINTS) if not (job_dir / CHECKPOINTS / t / MANIFEST).exists()
     ]
@@ -115,14 +111,14 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = read_record(job_dir)
     assert record["status"] == "succeeded"
-    assert sum("resumed from" in e for e in record["events"]) == 3
+    assert sum("resumed from" in e for e in record["events"]) == 3, record["events"]
     for event in record["events"]:
         if "resumed from" in event:
             resumed_from.append(int(event.rsplit("(step ", 1)[1].rstrip(")")))
     # (a) resumes from a mid-epoch checkpoint: a periodic one, or the one a worker commits when Ray
     # SIGTERMs it after the coordinator's death (workers defer that signal to finish their step)
     assert 5 <= resumed_from[0] < 24 and resumed_from[0] % 12 != 0
-    assert resumed_from[1] == 24 and resumed_from[2] >= 24
+    assert resumed_from[1] == 24 and resumed_from[2] == 24  # (c)'s step-25 checkpoint never committed
     # the orphan was ignored by resume and cleaned up once newer checkpoints were committed
     assert not any(o in os.listdir(job_dir / CHECKPOINTS) for o in orphans)
     _assert_equivalent(job_dir, straight_dir, resumed_from)
@@ -133,11 +129,9 @@ def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, strai
     job = write_job(tmp_path, DETERMINISTIC)
     storage = tmp_path / "runs"
     job_dir = storage / "preempted"
+    hold_at(job_dir, 28)  # mid stage 2
     proc = launch("run", job, "--job-id", "preempted", "--storage", str(storage))
-    deadline = time.time() + 240
-    while steps_reported(job_dir) < 28 and time.time() < deadline:  # mid stage 2
-        assert proc.poll() is None
-        time.sleep(0.05)
+    held(job_dir, 28, ranks=2, proc=proc)
     os.kill(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75, out
@@ -145,7 +139,7 @@ def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, strai
     assert record["status"] == "preempted"
     assert record["stages"][1]["status"] == "preempted"
     stopped_at = record["current_step"]
-    assert 28 <= stopped_at < 36
+    assert stopped_at == 28
     # the checkpoint was committed at exactly the step reached
     assert _committed(job_dir, f"step-{stopped_at:09d}")
     status = stagetrain("status", "preempted", "--storage", str(storage))
@@ -161,22 +155,16 @@ def test_sigterm_to_the_workers_as_on_a_spot_node_preempts_with_a_checkpoint(tmp
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "spot"
+    hold_at(job_dir, 8)
     proc = launch("run", job, "--job-id", "spot", "--storage", str(storage))
-    deadline = time.time() + 240
-    while steps_reported(job_dir) < 8 and time.time() < deadline:
-        assert proc.poll() is None
-        time.sleep(0.05)
-    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    assert pids
-    for pid in pids:  # the node is going away: every worker process gets SIGTERM
-        os.kill(int(pid), signal.SIGTERM)
+    for worker in held(job_dir, 8, ranks=2, proc=proc):  # the node is going away: its workers get SIGTERM
+        os.kill(worker["pid"], signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out
     record = read_record(job_dir)
     assert record["status"] == "preempted" and record["stages"][0]["status"] == "preempted"
     # the workers finished their step and committed a checkpoint at the step reached (not a periodic one)
-    assert _committed(job_dir, f"step-{record['current_step']:09d}")
-    assert record["current_step"] >= 8
+    assert record["current_step"] == 8 and _committed(job_dir, "step-000000008")
 
 
 def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
@@ -191,23 +179,17 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "wk"
+    hold_at(job_dir, 10, 30)
     proc = launch("run", job, "--job-id", "wk", "--storage", str(storage))
     killed = 0
-    deadline = time.time() + 400
-    for threshold in (10, 30):
-        while steps_reported(job_dir) < threshold and time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.05)
-        pids = subprocess.run(
-            ["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True
-        ).stdout.split()
-        assert pids, "no Ray Train worker process found"
-        os.kill(int(pids[-1]), signal.SIGKILL)  # one worker of the group
+    for step in (10, 30):
+        workers = held(job_dir, step, ranks=2, proc=proc)
+        os.kill(workers[1]["pid"], signal.SIGKILL)  # one worker of this job's group
         killed += 1
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
     record = read_record(job_dir)
-    assert record["status"] == "succeeded" and record["stages"][0]["restarts"] >= killed
+    assert record["status"] == "succeeded" and record["stages"][0]["restarts"] == killed, record["events"]
     lines = [line for line in (job_dir / "metrics.jsonl").read_text().splitlines() if '"kind"' not in line]
     rerun = len(lines) - len({line.split('"step": ')[1].split(",")[0] for line in lines})
     # each failure loses at most one checkpoint interval (5) plus the unreported tail (< 2 steps)
@@ -248,16 +230,14 @@ def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "rr"
+    hold_at(job_dir, 28)  # mid stage 2 (global batch 32)
     proc = launch("run", job, "--job-id", "rr", "--storage", str(storage))
-    deadline = time.time() + 240
-    while steps_reported(job_dir) < 28 and time.time() < deadline:  # mid stage 2 (global batch 32)
-        assert proc.poll() is None
-        time.sleep(0.05)
+    held(job_dir, 28, ranks=2, proc=proc)
     os.kill(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75, out
     stopped_at = read_record(job_dir)["current_step"]
-    assert 28 <= stopped_at < 60  # inside stage 2, steps [24, 60)
+    assert stopped_at == 28  # inside stage 2, steps [24, 60)
 
     resumed = stagetrain("resume", "rr", "--storage", str(storage), "--workers", "1")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

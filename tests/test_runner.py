@@ -5,6 +5,7 @@ accumulation that all-reduces once per optimizer step with and without ``torch.c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -13,10 +14,11 @@ import torch
 from checkpoints.checkpointer import load
 from checkpoints.storage import Storage
 from checkpoints.store import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointStore
+from service.layout import HOLD_FILE
 from service.plan import build_plan
 from tests.conftest import make_spec
 from tests.helpers import assert_same
-from workers.control import StopAfter
+from workers.control import HoldRequest, StopAfter, held_marker
 from workers.train import StageRunner
 
 # mobilenet_v3_small has dropout in its classifier: every training step draws from the global RNG.
@@ -145,3 +147,45 @@ def test_changed_data_is_refused(tmp_path):
     plan = build_plan(spec, 120)  # planned for 120 samples; the source now has 96
     with pytest.raises(RuntimeError, match="has 96 samples, but this job was planned for 120"):
         StageRunner(spec, plan, 0, "j", url).run()
+
+
+class StopWhenHeld:
+    """A stop request that arrives once rank 0 holds at ``step`` (as a test's cancel would)."""
+
+    def __init__(self, job: Storage, step: int):
+        self.job, self.step = job, step
+
+    def on_step(self, step: int) -> None:
+        pass
+
+    def __call__(self) -> bool:
+        return self.job.exists(held_marker(self.step, 0))
+
+
+def test_a_hold_waits_at_its_step_for_a_stop_and_is_not_held_again(tmp_path, stage1, straight):
+    url = after_stage1(stage1, tmp_path)
+    job = Storage(url).child("j")
+    at = runner(url, 1).stage.step_start + 3  # not a report boundary (every 2): reported first
+    job.write_text(HoldRequest(steps=[at]).model_dump_json(), HOLD_FILE)
+    reports = []
+    held_runner = runner(url, 1, stop=StopWhenHeld(job, at))
+    held_runner.report = reports.append
+    end = held_runner.run()
+    assert end.preempted and end.step == at
+    assert json.loads(job.read_text(held_marker(at, 0)))["pid"] == os.getpid()
+    reported = [r["step"] for rep in reports for r in rep["records"]]
+    assert reported == list(range(at - 3, at))  # every step before the hold, none after
+    assert (store(url).latest()[0].step, store(url).latest()[0].boundary) == (at, False)
+    # the next attempt runs through the step already held, to the same end as the straight run
+    assert not runner(url, 1).run().preempted
+    assert_same(load(store(url), store(url).latest()[0].tag)[1]["model"], straight["model"], "model")
+
+
+def test_a_hold_without_a_stop_times_out_and_training_goes_on(tmp_path, stage1, straight):
+    url = after_stage1(stage1, tmp_path)
+    job = Storage(url).child("j")
+    at = runner(url, 1).stage.step_start + 2
+    job.write_text(HoldRequest(steps=[at], timeout_s=0.2).model_dump_json(), HOLD_FILE)
+    end = runner(url, 1).run()
+    assert not end.preempted and job.exists(held_marker(at, 0))
+    assert_same(load(store(url), store(url).latest()[0].tag)[1]["model"], straight["model"], "model")

@@ -1,9 +1,12 @@
 """Stop requests reaching a running stage: a stop file in job storage (written by the coordinator on
 SIGTERM, seen by workers on any node), SIGTERM delivered to the worker process itself, and the cloud's
-termination notice for the worker's node (``preemption.notice``), polled by a thread in each worker."""
+termination notice for the worker's node (``preemption.notice``), polled by a thread in each worker.
+Also the hold seam (``control/hold.json``): workers that wait at a given step until a stop arrives, so
+a test or a demo acts on a job at a known step instead of racing it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -11,8 +14,10 @@ import time
 import urllib.error
 import urllib.request
 
+from pydantic import BaseModel
+
 from checkpoints.storage import Storage
-from service.layout import STOP_FILE
+from service.layout import HELD_DIR, HOLD_FILE, STOP_FILE
 
 log = logging.getLogger(__name__)
 _sigterm = threading.Event()
@@ -182,3 +187,33 @@ class StopAfter:
 
     def __call__(self) -> bool:
         return self.seen >= self.n
+
+
+class HoldRequest(BaseModel):
+    """``control/hold.json``: hold every rank before each of ``steps`` (once per step: a step whose
+    rank-0 marker exists is not held again, so a retried or resumed stage runs through it) until a stop
+    is requested, or ``timeout_s`` passes (then training goes on)."""
+
+    steps: list[int]
+    timeout_s: float = 600.0
+
+
+def held_marker(step: int, rank: int) -> str:
+    """``control/held/step-<N>-rank-<r>.json``: written by each rank as it holds (pid, node, host)."""
+    return f"{HELD_DIR}/step-{step:09d}-rank-{rank}.json"
+
+
+def pending_holds(storage: Storage | None) -> HoldRequest | None:
+    """The hold request with the steps not yet held, or None (no request: one ``exists`` per stage)."""
+    if storage is None or not storage.exists(HOLD_FILE):
+        return None
+    req = HoldRequest.model_validate_json(storage.read_text(HOLD_FILE))
+    req.steps = [s for s in req.steps if not storage.exists(held_marker(s, 0))]
+    return req if req.steps else None
+
+
+def write_held_marker(storage: Storage, step: int, rank: int) -> None:
+    import socket
+
+    info = {"step": step, "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": _node_id()}
+    storage.write_text(json.dumps(info), held_marker(step, rank))

@@ -30,6 +30,7 @@ from service.jobs import EvalRecord, Report, StageEnd, StepRecord
 from service.layout import CHECKPOINTS
 from service.plan import Plan
 from service.spec import AdamWSpec, JobSpec
+from workers.control import pending_holds, write_held_marker
 from workers.data import StageDataset, StageSampler, _mix, open_source, split_evenly, stage_subset, to_input
 from workers.models import build_model
 from workers.schedules import PlanScheduler
@@ -174,11 +175,14 @@ class Distributed:
                 dist.broadcast(buf, src=0)
 
     def any(self, flag: bool) -> bool:
+        return bool(self.max(int(flag)))
+
+    def max(self, value: int) -> int:
         if not self.on:
-            return flag
-        t = torch.tensor([1 if flag else 0])
+            return value
+        t = torch.tensor([value])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return bool(t.item())
+        return int(t.item())
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.on:
@@ -268,8 +272,12 @@ class StageRunner:
         }
         self.dist = Distributed()
         self.device = device or _device(spec)
-        job_storage = Storage(storage_url, spec.checkpoint.storage_options).child(job_id)
-        self.store = store or CheckpointStore(job_storage.child(CHECKPOINTS))
+        self.job_storage = Storage(storage_url, spec.checkpoint.storage_options).child(job_id)
+        self.store = store or CheckpointStore(self.job_storage.child(CHECKPOINTS))
+        # control/hold.json (tests, demos): steps to hold at, decided by rank 0 for every rank
+        self.holds = self.dist.broadcast_object(
+            pending_holds(self.job_storage) if self.dist.rank == 0 else None
+        )
         self.resolution = self.stage.resolution  # of the step being trained (resolution_ramp_steps)
         self._tail: list[StepRecord] = []  # the stage's last records, sent with the stage end
         self._evals: list[EvalRecord] = []  # mid-stage evaluations not yet reported
@@ -464,6 +472,12 @@ class StageRunner:
 
         for local in range(first, st.steps):
             step = st.step_start + local
+            if self.holds and step in self.holds.steps:
+                if pending:  # reported first: a stop during the hold leaves no step unreported
+                    window_start, pending = self._report(pending, window_start, final=False), []
+                if self._hold(step):
+                    return self._preempt()
+                window_start = time.perf_counter()
             self.resolution = resolution(self.plan, step)
             lr, momentum = self._lr_momentum()
             loss = accumulate(
@@ -501,6 +515,17 @@ class StageRunner:
             if reported and not done and self.dist.any(self.stop_requested()):
                 return self._preempt()
         return self._finish(evaluate=True)
+
+    def _hold(self, step: int) -> bool:
+        """Wait before ``step`` (``control/hold.json``) until a stop is requested (True) or the hold
+        times out (False). Every rank polls together, so all leave at the same moment."""
+        write_held_marker(self.job_storage, step, self.dist.rank)
+        deadline = time.monotonic() + self.holds.timeout_s
+        while True:  # 2: a stop was requested on some rank, 1: some rank timed out
+            verdict = self.dist.max(2 if self.stop_requested() else int(time.monotonic() > deadline))
+            if verdict:
+                return verdict == 2
+            time.sleep(0.05)
 
     def _autocast(self):
         precision = self.spec.train.precision if self._cuda and self.spec.train.amp else "fp32"

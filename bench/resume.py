@@ -19,7 +19,7 @@ makes the download visible):
    for resume).
 3. ``stagetrain resume``: launched at t=0; ``resume_first_step_s`` is when the first NEW step record
    appears in metrics.jsonl. Then SIGTERM again (exit 75) to free the cores.
-4. ``ray_start_s``: ``service.runner.connect_ray`` (the ``ray.init`` the coordinator makes), timed in
+4. ``ray_start_s``: ``service.executor.connect_ray`` (the ``ray.init`` the coordinator makes), timed in
    this process before each round, then ``ray.shutdown()``.
 
 Split of the resume time: Ray start = ``ray_start_s``, download+load = ``download_s``, worker start =
@@ -272,7 +272,7 @@ def wait_steps(coord: Coordinator, job_dir: str, count: int, timeout: float) -> 
 def time_ray_start(spec_dict: dict) -> float:
     import ray
 
-    from service.runner import connect_ray
+    from service.executor import connect_ray
 
     t0 = time.perf_counter()
     connect_ray(None)

@@ -17,18 +17,14 @@ Between stages the coordinator applies what users asked for meanwhile: ``stagetr
 from __future__ import annotations
 
 import os
-import queue as stdqueue
 import signal
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 
-import ray
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from checkpoints.storage import Storage, forwarded_env
 from checkpoints.store import git_revision
 from service.analysis import boundary_spikes, plan_stage_steps
 from service.console import make_console, styled
@@ -54,6 +50,7 @@ from service.decisions import (
     stage_completed,
     stage_outcome,
 )
+from service.executor import RayExecutor, Running, StageExecutor, StageRun
 from service.jobs import (
     EXIT_CANCELLED,
     EXIT_FAILED,
@@ -65,17 +62,17 @@ from service.jobs import (
     StageEnd,
     now,
 )
-from service.layout import CANCEL_FILE, RAY_DIR, STOP_FILE
+from service.layout import CANCEL_FILE, STOP_FILE
 from service.plan import Plan, StagePlan
 from service.report import plan_table
 from service.sinks import open_sinks
 from service.spec import JobSpec
 from service.submit import SUBMISSION_ENV
 
-DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # else every report blocks ~2 s
 PROGRESS_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
 REQUEST_POLL_S = 1.0  # how often a running stage looks for a cancel request
 CAPACITY_POLL_S = 5.0  # how often a job waiting for capacity looks at the cluster again
+NODE_LOST_WAIT_S = 10.0  # after a worker died: how long Ray may take to mark its node dead
 
 
 @dataclass
@@ -84,70 +81,6 @@ class RunOptions:
     storage: str
     address: str | None = None
     console: Console = field(default_factory=lambda: make_console(stderr=True))
-
-
-def connect_ray(address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    env = {**DEFAULT_ENV, **{k: os.environ[k] for k in DEFAULT_ENV if k in os.environ}, **forwarded_env()}
-    for k, v in env.items():  # a local cluster's controller inherits these
-        os.environ.setdefault(k, v)
-    log_to_driver = os.environ.get("STAGETRAIN_RAY_LOGS") == "1"  # worker lines would flood the job log
-    if os.environ.get(SUBMISSION_ENV):  # a submitted coordinator: the Ray job's runtime env already applies
-        ray.init(log_to_driver=log_to_driver)
-    elif address:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(
-            address=address,
-            log_to_driver=log_to_driver,
-            runtime_env={
-                "env_vars": env,
-                "py_modules": [os.path.join(here, m) for m in ("service", "workers", "checkpoints")],
-            },
-        )
-    else:
-        # address="local": always a fresh cluster; plain ray.init() would join one left by `ray start`.
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            runtime_env={"env_vars": env},
-            log_to_driver=log_to_driver,
-        )
-
-
-def _ray_storage(store: Storage, job_id: str) -> dict:
-    """``RunConfig`` storage for Ray's own run files, inside the job folder on the same filesystem."""
-    if store.local:
-        return {"storage_path": os.path.abspath(store.path(job_id, RAY_DIR))}
-    import pyarrow.fs
-
-    return {
-        "storage_path": store.path(job_id, RAY_DIR),
-        "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs)),
-    }
-
-
-def _make_callback(q):
-    from ray.train import UserCallback
-
-    class Forward(UserCallback):
-        """Runs on the Ray Train controller: forwards reports and worker errors to the coordinator."""
-
-        def after_report(self, run_context, metrics, checkpoint):
-            q.put({"report": metrics[0]})
-
-        def after_exception(self, run_context, worker_exceptions):
-            q.put(
-                {
-                    "worker_errors": {
-                        r: (f"{type(e).__name__}: {_first_line(e)}", "".join(traceback.format_exception(e)))
-                        for r, e in worker_exceptions.items()
-                    }
-                }
-            )
-
-    return Forward()
 
 
 class JobRunner:
@@ -159,9 +92,11 @@ class JobRunner:
         jobs: JobStore,
         options: RunOptions,
         lease: LeaseKeeper,
+        executor: StageExecutor | None = None,
     ):
         self.spec, self.plan, self.record, self.jobs, self.opt = spec, plan, record, jobs, options
         self.lease = lease
+        self.executor = executor or RayExecutor(options.address, jobs.root)
         self.stop = threading.Event()
         self.stop_reason: str | None = None  # "cancel" or "SIGTERM"
         self._grace_timer: threading.Timer | None = None
@@ -198,7 +133,7 @@ class JobRunner:
             self.jobs.storage.remove(STOP_FILE)
             self.jobs.storage.remove(CANCEL_FILE)
             self.jobs.save(self.record)
-            connect_ray(self.opt.address)
+            self.executor.connect()
             self.sinks = open_sinks(self.jobs, self.spec, self.record.current_step)
             if (
                 threading.current_thread() is threading.main_thread()
@@ -244,7 +179,7 @@ class JobRunner:
             self._apply_scale_requests(step)
             waiting = None if self.lost_at is None else time.monotonic() - self.lost_at
             action = next_action(
-                self.record, self.plan, manifest, self.spec, ray.cluster_resources(), waiting
+                self.record, self.plan, manifest, self.spec, self.executor.cluster_resources(), waiting
             )
             if isinstance(action, Finish):
                 self.record.finish(self.plan.total_steps)
@@ -331,7 +266,7 @@ class JobRunner:
         deadline = time.monotonic() + self.spec.preemption.notice_window_s
         self.say(f"waiting for noticed node(s) {', '.join(n[:8] for n in nodes)} to go", "yellow")
         while time.monotonic() < deadline:
-            if not set(nodes) & _alive_nodes() or self.stop.wait(1.0):
+            if not set(nodes) & self.executor.alive_nodes() or self.stop.wait(1.0):
                 return
         self.log.line("the noticed node(s) are still there; continuing")
 
@@ -356,7 +291,7 @@ class JobRunner:
                             res.use_gpu,
                             res.cpus_per_worker,
                             res.gpus_per_worker,
-                            ray.cluster_resources(),
+                            self.executor.cluster_resources(),
                         )
                     ):
                         raise ValueError(problem)
@@ -387,17 +322,9 @@ class JobRunner:
             self.jobs.save(self.record)
 
     def _run_stage(self, action: RunStage) -> tuple[Outcome, int]:
-        """One ``TorchTrainer.fit()`` of plan row ``action.stage``: its outcome and the step of the newest
+        """One run of plan row ``action.stage`` on the executor: its outcome and the step of the newest
         committed checkpoint after it."""
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from workers.train import train_loop_per_worker
-
-        stage, spec = self.plan.stages[action.stage], self.spec
-        res = spec.resources
+        stage = self.plan.stages[action.stage]
         srec = self.record.stages[stage.index]
         srec.status, srec.attempts, srec.workers = "running", action.attempt, stage.workers
         srec.started = srec.started or now()
@@ -415,55 +342,30 @@ class JobRunner:
             )
         self.jobs.save(self.record)
 
-        # The report queue lives on the coordinator's node: a lost worker node must not take it along.
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "spec": spec.model_dump(mode="json"),
-                "plan": self.plan.model_dump(mode="json"),
-                "stage": action.stage,
-                "job_id": self.record.job_id,
-                "storage": self.opt.storage,
-                "provenance": {"git_revision": self._git_revision},
-            },
-            scaling_config=ScalingConfig(
-                num_workers=stage.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
-            ),
-            run_config=RunConfig(
-                name=f"{self.record.job_id}-stage-{stage.index + 1}-attempt-{action.attempt}",
-                # Every failure comes back to the coordinator, which tells lost nodes from crashes of the
-                # training code (only those count against failure.max_failures): see after_outcome.
-                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
-                callbacks=[_make_callback(q)],
-                **_ray_storage(self.jobs.root, self.record.job_id),
-            ),
+        started, nodes_before = time.perf_counter(), self.executor.alive_nodes()
+        run = self.executor.start(
+            StageRun(
+                self.spec,
+                self.plan,
+                action.stage,
+                action.start_step,
+                action.attempt,
+                self.record.job_id,
+                self.opt.storage,
+                self._git_revision,
+            )
         )
-        error: list[BaseException] = []
-        started, nodes_before = time.perf_counter(), _alive_nodes()
-
-        def fit():
-            try:
-                trainer.fit()
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                error.append(e)
-
-        thread = threading.Thread(target=fit, name=f"fit-stage-{stage.index + 1}", daemon=True)
-        thread.start()
-        end, lost = self._follow(thread, q, stage, action.start_step)
-        if (
-            thread.is_alive()
-        ):  # gave up on the stage: the driver's exit takes the Ray Train controller with it
-            error.clear()
-        ray.kill(q.actor)
+        try:
+            end, lost = self._follow(run, stage, action.start_step)
+        finally:
+            run.close()
+        failure = run.failure()
         srec.seconds += time.perf_counter() - started
         node_lost = False
-        if error:
-            self.log.line("".join(traceback.format_exception(error[0])))
+        if failure:
+            self.log.line(failure.details)
             # a worker actor died: was its node lost (infrastructure), or the process (the code, OOM)?
-            node_lost = _actor_died(error[0]) and self._node_lost(nodes_before, wait_s=10)
+            node_lost = failure.actor_died and self._node_lost(nodes_before, wait_s=NODE_LOST_WAIT_S)
             lost = lost or self._capacity_lost(stage)
 
         latest = self.jobs.checkpoints.latest(verify=False)
@@ -472,7 +374,7 @@ class JobRunner:
             self.plan,
             action.stage,
             end,
-            _root_cause(error[0]) if error else None,
+            failure.cause if failure else None,
             lost,
             self.stop_reason,
             manifest,
@@ -525,10 +427,8 @@ class JobRunner:
         self.say(f"job failed: {outcome.reason}", "bold red")
         return EXIT_FAILED
 
-    def _follow(
-        self, thread: threading.Thread, q, stage: StagePlan, start_step: int
-    ) -> tuple[StageEnd | None, str | None]:
-        """Drain reports while ``fit`` runs: progress, metrics file, job record, log. Returns the stage's
+    def _follow(self, run: Running, stage: StagePlan, start_step: int) -> tuple[StageEnd | None, str | None]:
+        """Drain reports while the run goes on: progress, metrics file, job record, log. Returns the stage's
         last report and, if the cluster lost the capacity for the stage meanwhile, what it lacks."""
         srec = self.record.stages[stage.index]
         end, rates = None, []
@@ -556,10 +456,9 @@ class JobRunner:
                     last_poll = time.monotonic()
                     if not self.stop.is_set() and cancel_requested(self.jobs.storage):
                         self._request_stop("cancel")
-                try:
-                    item = q.get(timeout=0.5)
-                except stdqueue.Empty:
-                    if not thread.is_alive() and q.empty():
+                item = run.get(timeout=0.5)
+                if item is None:
+                    if run.finished():
                         break
                     if failed and (lost := self._capacity_lost(stage)):
                         return end, lost
@@ -598,7 +497,6 @@ class JobRunner:
                 if report.stage_end is not None:
                     end = report.stage_end
                     self.jobs.append_metrics([end])
-            thread.join()
         if rates:
             srec.images_per_s = sum(rates) / len(rates)
         return end, None
@@ -608,7 +506,7 @@ class JobRunner:
         long."""
         deadline = time.monotonic() + wait_s
         while True:
-            if before - _alive_nodes():
+            if before - self.executor.alive_nodes():
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -627,7 +525,7 @@ class JobRunner:
                 res.use_gpu,
                 res.cpus_per_worker,
                 res.gpus_per_worker,
-                ray.cluster_resources(),
+                self.executor.cluster_resources(),
             )
             if lost or time.monotonic() >= deadline:
                 return lost
@@ -667,34 +565,3 @@ class JobRunner:
         self.jobs.save(self.record)
         self.say(f"job failed: {reason}", "bold red")
         return EXIT_FAILED
-
-
-def _alive_nodes() -> set[str]:
-    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-
-
-def _actor_died(e: BaseException) -> bool:
-    """Did a worker's actor die (its process or its node gone), rather than raise from the training
-    code? Ray Train reports that as ``RayActorError`` (or a failed health check wrapping one)."""
-    from ray.exceptions import RayActorError
-
-    failures = getattr(e, "worker_failures", None) or {0: e}
-    return any(
-        isinstance(err, RayActorError)
-        or isinstance(getattr(err, "health_check_failure", None), RayActorError)
-        or "HealthCheck" in type(err).__name__
-        for err in failures.values()
-    )
-
-
-def _first_line(text: str, limit: int = 300) -> str:
-    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _root_cause(e: BaseException) -> str:
-    failures = getattr(e, "worker_failures", None)
-    if failures:
-        rank, err = next(iter(failures.items()))
-        return f"worker {rank}: {type(err).__name__}: {_first_line(err)}"
-    return f"{type(e).__name__}: {_first_line(e)}"

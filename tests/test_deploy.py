@@ -670,12 +670,14 @@ def test_dockerfile_matches_pyproject():
 
 
 def test_dockerfile_env_and_layout():
-    from service.runner import DEFAULT_ENV
+    from service.executor import DEFAULT_ENV
 
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
     env = dict(kv.split("=", 1) for i, a in instructions if i == "ENV" for kv in shlex.split(a))
     for key, value in DEFAULT_ENV.items():
-        assert env.get(key) == value, f"deploy/Dockerfile: ENV {key}={value} (service/runner.py DEFAULT_ENV)"
+        assert env.get(key) == value, (
+            f"deploy/Dockerfile: ENV {key}={value} (service/executor.py DEFAULT_ENV)"
+        )
     assert ("WORKDIR", IMAGE_ROOT.rstrip("/")) in instructions
     copied = {}
     for i, a in instructions:

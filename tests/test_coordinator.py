@@ -1,0 +1,171 @@
+"""The coordinator (``service.runner.JobRunner``) driven through an in-process executor
+(``tests/fake_executor.py``): retries, cancel, scale requests, lost nodes and capacity waits, in
+seconds and without Ray. Storage is real (a local folder); what Ray alone shows is in the *_ray tests."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+import service.runner as runner_module
+from checkpoints.storage import Storage
+from service.coordination import LeaseKeeper, request_cancel, request_scale
+from service.jobs import EXIT_CANCELLED, EXIT_OK, EXIT_PREEMPTED, JobRecord, JobStore
+from service.plan import build_plan
+from service.runner import JobRunner, RunOptions
+from service.spec import validate_spec
+from tests.conftest import merge
+from tests.fake_executor import FakeExecutor, Fault
+from tests.jobs import TINY
+
+# 3 stages of 12 steps on 2 workers (global batch 32 of 384 samples); reports every 2, checkpoints every 4
+SPEC = merge(
+    TINY,
+    {
+        "name": "coord",
+        "stages": [
+            {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
+            {"resolution": 20, "epochs": 1, "batch_size": 16, "workers": 2},
+            {"resolution": 24, "epochs": 1, "batch_size": 16, "workers": 2},
+        ],
+        "metrics": {"every_n_steps": 2},
+        "checkpoint": {"every_n_steps": 4},
+    },
+)
+# gloo's error text names its source file in brackets; with it, rich-markup-like text of every kind
+NASTY = (
+    "Connection closed by peer [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] "
+    "[/x] [bold]b[/bold] [link=http://e]l"
+)
+
+
+@pytest.fixture(autouse=True)
+def quick_waits(monkeypatch):
+    """The runner's polls, at test speed (the values are configuration, not behaviour)."""
+    monkeypatch.setattr(runner_module, "CAPACITY_POLL_S", 0.2)
+    monkeypatch.setattr(runner_module, "REQUEST_POLL_S", 0.05)
+    monkeypatch.setattr(runner_module, "NODE_LOST_WAIT_S", 0.2)
+
+
+class Job:
+    """A job record in a tmp storage folder and a coordinator for it on a fake executor."""
+
+    def __init__(self, tmp_path, overrides: dict | None = None, job_id: str = "j"):
+        self.url, self.job_id = str(tmp_path), job_id
+        self.spec = validate_spec(merge(SPEC, overrides or {}))
+        self.jobs = JobStore(Storage(self.url), job_id)
+        self.jobs.save(JobRecord.create(job_id, self.spec, build_plan(self.spec, 384)))
+        self.executor = FakeExecutor(self.url, job_id)
+        self.out = io.StringIO()
+
+    def run(self) -> int:
+        record = self.jobs.load()
+        spec = record.job_spec()
+        lease = LeaseKeeper(self.jobs.storage, self.job_id).acquire()
+        console = Console(file=self.out, width=200)  # markup on: JobRunner must not depend on it being off
+        options = RunOptions(job_id=self.job_id, storage=self.url, console=console)
+        return JobRunner(spec, record.plan(spec), record, self.jobs, options, lease, self.executor).run()
+
+    @property
+    def record(self) -> JobRecord:
+        return self.jobs.load()
+
+    def steps(self) -> list[int]:
+        return [m["step"] for m in self.jobs.read_metrics() if m["kind"] == "step"]
+
+
+def test_a_crash_is_retried_and_its_message_printed_verbatim(tmp_path):
+    """The retry path prints the worker's error as it is: a gloo message once crashed it (MarkupError)."""
+    job = Job(tmp_path, {"failure": {"max_failures": 1}})
+    job.executor.faults = [Fault(step=18, message=NASTY)]
+    assert job.run() == EXIT_OK, job.out.getvalue()
+    record = job.record
+    assert record.status == "succeeded"
+    assert (record.stages[1].attempts, record.stages[1].restarts, record.stages[1].infra_failures) == (
+        2,
+        1,
+        0,
+    )
+    assert NASTY in job.out.getvalue().replace("\n", "")  # printed, brackets and all
+    assert any(NASTY in e and "retry 1 of 1" in e for e in record.events), record.events
+    log = job.jobs.storage.read_text("logs", "attempt-1.log")
+    assert NASTY in log
+    # the retry continued from the newest checkpoint (step 16) and every step is in the metrics
+    assert job.executor.runs[2].start_step == 16
+    assert sorted(set(job.steps())) == list(range(36))
+
+
+def test_a_crash_past_max_failures_fails_the_job_naming_the_error(tmp_path):
+    job = Job(tmp_path, {"failure": {"max_failures": 1}})
+    job.executor.faults = [Fault(step=5, message=NASTY), Fault(step=6, message=NASTY)]
+    assert job.run() == 1
+    record = job.record
+    assert record.status == "failed" and NASTY in record.error
+    assert (record.stages[0].attempts, record.stages[0].restarts) == (2, 1)
+    assert f"job failed: stage 1 failed: worker 1: RuntimeError: {NASTY}" in job.out.getvalue().replace(
+        "\n", ""
+    )
+
+
+def test_cancel_mid_stage_stops_at_the_next_report_with_a_checkpoint(tmp_path):
+    job = Job(tmp_path)
+    job.executor.step_s = 0.02
+    job.executor.on_step = lambda step: step == 15 and request_cancel(job.jobs.storage, now=False)
+    assert job.run() == EXIT_CANCELLED
+    record = job.record
+    assert record.status == "cancelled" and record.stages[1].status == "cancelled"
+    latest = job.jobs.checkpoints.latest()[0]
+    assert latest.step == record.current_step and 16 <= latest.step < 24 and not latest.boundary
+    assert job.steps() == list(range(latest.step))
+
+
+def test_a_scale_request_applies_at_the_next_stage_boundary(tmp_path):
+    job = Job(tmp_path)
+    job.executor.on_step = lambda step: step == 3 and request_scale(job.jobs.storage, 1, 2)
+    assert job.run() == EXIT_OK
+    record = job.record
+    assert [s.workers for s in record.stages] == [2, 1, 1]
+    assert [r.plan.stages[r.row].workers for r in job.executor.runs] == [2, 1, 1]
+    assert record.layout_changes[0].from_stage == 2
+    plan = record.plan()
+    assert plan.stages[1].lr_scale == 0.5  # global batch 16 vs the reference 32 (linear rule)
+
+
+def test_a_lost_node_waits_for_capacity_then_continues_by_itself(tmp_path):
+    job = Job(tmp_path, {"failure": {"capacity_wait_s": 30}})
+    job.executor.faults = [
+        Fault(step=14, message="node died", actor_died=True, lose_node="worker", back_after_s=1)
+    ]
+    assert job.run() == EXIT_OK
+    record = job.record
+    assert record.status == "succeeded"
+    assert (record.stages[1].attempts, record.stages[1].restarts, record.stages[1].infra_failures) == (
+        2,
+        0,
+        1,
+    )
+    assert any("waiting up to" in e for e in record.events)
+    assert job.executor.runs[2].start_step == 12  # stage 2's second attempt, from its newest checkpoint
+
+
+def test_a_node_lost_for_good_preempts_after_the_capacity_wait(tmp_path):
+    job = Job(tmp_path, {"failure": {"capacity_wait_s": 1}})
+    job.executor.faults = [Fault(step=26, message="node died", actor_died=True, lose_node="worker")]
+    assert job.run() == EXIT_PREEMPTED
+    record = job.record
+    assert record.status == "preempted" and "--workers" in record.error
+    assert "needs 2 workers" in record.error and record.current_step == 24
+    assert "stagetrain resume j --workers N" in job.out.getvalue()
+
+
+def test_min_workers_continues_at_once_on_fewer_workers(tmp_path):
+    job = Job(tmp_path, {"failure": {"min_workers": 1}})
+    job.executor.faults = [Fault(step=14, message="node died", actor_died=True, lose_node="worker")]
+    assert job.run() == EXIT_OK
+    record = job.record
+    layouts = [(r.plan.stages[r.row].workers, r.plan.stages[r.row].grad_accum) for r in job.executor.runs]
+    assert layouts[1:] == [(2, 1), (1, 2), (1, 2)]  # stage 2 kept its global batch by accumulation
+    assert record.layout_changes[0].source.startswith("elastic")
+    assert not any("waiting" in e for e in record.events)

@@ -160,12 +160,19 @@ def test_cancel_then_resume_ends_bit_identical(svc, straight, tmp_path):
 )
 def test_bad_input_exits_2_and_changes_nothing(svc, args, expect):
     _, storage, _ = svc
-    before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(storage) for p in fs}
+
+    def snapshot() -> dict[str, float]:  # every file by its full path (two jobs share basenames)
+        return {
+            os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
+            for dp, _, fs in os.walk(storage)
+            for f in fs
+        }
+
+    before = snapshot()
     out = st(svc, *args)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert expect in out.stderr and "Traceback" not in out.stderr
-    after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(storage) for p in fs}
-    assert before == after
+    assert snapshot() == before
 
 
 def test_scale_refuses_a_started_or_missing_stage(svc, tmp_path):

@@ -23,9 +23,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunStage:
+    """Run plan rows ``stage``..``last`` (a stage group: one worker layout) from ``start_step``."""
+
     stage: int  # row in plan.stages (a stage, or a segment of one after a mid-stage resize)
     start_step: int  # where the stage's workers will pick up (from the latest checkpoint)
     attempt: int  # 1-based; makes the Ray run name unique
+    last: int | None = None  # the group's last row (None: ``stage`` alone)
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ def next_action(
     res = spec.resources
     problem = fits_cluster(plan, row, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker, cluster)
     if not problem:
-        return RunStage(stage=row, start_step=step, attempt=record.stages[stage.index].attempts + 1)
+        attempt = record.stages[stage.index].attempts + 1
+        return RunStage(stage=row, start_step=step, attempt=attempt, last=group_end(plan, row))
     fewest = spec.stages[stage.index].fewest_workers(spec.failure)
     for workers in range(stage.workers - 1, fewest - 1, -1):
         if not _shortfall(
@@ -193,6 +197,17 @@ def after_outcome(outcome: Outcome, failure: FailureSpec, restarts: int) -> Retr
         limit = "unlimited" if failure.max_failures == -1 else failure.max_failures
         return Retry(f"{outcome.reason}; retry {restarts + 1} of {limit}", infra=False)
     return None
+
+
+def group_end(plan: Plan, row: int) -> int:
+    """The last plan row that runs with ``row`` in one worker group: the rows after it with the same
+    worker count (resources are job-wide). The workers move to the next stage's resolution, batch, data
+    and LR in place; only a change of layout needs new workers. A scale request pending at a boundary
+    ends the group there too (the workers look), so the coordinator can apply it."""
+    last = row
+    while last + 1 < len(plan.stages) and plan.stages[last + 1].workers == plan.stages[row].workers:
+        last += 1
+    return last
 
 
 def stage_completed(plan: Plan, row: int, latest: Manifest | None) -> bool:

@@ -30,7 +30,9 @@ DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # else every report 
 
 @dataclass(frozen=True)
 class StageRun:
-    """Run plan row ``row`` of ``plan`` from the newest committed checkpoint (at ``start_step``)."""
+    """Run plan rows ``row``..``last`` of ``plan`` (one worker layout) from the newest committed
+    checkpoint (at ``start_step``): each stage ends with its boundary checkpoint and a ``StageEnd``
+    report, then the same workers go on with the next row."""
 
     spec: JobSpec
     plan: Plan
@@ -40,6 +42,7 @@ class StageRun:
     job_id: str
     storage: str  # the storage root URL (the job lives in <storage>/<job_id>)
     git_revision: str | None = None
+    last: int | None = None  # None: ``row`` alone
 
     @property
     def name(self) -> str:
@@ -121,6 +124,7 @@ class RayExecutor:
                 "spec": run.spec.model_dump(mode="json"),
                 "plan": run.plan.model_dump(mode="json"),
                 "stage": run.row,
+                "last_stage": run.row if run.last is None else run.last,
                 "job_id": run.job_id,
                 "storage": run.storage,
                 "provenance": {"git_revision": run.git_revision},

@@ -114,6 +114,7 @@ class Report(BaseModel):
     records: list[StepRecord] = []
     evals: list[EvalRecord] = []
     stage_end: StageEnd | None = None
+    started_row: int | None = None  # a stage group went on with this plan row (after a stage_end)
 
 
 class StageRecord(BaseModel):

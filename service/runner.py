@@ -197,10 +197,10 @@ class JobRunner:
                 continue
             assert isinstance(action, RunStage)
             self.lost_at = None
-            outcome, step = self._run_stage(action)
+            row, outcome, step = self._run_stage(action)
             if isinstance(outcome, Completed):
                 continue
-            srec = self.record.stages[self.plan.stages[action.stage].index]
+            srec = self.record.stages[self.plan.stages[row].index]
             retry = after_outcome(outcome, self.spec.failure, srec.restarts)
             if retry is None:
                 return self._settle(srec.stage - 1, outcome, step)
@@ -321,28 +321,14 @@ class JobRunner:
             consume(self.jobs.storage, name)
             self.jobs.save(self.record)
 
-    def _run_stage(self, action: RunStage) -> tuple[Outcome, int]:
-        """One run of plan row ``action.stage`` on the executor: its outcome and the step of the newest
-        committed checkpoint after it."""
-        stage = self.plan.stages[action.stage]
-        srec = self.record.stages[stage.index]
-        srec.status, srec.attempts, srec.workers = "running", action.attempt, stage.workers
-        srec.started = srec.started or now()
-        self.record.status, self.record.current_stage = "running", stage.index + 1
-        self.record.waiting_for = None
-        self.record.current_step = action.start_step
-        self.say(
-            f"stage {stage.label}: {stage.resolution}px, {stage.workers} worker(s) x {stage.batch_size} x "
-            f"accum {stage.grad_accum} = global batch {stage.global_batch}, steps {action.start_step}.."
-            f"{stage.step_end - 1} (attempt {action.attempt})"
-        )
-        if action.start_step > stage.step_start:
-            self.event(
-                f"stage {stage.label} continues from step {action.start_step} (attempt {action.attempt})"
-            )
-        self.jobs.save(self.record)
-
-        started, nodes_before = time.perf_counter(), self.executor.alive_nodes()
+    def _run_stage(self, action: RunStage) -> tuple[int, Outcome, int]:
+        """One run of plan rows ``action.stage``..``action.last`` (a stage group) on the executor. Each
+        stage that ends inside the group is settled as it ends (``_stage_started``/``_stage_done``).
+        Returns the row the run ended in, that row's outcome, and the step of the newest committed
+        checkpoint after it."""
+        self._settled: dict[int, Outcome] = {}  # rows of this run that ended with their boundary checkpoint
+        self._stage_started(action.stage, action.start_step, action.attempt)
+        nodes_before = self.executor.alive_nodes()
         run = self.executor.start(
             StageRun(
                 self.spec,
@@ -353,26 +339,28 @@ class JobRunner:
                 self.record.job_id,
                 self.opt.storage,
                 self._git_revision,
+                last=action.last,
             )
         )
         try:
-            end, lost = self._follow(run, stage, action.start_step)
+            row, end, lost = self._follow(run, action.stage, action.start_step)
         finally:
             run.close()
+        stage = self.plan.stages[row]
         failure = run.failure()
-        srec.seconds += time.perf_counter() - started
         node_lost = False
         if failure:
             self.log.line(failure.details)
             # a worker actor died: was its node lost (infrastructure), or the process (the code, OOM)?
             node_lost = failure.actor_died and self._node_lost(nodes_before, wait_s=NODE_LOST_WAIT_S)
             lost = lost or self._capacity_lost(stage)
-
         latest = self.jobs.checkpoints.latest(verify=False)
         manifest = latest[0] if latest else None
+        if row in self._settled and not failure and not lost:  # the group ended at this stage's boundary
+            return row, self._settled[row], manifest.step
         outcome = stage_outcome(
             self.plan,
-            action.stage,
+            row,
             end,
             failure.cause if failure else None,
             lost,
@@ -380,6 +368,31 @@ class JobRunner:
             manifest,
             node_lost=node_lost,
         )
+        if row not in self._settled:
+            self._stage_done(row, end, outcome, manifest)
+        return row, outcome, manifest.step if manifest else action.start_step
+
+    def _stage_started(self, row: int, step: int, attempt: int) -> None:
+        stage = self.plan.stages[row]
+        srec = self.record.stages[stage.index]
+        srec.status, srec.attempts, srec.workers = "running", attempt, stage.workers
+        srec.started = srec.started or now()
+        self.record.status, self.record.current_stage = "running", stage.index + 1
+        self.record.waiting_for = None
+        self.record.current_step = step
+        self.say(
+            f"stage {stage.label}: {stage.resolution}px, {stage.workers} worker(s) x {stage.batch_size} x "
+            f"accum {stage.grad_accum} = global batch {stage.global_batch}, steps {step}.."
+            f"{stage.step_end - 1} (attempt {attempt})"
+        )
+        if step > stage.step_start:
+            self.event(f"stage {stage.label} continues from step {step} (attempt {attempt})")
+        self.jobs.save(self.record)
+        self._stage_clock = time.perf_counter()
+
+    def _stage_done(self, row: int, end: StageEnd | None, outcome: Outcome, manifest) -> None:
+        stage = self.plan.stages[row]
+        self.record.stages[stage.index].seconds += time.perf_counter() - self._stage_clock
         if end is not None:
             self.record.checkpoint_failures.extend(end.checkpoint_failures)
         self._note_spikes()
@@ -392,7 +405,16 @@ class JobRunner:
                 if outcome.val_acc is not None
                 else f"stage {stage.label} completed: {outcome.checkpoint}"
             )
-        return outcome, manifest.step if manifest else action.start_step
+
+    def _stage_ended(self, row: int, end: StageEnd) -> None:
+        """Stage ``row`` ended with its boundary checkpoint while the run goes on (or ends here): settle
+        it now, whatever comes after it in the run."""
+        latest = self.jobs.checkpoints.latest(verify=False)
+        manifest = latest[0] if latest else None
+        outcome = stage_outcome(self.plan, row, end, None, None, None, manifest)
+        if isinstance(outcome, Completed):
+            self._stage_done(row, end, outcome, manifest)
+            self._settled[row] = outcome
 
     def _note_spikes(self) -> None:
         """Each stage's boundary loss spike, into the record (``status`` and the summary table show it)."""
@@ -427,10 +449,11 @@ class JobRunner:
         self.say(f"job failed: {outcome.reason}", "bold red")
         return EXIT_FAILED
 
-    def _follow(self, run: Running, stage: StagePlan, start_step: int) -> tuple[StageEnd | None, str | None]:
-        """Drain reports while the run goes on: progress, metrics file, job record, log. Returns the stage's
-        last report and, if the cluster lost the capacity for the stage meanwhile, what it lacks."""
-        srec = self.record.stages[stage.index]
+    def _follow(self, run: Running, row: int, start_step: int) -> tuple[int, StageEnd | None, str | None]:
+        """Drain reports while the run goes on: progress, metrics file, job record, log; a stage that
+        ends while the run goes on is settled and the next one started (a stage group). Returns the row
+        the run is in at its end, that stage's last report (if it came) and, if the cluster lost the
+        capacity for the stage meanwhile, what it lacks."""
         end, rates = None, []
         tty = self.opt.console.is_terminal
         columns = [
@@ -442,15 +465,16 @@ class JobRunner:
         ]
         bar = Progress(*columns, console=self.opt.console, transient=False, disable=not tty)
         last_line, last_poll, failed = 0.0, time.monotonic(), False
-        with bar:
-            task = bar.add_task(
-                "",
-                total=stage.samples,
-                n=stage.label,
-                res=stage.resolution,
-                info="",
-                completed=self.plan.samples_before(start_step) - stage.sample_start,
+
+        def new_task(stage: StagePlan, step: int):
+            done = self.plan.samples_before(step) - stage.sample_start
+            return bar.add_task(
+                "", total=stage.samples, n=stage.label, res=stage.resolution, info="", completed=done
             )
+
+        stage = self.plan.stages[row]
+        with bar:
+            task = new_task(stage, start_step)
             while True:
                 if time.monotonic() - last_poll > REQUEST_POLL_S:
                     last_poll = time.monotonic()
@@ -461,7 +485,7 @@ class JobRunner:
                     if run.finished():
                         break
                     if failed and (lost := self._capacity_lost(stage)):
-                        return end, lost
+                        return row, end, lost
                     continue
                 if "worker_errors" in item:
                     failed = True
@@ -472,6 +496,13 @@ class JobRunner:
                     self.jobs.save(self.record)
                     continue
                 report = Report.model_validate(item["report"])
+                if report.started_row is not None:  # the group goes on with its next stage
+                    row, end, rates = report.started_row, None, []
+                    stage = self.plan.stages[row]
+                    self._stage_started(row, stage.step_start, self.record.stages[stage.index].attempts + 1)
+                    bar.update(task, visible=False)
+                    task = new_task(stage, stage.step_start)
+                    continue
                 self.jobs.append_metrics([*report.records, *report.evals])
                 for sink in self.sinks:
                     sink.write(
@@ -497,9 +528,11 @@ class JobRunner:
                 if report.stage_end is not None:
                     end = report.stage_end
                     self.jobs.append_metrics([end])
-        if rates:
-            srec.images_per_s = sum(rates) / len(rates)
-        return end, None
+                    if rates:
+                        self.record.stages[stage.index].images_per_s = sum(rates) / len(rates)
+                    if not end.preempted and end.step == stage.step_end:
+                        self._stage_ended(row, end)
+        return row, end, None
 
     def _node_lost(self, before: set[str], wait_s: float) -> bool:
         """Did a node alive at the stage's start die? Ray marks a dead node within seconds: look that

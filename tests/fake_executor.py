@@ -1,11 +1,13 @@
 """An in-process ``StageExecutor`` (``service.executor``) for testing the coordinator without Ray.
 
-``FakeExecutor`` "trains" a run by walking its steps in a thread: it reports every
-``metrics.every_n_steps``, commits real checkpoints (small payloads, the real ``CheckpointStore`` on the
-test's storage) every ``checkpoint.every_n_steps`` and at the stage's end, and honours the coordinator's
-stop file after a report, as the workers do. Scripted ``Fault``s make a run fail at a step (the training
-code raising, or a worker's process or node dying), ``on_step`` lets a test act at a step (cancel,
-scale), and ``nodes`` (name: CPUs) are the cluster the runner sees, which faults may shrink.
+``FakeExecutor`` "trains" a run (a stage group: the rows ``row``..``last``, going on at each boundary
+unless a stop or a scale request is pending, as the workers do) by walking its steps in a thread: it
+reports every ``metrics.every_n_steps``, commits real checkpoints (small payloads, the real
+``CheckpointStore`` on the test's storage) every ``checkpoint.every_n_steps`` and at each stage's end,
+and honours the coordinator's stop file after a report, as the workers do. Scripted ``Fault``s make a
+run fail at a step (the training code raising, or a worker's process or node dying), ``on_step`` lets
+a test act at a step (cancel, scale), and ``nodes`` (name: CPUs) are the cluster the runner sees,
+which faults may shrink.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from checkpoints.store import CheckpointStore, tag_for
 from service.curve import lr_momentum, resolution
 from service.executor import RunFailure, StageRun
 from service.jobs import Report, StageEnd, StepRecord
-from service.layout import CHECKPOINTS, STOP_FILE
+from service.layout import CHECKPOINTS, REQUESTS_DIR, STOP_FILE
 
 
 @dataclass
@@ -94,8 +96,8 @@ class FakeRun:
         self.thread.join(timeout=10)
 
     # ------------------------------------------------------------------ "training"
-    def _commit(self, step: int, boundary: bool) -> str:
-        plan, stage = self.run.plan, self.run.plan.stages[self.run.row]
+    def _commit(self, row: int, step: int, boundary: bool) -> str:
+        plan, stage = self.run.plan, self.run.plan.stages[row]
         tag = tag_for(step, stage.index + 1, boundary)
         self.store.commit(
             tag,
@@ -108,14 +110,14 @@ class FakeRun:
             boundary=boundary,
             world_size=stage.workers,
             plan_hash=plan.plan_hash(),
-            stage_hash=plan.stage_hash(self.run.row),
+            stage_hash=plan.stage_hash(row),
             spec_hash=self.run.spec.spec_hash(),
             versions={},
         )
         return tag
 
-    def _record(self, step: int) -> StepRecord:
-        plan, stage = self.run.plan, self.run.plan.stages[self.run.row]
+    def _record(self, row: int, step: int) -> StepRecord:
+        plan, stage = self.run.plan, self.run.plan.stages[row]
         lr, momentum = lr_momentum(plan, step)
         return StepRecord(
             step=step,
@@ -143,30 +145,43 @@ class FakeRun:
         self._failure = RunFailure(f"worker 1: {name}: {summary}", fault.actor_died, fault.message)
 
     def _train(self) -> None:
-        spec, stage = self.run.spec, self.run.plan.stages[self.run.row]
+        """The rows of the run's stage group, as ``workers.train.train_loop_per_worker`` walks them."""
+        row, step = self.run.row, self.run.start_step
+        last = self.run.row if self.run.last is None else self.run.last
+        while self._stage(row, step):
+            scale_pending = any(n.startswith("scale-") for n in self.job.listdir(REQUESTS_DIR))
+            if row == last or self.job.exists(STOP_FILE) or scale_pending:
+                return
+            row += 1
+            step = self.run.plan.stages[row].step_start
+            self.items.put({"report": Report(started_row=row).model_dump()})
+
+    def _stage(self, row: int, start: int) -> bool:
+        """One stage from ``start``: True if it ended with its boundary checkpoint."""
+        spec, stage = self.run.spec, self.run.plan.stages[row]
         every_report, every_ckpt = spec.metrics.every_n_steps, spec.checkpoint.every_n_steps
         pending: list[StepRecord] = []
-        for step in range(self.run.start_step, stage.step_end):
+        for step in range(start, stage.step_end):
             fault = next((f for f in self.ex.faults if f.step == step), None)
             if fault is not None:
-                return self._fail(fault)
+                self._fail(fault)
+                return False
             self.ex.on_step(step)
             time.sleep(self.ex.step_s)
-            pending.append(self._record(step))
-            done = step + 1 == stage.step_end
-            if done:
+            pending.append(self._record(row, step))
+            if step + 1 == stage.step_end:
                 break
             if every_ckpt and (step + 1) % every_ckpt == 0:
-                self._commit(step + 1, boundary=False)
+                self._commit(row, step + 1, boundary=False)
             if len(pending) >= every_report:
                 self.items.put({"report": Report(records=pending).model_dump()})
                 pending = []
                 if self.job.exists(STOP_FILE):
-                    tag = self._commit(step + 1, boundary=False)
+                    tag = self._commit(row, step + 1, boundary=False)
                     end = StageEnd(stage=stage.index + 1, step=step + 1, preempted=True, checkpoint=tag)
                     self.items.put({"report": Report(stage_end=end).model_dump()})
-                    return None
-        tag = self._commit(stage.step_end, boundary=stage.last_segment)
+                    return False
+        tag = self._commit(row, stage.step_end, boundary=stage.last_segment)
         end = StageEnd(stage=stage.index + 1, step=stage.step_end, val_loss=0.5, val_acc=0.5, checkpoint=tag)
         self.items.put({"report": Report(records=pending, stage_end=end).model_dump()})
-        return None
+        return True

@@ -76,6 +76,22 @@ class Job:
         return [m["step"] for m in self.jobs.read_metrics() if m["kind"] == "step"]
 
 
+def test_stages_on_one_layout_run_in_one_group_each_settled_at_its_boundary(tmp_path):
+    job = Job(tmp_path)
+    assert job.run() == EXIT_OK
+    record = job.record
+    assert [(r.row, r.start_step, r.last) for r in job.executor.runs] == [(0, 0, 2)]
+    assert [(s.status, s.attempts, s.val_acc) for s in record.stages] == [("completed", 1, 0.5)] * 3
+    assert all(s.seconds > 0 and s.started and s.finished for s in record.stages)
+    ends = [m for m in job.jobs.read_metrics() if m["kind"] == "stage_end"]
+    assert [(e["stage"], e["step"]) for e in ends] == [(1, 12), (2, 24), (3, 36)]
+    assert job.steps() == list(range(36))
+    boundaries = [i.tag for i in job.jobs.checkpoints.list() if i.manifest.boundary]
+    assert boundaries == [f"step-{12 * k:09d}-stage-{k}-end" for k in (1, 2, 3)]
+    out = job.out.getvalue()
+    assert out.index("stage 1 completed") < out.index("stage 2: 20px") < out.index("stage 2 completed")
+
+
 def test_a_crash_is_retried_and_its_message_printed_verbatim(tmp_path):
     """The retry path prints the worker's error as it is: a gloo message once crashed it (MarkupError)."""
     job = Job(tmp_path, {"failure": {"max_failures": 1}})
@@ -92,8 +108,8 @@ def test_a_crash_is_retried_and_its_message_printed_verbatim(tmp_path):
     assert any(NASTY in e and "retry 1 of 1" in e for e in record.events), record.events
     log = job.jobs.storage.read_text("logs", "attempt-1.log")
     assert NASTY in log
-    # the retry continued from the newest checkpoint (step 16) and every step is in the metrics
-    assert job.executor.runs[2].start_step == 16
+    # one run for the three stages (one layout), then the retry from the newest checkpoint (step 16)
+    assert [(r.row, r.start_step, r.last) for r in job.executor.runs] == [(0, 0, 2), (1, 16, 2)]
     assert sorted(set(job.steps())) == list(range(36))
 
 
@@ -127,7 +143,11 @@ def test_a_scale_request_applies_at_the_next_stage_boundary(tmp_path):
     assert job.run() == EXIT_OK
     record = job.record
     assert [s.workers for s in record.stages] == [2, 1, 1]
-    assert [r.plan.stages[r.row].workers for r in job.executor.runs] == [2, 1, 1]
+    # the request ended the first run (rows 0-2 on 2 workers) at stage 1's boundary
+    assert [(r.row, r.last, r.plan.stages[r.row].workers) for r in job.executor.runs] == [
+        (0, 2, 2),
+        (1, 2, 1),
+    ]
     assert record.layout_changes[0].from_stage == 2
     plan = record.plan()
     assert plan.stages[1].lr_scale == 0.5  # global batch 16 vs the reference 32 (linear rule)
@@ -147,7 +167,7 @@ def test_a_lost_node_waits_for_capacity_then_continues_by_itself(tmp_path):
         1,
     )
     assert any("waiting up to" in e for e in record.events)
-    assert job.executor.runs[2].start_step == 12  # stage 2's second attempt, from its newest checkpoint
+    assert job.executor.runs[1].start_step == 12  # stage 2's second attempt, from its newest checkpoint
 
 
 def test_a_node_lost_for_good_preempts_after_the_capacity_wait(tmp_path):
@@ -166,6 +186,6 @@ def test_min_workers_continues_at_once_on_fewer_workers(tmp_path):
     assert job.run() == EXIT_OK
     record = job.record
     layouts = [(r.plan.stages[r.row].workers, r.plan.stages[r.row].grad_accum) for r in job.executor.runs]
-    assert layouts[1:] == [(2, 1), (1, 2), (1, 2)]  # stage 2 kept its global batch by accumulation
+    assert layouts == [(2, 1), (1, 2), (1, 2)]  # stages 2 and 3 kept their global batch by accumulation
     assert record.layout_changes[0].source.startswith("elastic")
     assert not any("waiting" in e for e in record.events)

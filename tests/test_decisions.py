@@ -21,6 +21,7 @@ from service.decisions import (
     WaitForCapacity,
     after_outcome,
     check_resume,
+    group_end,
     layout_history,
     next_action,
     resize_remaining,
@@ -72,10 +73,11 @@ def _job(**overrides):
 def test_next_action_walks_the_stages_from_the_latest_checkpoint():
     spec, plan, record = _job()
     res = spec
-    assert next_action(record, plan, None, res, CLUSTER) == RunStage(stage=0, start_step=0, attempt=1)
-    assert next_action(record, plan, _manifest(20, 1, False), res, CLUSTER) == RunStage(0, 20, 1)
+    # all three stages on 2 workers: one stage group, rows 0..2
+    assert next_action(record, plan, None, res, CLUSTER) == RunStage(stage=0, start_step=0, attempt=1, last=2)
+    assert next_action(record, plan, _manifest(20, 1, False), res, CLUSTER) == RunStage(0, 20, 1, last=2)
     record.stages[1].attempts = 2
-    assert next_action(record, plan, _manifest(32, 1, True), res, CLUSTER) == RunStage(1, 32, 3)
+    assert next_action(record, plan, _manifest(32, 1, True), res, CLUSTER) == RunStage(1, 32, 3, last=2)
     assert next_action(record, plan, _manifest(plan.total_steps, 3, True), res, CLUSTER) == Finish()
     assert stage_completed(plan, 0, _manifest(32, 1, True))
     assert not stage_completed(plan, 0, _manifest(32, 1, False)) and not stage_completed(
@@ -396,7 +398,7 @@ def test_next_action_after_a_capacity_loss_waits_then_gives_up_with_todays_messa
         "or resources.cpus_per_worker, or add nodes",
         left_s=280,
     )
-    assert next_action(record, plan, latest, spec, CLUSTER, waiting_s=20) == RunStage(1, 64, 1)
+    assert next_action(record, plan, latest, spec, CLUSTER, waiting_s=20) == RunStage(1, 64, 1, last=2)
     give_up = next_action(record, plan, latest, spec, small, waiting_s=300)
     assert isinstance(give_up, GiveUp) and give_up.outcome.lost_capacity == wait.need
     record.settle(1, give_up.outcome, 64)
@@ -458,3 +460,10 @@ def test_keeper_resubmits_only_a_coordinator_that_died_without_a_final_status():
     assert keeper_action("running", False, "FAILED", 0, 1) == "resubmit"  # SIGKILL, OOM
     assert keeper_action("waiting_for_capacity", False, "STOPPED", 0, 2) == "resubmit"
     assert keeper_action("running", False, "FAILED", 1, 1) == "give_up"
+
+
+def test_a_stage_group_is_the_rows_on_one_worker_layout():
+    spec, plan, _ = _job(
+        stages=[{**STAGES[0], "workers": 1}, STAGES[1], STAGES[2], {**STAGES[2], "workers": 1}]
+    )
+    assert [group_end(plan, row) for row in range(4)] == [0, 2, 2, 3]

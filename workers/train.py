@@ -27,7 +27,7 @@ from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore, package_versions, tag_for
 from service.curve import resolution
 from service.jobs import EvalRecord, Report, StageEnd, StepRecord
-from service.layout import CHECKPOINTS
+from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.spec import AdamWSpec, JobSpec
 from workers.control import pending_holds, write_held_marker
@@ -259,7 +259,7 @@ class StageRunner:
         store: CheckpointStore | None = None,
         on_step: Callable[[int], None] | None = None,
     ):
-        self.spec, self.plan, self.stage = spec, plan, plan.stages[stage_index]
+        self.spec, self.plan, self.row, self.stage = spec, plan, stage_index, plan.stages[stage_index]
         self.job_id = job_id
         self.report = report or (lambda metrics: None)
         self.stop_requested = stop_requested or (lambda: False)
@@ -305,6 +305,33 @@ class StageRunner:
     @property
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def next_stage(self) -> None:
+        """Go on with the next plan row on the same workers (a stage group): its resolution, batch,
+        data subset and LR factor are functions of the plan and the step, so nothing but the row moves;
+        model, optimizer, scheduler, RNG streams and the DDP wrapper carry over exactly as a restore from
+        the boundary checkpoint just committed would set them."""
+        compiled = self.stage.compile
+        self.row += 1
+        self.stage = self.plan.stages[self.row]
+        assert self.progress.step == self.stage.step_start, (self.progress.step, self.stage.step_start)
+        self.resolution = self.stage.resolution
+        self._tail, self._evals, self.restored_from = [], [], None
+        if self.stage.compile != compiled:
+            self.model, self.ddp = wrap_model(
+                self.raw_model, self.dist.world, self.device, self.stage.compile
+            )
+        # the coordinator starts the stage's bookkeeping (status, attempt, clock) on this report
+        self.report(Report(started_row=self.row if self.dist.rank == 0 else None).model_dump())
+
+    def group_ends_here(self) -> bool:
+        """At a stage boundary inside a group: stop here rather than go on with the next stage? Yes when
+        a stop was requested, or a ``stagetrain scale`` request waits in the job folder (the coordinator
+        applies it between runs). Decided together by every rank."""
+        pending = self.stop_requested()
+        if self.dist.rank == 0 and not pending:
+            pending = any(n.startswith("scale-") for n in self.job_storage.listdir(REQUESTS_DIR))
+        return self.dist.any(pending)
 
     # ----------------------------------------------------------------------------------- state
 
@@ -681,7 +708,8 @@ def _device(spec: JobSpec) -> torch.device:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The ``TorchTrainer`` entry point: ``config`` carries the spec, plan, stage and storage."""
+    """The ``TorchTrainer`` entry point: ``config`` carries the spec, plan, storage and the plan rows
+    to run, ``stage``..``last_stage`` (a stage group: the same workers go from one stage to the next)."""
     import ray.train
 
     from workers.control import StopSignal, notice_source
@@ -704,4 +732,11 @@ def train_loop_per_worker(config: dict) -> None:
         ),
         provenance=config.get("provenance"),
     )
-    runner.run()
+    end = runner.run()
+    while (
+        not end.preempted
+        and runner.row < config.get("last_stage", runner.row)
+        and not runner.group_ends_here()
+    ):
+        runner.next_stage()
+        end = runner.run()

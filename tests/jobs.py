@@ -32,7 +32,14 @@ TINY = merge(
     },
 )
 TINY["data"] = {"kind": "synthetic", "size": 384, "val_size": 64, "num_classes": 10, "loader_workers": 0}
-TINY["model"] = {"arch": "resnet18", "num_classes": 10, "in_channels": 3}
+# The small CIFAR-style ResNet of the quickstart (78k parameters): ~10x faster a step than ResNet-18 at
+# these sizes, and 0.3 MB checkpoints. ResNet-18 and other torchvision models are trained in-process.
+TINY["model"] = {
+    "builder": "workers.models:small_resnet",
+    "kwargs": {"widths": [16, 32, 64], "blocks": [1, 1, 1]},
+    "num_classes": 10,
+    "in_channels": 3,
+}
 
 
 def write_job(tmp_path, spec: dict, name: str = "job.yaml") -> str:

@@ -230,6 +230,6 @@ def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
     # uninterrupted run's up to reduction order.
     model_a, _ = final_state(straight[0])
     model_b, _ = final_state(job_dir)
-    assert len(weights(model_a)) > 50
+    assert len(weights(model_a)) == 29  # every conv, BatchNorm and linear weight of the small ResNet
     for name in weights(model_a):
         assert torch.allclose(model_a[name], model_b[name], rtol=1e-3, atol=1e-4), name

@@ -203,7 +203,7 @@ def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path):
         TINY,
         {
             "name": "crash",
-            "model": {"arch": None, "builder": "tests.custom_parts:exploding_net", "num_classes": 10},
+            "model": {"builder": "tests.custom_parts:exploding_net", "kwargs": {}, "num_classes": 10},
             "failure": {"max_failures": 1},
             "stages": [{"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 1}],
         },

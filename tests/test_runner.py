@@ -189,3 +189,21 @@ def test_a_hold_without_a_stop_times_out_and_training_goes_on(tmp_path, stage1, 
     end = runner(url, 1).run()
     assert not end.preempted and job.exists(held_marker(at, 0))
     assert_same(load(store(url), store(url).latest()[0].tag)[1]["model"], straight["model"], "model")
+
+
+def test_resnet18_trains_a_stage_and_restores_in_process(tmp_path):
+    """The Ray test jobs use a small ResNet; torchvision's ResNet-18 (BatchNorm, downsampling shortcuts)
+    is covered here: a stage, its boundary checkpoint, and a restore that loads it back exactly."""
+    url = str(tmp_path)
+    overrides = {
+        "model": {"arch": "resnet18", "num_classes": 10, "in_channels": 3},
+        "data": {"kind": "synthetic", "size": 32, "val_size": 8, "num_classes": 10, "loader_workers": 0},
+        "stages": [{"resolution": 16, "epochs": 1, "batch_size": 8, "workers": 1}] * 2,
+    }
+    end = runner(url, 0, **overrides).run()
+    assert end.step == 4 and end.val_acc is not None
+    manifest, saved = load(store(url), store(url).latest()[0].tag)
+    assert manifest.boundary and manifest.step == 4
+    resumed = runner(url, 1, **overrides)
+    assert resumed.restored_from == manifest.tag
+    assert_same(resumed.raw_model.state_dict(), saved["model"], "model")

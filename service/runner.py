@@ -1,17 +1,20 @@
-"""Runs a job on Ray: one ``TorchTrainer`` per stage, acting on the decisions of ``service.decisions``.
+"""Runs a job, acting on the decisions of ``service.decisions``, through a ``StageExecutor``
+(``service.executor``: Ray Train in production, an in-process fake in tests).
 
 The coordinator (this process, on the user's machine or as a Ray job on the head) holds the job's lease
-(``service.coordination``) and is the only writer of its record and metrics. Workers report every few
-steps; a ``UserCallback`` on the Ray Train controller forwards the reports to the coordinator through a
-Ray queue, where they become progress (a bar on a terminal, plain lines elsewhere), ``metrics.jsonl``
-lines, job-record updates and the job log in storage.
+(``service.coordination``) and is the only writer of its record and metrics. Each run is a stage group:
+consecutive stages on one worker layout, one ``TorchTrainer.fit``; its workers report every few steps,
+end each stage with a committed boundary checkpoint and a ``StageEnd``, and go on with the next stage in
+place. Reports become progress (a bar on a terminal, plain lines elsewhere), ``metrics.jsonl`` lines,
+job-record updates and the job log in storage.
 
-Stage handover, worker restarts and ``stagetrain resume`` all go through the same door: workers
-load the newest committed checkpoint in ``<storage>/<job-id>/checkpoints`` (see ``checkpoints``).
-Ray Train's own checkpointing is not used, so there is exactly one "latest checkpoint".
+Worker restarts and ``stagetrain resume`` go through one door: workers load the newest committed
+checkpoint in ``<storage>/<job-id>/checkpoints`` (see ``checkpoints``). Ray Train's own checkpointing
+is not used, so there is exactly one "latest checkpoint".
 
-Between stages the coordinator applies what users asked for meanwhile: ``stagetrain scale`` requests
-(new worker counts for stages not started) and ``stagetrain cancel``.
+Between runs the coordinator applies what users asked for meanwhile: ``stagetrain scale`` requests (new
+worker counts for stages not started; a pending request ends a group at the next boundary) and
+``stagetrain cancel``.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ from service.submit import SUBMISSION_ENV
 PROGRESS_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
 REQUEST_POLL_S = 1.0  # how often a running stage looks for a cancel request
 CAPACITY_POLL_S = 5.0  # how often a job waiting for capacity looks at the cluster again
-NODE_LOST_WAIT_S = 10.0  # after a worker died: how long Ray may take to mark its node dead
+# After a worker's actor died: how long Ray may take to mark its node dead (a test on one node, where no
+# node can be lost, shortens it).
+NODE_LOST_WAIT_S = float(os.environ.get("STAGETRAIN_NODE_LOST_WAIT_S", "10"))
 
 
 @dataclass
@@ -106,6 +111,8 @@ class JobRunner:
         # when the job lost capacity (monotonic), while it has not run a stage since
         self.lost_at: float | None = None
         self.log = JobLog(jobs.storage, self.record.coordinator_attempts)
+        self._settled: dict[int, Outcome] = {}  # rows of the current run that ended at their boundary
+        self._stage_clock = time.perf_counter()  # when the running stage started
 
     def say(self, text: str, style: str | None = None) -> None:
         """To the console and the job log in storage. ``text`` is never read as markup: it carries
@@ -326,7 +333,7 @@ class JobRunner:
         stage that ends inside the group is settled as it ends (``_stage_started``/``_stage_done``).
         Returns the row the run ended in, that row's outcome, and the step of the newest committed
         checkpoint after it."""
-        self._settled: dict[int, Outcome] = {}  # rows of this run that ended with their boundary checkpoint
+        self._settled = {}
         self._stage_started(action.stage, action.start_step, action.attempt)
         nodes_before = self.executor.alive_nodes()
         run = self.executor.start(

@@ -180,7 +180,8 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     storage = tmp_path / "runs"
     job_dir = storage / "wk"
     hold_at(job_dir, 10, 30)
-    proc = launch("run", job, "--job-id", "wk", "--storage", str(storage))
+    # one node: a dead worker is never a lost node, so the coordinator need not wait 10 s to see
+    proc = launch("run", job, "--job-id", "wk", "--storage", str(storage), STAGETRAIN_NODE_LOST_WAIT_S="1")
     killed = 0
     for step in (10, 30):
         workers = held(job_dir, step, ranks=2, proc=proc)

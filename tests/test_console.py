@@ -83,3 +83,12 @@ def test_cli_errors_naming_a_path_with_brackets_print_it_verbatim(tmp_path):
     assert str(job) in out.stderr, out.stderr
     missing = stagetrain("plan", f"{folder}/[link=mailto:e]nope.yaml")
     assert missing.returncode == 2 and "[link=mailto:e]nope.yaml" in missing.stderr, missing.stderr
+
+
+def test_checkpoints_table_prints_a_garbled_manifest_verbatim(tmp_path):
+    jobs = JobStore(Storage(str(tmp_path)), "nasty")
+    jobs.save(record_with("nasty", NASTY))
+    jobs.storage.write_text('{"tag": "[/x] [bold]b"}', "checkpoints", "step-000000001", "manifest.json")
+    out = stagetrain("checkpoints", "nasty", "--storage", str(tmp_path))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "unreadable manifest" in out.stdout and "[/x] [bold]b" in out.stdout.replace("\n", ""), out.stdout

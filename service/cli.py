@@ -472,7 +472,7 @@ def resume(
 ) -> None:
     """Continue a preempted, cancelled, failed or interrupted job from its newest verified checkpoint."""
     from service.coordination import check_free
-    from service.decisions import check_resume, layout_history, resize_remaining
+    from service.decisions import check_resume, resize_remaining
 
     jobs, record = _open(job_id, storage)
     if record.status == "succeeded":
@@ -487,22 +487,10 @@ def resume(
     if workers:
         spec = resize_remaining(spec, first, workers)
     changes = check_resume(record, old_plan, spec, step)
-    new_layouts = layout_history(old_plan, spec, step)
-    history = record.history + new_layouts
-    plan = record.plan(spec, history)
+    plan = old_plan
     if spec != old_spec:
-        changes += [
-            f"stages[{h.stage}] ran steps before {h.until_step} with {h.workers} workers" for h in new_layouts
-        ]
-        record.replan(
-            spec,
-            plan,
-            changes,
-            source="resume",
-            workers=workers,
-            from_stage=first + 1 if workers else None,
-            step=step,
-            history=history,
+        plan, _ = record.relayout(
+            spec, step, "resume", changes, workers=workers, from_stage=first + 1 if workers else None
         )
     record.error = None
     record.event(f"resumed from {latest[0].tag if latest else 'the start'} (step {step})")

@@ -257,6 +257,28 @@ class JobRecord(BaseModel):
             )
         self.event(f"re-planned ({source}): " + ("; ".join(changes) or "worker layout changed"))
 
+    def relayout(
+        self,
+        spec: JobSpec,
+        step: int,
+        source: str,
+        changes: list[str],
+        workers: int | None = None,
+        from_stage: int | None = None,
+    ) -> tuple[Plan, list[StageLayout]]:
+        """The one re-layout of a job (``resume --workers``/``--spec``, a scale request, an elastic
+        continuation): adopt ``spec`` from ``step``. A stage interrupted at ``step`` whose global batch
+        changes keeps the layout of the steps it ran (``decisions.layout_history``), so the new plan
+        splits it there. Returns the new plan and the history entries added."""
+        from service.decisions import layout_history
+
+        added = layout_history(self.plan(), spec, step)
+        history = self.history + added
+        plan = self.plan(spec, history)
+        notes = [f"stages[{h.stage}] ran steps before {h.until_step} with {h.workers} workers" for h in added]
+        self.replan(spec, plan, changes + notes, source, workers, from_stage, step, history)
+        return plan, added
+
     def finish(self, total_steps: int) -> None:
         self.status, self.current_step, self.error, self.waiting_for = "succeeded", total_steps, None, None
         self.event("succeeded")

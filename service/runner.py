@@ -46,7 +46,6 @@ from service.decisions import (
     after_outcome,
     check_resume,
     fits_cluster,
-    layout_history,
     next_action,
     resize_remaining,
     resize_stage,
@@ -240,27 +239,21 @@ class JobRunner:
 
     def _relayout(self, action: Relayout, step: int) -> None:
         """Continue stage ``action.stage`` on fewer workers (``stages[].min_workers``), from ``step``."""
-        old_plan = self.plan
         spec = resize_stage(self.spec, action.stage, action.workers)
-        new_layouts = layout_history(old_plan, spec, step)
-        history = self.record.history + new_layouts
-        plan = self.record.plan(spec, history)
+        plan, added = self.record.relayout(
+            spec,
+            step,
+            f"elastic: {action.reason}",
+            [f"stages[{action.stage}] on {action.workers} worker(s) from step {step}"],
+            workers=action.workers,
+            from_stage=action.stage + 1,
+        )
         st = spec.stages[action.stage]
         how = (
             f"global batch {st.global_batch} kept: {st.workers} x {st.batch_size} x accum {st.grad_accum}"
-            if not new_layouts
+            if not added
             else f"global batch now {st.global_batch}: LR x{plan.stage_at(step).lr_scale:.4g} from step "
             f"{step}"
-        )
-        self.record.replan(
-            spec,
-            plan,
-            [f"stages[{action.stage}] on {action.workers} worker(s) from step {step} ({how})"],
-            source=f"elastic: {action.reason}",
-            workers=action.workers,
-            from_stage=action.stage + 1,
-            step=step,
-            history=history,
         )
         self.spec, self.plan = spec, plan
         self.say(f"stage {action.stage + 1} continues on {action.workers} worker(s): {how}", "yellow")
@@ -288,7 +281,7 @@ class JobRunner:
                 ):
                     raise ValueError(f"stage {req.from_stage} has started (step {step})")
                 changes = check_resume(self.record, self.plan, spec, step)
-                plan = self.record.plan(spec)
+                plan = self.record.plan(spec, self.record.history)
                 res = spec.resources
                 for row, st in enumerate(plan.stages):
                     if st.index >= req.from_stage - 1 and (
@@ -302,14 +295,13 @@ class JobRunner:
                         )
                     ):
                         raise ValueError(problem)
-                self.record.replan(
+                plan, _ = self.record.relayout(
                     spec,
-                    plan,
+                    step,
+                    f"scale request {name}",
                     changes,
-                    source=f"scale request {name}",
                     workers=req.workers,
                     from_stage=req.from_stage,
-                    step=step,
                 )
                 self.spec, self.plan = spec, plan
                 self.say(f"scale request {name}: stages {req.from_stage}+ now run on {req.workers} worker(s)")

@@ -467,3 +467,19 @@ def test_a_stage_group_is_the_rows_on_one_worker_layout():
         stages=[{**STAGES[0], "workers": 1}, STAGES[1], STAGES[2], {**STAGES[2], "workers": 1}]
     )
     assert [group_end(plan, row) for row in range(4)] == [0, 2, 2, 3]
+
+
+def test_relayout_mid_stage_keeps_the_layout_of_the_steps_already_run():
+    """``JobRecord.relayout``, the one re-layout behind resume --workers, scale requests and elastic
+    continuation: a stage interrupted at step 40 whose global batch halves is split there."""
+    spec, plan, record = _job()
+    resized = resize_remaining(spec, 1, 1)  # stage 2 (steps 32..159) and 3 on one worker
+    new_plan, added = record.relayout(resized, 40, "resume", [], workers=1, from_stage=2)
+    assert [(h.stage, h.until_step, h.workers) for h in added] == [(1, 40, 2)]
+    assert record.history == added and [s.label for s in new_plan.stages] == ["1", "2.1", "2.2", "3"]
+    assert new_plan.stages[1].step_end == 40 and new_plan.stages[2].global_batch == 32
+    assert (
+        record.layout_changes[-1].from_stage == 2
+        and "ran steps before 40 with 2 workers" in record.events[-1]
+    )
+    assert record.plan() == new_plan  # the record now plans what the runner runs

@@ -1,5 +1,6 @@
-"""The job record (``<storage>/<job-id>/job.json``), the metric records workers report (kept in
-``metrics.jsonl``), and the one place a stage's outcome becomes a job status (``JobRecord.settle``).
+"""The job record (``<storage>/<job-id>/job.json``), the job's storage (record, ``metrics.jsonl``,
+checkpoints), and the one place a stage's outcome becomes a job status (``JobRecord.settle``). The metric
+records workers report are ``service.records``.
 
 The record is what ``stagetrain status`` reads (no cluster needed) and what ``resume`` starts from.
 It never holds credentials: storage settings come from the environment.
@@ -18,6 +19,7 @@ from checkpoints.store import CheckpointStore
 from service.decisions import Cancelled, Completed, Failed, Outcome, Preempted
 from service.layout import CHECKPOINTS, JOB_FILE, METRICS_FILE
 from service.plan import Plan, StageLayout, build_plan
+from service.records import EvalRecord, Report, StageEnd, StepRecord  # noqa: F401 - part of this API
 from service.spec import JobSpec
 
 RECORD_VERSION = 1
@@ -51,70 +53,6 @@ def new_job_id(name: str) -> str:
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
-
-
-class StepRecord(BaseModel):
-    """One optimizer step, as a worker reports it and ``metrics.jsonl`` keeps it."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["step"] = "step"
-    step: int
-    stage: int  # 1-based
-    epoch: int  # 0-based within the stage
-    samples_seen: int  # after this step
-    loss: float
-    lr: float
-    momentum: float
-    resolution: int
-    global_batch: int
-    workers: int
-    grad_accum: int
-    images_per_s: float
-    time: float | None = None  # unix time when the step's report window closed (rank 0's clock)
-    sample_ids: list[list[int]] | None = None  # audit mode: the sample ids each rank read, per rank
-
-
-class EvalRecord(BaseModel):
-    """A validation pass inside a stage (``metrics.eval_every_n_steps``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["eval"] = "eval"
-    step: int  # optimizer steps done before the evaluation (like ``StageEnd.step``)
-    stage: int  # 1-based
-    samples_seen: int
-    resolution: int
-    val_loss: float
-    val_acc: float
-    time: float
-
-
-class StageEnd(BaseModel):
-    """A stage's last report, from rank 0: how it ended."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["stage_end"] = "stage_end"
-    stage: int  # 1-based
-    step: int  # the next step to run
-    preempted: bool = False  # a stop request was honoured: a checkpoint is committed at ``step``
-    restored_from: str | None = None
-    val_loss: float | None = None
-    val_acc: float | None = None
-    param_digests: list[str] | None = None
-    checkpoint: str | None = None
-    checkpoint_failures: list[str] = []
-    stall_s: float | None = None
-    time: float | None = None  # unix time after the stage-end evaluation
-    notices: list[str] = []  # termination notices the workers saw (preemption.notice), one line each
-    notice_nodes: list[str] = []  # the Ray node ids they came from
-
-
-class Report(BaseModel):
-    """What a worker passes to ``ray.train.report`` (as ``model_dump()``): rank 0 sends the records."""
-
-    records: list[StepRecord] = []
-    evals: list[EvalRecord] = []
-    stage_end: StageEnd | None = None
-    started_row: int | None = None  # a stage group went on with this plan row (after a stage_end)
 
 
 class StageRecord(BaseModel):

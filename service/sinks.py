@@ -15,8 +15,8 @@ import os
 import tempfile
 import time
 
-from service.jobs import EvalRecord, StageEnd, StepRecord
 from service.layout import TENSORBOARD_DIR
+from service.records import EvalRecord, StageEnd, StepRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from checkpoints.store import CheckpointStore, tag_for
 from service.curve import lr_momentum, resolution
 from service.executor import RunFailure, StageRun
-from service.jobs import Report, StageEnd, StepRecord
 from service.layout import CHECKPOINTS, REQUESTS_DIR, STOP_FILE
+from service.records import Report, StageEnd, StepRecord
 
 
 @dataclass

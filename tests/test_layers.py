@@ -54,6 +54,20 @@ def test_checkpoints_import_neither_service_nor_workers():
     assert [m for m in loaded if m.split(".")[0] in ("service", "workers")] == []
 
 
+def test_workers_import_nothing_of_the_coordinator():
+    """Workers share the spec, plan, curve, layout and the report records (``service.records``) with the
+    coordinator; the job store, decisions, runner and CLI stay on the coordinator's side."""
+    loaded = _imported_by(["workers.train", "workers.control", "workers.data"])
+    coordinator = (
+        "service.jobs",
+        "service.runner",
+        "service.cli",
+        "service.coordination",
+        "service.executor",
+    )
+    assert [m for m in loaded if m in coordinator] == []
+
+
 def test_arch_names_are_the_pinned_torchvision_models():
     import torchvision
 

@@ -26,9 +26,9 @@ from checkpoints.checkpointer import AsyncCheckpointer, decode, load
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore, package_versions, tag_for
 from service.curve import resolution
-from service.jobs import EvalRecord, Report, StageEnd, StepRecord
 from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
+from service.records import EvalRecord, Report, StageEnd, StepRecord
 from service.spec import AdamWSpec, JobSpec
 from workers.control import pending_holds, write_held_marker
 from workers.data import StageDataset, StageSampler, _mix, open_source, split_evenly, stage_subset, to_input

@@ -207,3 +207,23 @@ def test_resnet18_trains_a_stage_and_restores_in_process(tmp_path):
     resumed = runner(url, 1, **overrides)
     assert resumed.restored_from == manifest.tag
     assert_same(resumed.raw_model.state_dict(), saved["model"], "model")
+
+
+def test_next_stage_in_place_equals_a_restore_from_the_boundary_checkpoint(tmp_path, straight):
+    """A stage group: the same workers go on to stage 2 in place. The result must be what a fresh worker
+    restored from stage 1's boundary checkpoint computes (``straight``), bit for bit: weights, optimizer,
+    RNG streams (dropout draws from them), scheduler and data position."""
+    url = str(tmp_path)
+    reports = []
+    r = runner(url, 0)
+    r.report = reports.append
+    assert not r.run().preempted
+    r.next_stage()
+    assert reports[-1]["started_row"] == 1 and r.restored_from is None
+    end = r.run()
+    assert not end.preempted and end.stage == 2
+    final = load(store(url), store(url).latest()[0].tag)[1]
+    assert_same(final["model"], straight["model"], "model")
+    assert_same(final["optimizer"], straight["optimizer"], "optimizer")
+    assert_same(final["rng"], straight["rng"], "rng")
+    assert final["scheduler"] == straight["scheduler"] and final["data"] == straight["data"]

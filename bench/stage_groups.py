@@ -46,7 +46,8 @@ SPEC = {
         "in_channels": 3,
     },
     "data": {"kind": "synthetic", "size": 768, "val_size": 128, "num_classes": 10, "loader_workers": 0},
-    "schedule": {"max_lr": 0.1},
+    "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5},
+    "schedule": {"strategy": "global_onecycle", "max_lr": 0.1},
     "stages": [
         {"resolution": 16, "epochs": 1, "batch_size": 32, "workers": 2},
         {"resolution": 20, "epochs": 1, "batch_size": 32, "workers": 2},

@@ -204,11 +204,11 @@ def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path):
         TINY,
         {
             "name": "crash",
-            "model": {"builder": "tests.custom_parts:exploding_net", "kwargs": {}, "num_classes": 10},
             "failure": {"max_failures": 1},
             "stages": [{"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 1}],
         },
     )
+    spec["model"] = {"builder": "tests.custom_parts:exploding_net", "num_classes": 10}  # replaced, not merged
     proc = stagetrain("run", write_job(tmp_path, spec), "--job-id", "cr", "--storage", str(tmp_path / "runs"))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     record = read_record(tmp_path / "runs" / "cr")

@@ -253,16 +253,10 @@ def _coordinate(jobs, record, address: str | None) -> int:
 
 def _finish(code: int, jobs, record) -> None:
     from service.layout import PLOT_FILE
-    from service.report import plot_metrics, summary_table
+    from service.report import summary_table
 
-    console.print(summary_table(record))
-    metrics = jobs.read_metrics()
-    if metrics:
-        import io
-
-        buf = io.BytesIO()
-        plot_metrics(metrics, buf)
-        jobs.storage.write_bytes(buf.getvalue(), PLOT_FILE)
+    console.print(summary_table(record))  # the coordinator wrote the plot before releasing the lease
+    if jobs.storage.exists(PLOT_FILE):
         err_console.print(
             f"job record, metrics and plot: {jobs.storage.url}/{{job.json,metrics.jsonl,{PLOT_FILE}}}"
         )

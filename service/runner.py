@@ -146,6 +146,7 @@ class JobRunner:
             ):  # after ray.init, which installs its own
                 previous = signal.signal(signal.SIGTERM, self._on_sigterm)
             code = self._loop()
+            self._write_plot()
             self.say(
                 f"job {self.record.job_id} {self.record.status}"
                 + (f": {self.record.error}" if self.record.error else "")
@@ -160,6 +161,24 @@ class JobRunner:
                 sink.close()
             self.log.close()
             self.lease.release()
+
+    def _write_plot(self) -> None:
+        """``metrics.png``, written while the lease is held: once ``stagetrain wait`` sees the job ended
+        (final record, lease released), none of its files changes any more. Best-effort: a plot that
+        fails is logged, never decides the job's status."""
+        import io
+
+        from service.layout import PLOT_FILE
+        from service.report import plot_metrics
+
+        try:
+            metrics = self.jobs.read_metrics()
+            if metrics:
+                buf = io.BytesIO()
+                plot_metrics(metrics, buf)
+                self.jobs.storage.write_bytes(buf.getvalue(), PLOT_FILE)
+        except Exception as e:  # noqa: BLE001 - side work
+            self.log.line(f"could not write {PLOT_FILE}: {type(e).__name__}: {e}")
 
     def _loop(self) -> int:
         while True:

@@ -137,6 +137,10 @@ def test_cancel_then_resume_ends_bit_identical(svc, straight, tmp_path):
     assert st(svc, "wait", "svc2", timeout=400).returncode == 0
     record = JobRecord.model_validate(read_record(job_dir))
     assert record.ray_submissions == ["svc2-attempt-1", "svc2-attempt-2"] and record.status == "succeeded"
+    assert (Path(job_dir) / "metrics.png").exists()  # written before the lease was released: `wait` saw it
+    wait_until(
+        lambda: head.client().get_job_status("svc2-attempt-2").value == "SUCCEEDED", "the Ray job to end"
+    )
     model_a, state_a = final_state(straight_dir)
     model_b, state_b = final_state(Path(job_dir))
     assert_same(model_a, model_b, "model")

@@ -426,9 +426,10 @@ class JobRunner:
 
     def _stage_ended(self, row: int, end: StageEnd) -> None:
         """Stage ``row`` ended with its boundary checkpoint while the run goes on (or ends here): settle
-        it now, whatever comes after it in the run."""
-        latest = self.jobs.checkpoints.latest(verify=False)
-        manifest = latest[0] if latest else None
+        it now, whatever comes after it in the run. Judged by the checkpoint the stage end names, not the
+        newest one: the workers may already have committed a periodic checkpoint of the next stage."""
+        info = self.jobs.checkpoints.inspect(end.checkpoint)[0] if end.checkpoint else None
+        manifest = info.manifest if info is not None and info.problem is None else None
         outcome = stage_outcome(self.plan, row, end, None, None, None, manifest)
         if isinstance(outcome, Completed):
             self._stage_done(row, end, outcome, manifest)

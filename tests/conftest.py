@@ -67,5 +67,5 @@ def spec_dict() -> dict:
     return copy.deepcopy(BASE_SPEC)
 
 
-# Session fixture shared by the resume tests (imported last: tests.jobs uses BASE_SPEC above).
-from tests.jobs import straight  # noqa: E402,F401
+# Session fixtures shared by the resume tests (imported last: tests.jobs uses BASE_SPEC above).
+from tests.jobs import preempted, straight  # noqa: E402,F401

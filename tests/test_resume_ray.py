@@ -17,6 +17,7 @@ from tests.jobs import (
     DETERMINISTIC,
     TINY,
     TOTAL,
+    copy_job,
     final_state,
     held,
     hold_at,
@@ -124,17 +125,12 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     _assert_equivalent(job_dir, straight_dir, resumed_from)
 
 
-def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, straight):
+def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, straight, preempted):
     straight_dir, _ = straight
-    job = write_job(tmp_path, DETERMINISTIC)
+    source, returncode, out = preempted  # SIGTERM to the coordinator while its workers held at step 28
+    assert returncode == 75, out
     storage = tmp_path / "runs"
-    job_dir = storage / "preempted"
-    hold_at(job_dir, 28)  # mid stage 2
-    proc = launch("run", job, "--job-id", "preempted", "--storage", str(storage))
-    held(job_dir, 28, ranks=2, proc=proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 75, out
+    job_dir = copy_job(source, storage)
     record = read_record(job_dir)
     assert record["status"] == "preempted"
     assert record["stages"][1]["status"] == "preempted"
@@ -218,29 +214,18 @@ def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path):
     assert any(e.endswith("boom at training forward 3; retry 1 of 1") for e in record["events"])
 
 
-def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path):
+def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path, preempted):
     from service.curve import curve, lr_momentum
     from service.jobs import JobRecord
 
-    # a longer stage 2 (36 steps), so the stop lands inside it whatever the machine's speed
-    stages = [dict(s) for s in DETERMINISTIC["stages"]]
-    stages[1]["epochs"] = 3
-    spec = merge(
-        DETERMINISTIC, {"name": "rescale-resume", "lr_scaling": {"rule": "linear"}, "stages": stages}
-    )
-    job = write_job(tmp_path, spec)
+    source, returncode, out = preempted  # stopped inside stage 2 (steps [24, 36), global batch 32)
+    assert returncode == 75, out
     storage = tmp_path / "runs"
-    job_dir = storage / "rr"
-    hold_at(job_dir, 28)  # mid stage 2 (global batch 32)
-    proc = launch("run", job, "--job-id", "rr", "--storage", str(storage))
-    held(job_dir, 28, ranks=2, proc=proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 75, out
+    job_dir = copy_job(source, storage)
     stopped_at = read_record(job_dir)["current_step"]
-    assert stopped_at == 28  # inside stage 2, steps [24, 60)
+    assert stopped_at == 28
 
-    resumed = stagetrain("resume", "rr", "--storage", str(storage), "--workers", "1")
+    resumed = stagetrain("resume", "preempted", "--storage", str(storage), "--workers", "1")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     record = JobRecord.model_validate(read_record(job_dir))
     assert record.status == "succeeded"

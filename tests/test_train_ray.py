@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.curve import lr_momentum
+from service.curve import curve, lr_momentum
 from service.plan import build_plan
 from service.spec import validate_spec
 from tests.conftest import merge
@@ -13,8 +13,11 @@ from tests.jobs import TINY, cli_env, read_metrics, read_record, stagetrain, wri
 pytestmark = pytest.mark.ray
 
 
-def test_two_stage_run_follows_the_plan(tmp_path):
+def test_run_follows_the_plan_and_fewer_workers_get_the_rescaled_lr(tmp_path):
+    """TINY's two stages (2 workers, then 1 worker x accum 2: the same global batch, LR factor 1) and a
+    third on 1 worker without accumulation (global batch 16: linear rule, factor 0.5), in one run."""
     spec_dict = merge(TINY, {"name": "plan-check"})
+    spec_dict["stages"] = [*TINY["stages"], {"resolution": 24, "epochs": 0.5, "batch_size": 16, "workers": 1}]
     job = write_job(tmp_path, spec_dict)
     storage = tmp_path / "runs"
     proc = stagetrain(
@@ -46,10 +49,15 @@ def test_two_stage_run_follows_the_plan(tmp_path):
         assert m["lr"] == pytest.approx(lr, rel=1e-12) and m["momentum"] == pytest.approx(momentum, rel=1e-12)
     # stage 2 has one worker x accum 2 (global 32 = stage 1's): linear rule keeps factor 1 ...
     assert plan.stages[1].global_batch == 32 and plan.stages[1].lr_scale == 1.0
+    # ... stage 3 has one worker, no accumulation (global 16): the global curve at half the LR
+    assert plan.stages[2].global_batch == 16 and plan.stages[2].lr_scale == 0.5
+    for m in steps:
+        expected = curve(plan, m["step"])[0] * (0.5 if m["stage"] == 3 else 1.0)
+        assert m["lr"] == pytest.approx(expected, rel=1e-12)
     # ... every rank holds identical weights at each stage end
-    assert len(ends) == 2
+    assert len(ends) == 3
     assert len(ends[0]["param_digests"]) == 2 and len(set(ends[0]["param_digests"])) == 1
-    assert len(ends[1]["param_digests"]) == 1
+    assert len(ends[1]["param_digests"]) == 1 and len(ends[2]["param_digests"]) == 1
     # ... and the ranks read disjoint samples that together make each step's global batch
     for m in steps:
         per_rank = m["sample_ids"]
@@ -62,35 +70,11 @@ def test_two_stage_run_follows_the_plan(tmp_path):
     assert len(first) == len(set(first))
     record = read_record(storage / "t1")
     assert record["status"] == "succeeded"
-    assert [s["status"] for s in record["stages"]] == ["completed", "completed"]
+    assert [s["status"] for s in record["stages"]] == ["completed"] * 3
     assert all(s["val_acc"] is not None for s in record["stages"])
     assert (storage / "t1" / "metrics.png").exists()
     plot = stagetrain("plot", "t1", "--storage", str(storage), "-o", str(tmp_path / "run.png"), check=True)
     assert "wrote" in plot.stderr and (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_fewer_workers_get_the_rescaled_lr(tmp_path):
-    spec_dict = merge(
-        TINY,
-        {
-            "name": "rescale",
-            "stages": [
-                {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
-                {"resolution": 16, "epochs": 0.5, "batch_size": 16, "workers": 1},
-            ],
-        },
-    )
-    job = write_job(tmp_path, spec_dict)
-    storage = tmp_path / "runs"
-    stagetrain("run", job, "--job-id", "t2", "--storage", str(storage), check=True)
-    plan = build_plan(validate_spec(spec_dict), spec_dict["data"]["size"])
-    assert plan.stages[1].lr_scale == 0.5
-    steps = [m for m in read_metrics(storage / "t2") if m.get("kind", "step") == "step"]
-    from service.curve import curve
-
-    for m in steps:
-        expected = curve(plan, m["step"])[0] * (0.5 if m["stage"] == 2 else 1.0)
-        assert m["lr"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_stage_that_cannot_fit_fails_fast(tmp_path):

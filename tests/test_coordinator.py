@@ -189,3 +189,24 @@ def test_min_workers_continues_at_once_on_fewer_workers(tmp_path):
     assert layouts == [(2, 1), (1, 2), (1, 2)]  # stages 2 and 3 kept their global batch by accumulation
     assert record.layout_changes[0].source.startswith("elastic")
     assert not any("waiting" in e for e in record.events)
+
+
+def test_min_workers_returns_to_the_plan_at_the_next_stage_once_the_node_is_back(tmp_path):
+    """Moved from the two-node Ray test: the node comes back during the elastic continuation, so stage 3
+    runs on the planned 2 workers again; every step is logged once, each with its layout."""
+    job = Job(tmp_path, {"failure": {"min_workers": 1}})
+    job.executor.faults = [Fault(step=16, message="node died", actor_died=True, lose_node="worker")]
+    job.executor.on_step = lambda step: step == 20 and job.executor.nodes.setdefault("worker", 1.0)
+    assert job.run() == EXIT_OK
+    record = job.record
+    assert record.status == "succeeded"
+    assert [s.workers for s in record.stages] == [2, 1, 2]
+    assert (record.stages[1].infra_failures, record.stages[1].restarts) == (1, 0)
+    (change,) = record.layout_changes
+    assert (change.from_stage, change.workers) == (2, 1) and change.source.startswith("elastic")
+    assert not any("waiting" in e for e in record.events)  # it did not wait
+    steps = [m for m in job.jobs.read_metrics() if m["kind"] == "step"]
+    assert [m["step"] for m in steps] == list(range(36))
+    layouts = {(m["stage"], m["workers"], m["grad_accum"], m["global_batch"]) for m in steps}
+    # stage 2 kept its global batch of 32: one worker, twice the accumulation; stage 3 back on 2 workers
+    assert layouts == {(1, 2, 1, 32), (2, 2, 1, 32), (2, 1, 2, 32), (3, 2, 1, 32)}

@@ -30,6 +30,54 @@ class StorageError(RuntimeError):
     pass
 
 
+# Exception class names (not imported: botocore, aiohttp and cloud SDKs load only when a URL needs them)
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError")
+_DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
+
+
+def access_problem(exc: BaseException, url: str) -> str | None:
+    """What keeps storage ``url`` from being used, in one line, when ``exc`` (or an exception it chains)
+    says so: no credentials, an endpoint that cannot be reached, access denied. None otherwise."""
+    s3 = url.startswith(("s3://", "s3a://"))
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names = {k.__name__ for k in type(e).__mro__}
+        if names & set(_NO_CREDENTIALS):
+            hint = (
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; AWS_ENDPOINT_URL for an "
+                "S3-compatible server"
+                if s3
+                else "configure this filesystem's credentials"
+            )
+            return f"no credentials found ({hint})"
+        if names & set(_UNREACHABLE) or isinstance(e, ConnectionRefusedError | TimeoutError):
+            endpoint = (getattr(e, "kwargs", None) or {}).get("endpoint_url")
+            where = f" {endpoint}" if endpoint else ""
+            hint = " (AWS_ENDPOINT_URL)" if s3 and endpoint else ""
+            return f"the endpoint{where}{hint} cannot be reached: {type(e).__name__}"
+        if isinstance(e, PermissionError) or names & set(_DENIED):
+            return f"access denied ({type(e).__name__}: {e}); check the credentials"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _missing_package(url: str, exc: ImportError) -> StorageError:
+    """fsspec's ImportError for a protocol whose package is absent, as one line naming the package."""
+    protocol = url.split("://", 1)[0]
+    from fsspec.registry import known_implementations
+
+    impl = known_implementations.get(protocol, {})
+    package = impl.get("class", "").split(".", 1)[0]
+    if not package:
+        return StorageError(f"cannot open storage {url}: {exc}")
+    return StorageError(
+        f"cannot open storage {url}: the package `{package}` is not installed (pip install {package})"
+    )
+
+
 def _s3_options(options: dict) -> dict:
     """s3fs reads credentials itself, but not AWS_ENDPOINT_URL[_S3] in every version; add it, and
     let botocore retry transient errors with backoff (``standard`` mode, 5 attempts)."""
@@ -54,7 +102,10 @@ class Storage:
         if url.startswith(("s3://", "s3a://")):
             options = _s3_options(options)
         self.options = options
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        except ImportError as e:
+            raise _missing_package(self.url, e) from None
         self.root = self.root.rstrip("/")
         self.local = "file" in (
             self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
@@ -128,6 +179,30 @@ class Storage:
         path = self.path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def check(self, timeout_s: float = 5.0) -> None:
+        """Fail at once, in one line, if remote storage cannot be used at all (no credentials, endpoint
+        unreachable, access denied): one listing of the root through a client that does not retry and
+        waits at most ``timeout_s`` to connect. Anything else is left to the operation that meets it."""
+        if self.local:
+            return
+        options = copy.deepcopy(self.options)
+        s3 = self.url.startswith(("s3://", "s3a://"))
+        if s3:
+            config = options.setdefault("config_kwargs", {})
+            config["retries"] = {"max_attempts": 1, "mode": "standard"}
+            config["connect_timeout"] = timeout_s
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **options)
+            if s3:
+                fs.retries = 1  # s3fs's own retry loop, on top of botocore's
+            fs.ls(root.rstrip("/"), detail=False)
+        except FileNotFoundError:
+            pass  # an empty prefix: fine
+        except Exception as e:  # noqa: BLE001 - classified below, else left alone
+            problem = access_problem(e, self.url)
+            if problem is not None:
+                raise StorageError(f"cannot use storage {self.url}: {problem}") from None
 
     def probe(self) -> None:
         """Prove the storage is writable before any compute is spent (as Ray Train does)."""

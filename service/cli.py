@@ -18,6 +18,7 @@ import click
 from checkpoints.storage import StorageError
 from service.console import make_console, styled
 from service.coordination import LeaseHeld
+from service.jobs import JOB_STATUSES
 from service.layout import check_job_id
 from service.spec import SpecError, json_schema, load_spec
 
@@ -40,12 +41,12 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SpecError as e:
-            err_console.print(styled(ERROR, f"{e.source}: invalid job spec"))
+            err_console.print(styled(ERROR, f"{e.source}: {e.headline}"), soft_wrap=True)
             for p in e.problems:
                 err_console.print(f"  {p}")
             sys.exit(2)
         except (FileNotFoundError, ValueError, StorageError, LeaseHeld) as e:
-            err_console.print(styled(ERROR, str(e)))
+            err_console.print(styled(ERROR, str(e)), soft_wrap=True)  # one line, even when piped
             sys.exit(2)
 
     return wrapper
@@ -140,7 +141,20 @@ def plan(
     from service.sources import dataset_size as measure
 
     spec = load_spec(job)
-    the_plan = build_plan(spec, dataset_size or measure(spec.data))
+    try:
+        the_plan = build_plan(spec, dataset_size or measure(spec.data))
+    except SpecError as e:
+        if not dataset_size:
+            raise
+        # the spec may well be right for its data: the size given made these stages impossible
+        raise SpecError(
+            [
+                *e.problems,
+                f"(step counts follow from --dataset-size {dataset_size}; the data's may differ)",
+            ],
+            source=job,
+            headline=f"no valid plan for --dataset-size {dataset_size}",
+        ) from None
     if as_json:
         click.echo(
             json.dumps({"plan_hash": the_plan.plan_hash(), **the_plan.model_dump(mode="json")}, indent=2)
@@ -179,13 +193,28 @@ def resolve_storage(url: str) -> str:
     return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
+def open_storage(url: str, options: dict | None = None):
+    """``Storage(url, options)``, checked once: no credentials, an unreachable endpoint or a missing
+    package is one line (``StorageError``: exit 2) within seconds, before anything is read or written."""
+    from checkpoints.storage import Storage
+
+    store = Storage(url, options)
+    store.check()
+    return store
+
+
 def _open(job_id: str, storage: str | None):
     """(JobStore, JobRecord) of an existing job, with the storage options of its own spec."""
     from checkpoints.storage import Storage
     from service.jobs import JobStore
 
     url = resolve_storage(storage or "./runs")
-    record = JobStore(Storage(url), job_id).load()
+    try:
+        record = JobStore(open_storage(url), job_id).load()
+    except FileNotFoundError as e:
+        if storage:
+            raise
+        raise FileNotFoundError(f"{e}; pass --storage (or STAGETRAIN_STORAGE) to look elsewhere") from None
     return JobStore(Storage(url, record.job_spec().checkpoint.storage_options), job_id), record
 
 
@@ -193,10 +222,9 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None, spec
     """The job to run or submit: a new one from JOB.yaml (or ``spec``), or an existing one (its stored
     spec, or the same JOB.yaml: a rerun of the same entrypoint continues the job). Returns (jobs, record,
     new)."""
-    from checkpoints.storage import Storage
     from service.jobs import JobRecord, JobStore, new_job_id
     from service.plan import build_plan
-    from service.sources import dataset_size
+    from service.sources import check_import, dataset_size
 
     spec = spec or (load_spec(job_file) if job_file else None)
     if spec is None and job_id is None:
@@ -204,7 +232,7 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None, spec
     url = resolve_storage(storage or (spec.checkpoint.storage if spec else "./runs"))
     job_id = job_id or new_job_id(spec.name)
     options = spec.checkpoint.storage_options if spec else {}
-    jobs = JobStore(Storage(url, options), job_id)
+    jobs = JobStore(open_storage(url, options), job_id)
     if jobs.exists():
         jobs, record = _open(job_id, url)
         if spec is not None and spec != record.job_spec():
@@ -223,6 +251,8 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None, spec
         return jobs, record, False
     if spec is None:
         jobs.load()  # "no job ... in ...; jobs there: ..."
+    if spec.model.builder:
+        check_import(spec.model.builder, "model.builder")
     jobs.root.probe()
     record = JobRecord.create(job_id, spec, build_plan(spec, dataset_size(spec.data)))
     return jobs, record, True
@@ -278,7 +308,14 @@ def run(job: str | None, job_id: str | None, storage: str | None, address: str |
     With --job-id of an existing job (and no JOB.yaml, or the same one) it continues that job, so rerunning
     the same entrypoint (a RayJob retry, a resubmission) picks up where it stopped."""
     from service.coordination import check_free
+    from service.submit import SUBMISSION_ENV
 
+    if address and address.startswith(("http://", "https://")) and not os.environ.get(SUBMISSION_ENV):
+        raise ValueError(
+            f"{address} is a Ray job server (dashboard) address: `stagetrain run` trains from this process "
+            "and joins a cluster by its GCS address (HOST:6379) or ray://HOST:10001. To run the job on "
+            f"that cluster, use `stagetrain submit JOB.yaml --address {address}`"
+        )
     jobs, record, new = _prepare(job_id, job, storage)
     if record.status == "succeeded":
         console.print(f"job {record.job_id} already succeeded; nothing to run")
@@ -531,16 +568,22 @@ def status(job_id: str, storage: str | None) -> None:
 
 @cli.command(name="list")
 @STORAGE
-@click.option("--status", "only", help="Only jobs with this status (running, succeeded, ...).")
+@click.option("--status", "only", type=click.Choice(JOB_STATUSES), help="Only jobs with this status.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job, in a list.")
 @user_errors
 def list_jobs(storage: str | None, only: str | None, as_json: bool) -> None:
     """Every job under the storage root: status, stage, step, accuracy, age (works with no cluster)."""
-    from checkpoints.storage import Storage
     from service.jobs import JobStore
     from service.report import job_row, jobs_table
 
-    rows = [job_row(r) for r in JobStore.all(Storage(resolve_storage(storage or "./runs")))]
+    root = open_storage(resolve_storage(storage or "./runs"))
+    if not root.exists():
+        if storage:  # given (--storage or STAGETRAIN_STORAGE): most likely a typo
+            raise FileNotFoundError(f"no storage at {root.url}: nothing is there (no job has run with it)")
+        err_console.print(
+            f"no jobs yet: nothing at {root.url} (pass --storage to look elsewhere)", soft_wrap=True
+        )
+    rows = [job_row(r) for r in JobStore.all(root)]
     rows = [r for r in rows if only is None or r["status"] == only]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -822,9 +865,13 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
 @cli.command()
 @JOB_ID
 @STORAGE
-@click.option("-o", "--output", default="model.pt", show_default=True, help="Where to write the model.")
+@click.option(
+    "-o",
+    "--output",
+    help="Where to write the model (a local path). Default: export/<checkpoint>.pt in the job's storage.",
+)
 @user_errors
-def export(job_id: str, storage: str | None, output: str) -> None:
+def export(job_id: str, storage: str | None, output: str | None) -> None:
     """Write a job's final weights (its newest verified checkpoint) with what rebuilds the module.
 
     The file is weights-only (plain torch.load(f, weights_only=True)); load it with
@@ -834,6 +881,7 @@ def export(job_id: str, storage: str | None, output: str) -> None:
     import torch
 
     from checkpoints.store import MODEL_FILE
+    from service.layout import EXPORT_DIR
 
     jobs, record = _open(job_id, storage)
     latest = jobs.checkpoints.latest(verify=True)
@@ -853,8 +901,14 @@ def export(job_id: str, storage: str | None, output: str) -> None:
     state_dict = torch.load(io.BytesIO(payload[MODEL_FILE]), map_location="cpu", weights_only=True)
     spec = record.job_spec()
     last_acc = next((s.val_acc for s in reversed(record.stages) if s.val_acc is not None), None)
-    if os.path.exists(output):
+    if output and os.path.exists(output):
         raise ValueError(f"-o {output}: the file exists; choose another path or remove it")
+    name = f"{manifest.tag}.pt"
+    if not output and jobs.storage.exists(EXPORT_DIR, name):
+        raise ValueError(
+            f"{jobs.storage.url}/{EXPORT_DIR}/{name} exists (this checkpoint was exported); pass -o PATH"
+        )
+    buffer = io.BytesIO()
     torch.save(
         {
             "format": "stagetrain-export/1",
@@ -866,8 +920,14 @@ def export(job_id: str, storage: str | None, output: str) -> None:
             "model": spec.model.model_dump(mode="json"),
             "state_dict": state_dict,
         },
-        output,
+        buffer,
     )
+    if output:
+        with open(output, "wb") as f:
+            f.write(buffer.getvalue())
+    else:
+        jobs.storage.write_bytes(buffer.getvalue(), EXPORT_DIR, name)
+        output = f"{jobs.storage.url}/{EXPORT_DIR}/{name}"
     console.print(
         f"wrote {output}: {spec.model.label}, checkpoint {manifest.tag}"
         + (f", val top-1 {last_acc:.2%}" if last_acc is not None else "")

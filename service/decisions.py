@@ -180,6 +180,11 @@ def next_action(
     )
 
 
+# Spec fields naming user code: a worker error that starts with one (``model.builder: cannot import ...``)
+# is the job's configuration, not a crash worth retrying.
+CONFIG_FIELDS = ("model.builder", "data.factory")
+
+
 @dataclass(frozen=True)
 class Retry:
     reason: str
@@ -193,6 +198,8 @@ def after_outcome(outcome: Outcome, failure: FailureSpec, restarts: int) -> Retr
     settles the job (completed, cancelled, asked to stop, out of retries)."""
     if isinstance(outcome, Preempted) and outcome.cause in ("node", "notice"):
         return Retry(outcome.reason, infra=True)
+    if isinstance(outcome, Failed) and any(f"{field}:" in outcome.reason for field in CONFIG_FIELDS):
+        return None  # the job's own import paths do not resolve: the same on every attempt
     if isinstance(outcome, Failed) and (failure.max_failures == -1 or restarts < failure.max_failures):
         limit = "unlimited" if failure.max_failures == -1 else failure.max_failures
         return Retry(f"{outcome.reason}; retry {restarts + 1} of {limit}", infra=False)

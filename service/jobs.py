@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -27,6 +27,7 @@ RECORD_VERSION = 1
 JobStatus = Literal[
     "pending", "running", "waiting_for_capacity", "preempted", "cancelled", "failed", "succeeded"
 ]
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 StageStatus = Literal["pending", "running", "completed", "preempted", "cancelled", "failed"]
 TERMINAL = ("succeeded", "failed", "preempted", "cancelled")  # no coordinator runs the job
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_CANCELLED = 0, 1, 75, 130  # 75 = EX_TEMPFAIL: resume it later
@@ -255,11 +256,7 @@ class JobStore:
             known = [n for n in self.root.listdir() if self.root.exists(n, JOB_FILE)]
             raise FileNotFoundError(
                 f"no job {self.job_id!r} in {self.root.url}"
-                + (
-                    f"; jobs there: {', '.join(known[-5:])}"
-                    if known
-                    else "; pass --storage to look elsewhere"
-                )
+                + (f"; jobs there: {', '.join(known[-5:])}" if known else "; there are no jobs there")
             )
         return JobRecord.model_validate_json(self.storage.read_bytes(JOB_FILE))
 

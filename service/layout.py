@@ -15,6 +15,7 @@ defined; the coordinator, the workers and the CLI all read them from here.
 | ``control/hold.json`` | tests, demos | hold the workers at given steps until a stop (``workers.control``) |
 | ``control/held/`` | each rank | one marker per rank and held step: pid, host, Ray node |
 | ``ray/`` | Ray Train | its own run folders |
+| ``export/<tag>.pt`` | ``stagetrain export`` (no ``-o``) | the weights of checkpoint ``<tag>``, rebuildable |
 """
 
 import re
@@ -32,6 +33,7 @@ LEASE_FILE = "lease.json"
 LOGS_DIR = "logs"
 RAY_DIR = "ray"
 TENSORBOARD_DIR = "tensorboard"
+EXPORT_DIR = "export"
 
 JOB_ID_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

@@ -70,6 +70,28 @@ def dataset_size(data: DataSpec) -> int:
         ) from None
 
 
+def check_import(path: str, field: str) -> None:
+    """``package.module:function`` resolves here, or a ValueError naming ``field`` (with the closest
+    name the module has). Checked before a job is written: a typo is invalid input, not a crash that
+    the coordinator would retry on every worker."""
+    import difflib
+    import importlib
+
+    module_name, _, name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"{field}: cannot import {module_name!r} ({e}); it must be importable where stagetrain runs "
+            "and on every worker (installed, or shipped with the Ray runtime_env)"
+        ) from None
+    if not callable(getattr(module, name, None)):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {module_name}:{close[0]}?" if close else ""
+        raise ValueError(f"{field}: {module_name!r} has no function {name!r}{hint}")
+
+
 def custom_dataset(data: CustomData, split: str):
     """``data.factory(split=split, **data.kwargs)``: the user's map-style dataset (imports their code, and
     with it whatever it imports: torch, usually)."""

@@ -27,10 +27,11 @@ SPEC_VERSION = 1
 class SpecError(ValueError):
     """An invalid job spec. ``problems`` holds one ``path: message`` line per mistake."""
 
-    def __init__(self, problems: list[str], source: str = "job spec"):
+    def __init__(self, problems: list[str], source: str = "job spec", headline: str = "invalid job spec"):
         self.problems = problems
         self.source = source
-        super().__init__(f"{source}: invalid job spec\n" + "\n".join(f"  {p}" for p in problems))
+        self.headline = headline
+        super().__init__(f"{source}: {headline}\n" + "\n".join(f"  {p}" for p in problems))
 
 
 class _Model(BaseModel):
@@ -468,6 +469,11 @@ def load_spec(path: str) -> JobSpec:
             text = f.read()
     except FileNotFoundError:
         raise SpecError([f"file not found: {path}"], source=path) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            [f"not a YAML text file: byte 0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8 text"],
+            source=path,
+        ) from None
     return parse_spec(text, source=path)
 
 

@@ -21,7 +21,12 @@ from urllib.parse import urlparse
 
 from checkpoints.storage import forwarded_env
 
-SUBMISSION_ENV = "STAGETRAIN_SUBMISSION_ID"  # set in a submitted coordinator's environment
+SUBMISSION_ENV = "STAGETRAIN_SUBMISSION_ID"
+# What a job server with token authentication needs from a client (Ray's own variables)
+AUTH_HINT = (
+    "the Ray job server requires authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the "
+    "cluster's token> (or RAY_AUTH_TOKEN_PATH=<a file holding it>)"
+)  # set in a submitted coordinator's environment
 STOP_MARGIN_S = 30
 
 
@@ -96,9 +101,11 @@ def submit(
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection, auth and version errors all mean "cannot submit"
+        first = str(e).splitlines()[0] if str(e) else ""
+        if type(e).__name__ == "AuthenticationError" or "Unauthorized" in first or "Forbidden" in first:
+            raise SubmitError(f"--address {address}: {AUTH_HINT} ({type(e).__name__}: {first})") from None
         raise SubmitError(
-            f"--address {address}: cannot reach the Ray job server: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}"
+            f"--address {address}: cannot reach the Ray job server: {type(e).__name__}: {first}"
         ) from None
     entrypoint = " ".join(
         shlex.quote(a)
@@ -152,6 +159,7 @@ def ray_job_state(address: str, sid: str, timeout: float = 2.0) -> str | None:
     """The Ray job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) over the job server's REST API
     (no Ray import: ``status`` stays fast), or None if the server does not answer."""
     import json
+    import urllib.error
     import urllib.request
 
     headers = {}
@@ -162,7 +170,9 @@ def ray_job_state(address: str, sid: str, timeout: float = 2.0) -> str | None:
         req = urllib.request.Request(f"{address}/api/jobs/{sid}", headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.load(resp).get("status")
-    except Exception:  # noqa: BLE001 - unreachable, unauthorised, unknown: no state to show
+    except urllib.error.HTTPError as e:
+        return AUTH_HINT if e.code in (401, 403) else None
+    except Exception:  # noqa: BLE001 - unreachable, unknown: no state to show
         return None
 
 

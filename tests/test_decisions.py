@@ -384,6 +384,10 @@ def test_after_outcome_retries_lost_capacity_always_and_code_crashes_up_to_max_f
     assert after_outcome(crash, forever, restarts=1000) is not None
     for settles in (Preempted("SIGTERM requested"), Cancelled("cancel"), Completed("t")):
         assert after_outcome(settles, forever, restarts=0) is None
+    # the job's own import paths failing on a worker: the same on every attempt, never retried
+    for field in ("model.builder", "data.factory"):
+        config = Failed(f"stage 1 failed: worker 0: ImportError: {field}: cannot import 'nope' (...)")
+        assert after_outcome(config, forever, restarts=0) is None
 
 
 def test_next_action_after_a_capacity_loss_waits_then_gives_up_with_todays_message():

@@ -221,6 +221,36 @@ def test_submit_refuses_unreachable_or_unsuitable_targets(svc, tmp_path):
     assert not os.path.exists(f"{storage}/x1") and not os.path.exists(f"{storage}/x2")
 
 
+def test_without_the_token_submit_and_status_say_it_is_authentication(svc, tmp_path):
+    head, storage, env = svc
+    no_token = {
+        k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    }
+    job = write_job(tmp_path, THREE)
+    refused = stagetrain(
+        "submit", job, "--job-id", "x3", "--address", head.address, "--storage", storage, env=no_token
+    )
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "the Ray job server requires authentication" in line and "RAY_AUTH_MODE=token" in line, line
+    assert "RAY_AUTH_TOKEN_PATH" in line and "cannot reach" not in line
+    assert not os.path.exists(f"{storage}/x3")  # nothing written
+    # a job submitted to that head (its record, as `submit` leaves it): status names the cause too
+    from checkpoints.storage import Storage
+    from service.jobs import JobStore
+    from service.plan import build_plan
+    from service.spec import validate_spec
+
+    spec = validate_spec(THREE)
+    record = JobRecord.create("x4", spec, build_plan(spec, 384))
+    record.ray_address, record.ray_submissions = head.address, ["x4-attempt-1"]
+    JobStore(Storage(storage), "x4").save(record)
+    status = stagetrain("status", "x4", "--storage", storage, env=no_token)
+    assert status.returncode == 0, status.stderr
+    assert "Ray job x4-attempt-1: the Ray job server requires authentication" in status.stdout
+    assert "unreachable" not in status.stdout
+
+
 def test_read_only_commands_work_after_the_head_is_gone(svc):
     head, storage, env = svc
     head.stop()

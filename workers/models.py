@@ -121,12 +121,17 @@ def small_resnet(
 
 
 def load_exported(path: str) -> nn.Module:
-    """The module of a ``stagetrain export`` file, weights loaded (weights-only unpickling)."""
+    """The module of a ``stagetrain export`` file (a local path or an fsspec URL, e.g. the default
+    ``<storage>/<job>/export/<checkpoint>.pt``), weights loaded (weights-only unpickling)."""
+    import io
+
+    import fsspec
     import torch
 
     from service.spec import ModelSpec
 
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    with fsspec.open(path, "rb") as f:
+        saved = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     if saved.get("format") != "stagetrain-export/1":
         raise ValueError(f"{path}: not a stagetrain export (format {saved.get('format')!r})")
     model = build_model(ModelSpec.model_validate(saved["model"]))

@@ -1,0 +1,152 @@
+"""Small mistakes a newcomer makes get one specific line and exit 2 (or a plain note), never silence or
+a misleading hint: a status that does not exist, storage that is not there, a binary job file, a
+--dataset-size that makes the stages impossible."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import merge
+from tests.helpers import REPO, cli_env, stagetrain
+from tests.jobs import TINY, write_job
+
+
+def _in(cwd, *args: str) -> subprocess.CompletedProcess:
+    """``stagetrain ARGS`` run from ``cwd`` (where the default ``./runs`` is), no STAGETRAIN_STORAGE."""
+    env = cli_env(PYTHONPATH=REPO)
+    env.pop("STAGETRAIN_STORAGE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_list_status_must_be_a_known_status():
+    proc = stagetrain("list", "--status", "bogus")
+    assert proc.returncode == 2
+    assert "'bogus' is not one of" in proc.stderr and "'succeeded'" in proc.stderr
+
+
+def test_list_names_storage_that_is_not_there(tmp_path):
+    given = stagetrain("list", "--storage", str(tmp_path / "nope"))
+    assert given.returncode == 2
+    assert (
+        given.stderr.strip()
+        == f"error: no storage at {tmp_path / 'nope'}: nothing is there (no job has run with it)"
+    )
+    default = _in(tmp_path, "list")  # the default ./runs before any job: a note, not an error
+    assert default.returncode == 0, default.stderr
+    assert f"no jobs yet: nothing at {tmp_path / 'runs'}" in default.stderr
+
+
+def test_status_hints_at_storage_only_when_none_was_given(tmp_path):
+    (tmp_path / "runs").mkdir()
+    given = stagetrain("status", "x", "--storage", str(tmp_path / "runs"))
+    assert given.returncode == 2
+    assert given.stderr.strip() == f"error: no job 'x' in {tmp_path / 'runs'}; there are no jobs there"
+    default = _in(tmp_path, "status", "x")
+    assert default.returncode == 2
+    assert "pass --storage (or STAGETRAIN_STORAGE) to look elsewhere" in default.stderr
+
+
+def test_a_binary_job_file_is_named_and_called_not_yaml_text(tmp_path):
+    path = tmp_path / "job.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xca\xfe" + bytes(range(256)))
+    for args in (["plan", str(path)], ["run", str(path), "--storage", str(tmp_path / "runs")]):
+        proc = stagetrain(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines() == [
+            f"error: {path}: invalid job spec",
+            "  not a YAML text file: byte 0x89 at offset 0 is not UTF-8 text",
+        ]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_size_that_breaks_the_stages_says_so(tmp_path):
+    stages = [dict(s) for s in TINY["stages"]]
+    stages[1]["resolution_ramp_steps"] = 5  # fine for the data's 384 samples (12 steps), not for 64
+    job = write_job(tmp_path, merge(TINY, {"stages": stages}))
+    assert stagetrain("plan", job).returncode == 0
+    proc = stagetrain("plan", job, "--dataset-size", "64")
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert lines[0] == f"error: {job}: no valid plan for --dataset-size 64"
+    assert any("stages[1].resolution_ramp_steps: must be fewer than" in line for line in lines)
+    assert lines[-1].strip() == "(step counts follow from --dataset-size 64; the data's may differ)"
+
+
+def test_a_model_builder_that_does_not_resolve_is_invalid_input(tmp_path):
+    storage = tmp_path / "runs"
+    cases = {
+        "workers.models:smal_resnet": "model.builder: 'workers.models' has no function 'smal_resnet'; "
+        "did you mean workers.models:small_resnet?",
+        "no_such_package.models:net": "model.builder: cannot import 'no_such_package.models'",
+    }
+    for builder, expect in cases.items():
+        spec = merge(TINY, {"model": {"builder": builder}})
+        proc = stagetrain("run", write_job(tmp_path, spec), "--job-id", "typo", "--storage", str(storage))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: {expect}"), line
+        assert not storage.exists()  # no record written, nothing retried
+
+
+def test_run_refuses_a_job_server_address_before_writing_anything(tmp_path):
+    storage = tmp_path / "runs"
+    job = write_job(tmp_path, TINY)
+    for how in (["--address", "http://127.0.0.1:8265"], []):
+        env = cli_env(RAY_ADDRESS="http://127.0.0.1:8265") if not how else None
+        proc = stagetrain("run", job, "--storage", str(storage), *how, env=env)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert "is a Ray job server (dashboard) address" in line
+        assert "stagetrain submit JOB.yaml --address http://127.0.0.1:8265" in line
+        assert not storage.exists()
+
+
+def test_export_without_o_writes_into_the_jobs_storage_not_the_working_tree(tmp_path):
+    import io
+
+    import torch
+
+    from checkpoints.storage import Storage
+    from checkpoints.store import MODEL_FILE, CheckpointStore, tag_for
+    from service.jobs import JobRecord, JobStore
+    from service.layout import CHECKPOINTS
+    from service.plan import build_plan
+    from service.spec import validate_spec
+    from tests.helpers import assert_same
+    from workers.models import build_model, load_exported
+
+    spec = validate_spec(TINY)
+    plan = build_plan(spec, 384)
+    storage = tmp_path / "runs"
+    JobStore(Storage(str(storage)), "j").save(JobRecord.create("j", spec, plan))
+    weights = build_model(spec.model).state_dict()
+    payload = io.BytesIO()
+    torch.save(weights, payload)
+    tag = tag_for(12, 1, True)
+    CheckpointStore(Storage(str(storage)).child("j", CHECKPOINTS)).commit(
+        tag,
+        {MODEL_FILE: payload.getvalue()},
+        job_id="j",
+        stage=1,
+        epoch=0,
+        step=12,
+        samples_seen=384,
+        boundary=True,
+        world_size=2,
+        plan_hash=plan.plan_hash(),
+        stage_hash=plan.stage_hash(0),
+        spec_hash=spec.spec_hash(),
+        versions={},
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = _in(work, "export", "j", "--storage", str(storage))
+    assert proc.returncode == 0, proc.stderr
+    exported = storage / "j" / "export" / f"{tag}.pt"
+    assert f"wrote {exported}" in proc.stdout and list(work.iterdir()) == []  # nothing in the working tree
+    assert_same(load_exported(str(exported)).state_dict(), weights, "exported weights")
+    again = _in(work, "export", "j", "--storage", str(storage))  # never overwrites
+    assert again.returncode == 2 and "this checkpoint was exported" in again.stderr

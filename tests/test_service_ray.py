@@ -15,7 +15,17 @@ from service.curve import lr_momentum
 from service.jobs import JobRecord
 from tests.conftest import merge
 from tests.helpers import assert_same, stagetrain, wait_until
-from tests.jobs import DETERMINISTIC, TINY, final_state, held, hold_at, read_metrics, read_record, write_job
+from tests.jobs import (
+    DETERMINISTIC,
+    TINY,
+    final_state,
+    held,
+    hold_at,
+    read_metrics,
+    read_record,
+    steps_reported,
+    write_job,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -71,6 +81,9 @@ def test_submit_scale_takeover_status_list_logs(svc, tmp_path):
     again = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address)
     assert again.returncode == 2 and "is running" in again.stderr
     held(f"{storage}/svc1", 6, ranks=2)
+    # the workers reported steps 0-5 before holding; the kill comes once the coordinator logged them (a
+    # coordinator SIGKILLed before writing a report loses those lines: the checkpoint covers the steps)
+    wait_until(lambda: steps_reported(Path(storage) / "svc1") >= 6, "steps 0-5 in metrics.jsonl")
     pid = json.loads(open(lease_path).read())["pid"]
     os.kill(pid, signal.SIGKILL)  # the coordinator dies without a word (OOM kill): nobody types anything
     waited = st(svc, "wait", "svc1", timeout=400)

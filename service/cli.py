@@ -28,8 +28,8 @@ err_console = make_console(stderr=True)
 
 ERROR = ("error: ", "bold red")
 EXIT_CODES_HELP = (
-    "Exit codes: 0 succeeded, 1 failed, 2 invalid input, 75 preempted, 130 cancelled "
-    "(continue both with `stagetrain resume`)."
+    "Exit codes: 0 succeeded, 1 failed, 2 invalid input, 3 another coordinator took the job over, "
+    "75 preempted, 130 cancelled (continue both with `stagetrain resume`)."
 )
 
 
@@ -258,13 +258,24 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None, spec
     return jobs, record, True
 
 
-def _coordinate(jobs, record, address: str | None) -> int:
-    """Hold the lease and run the coordinator here."""
+def _take_lease(jobs):
+    """The job's lease for this coordinator, before anything is written (``LeaseHeld``: exit 2). Writes to
+    the job are fenced by it from here on."""
     from service.coordination import LeaseKeeper
-    from service.runner import JobRunner, RunOptions
     from service.submit import SUBMISSION_ENV
 
-    lease = LeaseKeeper(jobs.storage, record.job_id, os.environ.get(SUBMISSION_ENV)).acquire()
+    lease = LeaseKeeper(jobs.storage, jobs.job_id, os.environ.get(SUBMISSION_ENV)).acquire()
+    jobs.fence = lease.check
+    return lease
+
+
+def _coordinate(jobs, record, address: str | None, lease) -> int:
+    """Run the coordinator here, holding ``lease`` (released when it ends). Another coordinator taking
+    the lease ends it with one line and ``EXIT_LEASE_LOST``."""
+    from service.coordination import LeaseLost
+    from service.jobs import EXIT_LEASE_LOST
+    from service.runner import JobRunner, RunOptions
+
     try:
         spec = record.job_spec()
         runner = JobRunner(
@@ -278,7 +289,11 @@ def _coordinate(jobs, record, address: str | None) -> int:
     except BaseException:
         lease.release()
         raise
-    return runner.run()
+    try:
+        return runner.run()
+    except LeaseLost as e:
+        err_console.print(styled(ERROR, f"{e}; this coordinator stops, writing nothing more"), soft_wrap=True)
+        return EXIT_LEASE_LOST
 
 
 def _finish(code: int, jobs, record) -> None:
@@ -307,7 +322,6 @@ def run(job: str | None, job_id: str | None, storage: str | None, address: str |
 
     With --job-id of an existing job (and no JOB.yaml, or the same one) it continues that job, so rerunning
     the same entrypoint (a RayJob retry, a resubmission) picks up where it stopped."""
-    from service.coordination import check_free
     from service.submit import SUBMISSION_ENV
 
     if address and address.startswith(("http://", "https://")) and not os.environ.get(SUBMISSION_ENV):
@@ -320,28 +334,26 @@ def run(job: str | None, job_id: str | None, storage: str | None, address: str |
     if record.status == "succeeded":
         console.print(f"job {record.job_id} already succeeded; nothing to run")
         return
-    check_free(jobs.storage, record.job_id)
-    if new:
-        jobs.save(record)
+    lease = _take_lease(jobs)
+    try:
+        if new:
+            jobs.save(record)
+    except BaseException:
+        lease.release()
+        raise
     err_console.print(
         styled("job ", (record.job_id, "bold"), f" -> {jobs.storage.url}")
         + ("" if new else f" (continues at step {record.current_step:,})")
     )
-    _finish(_coordinate(jobs, record, address), jobs, record)
+    _finish(_coordinate(jobs, record, address, lease), jobs, record)
 
 
 def _submit(jobs, record, address: str | None, follow: bool, max_restarts: int = 0) -> None:
-    from service.coordination import check_free
     from service.submit import check_reachable, job_server, submit_attempt
 
     server = job_server(address)
     check_reachable(jobs.root.url, server)
-    check_free(jobs.storage, record.job_id)
-    sid = submit_attempt(jobs, record, server)
-    if max_restarts:
-        from service.keeper import submit_keeper
-
-        submit_keeper(jobs, record, server, max_restarts)
+    sid = submit_attempt(jobs, record, server, keeper_restarts=max_restarts)
     storage = jobs.root.url
     console.print(
         styled("submitted job ", (record.job_id, "bold"), f" as Ray job {sid} ({server})\n")
@@ -435,7 +447,6 @@ def compare(
     Every run is an ordinary job (`stagetrain status`/`logs` work on it); rerunning the same command
     reuses the finished runs and continues an interrupted one."""
     from service.compare import figures, parse_strategies, plot_compare, report_markdown, variants
-    from service.coordination import check_free
     from service.jobs import EXIT_OK
 
     spec = load_spec(job)
@@ -448,14 +459,14 @@ def compare(
             err_console.print(f"{what} already succeeded; reused")
             continue
         err_console.print(f"{what}" + ("" if new else f" (continues at step {record.current_step:,})"))
-        if new:
-            jobs.save(record)
         if address:
             _submit(jobs, record, address, follow=False)
             code = _follow_log(jobs, v.job_id, None, until_done=True)
         else:
-            check_free(jobs.storage, record.job_id)
-            code = _coordinate(jobs, record, None)
+            lease = _take_lease(jobs)
+            if new:
+                jobs.save(record)
+            code = _coordinate(jobs, record, None, lease)
         if code != EXIT_OK:
             err_console.print(
                 f"compare stopped: {v.job_id} ended {jobs.load().status}; rerun the same command to continue"
@@ -528,9 +539,14 @@ def resume(
     if address and address.startswith(("http://", "https://")):
         _submit(jobs, record, address, follow=False)
         return
-    jobs.save(record)
+    lease = _take_lease(jobs)
+    try:
+        jobs.save(record)
+    except BaseException:
+        lease.release()
+        raise
     err_console.print(styled("resuming ", (job_id, "bold"), f" at step {step:,} of {plan.total_steps:,}"))
-    _finish(_coordinate(jobs, record, address), jobs, record)
+    _finish(_coordinate(jobs, record, address, lease), jobs, record)
 
 
 # ------------------------------------------------------------------------------------ watching
@@ -595,7 +611,7 @@ def _ended(record, lease) -> bool:
     """The job has a final status and no coordinator holds it any more (it settles, then releases)."""
     from service.jobs import TERMINAL
 
-    return record.status in TERMINAL and (lease is None or not lease.fresh())
+    return record.status in TERMINAL and (lease is None or not lease.alive())
 
 
 def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int:
@@ -672,7 +688,7 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
                 f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""),
             )
             sys.exit(exit_code(record.status))
-        if record.status in ("running", "waiting_for_capacity") and (lease is None or not lease.fresh()):
+        if record.status in ("running", "waiting_for_capacity") and (lease is None or not lease.alive()):
             if record.keeper and _keeper_running(record):
                 time.sleep(1.0)  # the keeper resubmits the coordinator (submit --max-restarts)
                 continue
@@ -717,14 +733,14 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
     """Stop a job gracefully: the workers finish the step and commit a checkpoint; the job ends `cancelled`
     (resumable with `stagetrain resume`). Without confirmation within the grace period (or with --now)
     the Ray job is stopped too."""
-    from service.coordination import LeaseKeeper, read_lease, request_cancel, wait_for
+    from service.coordination import holding, read_lease, request_cancel, wait_for
     from service.decisions import Cancelled
 
     jobs, record = _open(job_id, storage)
     if record.status in ("succeeded", "failed", "cancelled"):
         raise ValueError(f"job {job_id} has finished ({record.status}); nothing to cancel")
     lease = read_lease(jobs.storage)
-    if lease is None or not lease.fresh():  # nobody runs it: take the lease and mark it ourselves
+    if lease is None or not lease.alive():  # nobody runs it: mark it ourselves
         if record.status == "pending" and record.ray_address and record.ray_submissions:
             # submitted, coordinator not started yet: stop the Ray job so that it never starts one
             from service.submit import stop
@@ -735,18 +751,19 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
                 err_console.print(
                     styled((f"could not stop Ray job {record.ray_submissions[-1]}: {e}", "yellow"))
                 )
-        keeper = LeaseKeeper(jobs.storage, job_id).acquire()
-        try:
+        with holding(jobs):
             record = jobs.load()
             record.settle(
                 max(record.current_stage - 1, 0), Cancelled("cancelled while stopped"), record.current_step
             )
             jobs.save(record)
-        finally:
-            keeper.release()
-        console.print(
-            f"job {job_id} cancelled (it was {lease and 'not renewing its lease' or 'not running'})"
-        )
+        if lease is None:
+            why = "it was not running"
+        elif lease.fresh():
+            why = f"its coordinator, pid {lease.pid}, has ended"
+        else:
+            why = "it was not renewing its lease"
+        console.print(f"job {job_id} cancelled ({why})")
         return
     request_cancel(jobs.storage, now)
     grace = record.job_spec().preemption.grace_seconds

@@ -1,11 +1,13 @@
 """One coordinator per job, one writer per file.
 
 - **Lease** (``<job>/lease.json``): the running coordinator's claim on the job: owner, host, pid, Ray
-  submission, heartbeat renewed every ``LEASE_TIMEOUT_S / 6`` seconds. ``run``/``resume``/``submit`` of a job
-  whose lease is fresh are refused naming the holder; a lease older than ``LEASE_TIMEOUT_S`` is taken over
-  (the previous coordinator died) and the takeover is logged. Only the lease holder writes ``job.json``
-  and ``metrics.jsonl``. On object storage, which has no compare-and-swap, a takeover is confirmed by
-  reading the lease back: two coordinators racing within one write are not excluded.
+  submission, heartbeat renewed every ``LEASE_TIMEOUT_S / 6`` seconds. ``run``/``resume``/``submit`` take
+  it before they write anything; a job whose lease is fresh is refused naming the holder. A lease older
+  than ``LEASE_TIMEOUT_S``, or held by a process of this host that is gone, is taken over (logged).
+  Every write of the lease is a compare-and-swap (``Storage.write_versioned``: a file lock locally, a
+  conditional PUT on S3) and is read back, so two coordinators cannot both hold it. A coordinator that
+  finds its lease taken, or cannot renew it for ``LEASE_TIMEOUT_S``, loses it: its writes to the job
+  are fenced (``LeaseKeeper.check`` raises ``LeaseLost``) and it exits with ``EXIT_LEASE_LOST``.
 - **Requests** (``<job>/control/requests/*.json``): what ``stagetrain scale`` and ``cancel`` leave for the
   coordinator, which applies and removes them (``scale`` at the next stage boundary, or ``resume``).
 - **Log** (``<job>/logs/attempt-<k>.log``): everything the coordinator says, flushed every few seconds,
@@ -20,11 +22,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict
 
-from checkpoints.storage import Storage
+from checkpoints.storage import Storage, WriteConflict
 from service.layout import CANCEL_FILE, LEASE_FILE, LOGS_DIR, REQUESTS_DIR
 
 LEASE_TIMEOUT_S = float(os.environ.get("STAGETRAIN_LEASE_TIMEOUT_S", "60"))
@@ -38,11 +42,36 @@ class LeaseHeld(ValueError):
     """Another coordinator holds a fresh lease on the job (a user error: exit 2)."""
 
 
+class LeaseLost(RuntimeError):
+    """This coordinator no longer holds the job's lease: it stops and writes nothing more to the job."""
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` of this host started (Linux: clock ticks after boot, from ``/proc``; -1 where
+    that is unknown), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return float(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+    except (OSError, IndexError, ValueError):
+        return -1.0
+    try:  # no /proc (macOS): only whether it exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return -1.0
+
+
 class Lease(BaseModel):
     model_config = ConfigDict(extra="forbid")
     owner: str
     host: str
     pid: int
+    pid_started: float | None = None  # the process's start time: a reused pid is not the holder
     submission_id: str | None = None
     acquired: str
     heartbeat: str
@@ -54,6 +83,21 @@ class Lease(BaseModel):
     def fresh(self) -> bool:
         return self.age_s() < self.timeout_s
 
+    def alive(self) -> bool:
+        """A coordinator holds the job: the heartbeat is fresh and its holder not known to be gone."""
+        return self.fresh() and not self.holder_gone()
+
+    def holder_gone(self) -> bool:
+        """The holder ran on this host and its process is gone (e.g. SIGKILLed): the lease is free at once.
+        A holder on another host is judged by its heartbeat only."""
+        if self.host != socket.gethostname():
+            return False
+        started = _process_started(self.pid)
+        if started is None:
+            return True
+        known = self.pid_started is not None and self.pid_started >= 0 and started >= 0
+        return known and started != self.pid_started
+
     def describe(self) -> str:
         via = f", Ray submission {self.submission_id}" if self.submission_id else ""
         return (
@@ -62,19 +106,26 @@ class Lease(BaseModel):
         )
 
 
+def _parse(data: bytes) -> Lease | None:
+    try:
+        return Lease.model_validate_json(data)
+    except ValueError:
+        return None  # not a lease this version reads: nobody holds it
+
+
 def read_lease(job: Storage) -> Lease | None:
     if not job.exists(LEASE_FILE):
         return None
     try:
-        return Lease.model_validate_json(job.read_bytes(LEASE_FILE))
-    except (ValueError, FileNotFoundError):
-        return None  # half-written or removed meanwhile: nobody holds it
+        return _parse(job.read_bytes(LEASE_FILE))
+    except FileNotFoundError:
+        return None  # removed meanwhile: nobody holds it
 
 
-def check_free(job: Storage, job_id: str) -> Lease | None:
+def check_free(job: Storage, job_id: str, lease: Lease | None = None) -> Lease | None:
     """Raise ``LeaseHeld`` if a live coordinator holds the job; else the stale lease (or None)."""
-    lease = read_lease(job)
-    if lease is not None and lease.fresh():
+    lease = lease if lease is not None else read_lease(job)
+    if lease is not None and lease.alive():
         raise LeaseHeld(
             f"job {job_id} is running: {lease.describe()}. Follow it with `stagetrain logs {job_id} "
             f"--follow`, or stop it with `stagetrain cancel {job_id}`"
@@ -83,16 +134,26 @@ def check_free(job: Storage, job_id: str) -> Lease | None:
 
 
 class LeaseKeeper:
-    """Holds the lease while the coordinator runs: acquire, renew in a daemon thread, release."""
+    """Holds the lease while the coordinator runs: acquire, renew in a daemon thread, release.
+
+    ``check()`` fences the holder's writes: it raises ``LeaseLost`` once another coordinator took the
+    lease, or when the last renewal is older than the timeout less one renewal interval (another
+    coordinator may take a lease that old). ``on_lost(reason)`` is called once, from the renewal thread."""
 
     def __init__(
-        self, job: Storage, job_id: str, submission_id: str | None = None, timeout_s: float = LEASE_TIMEOUT_S
+        self,
+        job: Storage,
+        job_id: str,
+        submission_id: str | None = None,
+        timeout_s: float = LEASE_TIMEOUT_S,
+        on_lost: Callable[[str], None] | None = None,
     ):
-        self.job, self.job_id, self.timeout_s = job, job_id, timeout_s
+        self.job, self.job_id, self.timeout_s, self.on_lost = job, job_id, timeout_s, on_lost
         self.lease = Lease(
             owner=uuid.uuid4().hex[:12],
             host=socket.gethostname(),
             pid=os.getpid(),
+            pid_started=_process_started(os.getpid()),
             submission_id=submission_id,
             acquired=_now().isoformat(),
             heartbeat=_now().isoformat(),
@@ -100,39 +161,110 @@ class LeaseKeeper:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._version: str | None = None  # the lease object's version token after our last write
+        self._renewed = 0.0  # monotonic time our last renewal started (its heartbeat is no older)
         self.took_over: Lease | None = None
+        self.lost: str | None = None
+
+    @property
+    def interval_s(self) -> float:
+        return self.timeout_s / 6
 
     def acquire(self) -> LeaseKeeper:
-        self.took_over = check_free(self.job, self.job_id)
-        self._write()
-        held = read_lease(self.job)
-        if held is None or held.owner != self.lease.owner:
+        current = self.job.read_versioned(LEASE_FILE)
+        self.took_over = check_free(self.job, self.job_id, _parse(current[0]) if current else None)
+        try:
+            self._write(expect=current[1] if current else None)
+        except WriteConflict:
+            held = read_lease(self.job)
             raise LeaseHeld(
                 f"job {self.job_id}: another coordinator took the lease at the same moment"
                 + (f": {held.describe()}" if held else "")
-            )
+            ) from None
         self._thread = threading.Thread(target=self._renew, name="stagetrain-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _write(self) -> None:
+    def _write(self, expect: str | None) -> None:
+        started = time.monotonic()
         self.lease.heartbeat = _now().isoformat()
-        self.job.write_text(self.lease.model_dump_json(indent=2), LEASE_FILE)
+        self._version = self.job.write_versioned(
+            self.lease.model_dump_json(indent=2).encode(), LEASE_FILE, expect=expect
+        )
+        held = read_lease(self.job)  # stores without conditional writes: the last writer wins; look
+        if held is None or held.owner != self.lease.owner:
+            raise WriteConflict(f"{self.job.url}/{LEASE_FILE} was written by another coordinator")
+        self._renewed = started
+
+    def renew(self) -> bool:
+        """One renewal; False once the lease is lost. A storage error is retried at the next renewal,
+        until the lease is too old to be ours."""
+        if self.lost:
+            return False
+        try:
+            self._write(expect=self._version)
+        except WriteConflict:
+            held = read_lease(self.job)
+            self._lose(
+                f"another coordinator took the job's lease: {held.describe()}"
+                if held is not None
+                else "the job's lease was removed by another coordinator"
+            )
+            return False
+        except Exception as e:  # noqa: BLE001 - a storage hiccup: the next renewal tries again
+            late = time.monotonic() - self._renewed
+            if late >= self.timeout_s - self.interval_s:
+                self._lose(f"could not renew the job's lease for {late:.0f}s: {type(e).__name__}: {e}")
+                return False
+        return True
+
+    def _lose(self, reason: str) -> None:
+        self.lost = f"lost the lease of job {self.job_id}: {reason}"
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` unless this coordinator still holds the lease (call before every write)."""
+        if self.lost is None and time.monotonic() - self._renewed >= self.timeout_s - self.interval_s:
+            self._lose(f"its last renewal is {time.monotonic() - self._renewed:.0f}s old")
+        if self.lost is not None:
+            raise LeaseLost(self.lost)
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.timeout_s / 6):
-            try:
-                self._write()
-            except Exception:  # noqa: BLE001 - a storage hiccup; the next renewal tries again
-                pass
+        while not self._stop.wait(self.interval_s):
+            if not self.renew():
+                return
 
-    def release(self) -> None:
+    def release(self, restore: Lease | None = None) -> None:
+        """Give the lease up (``restore``: put that lease back instead, as ``holding`` found it)."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
-        held = read_lease(self.job)
-        if held is not None and held.owner == self.lease.owner:
+        if self.lost is not None or self._version is None:
+            return  # another coordinator's lease now: never touch it
+        current = self.job.read_versioned(LEASE_FILE)
+        if current is None or current[1] != self._version:
+            return
+        if restore is not None:
+            data = restore.model_dump_json(indent=2).encode()
+            self.job.write_versioned(data, LEASE_FILE, expect=current[1])
+        else:
             self.job.remove(LEASE_FILE)
+
+
+@contextmanager
+def holding(jobs) -> Iterator[LeaseKeeper]:
+    """The lease of ``jobs`` (a ``JobStore``) for a few writes, fenced by it: what ``submit`` writes before
+    its coordinator starts, ``cancel`` of a job nobody runs. ``LeaseHeld`` if a coordinator holds it.
+    The lease is left as it was found: the stale lease of a coordinator that died is put back, so the
+    next coordinator takes it over (and says so in its log)."""
+    keeper = LeaseKeeper(jobs.storage, jobs.job_id).acquire()
+    jobs.fence = keeper.check
+    try:
+        yield keeper
+    finally:
+        jobs.fence = None
+        keeper.release(restore=keeper.took_over)
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -188,8 +320,10 @@ class JobLog:
     thread (and on ``close``). Appending to an object store rewrites the object: the log stays small (a
     progress line every few seconds)."""
 
-    def __init__(self, job: Storage, attempt: int, flush_s: float = 2.0):
-        self.job, self.name, self.flush_s = job, log_name(attempt), flush_s
+    def __init__(
+        self, job: Storage, attempt: int, flush_s: float = 2.0, fence: Callable[[], None] | None = None
+    ):
+        self.job, self.name, self.flush_s, self.fence = job, log_name(attempt), flush_s, fence
         self._buf: list[str] = []
         self._lock = threading.RLock()  # re-entrant: the SIGTERM handler may log while the main thread does
         self._stop = threading.Event()
@@ -205,6 +339,11 @@ class JobLog:
         with self._lock:
             text, self._buf = "".join(self._buf), []
         if text:
+            if self.fence is not None:
+                try:
+                    self.fence()
+                except LeaseLost:
+                    return  # the job is another coordinator's now
             self.job.append_text(text, LOGS_DIR, self.name)
 
     def _loop(self) -> None:

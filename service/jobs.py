@@ -9,6 +9,7 @@ It never holds credentials: storage settings come from the environment.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Literal, get_args
 
@@ -31,6 +32,7 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 StageStatus = Literal["pending", "running", "completed", "preempted", "cancelled", "failed"]
 TERMINAL = ("succeeded", "failed", "preempted", "cancelled")  # no coordinator runs the job
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_CANCELLED = 0, 1, 75, 130  # 75 = EX_TEMPFAIL: resume it later
+EXIT_LEASE_LOST = 3  # another coordinator took the job over; this one stopped without writing more
 EXIT_CODES = {
     "succeeded": EXIT_OK,
     "failed": EXIT_FAILED,
@@ -235,6 +237,9 @@ class JobStore:
         self.root = storage
         self.storage = storage.child(job_id)
         self.checkpoints = CheckpointStore(self.storage.child(CHECKPOINTS))
+        # Called before every write of the record and metrics: the coordinator's lease check
+        # (``LeaseKeeper.check``), so a coordinator that lost the job writes nothing more to it.
+        self.fence: Callable[[], None] | None = None
 
     def exists(self) -> bool:
         return self.storage.exists(JOB_FILE)
@@ -261,11 +266,15 @@ class JobStore:
         return JobRecord.model_validate_json(self.storage.read_bytes(JOB_FILE))
 
     def save(self, record: JobRecord) -> None:
+        if self.fence is not None:
+            self.fence()
         record.updated = now()
         self.storage.write_text(record.model_dump_json(indent=2), JOB_FILE)
 
     def append_metrics(self, records: list[StepRecord | EvalRecord | StageEnd]) -> None:
         if records:
+            if self.fence is not None:
+                self.fence()
             lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
             self.storage.append_text(lines, METRICS_FILE)
 

@@ -21,9 +21,8 @@ def keeper_id(job_id: str, attempt: int) -> str:
 
 
 def submit_keeper(jobs, record, server: str, max_restarts: int) -> str:
-    """Submit the keeper of ``record``'s job beside its coordinator, and record it."""
-    kid = keeper_id(record.job_id, len(record.ray_submissions))
-    submit(
+    """Submit the keeper of ``record``'s job beside its coordinator (``submit_attempt`` recorded it)."""
+    return submit(
         record.job_id,
         jobs.root.url,
         server,
@@ -31,12 +30,8 @@ def submit_keeper(jobs, record, server: str, max_restarts: int) -> str:
         record.job_spec().preemption.grace_seconds,
         command=["keep", record.job_id, "--storage", jobs.root.url, "--address", server]
         + ["--max-restarts", str(max_restarts)],
-        sid=kid,
+        sid=keeper_id(record.job_id, len(record.ray_submissions)),
     )
-    record.keeper = kid
-    record.event(f"keeper {kid}: resubmits the coordinator up to {max_restarts} time(s)")
-    jobs.save(record)
-    return kid
 
 
 def keep(jobs, address: str, max_restarts: int, say=print, poll_s: float = KEEPER_POLL_S) -> int:
@@ -44,7 +39,7 @@ def keep(jobs, address: str, max_restarts: int, say=print, poll_s: float = KEEPE
     while True:
         record = jobs.load()
         lease = read_lease(jobs.storage)
-        alive = lease is not None and lease.fresh()
+        alive = lease is not None and lease.alive()
         state = ray_job_state(address, record.ray_submissions[-1]) if record.ray_submissions else None
         action = keeper_action(record.status, alive, state, restarts, max_restarts)
         if action == "done":

@@ -242,7 +242,7 @@ def status_lines(record, latest, lease, ray_state: str | None) -> list[str]:
         else "last committed checkpoint: none yet"
     )
     if lease is not None:
-        lines.append(f"coordinator: {lease.describe()}" + ("" if lease.fresh() else " (stale: not running)"))
+        lines.append(f"coordinator: {lease.describe()}" + ("" if lease.alive() else " (stale: not running)"))
     else:
         lines.append("coordinator: none running")
     if record.ray_submissions:

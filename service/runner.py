@@ -31,7 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from checkpoints.store import git_revision
 from service.analysis import boundary_spikes, plan_stage_steps
 from service.console import make_console, styled
-from service.coordination import JobLog, LeaseKeeper, cancel_requested, consume, pending_scales
+from service.coordination import JobLog, LeaseKeeper, LeaseLost, cancel_requested, consume, pending_scales
 from service.decisions import (
     Cancelled,
     Completed,
@@ -109,7 +109,10 @@ class JobRunner:
         self.sinks: list = []  # metrics.sinks, opened with Ray
         # when the job lost capacity (monotonic), while it has not run a stage since
         self.lost_at: float | None = None
-        self.log = JobLog(jobs.storage, self.record.coordinator_attempts)
+        # Once another coordinator holds the job, every write to it raises LeaseLost (the run ends).
+        self.jobs.fence = lease.check
+        lease.on_lost = self._lease_lost
+        self.log = JobLog(jobs.storage, self.record.coordinator_attempts, fence=lease.check)
         self._settled: dict[int, Outcome] = {}  # rows of the current run that ended at their boundary
         self._stage_clock = time.perf_counter()  # when the running stage started
 
@@ -123,6 +126,14 @@ class JobRunner:
         self.record.event(text)
         self.log.line(text)
 
+    def _lease_lost(self, reason: str) -> None:
+        """(The lease's renewal thread.) Another coordinator runs the job now: stop at once, write
+        nothing (no stop request either: the control files are the new coordinator's). The run ends
+        with ``LeaseLost`` at its next write or poll; exiting takes this driver's workers along."""
+        self.stop_reason = "lease lost"
+        self.stop.set()
+        self.opt.console.print(styled((reason, "bold red")), markup=False, highlight=False)
+
     # -------------------------------------------------------------------------------- main loop
 
     def run(self) -> int:
@@ -130,11 +141,9 @@ class JobRunner:
         try:
             sid = os.environ.get(SUBMISSION_ENV)
             where = f"Ray job {sid}" if sid else f"host {self.lease.lease.host}"
-            if self.lease.took_over is not None:
-                self.event(
-                    f"took over the lease of a coordinator that stopped renewing it: "
-                    f"{self.lease.took_over.describe()}"
-                )
+            if (previous_holder := self.lease.took_over) is not None:
+                why = "whose process has ended" if previous_holder.fresh() else "that stopped renewing it"
+                self.event(f"took over the lease of a coordinator {why}: {previous_holder.describe()}")
             self.event(f"coordinator attempt {self.record.coordinator_attempts} on {where}")
             self.jobs.storage.remove(STOP_FILE)
             self.jobs.storage.remove(CANCEL_FILE)
@@ -497,6 +506,7 @@ class JobRunner:
             while True:
                 if time.monotonic() - last_poll > REQUEST_POLL_S:
                     last_poll = time.monotonic()
+                    self.lease.check()
                     if not self.stop.is_set() and cancel_requested(self.jobs.storage):
                         self._request_stop("cancel")
                 item = run.get(timeout=0.5)
@@ -586,7 +596,7 @@ class JobRunner:
     def _request_stop(self, reason: str) -> None:
         """Ask the workers (through storage, reachable from every node) to stop after the current step and
         commit a checkpoint; the stage then ends preempted or cancelled."""
-        if self.stop.is_set():
+        if self.stop.is_set() or self.lease.lost:
             return
         self.stop_reason = reason
         self.stop.set()
@@ -607,7 +617,10 @@ class JobRunner:
         reason = "the grace period ran out before the workers stopped"
         outcome = Cancelled(reason) if self.stop_reason == "cancel" else Preempted(f"SIGTERM: {reason}")
         self.record.settle(self.record.current_stage - 1, outcome, self.record.current_step)
-        self.jobs.save(self.record)
+        try:
+            self.jobs.save(self.record)
+        except LeaseLost:
+            pass  # another coordinator's job now
         self.log.close()
         self.lease.release()
         os._exit(EXIT_CANCELLED if isinstance(outcome, Cancelled) else EXIT_PREEMPTED)

@@ -20,6 +20,7 @@ import shlex
 from urllib.parse import urlparse
 
 from checkpoints.storage import forwarded_env
+from service.layout import JOB_FILE
 
 SUBMISSION_ENV = "STAGETRAIN_SUBMISSION_ID"
 # What a job server with token authentication needs from a client (Ray's own variables)
@@ -136,16 +137,40 @@ def submit(
     return sid
 
 
-def submit_attempt(jobs, record, server: str, why: str = "") -> str:
-    """Submit the job's next coordinator attempt and record it: the job is ``pending`` until the submitted
-    coordinator takes the lease. Returns the Ray submission id."""
+def submit_attempt(jobs, record, server: str, why: str = "", keeper_restarts: int = 0) -> str:
+    """Submit the job's next coordinator attempt (and with ``keeper_restarts``, a keeper: see
+    ``service.keeper``). The record is written first, under the job's lease (``LeaseHeld`` if a
+    coordinator holds it), which is released for the submitted coordinator to take: the job is
+    ``pending`` until it does. Returns the Ray submission id."""
+    from service.coordination import holding
+    from service.keeper import keeper_id, submit_keeper
+
     attempt = len(record.ray_submissions) + 1
-    sid = submit(record.job_id, jobs.root.url, server, attempt, record.job_spec().preemption.grace_seconds)
-    record.ray_address = server
-    record.ray_submissions.append(sid)
-    record.status, record.error = "pending", None
-    record.event(f"submitted to {server} as Ray job {sid}" + (f": {why}" if why else ""))
-    jobs.save(record)
+    sid = submission_id(record.job_id, attempt)
+    before = record.model_copy(deep=True)
+    with holding(jobs):
+        existed = jobs.exists()
+        record.ray_address = server
+        record.ray_submissions.append(sid)
+        record.status, record.error = "pending", None
+        record.event(f"submitted to {server} as Ray job {sid}" + (f": {why}" if why else ""))
+        if keeper_restarts:
+            record.keeper = keeper_id(record.job_id, attempt)
+            record.event(f"keeper {record.keeper}: resubmits the coordinator up to {keeper_restarts} time(s)")
+        jobs.save(record)
+    grace = record.job_spec().preemption.grace_seconds
+    try:
+        submit(record.job_id, jobs.root.url, server, attempt, grace, sid=sid)
+    except BaseException as e:
+        with holding(jobs):  # nothing was submitted: the record says so (a new job leaves none)
+            if existed:
+                before.event(f"could not submit Ray job {sid}: {type(e).__name__}: {e}")
+                jobs.save(before)
+            else:
+                jobs.storage.remove(JOB_FILE)
+        raise
+    if keeper_restarts:
+        submit_keeper(jobs, record, server, keeper_restarts)
     return sid
 
 

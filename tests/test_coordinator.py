@@ -11,7 +11,7 @@ from rich.console import Console
 
 import service.runner as runner_module
 from checkpoints.storage import Storage
-from service.coordination import LeaseKeeper, request_cancel, request_scale
+from service.coordination import LEASE_TIMEOUT_S, LeaseKeeper, request_cancel, request_scale
 from service.jobs import EXIT_CANCELLED, EXIT_OK, EXIT_PREEMPTED, JobRecord, JobStore
 from service.plan import build_plan
 from service.runner import JobRunner, RunOptions
@@ -60,10 +60,10 @@ class Job:
         self.executor = FakeExecutor(self.url, job_id)
         self.out = io.StringIO()
 
-    def run(self) -> int:
+    def run(self, lease_timeout_s: float = LEASE_TIMEOUT_S) -> int:
         record = self.jobs.load()
         spec = record.job_spec()
-        lease = LeaseKeeper(self.jobs.storage, self.job_id).acquire()
+        self.lease = lease = LeaseKeeper(self.jobs.storage, self.job_id, timeout_s=lease_timeout_s).acquire()
         console = Console(file=self.out, width=200)  # markup on: JobRunner must not depend on it being off
         options = RunOptions(job_id=self.job_id, storage=self.url, console=console)
         return JobRunner(spec, record.plan(spec), record, self.jobs, options, lease, self.executor).run()

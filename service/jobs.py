@@ -87,6 +87,16 @@ class LayoutChange(BaseModel):
     workers: int
 
 
+class SinkState(BaseModel):
+    """A metrics sink of the last coordinator attempt: ``failed`` its first error (it was disabled then),
+    ``dropped`` the records it did not write (failed, or too slow for its queue)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    failed: str | None = None
+    dropped: int = 0
+
+
 class JobRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = RECORD_VERSION
@@ -114,6 +124,7 @@ class JobRecord(BaseModel):
     keeper: str | None = None  # the Ray job of `submit --max-restarts`'s keeper, if any
     images_per_s: float | None = None  # the last reported throughput
     checkpoint_failures: list[str] = []
+    sinks: list[SinkState] = []  # metrics.sinks of the last coordinator attempt
     events: list[str] = []  # resumes, re-plans, preemptions: one line each, timestamped
 
     @model_validator(mode="before")

@@ -249,6 +249,16 @@ def status_lines(record, latest, lease, ray_state: str | None) -> list[str]:
         lines.append(f"Ray job {record.ray_submissions[-1]}: {ray_state or 'unknown'} ({record.ray_address})")
     if record.status == "waiting_for_capacity":
         lines.append(f"waiting for capacity: {record.waiting_for}")
+    if record.sinks:
+        lines.append(
+            "metrics sinks: "
+            + "; ".join(
+                f"{s.name} "
+                + (f"failed ({s.failed})" if s.failed else "ok")
+                + (f", {s.dropped:,} record(s) dropped" if s.dropped else "")
+                for s in record.sinks
+            )
+        )
     code = sum(s.restarts for s in record.stages)
     infra = sum(s.infra_failures for s in record.stages)
     if code or infra:

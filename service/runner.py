@@ -126,6 +126,32 @@ class JobRunner:
         self.record.event(text)
         self.log.line(text)
 
+    def _sink_failed(self, name: str, error: str) -> None:
+        """(A sink's thread.) Said once; the record shows it from the next save (``_note_sinks``)."""
+        self.say(
+            f"metrics sink {name} failed: {error}; it is off for the rest of this attempt (training goes on; "
+            "metrics.jsonl has every record)",
+            "yellow",
+        )
+
+    def _note_sinks(self) -> bool:
+        """The sinks' states into the record; True if they changed since the last call."""
+        states = [s.state() for s in self.sinks]
+        if states == self.record.sinks:
+            return False
+        self.record.sinks = states
+        return True
+
+    def _close_sinks(self, close_s: float | None = None) -> None:
+        """Close every sink (each waits a bounded time, none raises), then save their final states."""
+        for sink in self.sinks:
+            sink.close() if close_s is None else sink.close(close_s)
+        if self._note_sinks():
+            try:
+                self.jobs.save(self.record)
+            except Exception as e:  # noqa: BLE001 - lease lost, storage gone: the job's status is saved
+                self.opt.console.print(f"sinks' states not saved: {e}", markup=False, highlight=False)
+
     def _lease_lost(self, reason: str) -> None:
         """(The lease's renewal thread.) Another coordinator runs the job now: stop at once, write
         nothing (no stop request either: the control files are the new coordinator's). The run ends
@@ -149,7 +175,8 @@ class JobRunner:
             self.jobs.storage.remove(CANCEL_FILE)
             self.jobs.save(self.record)
             self.executor.connect()
-            self.sinks = open_sinks(self.jobs, self.spec, self.record.current_step)
+            self.sinks = open_sinks(self.jobs, self.spec, self.record.current_step, self._sink_failed)
+            self._note_sinks()
             if (
                 threading.current_thread() is threading.main_thread()
             ):  # after ray.init, which installs its own
@@ -166,10 +193,11 @@ class JobRunner:
                 self._grace_timer.cancel()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            for sink in self.sinks:
-                sink.close()
-            self.log.close()
-            self.lease.release()
+            try:
+                self._close_sinks()
+            finally:
+                self.log.close()
+                self.lease.release()
 
     def _write_plot(self) -> None:
         """``metrics.png``, written while the lease is held: once ``stagetrain wait`` sees the job ended
@@ -533,10 +561,12 @@ class JobRunner:
                     task = new_task(stage, stage.step_start)
                     continue
                 self.jobs.append_metrics([*report.records, *report.evals])
-                for sink in self.sinks:
+                for sink in self.sinks:  # never blocks (service.sinks.Background)
                     sink.write(
                         [*report.records, *report.evals, *([report.stage_end] if report.stage_end else [])]
                     )
+                if self._note_sinks():  # a sink failed or dropped records: status shows it
+                    self.jobs.save(self.record)
                 if report.records:
                     last = report.records[-1]
                     rates.append(last.images_per_s)
@@ -621,6 +651,7 @@ class JobRunner:
             self.jobs.save(self.record)
         except LeaseLost:
             pass  # another coordinator's job now
+        self._close_sinks(close_s=2.0)
         self.log.close()
         self.lease.release()
         os._exit(EXIT_CANCELLED if isinstance(outcome, Cancelled) else EXIT_PREEMPTED)

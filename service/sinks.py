@@ -5,6 +5,11 @@ evaluation; the stage (a step function, so boundaries show); and the spec as the
 Each sink's package is imported only when the job uses it, with a clear error when it is missing.
 A coordinator that continues a job (after a restart or a ``resume``) continues the same run in each
 sink; the steps it re-runs from the checkpoint are written once (see each sink for how).
+
+Sinks are side work and never sit on the training path: each writes from its own thread
+(``Background``), fed through a bounded queue that drops (and counts) records when the sink falls
+behind. A sink that fails (server gone, disk full) is reported once, disabled for the rest of the
+attempt, and shown in ``stagetrain status`` with what it dropped; ``metrics.jsonl`` has every record.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 
+from service.jobs import SinkState
 from service.layout import TENSORBOARD_DIR
 from service.records import EvalRecord, StageEnd, StepRecord
 
@@ -135,8 +144,11 @@ class MLflowSink:
     first logged (``metrics.jsonl`` keeps both). Parameters are the flat spec (``spec_params``); a
     continued run adds only the keys it lacks, since MLflow refuses to change a logged value.
 
-    Each ``write`` is one ``log_batch`` call (per 1000 metrics); a failed one is logged and dropped:
-    ``metrics.jsonl`` has them all. An unreachable server fails the job at start, saying so."""
+    Each ``write`` is one ``log_batch`` call (per 1000 metrics). MLflow's client waits
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` per request and retries ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times: 10 s
+    and 2 here unless set (its
+    defaults, 120 s and 7 with backoff, hold a failing write for minutes). An unreachable server fails
+    the job at start, saying so; one that goes away later disables the sink (``Background``)."""
 
     def __init__(self, jobs, spec, start_step: int):
         try:
@@ -148,6 +160,8 @@ class MLflowSink:
                 f"metrics.sinks: mlflow needs the mlflow package ({e}); pip install mlflow"
             ) from None
         self.Metric, self.Error = Metric, MlflowException
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         self.client = MlflowClient()
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.name
         try:
@@ -193,21 +207,10 @@ class MLflowSink:
             if values and r.step > self.logged["train/loss" if isinstance(r, StepRecord) else "val/top1"]:
                 stamp = int((r.time if r.time is not None else time.time()) * 1000)
                 metrics += [self.Metric(key, value, stamp, r.step) for key, value in values.items()]
-        try:
-            self._batches("metrics", metrics)
-        except self.Error as e:  # best effort (see the class)
-            log.warning(
-                "mlflow: metrics of steps %s not logged to run %s: %s",
-                {m.step for m in metrics},
-                self.run_id,
-                e,
-            )
+        self._batches("metrics", metrics)
 
     def close(self) -> None:
-        try:
-            self.client.set_terminated(self.run_id, status="FINISHED")
-        except self.Error as e:
-            log.warning("mlflow: could not end run %s: %s", self.run_id, e)
+        self.client.set_terminated(self.run_id, status="FINISHED")
 
 
 class WandbSink:
@@ -274,7 +277,89 @@ class WandbSink:
 
 
 SINKS = {"tensorboard": TensorBoardSink, "mlflow": MLflowSink, "wandb": WandbSink}
+SINK_QUEUE = 1000  # reports waiting for a slow sink; more are dropped and counted
+SINK_CLOSE_S = 30.0  # how long closing waits for a sink to write what it has queued
 
 
-def open_sinks(jobs, spec, start_step: int) -> list:
-    return [SINKS[name](jobs, spec, start_step) for name in spec.metrics.sinks]
+class Background:
+    """One sink off the coordinator's report loop. ``write`` never blocks: the records go through a
+    bounded queue to the sink's own thread; a full queue drops them (counted). The first exception of
+    the sink is passed to ``on_fail(name, error)`` once and disables it for the rest of the attempt
+    (what comes later is dropped, counted). ``close`` waits at most ``close_s`` and never raises."""
+
+    def __init__(self, name: str, sink, on_fail: Callable[[str, str], None], maxsize: int | None = None):
+        self.name, self.sink, self.on_fail = name, sink, on_fail
+        self._q: queue.Queue = queue.Queue(maxsize or SINK_QUEUE)
+        self._lock = threading.Lock()
+        self.dropped = 0  # records
+        self._inflight = 0  # records of the write under way
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"stagetrain-sink-{name}", daemon=True)
+        self._thread.start()
+
+    def _drop(self, n: int) -> None:
+        with self._lock:
+            self.dropped += n
+
+    def write(self, records: list) -> None:
+        if self.error is not None:
+            return self._drop(len(records))
+        try:
+            self._q.put_nowait(records)
+        except queue.Full:
+            self._drop(len(records))
+
+    def _fail(self, e: BaseException) -> None:
+        from service.executor import first_line
+
+        self.error = f"{type(e).__name__}: {first_line(e)}"
+        try:
+            self.on_fail(self.name, self.error)
+        except Exception:  # noqa: BLE001 - reporting must not end the sink's thread
+            log.exception("metrics sink %s failed: %s", self.name, self.error)
+
+    def _drain(self) -> None:
+        while (records := self._q.get()) is not None:
+            if self.error is not None:
+                self._drop(len(records))
+                continue
+            self._inflight = len(records)
+            try:
+                self.sink.write(records)
+            except Exception as e:  # noqa: BLE001 - a sink never ends the job
+                self._drop(len(records))
+                self._fail(e)
+            self._inflight = 0
+
+    def close(self, close_s: float | None = None) -> None:
+        close_s = SINK_CLOSE_S if close_s is None else close_s
+        deadline = time.monotonic() + close_s
+        try:
+            self._q.put(None, timeout=close_s)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():  # still writing: give it up (a daemon thread), count what it had
+            waiting = 0
+            while True:
+                try:
+                    records = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                waiting += len(records or [])
+            self._drop(self._inflight + waiting)
+            if self.error is None:
+                self._fail(TimeoutError(f"still writing after {close_s:g}s; the rest is dropped"))
+            return
+        if self.error is None:
+            try:
+                self.sink.close()
+            except Exception as e:  # noqa: BLE001 - the job log and the lease are released regardless
+                self._fail(e)
+
+    def state(self) -> SinkState:
+        return SinkState(name=self.name, failed=self.error, dropped=self.dropped)
+
+
+def open_sinks(jobs, spec, start_step: int, on_fail: Callable[[str, str], None]) -> list[Background]:
+    return [Background(name, SINKS[name](jobs, spec, start_step), on_fail) for name in spec.metrics.sinks]

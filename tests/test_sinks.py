@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -275,3 +276,128 @@ def test_unknown_sink_is_refused_naming_the_field():
         validate_spec(merge(BASE_SPEC, {"metrics": {"sinks": ["tensorboard", "mlflw"]}}))
     line = "metrics.sinks[1]: expected one of 'tensorboard', 'mlflow', 'wandb', got 'mlflw'"
     assert f"{line}; did you mean 'mlflow'?" in e.value.problems, e.value.problems
+
+
+# ------------------------------------------------------------------------ sinks off the training path
+
+
+class ScriptedSink:
+    """A sink that does what a test tells it: block in ``write`` until ``release`` is set, raise at its
+    ``raise_at``-th write, raise in ``close``. It counts what it was given."""
+
+    release = threading.Event()
+    raise_at: int | None = None
+    close_raises = False
+    written: list = []
+
+    def __init__(self, jobs, spec, start_step: int):
+        ScriptedSink.written = []
+
+    def write(self, records: list) -> None:
+        ScriptedSink.release.wait()
+        if ScriptedSink.raise_at is not None and len(ScriptedSink.written) + 1 >= ScriptedSink.raise_at:
+            raise ConnectionError("sink server gone [/x] [bold]")
+        ScriptedSink.written.append(records)
+
+    def close(self) -> None:
+        if ScriptedSink.close_raises:
+            raise OSError("disk full")
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """``metrics.sinks: [tensorboard]`` runs ``ScriptedSink`` (set up per test), closing waits 0.5 s."""
+    import service.sinks
+
+    monkeypatch.setitem(service.sinks.SINKS, "tensorboard", ScriptedSink)
+    monkeypatch.setattr(service.sinks, "SINK_CLOSE_S", 0.5)
+    ScriptedSink.release, ScriptedSink.raise_at, ScriptedSink.close_raises = threading.Event(), None, False
+    yield ScriptedSink
+    ScriptedSink.release.set()
+
+
+def _sink_job(tmp_path):
+    from tests.test_coordinator import Job
+
+    return Job(tmp_path, {"metrics": {"sinks": ["tensorboard"]}})
+
+
+def test_a_sink_that_hangs_never_holds_training_up(tmp_path, scripted, monkeypatch):
+    """The sink blocks in its first write for the whole job: the job still runs to its end (with the
+    sink on the report loop it would never get past its first report), the sink's queue (2 reports)
+    overflows and counts what it dropped, and closing gives the sink up after its wait."""
+    import service.sinks
+
+    monkeypatch.setattr(service.sinks, "SINK_QUEUE", 2)
+    job = _sink_job(tmp_path)
+    watchdog = threading.Timer(120, scripted.release.set)  # a sink on the loop would hang the test: fail
+    watchdog.start()
+    try:
+        assert job.run() == 0, job.out.getvalue()
+    finally:
+        watchdog.cancel()
+    assert not scripted.release.is_set() and scripted.written == []  # it wrote nothing at all
+    record = job.record
+    assert record.status == "succeeded" and len(job.steps()) == 36
+    (state,) = record.sinks
+    assert state.failed == "TimeoutError: still writing after 0.5s; the rest is dropped"
+    assert state.dropped == 36 + 3  # 36 steps and 3 stage ends: none written
+    assert not job.jobs.storage.exists("lease.json")  # released
+    lines = "\n".join(__import__("service.report", fromlist=["x"]).status_lines(record, None, None, None))
+    assert "metrics sinks: tensorboard failed (TimeoutError: still writing after 0.5s" in lines
+    assert f"{state.dropped:,} record(s) dropped" in lines
+
+
+def test_a_sink_that_fails_is_said_once_and_the_job_succeeds(tmp_path, scripted):
+    scripted.release.set()
+    scripted.raise_at = 3
+    job = _sink_job(tmp_path)
+    assert job.run() == 0, job.out.getvalue()
+    record = job.record
+    assert record.status == "succeeded" and len(job.steps()) == 36
+    assert len(scripted.written) == 2  # then disabled: nothing more reaches it
+    (state,) = record.sinks
+    assert state.failed == "ConnectionError: sink server gone [/x] [bold]"
+    assert state.dropped == 36 + 3 - sum(len(w) for w in scripted.written)
+    out = job.out.getvalue().replace("\n", "")
+    assert out.count("metrics sink tensorboard failed: ConnectionError: sink server gone [/x] [bold]") == 1
+    log = job.jobs.storage.read_text("logs", "attempt-1.log")
+    assert log.count("metrics sink tensorboard failed") == 1 and "job j succeeded" in log
+
+
+def test_a_sink_whose_close_raises_still_releases_the_log_and_the_lease(tmp_path, scripted):
+    scripted.release.set()
+    scripted.close_raises = True
+    job = _sink_job(tmp_path)
+    assert job.run() == 0, job.out.getvalue()
+    record = job.record
+    assert record.status == "succeeded"
+    assert [(s.failed, s.dropped) for s in record.sinks] == [("OSError: disk full", 0)]
+    assert sum(len(w) for w in scripted.written) == 36 + 3
+    assert not job.jobs.storage.exists("lease.json")
+    assert "job j succeeded" in job.jobs.storage.read_text("logs", "attempt-1.log")
+
+
+def test_mlflow_server_gone_mid_run_disables_the_sink_and_training_goes_on(tmp_path, monkeypatch):
+    """A real MLflow server, killed at step 10 of the coordinator's job (in-process executor): the
+    sink's next write fails after MLflow's own (shortened) retries, off the report loop; the job
+    succeeds with every step in metrics.jsonl; the record says the sink failed and what it dropped."""
+    from tests.test_coordinator import Job
+
+    server = MLflowServer(str(tmp_path / "mlflow"), _free_port())
+    for key, value in {**NO_PHONING_HOME, "MLFLOW_TRACKING_URI": server.uri}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    server.start()
+    try:
+        job = Job(tmp_path / "runs", {"metrics": {"sinks": ["mlflow"]}})
+        job.executor.on_step = lambda step: step == 10 and server.stop()
+        assert job.run() == 0, job.out.getvalue()
+    finally:
+        server.stop()
+    record = job.record
+    assert record.status == "succeeded" and len(job.steps()) == 36
+    (state,) = record.sinks
+    assert state.name == "mlflow" and state.failed and state.dropped > 0, state
+    assert job.out.getvalue().count("metrics sink mlflow failed") == 1

@@ -32,3 +32,9 @@ def styled(*parts: str | tuple[str, str]) -> Text:
     """Text from plain strings and ``(text, style)`` pairs: ``styled(("error:", "bold red"), " ", msg)``.
     Nothing in ``parts`` is parsed as markup."""
     return Text.assemble(*parts)
+
+
+def first_line(text, limit: int = 300) -> str:
+    """The first non-blank line of ``text`` (an exception's message), at most ``limit`` characters."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."

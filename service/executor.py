@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from checkpoints.storage import Storage, forwarded_env
+from service.console import first_line
 from service.layout import RAY_DIR
 from service.plan import Plan
 from service.spec import JobSpec
@@ -257,11 +258,6 @@ def _actor_died(e: BaseException) -> bool:
         or "HealthCheck" in type(err).__name__
         for err in failures.values()
     )
-
-
-def first_line(text, limit: int = 300) -> str:
-    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _root_cause(e: BaseException) -> str:

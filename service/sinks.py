@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from service.console import first_line
 from service.jobs import SinkState
 from service.layout import TENSORBOARD_DIR
 from service.records import EvalRecord, StageEnd, StepRecord
@@ -310,8 +311,6 @@ class Background:
             self._drop(len(records))
 
     def _fail(self, e: BaseException) -> None:
-        from service.executor import first_line
-
         self.error = f"{type(e).__name__}: {first_line(e)}"
         try:
             self.on_fail(self.name, self.error)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shlex
+import time
 from urllib.parse import urlparse
 
 from checkpoints.storage import forwarded_env
+from service.console import first_line
 from service.layout import JOB_FILE
 
 SUBMISSION_ENV = "STAGETRAIN_SUBMISSION_ID"
@@ -29,6 +32,10 @@ AUTH_HINT = (
     "cluster's token> (or RAY_AUTH_TOKEN_PATH=<a file holding it>)"
 )  # set in a submitted coordinator's environment
 STOP_MARGIN_S = 30
+
+
+# How long `submit` retries a job server that answers 5xx (a head whose job agent is starting)
+SUBMIT_RETRY_S = float(os.environ.get("STAGETRAIN_SUBMIT_RETRY_S", "60"))
 
 
 class SubmitError(ValueError):
@@ -127,14 +134,30 @@ def submit(
     for k in ("STAGETRAIN_LEASE_TIMEOUT_S",):
         if k in os.environ:
             env[k] = os.environ[k]
-    client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=sid,
-        entrypoint_num_cpus=0,
-        runtime_env={"env_vars": env, "py_modules": code_modules()},
-        metadata={"stagetrain_job": job_id, **(metadata or {})},
-    )
-    return sid
+    deadline, wait = time.monotonic() + SUBMIT_RETRY_S, 0.5
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=sid,
+                entrypoint_num_cpus=0,
+                runtime_env={"env_vars": env, "py_modules": code_modules()},
+                metadata={"stagetrain_job": job_id, **(metadata or {})},
+            )
+            return sid
+        except RuntimeError as e:
+            # a head started seconds ago answers 500 "No available agent to submit job, please try
+            # again later" until its job agent is up; 502/503 from a proxy in front of it likewise
+            text = str(e).strip()
+            if not re.match(r"Request failed with status code 5\d\d", text):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise SubmitError(
+                    f"--address {address}: the Ray job server is not ready to take jobs after "
+                    f"{SUBMIT_RETRY_S:g}s ({first_line(text, 160).rstrip('.')}); try again in a minute"
+                ) from None
+            time.sleep(wait)
+            wait = min(wait * 2, 8.0)
 
 
 def submit_attempt(jobs, record, server: str, why: str = "", keeper_restarts: int = 0) -> str:

@@ -777,7 +777,10 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
             from service.submit import stop
 
             err_console.print(f"stopping Ray job {record.ray_submissions[-1]}")
-            stop(record.ray_address, record.ray_submissions[-1])
+            try:
+                stop(record.ray_address, record.ray_submissions[-1])
+            except ValueError as e:  # unreachable head: the cancel request stays for the coordinator
+                err_console.print(styled((str(e), "yellow")), soft_wrap=True)
         if not wait_for(confirmed, timeout=grace + 45):
             err_console.print(
                 styled(

@@ -198,9 +198,18 @@ def submit_attempt(jobs, record, server: str, why: str = "", keeper_restarts: in
 
 
 def stop(address: str, sid: str) -> bool:
+    """Stop Ray job ``sid`` (SIGTERM to its entrypoint); ``SubmitError`` in one line when the job server
+    cannot be reached or refuses."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address).stop_job(sid)
+    try:
+        return JobSubmissionClient(address).stop_job(sid)
+    except Exception as e:  # noqa: BLE001 - unreachable, token refused, unknown job: one line
+        first = first_line(str(e), 200)
+        hint = f" ({AUTH_HINT})" if "401" in first or "403" in first or "Unauthorized" in first else ""
+        raise SubmitError(
+            f"could not stop Ray job {sid} on {address}: {type(e).__name__}: {first}{hint}"
+        ) from None
 
 
 def ray_job_state(address: str, sid: str, timeout: float = 2.0) -> str | None:

@@ -262,10 +262,13 @@ def _take_lease(jobs):
     """The job's lease for this coordinator, before anything is written (``LeaseHeld``: exit 2). Writes to
     the job are fenced by it from here on."""
     from service.coordination import LeaseKeeper
+    from service.layout import CANCEL_FILE
     from service.submit import SUBMISSION_ENV
 
     lease = LeaseKeeper(jobs.storage, jobs.job_id, os.environ.get(SUBMISSION_ENV)).acquire()
     jobs.fence = lease.check
+    if not os.environ.get(SUBMISSION_ENV):  # a user continues the job: an old cancel request is void
+        jobs.storage.remove(CANCEL_FILE)
     return lease
 
 
@@ -741,6 +744,8 @@ def cancel(job_id: str, storage: str | None, now: bool) -> None:
         raise ValueError(f"job {job_id} has finished ({record.status}); nothing to cancel")
     lease = read_lease(jobs.storage)
     if lease is None or not lease.alive():  # nobody runs it: mark it ourselves
+        # the request first: a coordinator (or a keeper) starting meanwhile ends the job cancelled
+        request_cancel(jobs.storage, now)
         if record.status == "pending" and record.ray_address and record.ray_submissions:
             # submitted, coordinator not started yet: stop the Ray job so that it never starts one
             from service.submit import stop

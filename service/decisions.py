@@ -407,16 +407,24 @@ def _split(st, workers: int):
 
 
 def keeper_action(
-    status: str, coordinator_alive: bool, ray_state: str | None, restarts: int, max_restarts: int
+    status: str,
+    coordinator_alive: bool,
+    ray_state: str | None,
+    restarts: int,
+    max_restarts: int,
+    cancel_requested: bool = False,
 ) -> str:
     """What ``submit --max-restarts``'s keeper does now: ``"done"`` (the job has a final status and no
     coordinator runs it), ``"watch"``, ``"resubmit"`` (the coordinator's Ray job ended but the job has no
     final status and no coordinator holds its lease: it died, e.g. OOM-killed or stopped by the system),
-    or ``"give_up"`` (that happened more than ``max_restarts`` times)."""
+    ``"cancel"`` (that, with a cancel request nobody took: the job ends cancelled, not restarted), or
+    ``"give_up"`` (it died more than ``max_restarts`` times)."""
     from service.jobs import TERMINAL
 
     if status in TERMINAL and not coordinator_alive:
         return "done"
     if coordinator_alive or ray_state not in ("SUCCEEDED", "FAILED", "STOPPED"):
         return "watch"
+    if cancel_requested:
+        return "cancel"
     return "resubmit" if restarts < max_restarts else "give_up"

@@ -171,8 +171,9 @@ class JobRunner:
                 why = "whose process has ended" if previous_holder.fresh() else "that stopped renewing it"
                 self.event(f"took over the lease of a coordinator {why}: {previous_holder.describe()}")
             self.event(f"coordinator attempt {self.record.coordinator_attempts} on {where}")
+            # a stop request is one coordinator's; a cancel request left while none ran is honoured
+            # (`run` and `resume` by a user, and `submit`, clear one from before they continue a job)
             self.jobs.storage.remove(STOP_FILE)
-            self.jobs.storage.remove(CANCEL_FILE)
             self.jobs.save(self.record)
             self.executor.connect()
             self.sinks = open_sinks(self.jobs, self.spec, self.record.current_step, self._sink_failed)
@@ -496,6 +497,7 @@ class JobRunner:
             )
             return EXIT_PREEMPTED
         if isinstance(outcome, Cancelled):
+            self.jobs.storage.remove(CANCEL_FILE)  # taken
             self.say(
                 f"cancelled at step {step}; continue with: stagetrain resume {self.record.job_id} "
                 f"--storage {self.opt.storage}",

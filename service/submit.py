@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from checkpoints.storage import forwarded_env
 from service.console import first_line
-from service.layout import JOB_FILE
+from service.layout import CANCEL_FILE, JOB_FILE
 
 SUBMISSION_ENV = "STAGETRAIN_SUBMISSION_ID"
 # What a job server with token authentication needs from a client (Ray's own variables)
@@ -160,19 +160,30 @@ def submit(
             wait = min(wait * 2, 8.0)
 
 
-def submit_attempt(jobs, record, server: str, why: str = "", keeper_restarts: int = 0) -> str:
+def submit_attempt(
+    jobs, record, server: str, why: str = "", keeper_restarts: int = 0, by_keeper: bool = False
+) -> str | None:
     """Submit the job's next coordinator attempt (and with ``keeper_restarts``, a keeper: see
     ``service.keeper``). The record is written first, under the job's lease (``LeaseHeld`` if a
     coordinator holds it), which is released for the submitted coordinator to take: the job is
-    ``pending`` until it does. Returns the Ray submission id."""
-    from service.coordination import holding
+    ``pending`` until it does. A user's submission clears a cancel request left from before; the
+    keeper's (``by_keeper``) resubmits only a job that is still unfinished and not being cancelled,
+    else returns None. Returns the Ray submission id."""
+    from service.coordination import cancel_requested, holding
+    from service.jobs import TERMINAL
     from service.keeper import keeper_id, submit_keeper
 
-    attempt = len(record.ray_submissions) + 1
-    sid = submission_id(record.job_id, attempt)
-    before = record.model_copy(deep=True)
     with holding(jobs):
         existed = jobs.exists()
+        if by_keeper:
+            record = jobs.load()  # as it is now, under the lease
+            if record.status in TERMINAL or cancel_requested(jobs.storage):
+                return None
+        else:
+            jobs.storage.remove(CANCEL_FILE)  # the user continues the job
+        attempt = len(record.ray_submissions) + 1
+        sid = submission_id(record.job_id, attempt)
+        before = record.model_copy(deep=True)
         record.ray_address = server
         record.ray_submissions.append(sid)
         record.status, record.error = "pending", None

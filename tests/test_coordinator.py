@@ -137,6 +137,16 @@ def test_cancel_mid_stage_stops_at_the_next_report_with_a_checkpoint(tmp_path):
     assert job.steps() == list(range(latest.step))
 
 
+def test_a_cancel_left_while_no_coordinator_ran_ends_the_job_before_it_runs(tmp_path):
+    """`stagetrain cancel` of a job whose coordinator was down (or not started yet) leaves its request:
+    the next coordinator (a keeper's restart, a submitted attempt) ends the job cancelled at once."""
+    job = Job(tmp_path)
+    request_cancel(job.jobs.storage, now=False)
+    assert job.run() == EXIT_CANCELLED
+    assert job.executor.runs == [] and job.record.status == "cancelled"
+    assert not job.jobs.storage.exists("control", "cancel.json")  # taken
+
+
 def test_a_scale_request_applies_at_the_next_stage_boundary(tmp_path):
     job = Job(tmp_path)
     job.executor.on_step = lambda step: step == 3 and request_scale(job.jobs.storage, 1, 2)

@@ -464,6 +464,9 @@ def test_keeper_resubmits_only_a_coordinator_that_died_without_a_final_status():
     assert keeper_action("running", False, "FAILED", 0, 1) == "resubmit"  # SIGKILL, OOM
     assert keeper_action("waiting_for_capacity", False, "STOPPED", 0, 2) == "resubmit"
     assert keeper_action("running", False, "FAILED", 1, 1) == "give_up"
+    # a cancel request nobody took while the coordinator was down: the job ends cancelled
+    assert keeper_action("running", False, "FAILED", 0, 1, cancel_requested=True) == "cancel"
+    assert keeper_action("running", True, "RUNNING", 0, 1, cancel_requested=True) == "watch"  # it takes it
 
 
 def test_a_stage_group_is_the_rows_on_one_worker_layout():

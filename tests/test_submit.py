@@ -1,7 +1,7 @@
-"""`stagetrain submit` against a Ray job server that is up but not ready: a tiny stand-in on 127.0.0.1
-that speaks the part of Ray's job REST API that ``JobSubmissionClient`` uses (version, packages, jobs)
-and answers ``POST /api/jobs/`` with Ray's own HTTP 500 "No available agent" for a while, as a head
-started seconds ago does."""
+"""`stagetrain submit` and the keeper of `submit --max-restarts` against a tiny stand-in for Ray's job
+server on 127.0.0.1: it speaks the part of the job REST API that ``JobSubmissionClient`` and the keeper
+use (version, packages, jobs) and can answer ``POST /api/jobs/`` with Ray's own HTTP 500 "No available
+agent" for a while, as a head started seconds ago does. Storage is a real local folder."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class JobServer(ThreadingHTTPServer):
     def __init__(self, not_ready: int):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.not_ready, self.posts, self.packages, self.accepted = not_ready, 0, set(), []
+        self.job_state = "RUNNING"  # what GET /api/jobs/<id> says of every job
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -53,6 +54,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         if self.path == "/api/version":
             return self._answer(200, {"version": "4", "ray_version": ray.__version__, "ray_commit": "x"})
+        if self.path.startswith("/api/jobs/"):
+            return self._answer(200, {"status": self.server.job_state})
         if self.path.startswith("/api/packages/"):
             return self._answer(200 if self.path in self.server.packages else 404, {})
         self._answer(404, "not found")
@@ -101,3 +104,74 @@ def test_submit_to_a_job_agent_that_never_gets_ready_is_one_line(tmp_path, job_f
         f"failed with status code 500: {NOT_READY.rstrip('.')}); try again in a minute"
     )
     assert not Storage(storage).exists("s", JOB_FILE)  # not submitted: no job left behind
+
+
+def _orphaned(tmp_path, server: JobServer):
+    """Job "k", submitted once, whose coordinator died without a final status: status running, no lease,
+    its Ray job FAILED."""
+    from tests.test_coordinator import Job
+
+    job = Job(tmp_path)
+    record = job.record
+    record.status, record.ray_address, record.ray_submissions = "running", server.url, ["j-attempt-1"]
+    job.jobs.save(record)
+    server.job_state = "FAILED"
+    return job
+
+
+def test_a_cancel_while_the_coordinator_is_down_ends_the_job_cancelled_not_restarted(tmp_path):
+    from service.coordination import request_cancel
+    from service.keeper import keep
+
+    server = JobServer(not_ready=0)
+    job = _orphaned(tmp_path, server)
+    request_cancel(job.jobs.storage, now=False)  # as `stagetrain cancel` leaves it, first thing
+    said = []
+    assert keep(job.jobs, server.url, max_restarts=3, say=said.append, poll_s=0.05) == 0
+    server.shutdown()
+    assert server.posts == 0, said  # no coordinator was submitted
+    assert job.record.status == "cancelled" and said[-1] == "job j cancelled"
+
+
+def test_the_keeper_never_resubmits_over_a_final_status_written_meanwhile(tmp_path):
+    """The keeper decided on a record that said running; by the time it holds the lease the job was
+    cancelled: nothing is submitted, nothing overwritten."""
+    from service.decisions import Cancelled
+    from service.submit import submit_attempt
+
+    server = JobServer(not_ready=0)
+    job = _orphaned(tmp_path, server)
+    stale = job.record
+    ended = job.record
+    ended.settle(0, Cancelled("cancelled while stopped"), 0)
+    job.jobs.save(ended)
+    assert submit_attempt(job.jobs, stale, server.url, "keeper: restart 1 of 3", by_keeper=True) is None
+    server.shutdown()
+    assert server.posts == 0 and job.record.status == "cancelled"
+
+
+def test_the_keeper_rides_out_a_storage_error_then_resubmits(tmp_path):
+    """The job record cannot be read for a while (a half-written object, a storage outage): the keeper
+    says so each poll and goes on; once it can, it resubmits the dead coordinator."""
+    from service.keeper import keep
+
+    server = JobServer(not_ready=0)
+    job = _orphaned(tmp_path, server)
+    good = job.jobs.storage.read_bytes(JOB_FILE)
+    job.jobs.storage.write_bytes(b'{"job_id": ', JOB_FILE)
+    said = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if len(said) == 3:  # two failed polls: storage is back
+            job.jobs.storage.write_bytes(good, JOB_FILE)
+        if "resubmitted as" in line:  # the new coordinator ran the job to its end
+            record = job.record
+            record.status = "succeeded"
+            job.jobs.save(record)
+
+    assert keep(job.jobs, server.url, max_restarts=1, say=say, poll_s=0.05) == 0
+    server.shutdown()
+    assert said[0].startswith("keeper: ValidationError: ") and said[0].endswith("; trying again in 0.05s")
+    assert [b["submission_id"] for b in server.accepted] == ["j-attempt-2"], said
+    assert said[-1] == "job j succeeded: the keeper ends"

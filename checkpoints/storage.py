@@ -97,6 +97,65 @@ def _s3_options(options: dict) -> dict:
     return opts
 
 
+SEGMENTS = ".parts"  # on object stores, <name>.parts/ holds what was appended to <name>
+MERGE_SEGMENTS = 64  # segments merged into one part object
+
+
+class _Appender:
+    """One writer's appends to one object-store path (the job's lease makes the coordinator its only
+    writer). Each append is a new object ``<path>.parts/<seq>-<writer>.seg``; every ``MERGE_SEGMENTS``
+    of them are merged into one ``<first>-<last>-<writer>.part`` (written first, then the segments are
+    deleted), so a read is a listing and a few objects. Every byte is sent twice at most."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.folder = fs, path + SEGMENTS
+        self.writer = uuid.uuid4().hex[:8]
+        try:
+            names = [n.rsplit("/", 1)[-1] for n in fs.ls(self.folder, detail=False, refresh=True)]
+        except FileNotFoundError:
+            names = []
+        self.seq = max((_span(n)[1] for n in names if _span(n)), default=-1) + 1
+        self.pending: list[tuple[int, bytes]] = []  # segments not merged yet
+
+    def append(self, data: bytes) -> None:
+        self.fs.pipe_file(f"{self.folder}/{self.seq:010d}-{self.writer}.seg", data)
+        self.pending.append((self.seq, data))
+        self.seq += 1
+        if len(self.pending) >= MERGE_SEGMENTS:
+            first, last = self.pending[0][0], self.pending[-1][0]
+            merged = b"".join(d for _, d in self.pending)
+            self.fs.pipe_file(f"{self.folder}/{first:010d}-{last:010d}-{self.writer}.part", merged)
+            self.fs.rm([f"{self.folder}/{q:010d}-{self.writer}.seg" for q, _ in self.pending])
+            self.pending = []
+
+
+def _span(name: str) -> tuple[int, int, str] | None:
+    """(first, last, writer) of a segment or part name; None for anything else."""
+    stem, _, kind = name.rpartition(".")
+    bits = stem.split("-")
+    try:
+        if kind == "seg" and len(bits) == 2:
+            return int(bits[0]), int(bits[0]), bits[1]
+        if kind == "part" and len(bits) == 3:
+            return int(bits[0]), int(bits[1]), bits[2]
+    except ValueError:
+        pass
+    return None
+
+
+def _in_order(names: list[str]) -> list[str]:
+    """Segment and part names in append order, without segments a part of their writer holds (a reader
+    may list between a merge and the deletion of what it merged)."""
+    spans = {n: s for n in names if (s := _span(n))}
+    parts = [s for n, s in spans.items() if n.endswith(".part")]
+    keep = [
+        n
+        for n, (first, last, writer) in spans.items()
+        if n.endswith(".part") or not any(w == writer and a <= first <= b for a, b, w in parts)
+    ]
+    return sorted(keep, key=lambda n: spans[n][:2])
+
+
 class Storage:
     """A root URL and its filesystem: ``Storage("s3://bucket/runs").child("job").read_text("job.json")``."""
 
@@ -116,6 +175,7 @@ class Storage:
         self.local = "file" in (
             self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         )
+        self._appenders: dict[str, _Appender] = {}  # object stores: this process's appends, by path
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -124,6 +184,7 @@ class Storage:
         sub = Storage.__new__(Storage)
         sub.url = "/".join([self.url, *parts])
         sub.options, sub.fs, sub.local = self.options, self.fs, self.local
+        sub._appenders = self._appenders  # one writer state per path in this process
         sub.root = "/".join([self.root, *parts])
         return sub
 
@@ -143,8 +204,10 @@ class Storage:
         if self.local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with self.fs.open(tmp, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before it has the name: a crash leaves old or new
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, data)
@@ -204,14 +267,47 @@ class Storage:
         return hashlib.sha256(data).hexdigest()
 
     def append_text(self, text: str, *parts: str) -> None:
+        """Append to a text object. Local files: ``open(..., "a")``, after a newline if a crash left the
+        last line torn. Object stores have no append: each append is a new segment object beside it
+        (``_Appender``), so it costs its own bytes, never a rewrite of what is there."""
         path = self.path(*parts)
         if self.local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with open(path, "a") as f:
-                f.write(text)
-        else:  # object stores have no append: read-modify-write (metrics files are small)
-            old = self.fs.cat_file(path) if self.fs.exists(path) else b""
-            self.fs.pipe_file(path, old + text.encode())
+            with open(path, "ab+") as f:
+                if f.tell() and (f.seek(-1, os.SEEK_END) or f.read(1) != b"\n"):
+                    text = "\n" + text  # the torn line stays alone (readers skip it)
+                f.write(text.encode())
+            return
+        appender = self._appenders.get(path)
+        if appender is None:
+            appender = self._appenders[path] = _Appender(self.fs, path)
+        appender.append(text.encode())
+
+    def read_appended(self, *parts: str) -> str:
+        """What ``append_text`` wrote to ``parts`` (local: the file; object stores: the object, if an
+        older version wrote one, then the segments in order). FileNotFoundError if there is nothing."""
+        path = self.path(*parts)
+        if self.local:
+            return self.read_text(*parts)
+        pieces = [self.fs.cat_file(path)] if self.fs.exists(path) else []
+        names = _in_order(self.listdir(*parts[:-1], parts[-1] + SEGMENTS))
+        if names:
+            folder = path + SEGMENTS
+            got = self.fs.cat([f"{folder}/{n}" for n in names])  # concurrently
+            pieces += [got[f"{folder}/{n}"] for n in names]
+        elif not pieces:
+            raise FileNotFoundError(path)
+        return b"".join(pieces).decode()
+
+    def appended_exists(self, *parts: str) -> bool:
+        return self.exists(*parts) or (
+            not self.local and bool(self.listdir(*parts[:-1], parts[-1] + SEGMENTS))
+        )
+
+    def list_appended(self, *parts: str) -> list[str]:
+        """Names of the appended objects under ``parts`` (their segment folders by the object's name)."""
+        names = {n.removesuffix(SEGMENTS) for n in self.listdir(*parts)}
+        return sorted(names)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -617,6 +618,14 @@ def _ended(record, lease) -> bool:
     return record.status in TERMINAL and (lease is None or not lease.alive())
 
 
+def _log_names(jobs) -> list[str]:
+    """The job's coordinator logs, ``attempt-<k>.log``, in attempt order."""
+    from service.layout import LOGS_DIR
+
+    names = [n for n in jobs.storage.list_appended(LOGS_DIR) if re.fullmatch(r"attempt-\d+\.log", n)]
+    return sorted(names, key=lambda n: int(n.split("-")[1].split(".")[0]))
+
+
 def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int:
     """Print the job's log (``attempt``: that coordinator attempt's; default: the newest) and, with
     ``until_done``, keep printing new lines until the job ends; returns the job's exit code."""
@@ -627,11 +636,11 @@ def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int
     shown: dict[str, int] = {}
     while True:
         record = jobs.load()
-        names = jobs.storage.listdir(LOGS_DIR)
+        names = _log_names(jobs)
         wanted = [log_name(attempt)] if attempt else (names[-1:] if not until_done else names)
-        for name in sorted(wanted, key=lambda n: int(n.split("-")[1].split(".")[0])):
+        for name in wanted:
             if name in names:
-                text = jobs.storage.read_text(LOGS_DIR, name)
+                text = jobs.storage.read_appended(LOGS_DIR, name)
                 sys.stdout.write(text[shown.get(name, 0) :])
                 sys.stdout.flush()
                 shown[name] = len(text)
@@ -654,10 +663,9 @@ def logs(job_id: str, storage: str | None, follow: bool, attempt: int | None) ->
 
     It outlives the Ray head and the cluster."""
     from service.coordination import log_name
-    from service.layout import LOGS_DIR
 
     jobs, record = _open(job_id, storage)
-    names = jobs.storage.listdir(LOGS_DIR)
+    names = _log_names(jobs)
     if attempt and log_name(attempt) not in names:
         raise ValueError(
             f"--attempt {attempt}: job {job_id} has logs of attempts "

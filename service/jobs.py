@@ -9,6 +9,7 @@ It never holds credentials: storage settings come from the environment.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Literal, get_args
@@ -32,6 +33,7 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 StageStatus = Literal["pending", "running", "completed", "preempted", "cancelled", "failed"]
 TERMINAL = ("succeeded", "failed", "preempted", "cancelled")  # no coordinator runs the job
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_CANCELLED = 0, 1, 75, 130  # 75 = EX_TEMPFAIL: resume it later
+log = logging.getLogger(__name__)
 EXIT_LEASE_LOST = 3  # another coordinator took the job over; this one stopped without writing more
 EXIT_CODES = {
     "succeeded": EXIT_OK,
@@ -292,13 +294,18 @@ class JobStore:
     def read_metrics(self) -> list[dict]:
         """Metric records in step order. Steps re-run after a resume appear twice in the file; the
         later record wins (it is the one the final model descends from)."""
-        if not self.storage.exists(METRICS_FILE):
+        if not self.storage.appended_exists(METRICS_FILE):
             return []
         by_key: dict[tuple, dict] = {}
-        for line in self.storage.read_text(METRICS_FILE).splitlines():
-            if line.strip():
+        for n, line in enumerate(self.storage.read_appended(METRICS_FILE).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 r = json.loads(line)
-                by_key[(r.get("kind", "step"), r.get("step"), r.get("stage"))] = r
+            except ValueError:  # a line torn by a crash mid-append: the steps re-run after it
+                log.warning("%s/%s line %d is not a whole record; skipped", self.storage.url, METRICS_FILE, n)
+                continue
+            by_key[(r.get("kind", "step"), r.get("step"), r.get("stage"))] = r
         return sorted(by_key.values(), key=_metric_order)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 
 import click
@@ -955,9 +956,18 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
         },
         buffer,
     )
-    if output:
-        with open(output, "wb") as f:
+    if output:  # atomically: a crash leaves no half file, and an existing file is never replaced
+        folder = os.path.dirname(os.path.abspath(output))
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".export-", delete=False) as f:
             f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(f.name, output)  # fails if `output` appeared meanwhile
+        except FileExistsError:
+            raise ValueError(f"-o {output}: the file exists; choose another path or remove it") from None
+        finally:
+            os.unlink(f.name)
     else:
         jobs.storage.write_bytes(buffer.getvalue(), EXPORT_DIR, name)
         output = f"{jobs.storage.url}/{EXPORT_DIR}/{name}"

@@ -55,9 +55,16 @@ def decode(payload: dict[str, bytes]) -> dict[str, Any]:
     return {"model": deserialize(payload[MODEL_FILE]), **deserialize(payload[STATE_FILE])}
 
 
-def load(store: CheckpointStore, tag: str) -> tuple[Manifest, dict[str, Any]]:
-    """Verify and deserialize a checkpoint: ``{"model": ..., "optimizer": ..., ...}``."""
-    info, payload = store.inspect(tag, verify=True)
+def load(store: CheckpointStore, tag: str, verify: bool = True) -> tuple[Manifest, dict[str, Any]]:
+    """Deserialize a checkpoint: ``{"model": ..., "optimizer": ..., ...}``, its bytes checked against
+    the manifest (``verify``: hashed too; without it only sizes, for a tag already verified)."""
+    info, payload = store.inspect(tag, verify=True) if verify else store.inspect(tag, verify=False)
+    if not verify and info.problem is None:
+        payload = {n: store.storage.read_bytes(tag, n) for n in info.manifest.files}
+        sizes = {n: len(d) for n, d in payload.items()}
+        wrong = [n for n, e in info.manifest.files.items() if sizes[n] != e.size]
+        if wrong:
+            raise ValueError(f"checkpoint {tag} is not usable: {', '.join(wrong)} changed size")
     if info.problem is not None:
         raise ValueError(f"checkpoint {tag} is not usable: {info.problem}")
     return info.manifest, decode(payload)
@@ -71,6 +78,7 @@ class AsyncCheckpointer:
 
     def __init__(self, store: CheckpointStore, keep_last: int, keep_stage_checkpoints: bool):
         self.store, self.keep_last, self.keep_stage = store, keep_last, keep_stage_checkpoints
+        self.protect: frozenset[str] = frozenset()  # never pruned: the verified tag the run restored
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.failures: list[str] = []
@@ -110,7 +118,7 @@ class AsyncCheckpointer:
             log.error("checkpoint %s failed: %s", tag, e)
             return
         try:
-            self.store.prune(self.keep_last, self.keep_stage)
+            self.store.prune(self.keep_last, self.keep_stage, self.protect)
         except Exception as e:  # noqa: BLE001 - pruning is best-effort side work
             log.warning("pruning old checkpoints failed: %s", e)
         finally:

@@ -139,6 +139,12 @@ class CheckpointStore:
             log.warning("skipping checkpoint %s: %s", tag, info.problem)
         return None
 
+    def newest_verified(self) -> Manifest | None:
+        """The manifest of ``latest(verify=True)``, its bytes hashed once here and not kept: what the
+        coordinator hands the workers to restore."""
+        latest = self.latest(verify=True)
+        return latest[0] if latest else None
+
     def commit(self, tag: str, files: dict[str, bytes], **meta: Any) -> Manifest:
         """Write ``files``, then the manifest (last). Each write is retried with backoff."""
         for name, data in files.items():
@@ -157,9 +163,13 @@ class CheckpointStore:
         )
         return manifest
 
-    def prune(self, keep_last: int, keep_stage_checkpoints: bool) -> list[str]:
+    def prune(
+        self, keep_last: int, keep_stage_checkpoints: bool, protect: frozenset[str] = frozenset()
+    ) -> list[str]:
         """Delete old periodic checkpoints beyond ``keep_last`` and uncommitted folders older than the
-        newest committed checkpoint. Call only after committing a new one."""
+        newest committed checkpoint, never a tag in ``protect`` (the verified checkpoint the run
+        restored from: the newest known good one if a newer one proves corrupt). Call only after
+        committing a new one."""
         infos = self.list(verify=False)
         committed = [i for i in infos if i.problem is None]
         if not committed:
@@ -168,6 +178,7 @@ class CheckpointStore:
         retained = [i for i in committed if not (i.manifest.boundary and keep_stage_checkpoints)]
         doomed = [i.tag for i in sorted(retained, key=lambda i: i.manifest.step)[:-keep_last]]
         doomed += [i.tag for i in infos if i.problem is not None and _step_of(i.tag) < newest]
+        doomed = [tag for tag in doomed if tag not in protect]
         for tag in doomed:
             self.storage.remove(tag)
         return doomed

@@ -31,8 +31,8 @@ DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # else every report 
 
 @dataclass(frozen=True)
 class StageRun:
-    """Run plan rows ``row``..``last`` of ``plan`` (one worker layout) from the newest committed
-    checkpoint (at ``start_step``): each stage ends with its boundary checkpoint and a ``StageEnd``
+    """Run plan rows ``row``..``last`` of ``plan`` (one worker layout) from checkpoint ``restore``, the
+    newest verified one (at ``start_step``): each stage ends with its boundary checkpoint and a ``StageEnd``
     report, then the same workers go on with the next row."""
 
     spec: JobSpec
@@ -44,6 +44,7 @@ class StageRun:
     storage: str  # the storage root URL (the job lives in <storage>/<job_id>)
     git_revision: str | None = None
     last: int | None = None  # None: ``row`` alone
+    restore: str | None = None  # the checkpoint to start from: the newest verified (None: afresh)
 
     @property
     def name(self) -> str:
@@ -128,6 +129,7 @@ class RayExecutor:
                 "last_stage": run.row if run.last is None else run.last,
                 "job_id": run.job_id,
                 "storage": run.storage,
+                "restore": run.restore,
                 "provenance": {"git_revision": run.git_revision},
             },
             scaling_config=ScalingConfig(

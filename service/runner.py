@@ -220,8 +220,8 @@ class JobRunner:
 
     def _loop(self) -> int:
         while True:
-            latest = self.jobs.checkpoints.latest(verify=False)
-            manifest = latest[0] if latest else None
+            # the newest verified checkpoint (hashed once, here): where the job is, what workers restore
+            manifest = self.jobs.checkpoints.newest_verified()
             for row, st in enumerate(self.plan.stages):  # e.g. the driver died right after a boundary commit
                 srec = self.record.stages[st.index]
                 if srec.status != "completed" and stage_completed(self.plan, row, manifest):
@@ -260,7 +260,7 @@ class JobRunner:
                 continue
             assert isinstance(action, RunStage)
             self.lost_at = None
-            row, outcome, step = self._run_stage(action)
+            row, outcome, step = self._run_stage(action, manifest.tag if manifest else None)
             if isinstance(outcome, Completed):
                 continue
             srec = self.record.stages[self.plan.stages[row].index]
@@ -377,7 +377,7 @@ class JobRunner:
             consume(self.jobs.storage, name)
             self.jobs.save(self.record)
 
-    def _run_stage(self, action: RunStage) -> tuple[int, Outcome, int]:
+    def _run_stage(self, action: RunStage, restore: str | None) -> tuple[int, Outcome, int]:
         """One run of plan rows ``action.stage``..``action.last`` (a stage group) on the executor. Each
         stage that ends inside the group is settled as it ends (``_stage_started``/``_stage_done``).
         Returns the row the run ended in, that row's outcome, and the step of the newest committed
@@ -396,6 +396,7 @@ class JobRunner:
                 self.opt.storage,
                 self._git_revision,
                 last=action.last,
+                restore=restore,
             )
         )
         try:

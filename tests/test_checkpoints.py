@@ -111,12 +111,12 @@ class CheckedStore(CheckpointStore):
         self.checkpointer: AsyncCheckpointer | None = None
         self.prunes: list[str] = []
 
-    def prune(self, keep_last: int, keep_stage_checkpoints: bool) -> list[str]:
+    def prune(self, keep_last: int, keep_stage_checkpoints: bool, protect=frozenset()) -> list[str]:
         new = self.checkpointer.last_committed.tag
         info, _ = self.inspect(new, verify=True)
         assert info.problem is None, f"pruning before {new} is committed: {info.problem}"
         self.prunes.append(new)
-        return super().prune(keep_last, keep_stage_checkpoints)
+        return super().prune(keep_last, keep_stage_checkpoints, protect)
 
 
 def checked(

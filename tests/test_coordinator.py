@@ -147,6 +147,26 @@ def test_a_cancel_left_while_no_coordinator_ran_ends_the_job_before_it_runs(tmp_
     assert not job.jobs.storage.exists("control", "cancel.json")  # taken
 
 
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_workers_get_the_verified_one(tmp_path):
+    """The newest checkpoint's bytes rotted (same size, so only a hash tells): the coordinator hashes
+    once, continues from the newest one that verifies and hands the workers that tag."""
+    job = Job(tmp_path)
+    job.executor.step_s = 0.02
+    job.executor.on_step = lambda step: step == 15 and request_cancel(job.jobs.storage, now=False)
+    assert job.run() == EXIT_CANCELLED
+    *_, good, newest = [i.tag for i in job.jobs.checkpoints.list() if i.problem is None]
+    name = next(iter(job.jobs.checkpoints.read_manifest(newest).files))
+    path = job.jobs.checkpoints.storage.path(newest, name)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    job.executor.on_step = lambda step: None
+    assert job.run() == EXIT_OK
+    again = job.executor.runs[1]
+    assert again.restore == good and again.start_step == job.jobs.checkpoints.read_manifest(good).step
+    assert job.executor.runs[0].restore is None  # the first run started afresh
+
+
 def test_a_scale_request_applies_at_the_next_stage_boundary(tmp_path):
     job = Job(tmp_path)
     job.executor.on_step = lambda step: step == 3 and request_scale(job.jobs.storage, 1, 2)

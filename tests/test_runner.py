@@ -19,7 +19,7 @@ from service.plan import build_plan
 from tests.conftest import make_spec
 from tests.helpers import assert_same
 from workers.control import HoldRequest, StopAfter, held_marker
-from workers.train import StageRunner
+from workers.train import NEWEST_VERIFIED, StageRunner
 
 # mobilenet_v3_small has dropout in its classifier: every training step draws from the global RNG.
 SPEC = dict(
@@ -37,12 +37,24 @@ SPEC = dict(
 
 
 def runner(
-    url: str, row: int, job_id: str = "j", stop: StopAfter | None = None, **spec_overrides
+    url: str,
+    row: int,
+    job_id: str = "j",
+    stop: StopAfter | None = None,
+    restore: str | None = NEWEST_VERIFIED,
+    **spec_overrides,
 ) -> StageRunner:
     spec = make_spec(**{**SPEC, **spec_overrides})
     plan = build_plan(spec, spec.data.size)
     return StageRunner(
-        spec, plan, row, job_id, url, stop_requested=stop, on_step=stop.on_step if stop else None
+        spec,
+        plan,
+        row,
+        job_id,
+        url,
+        stop_requested=stop,
+        on_step=stop.on_step if stop else None,
+        restore=restore,
     )
 
 
@@ -227,3 +239,34 @@ def test_next_stage_in_place_equals_a_restore_from_the_boundary_checkpoint(tmp_p
     assert_same(final["optimizer"], straight["optimizer"], "optimizer")
     assert_same(final["rng"], straight["rng"], "rng")
     assert final["scheduler"] == straight["scheduler"] and final["data"] == straight["data"]
+
+
+def test_workers_restore_the_tag_they_are_given_and_skip_a_corrupt_newer_one(tmp_path, stage1):
+    url = after_stage1(stage1, tmp_path)
+    boundary = store(url).latest()[0].tag
+    runner(url, 1, stop=StopAfter(4)).run()
+    newest = store(url).latest()[0].tag
+    path = os.path.join(url, "j", "checkpoints", newest, MODEL_FILE)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash tells
+    open(path, "wb").write(bytes(data))
+    assert runner(url, 1).restored_from == boundary  # found here: the newest that verifies
+    given = runner(url, 1, restore=boundary)  # the coordinator's choice
+    assert given.restored_from == boundary and given.progress.step == store(url).read_manifest(boundary).step
+    assert given.checkpointer.protect == {boundary}  # never pruned while this run goes on
+
+
+def test_restore_is_strict_about_the_saved_state(tmp_path, stage1):
+    """A checkpoint whose state lacks a part (or has one this job does not) is refused, naming it."""
+    from checkpoints.checkpointer import encode
+
+    url = after_stage1(stage1, tmp_path)
+    manifest, state = load(store(url), store(url).latest()[0].tag)
+    del state["scheduler"]
+    state["ema"] = {}
+    meta = manifest.model_dump(exclude={"tag", "created", "files"})
+    store(url).commit("step-000000006-stage-1-end-x", encode(state), **meta)
+    with pytest.raises(
+        RuntimeError, match="does not match this job's training state: missing scheduler; unexpected ema"
+    ):
+        runner(url, 1, restore="step-000000006-stage-1-end-x")

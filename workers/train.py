@@ -238,6 +238,9 @@ def accumulate(
     return loss_sum
 
 
+NEWEST_VERIFIED = "newest-verified"  # StageRunner(restore=...): find it here (in-process runs, tests)
+
+
 class StageRunner:
     """One stage on one rank. ``report(metrics)`` is ``ray.train.report`` in a Ray worker; the same
     loop runs in-process for the benchmarks and tests with a plain callable.
@@ -258,6 +261,7 @@ class StageRunner:
         device: torch.device | None = None,
         store: CheckpointStore | None = None,
         on_step: Callable[[int], None] | None = None,
+        restore: str | None = NEWEST_VERIFIED,
     ):
         self.spec, self.plan, self.row, self.stage = spec, plan, stage_index, plan.stages[stage_index]
         self.job_id = job_id
@@ -299,7 +303,8 @@ class StageRunner:
         self.checkpointer = AsyncCheckpointer(
             self.store, spec.checkpoint.keep_last, spec.checkpoint.keep_stage_checkpoints
         )
-        self.restored_from = self.restore()
+        self.restored_from = self.restore(restore)
+        self.checkpointer.protect = frozenset({self.restored_from} - {None})
         self.model, self.ddp = wrap_model(self.raw_model, self.dist.world, self.device, self.stage.compile)
 
     @property
@@ -348,17 +353,17 @@ class StageRunner:
             state["scaler"] = self.scaler
         return {**state, "rng": self.rng}
 
-    def restore(self) -> str | None:
-        """Load the latest committed checkpoint, chosen by rank 0 so every rank loads the same one."""
-        tag, manifest, state = None, None, None
-        if (
-            self.dist.rank == 0
-        ):  # the newest checkpoint whose bytes verify; corrupt or partial ones are skipped
-            latest = self.store.latest(verify=True)
-            if latest:
-                manifest, state = latest[0], decode(latest[1])
-                tag = manifest.tag
-        tag = self.dist.broadcast_object(tag)
+    def restore(self, tag: str | None = NEWEST_VERIFIED) -> str | None:
+        """Load checkpoint ``tag`` (the coordinator's choice: the newest verified one, hashed once there;
+        None: start afresh), or with ``NEWEST_VERIFIED`` the one rank 0 finds so. Every rank loads the
+        same tag, checking sizes only: its bytes were verified once."""
+        manifest, state = None, None
+        if tag == NEWEST_VERIFIED:
+            if self.dist.rank == 0:  # corrupt or partial newer ones are skipped
+                latest = self.store.latest(verify=True)
+                if latest:
+                    manifest, state = latest[0], decode(latest[1])
+            tag = self.dist.broadcast_object(manifest.tag if manifest else None)
         if tag is None:
             if self.stage.step_start > 0:
                 raise RuntimeError(
@@ -366,8 +371,8 @@ class StageRunner:
                     f"{self.store.storage.url} has no committed checkpoint to start from"
                 )
             return None
-        if state is None:  # ranks > 0 load (and verify) the tag rank 0 chose
-            manifest, state = load(self.store, tag)
+        if state is None:
+            manifest, state = load(self.store, tag, verify=False)
         if manifest.job_id != self.job_id:
             raise RuntimeError(f"checkpoint {tag} belongs to job {manifest.job_id}, not {self.job_id}")
         if not self.stage.step_start <= manifest.step <= self.stage.step_end:
@@ -381,10 +386,20 @@ class StageRunner:
                 f"checkpoint {tag}: samples_seen {manifest.samples_seen} at step {manifest.step} "
                 f"disagrees with the plan's {self.plan.samples_before(manifest.step)}"
             )
-        for name, obj in self.stateful().items():
-            if name == "scaler" and name not in state:  # saved without fp16 loss scaling: start afresh
-                continue
-            obj.load_state_dict(state[name])
+        stateful = self.stateful()
+        optional = {"scaler"}  # fp16 loss scaling: saved with it and restored without, or the reverse
+        missing, unexpected = set(stateful) - set(state) - optional, set(state) - set(stateful) - optional
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint {tag} does not match this job's training state: "
+                + "; ".join(
+                    [f"missing {', '.join(sorted(missing))}"] * bool(missing)
+                    + [f"unexpected {', '.join(sorted(unexpected))}"] * bool(unexpected)
+                )
+            )
+        for name, obj in stateful.items():
+            if name in state:
+                obj.load_state_dict(state[name])  # the model strictly: a missing/unexpected key raises
         if self.progress.step != manifest.step or self.scheduler.last_epoch != manifest.step:
             raise RuntimeError(
                 f"checkpoint {tag}: its state is at step {self.progress.step} (scheduler "
@@ -723,6 +738,7 @@ def train_loop_per_worker(config: dict) -> None:
         config["stage"],
         config["job_id"],
         config["storage"],
+        restore=config.get("restore", NEWEST_VERIFIED),
         report=ray.train.report,
         stop_requested=StopSignal(
             job_storage,

@@ -38,3 +38,17 @@ def first_line(text, limit: int = 300) -> str:
     """The first non-blank line of ``text`` (an exception's message), at most ``limit`` characters."""
     line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any credentials in it shown as ``***``: ``https://user:token@host`` ->
+    ``https://***@host``. For printing and logging tracking URIs and server addresses."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return "***"
+    if "@" not in parts.netloc:
+        return str(url)
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from service.console import first_line
+from service.console import first_line, redact_url
 from service.jobs import SinkState
 from service.layout import TENSORBOARD_DIR
 from service.records import EvalRecord, StageEnd, StepRecord
@@ -186,12 +186,15 @@ class MLflowSink:
             # the last step of each kind the run has: a continuing coordinator re-runs some
             self.logged = {key: self._last_step(key) if found else -1 for key in ("train/loss", "val/top1")}
         except MlflowException as e:
+            uri = redact_url(self.client.tracking_uri)
             raise ValueError(
-                f"metrics.sinks: mlflow: tracking server {self.client.tracking_uri}, experiment "
-                f"{name!r}: {e}; set MLFLOW_TRACKING_URI (and MLFLOW_EXPERIMENT_NAME) to one this "
-                f"coordinator can reach"
+                f"metrics.sinks: mlflow: tracking server {uri}, experiment {name!r}: "
+                f"{str(e).replace(self.client.tracking_uri, uri)}; set MLFLOW_TRACKING_URI (and "
+                "MLFLOW_EXPERIMENT_NAME) to one this coordinator can reach"
             ) from None
-        log.info("mlflow run %s in experiment %r on %s", self.run_id, name, self.client.tracking_uri)
+        log.info(
+            "mlflow run %s in experiment %r on %s", self.run_id, name, redact_url(self.client.tracking_uri)
+        )
 
     def _last_step(self, key: str) -> int:
         return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
@@ -311,7 +314,7 @@ class Background:
             self._drop(len(records))
 
     def _fail(self, e: BaseException) -> None:
-        self.error = f"{type(e).__name__}: {first_line(e)}"
+        self.error = _redacted(f"{type(e).__name__}: {first_line(e)}")
         try:
             self.on_fail(self.name, self.error)
         except Exception:  # noqa: BLE001 - reporting must not end the sink's thread
@@ -358,6 +361,13 @@ class Background:
 
     def state(self) -> SinkState:
         return SinkState(name=self.name, failed=self.error, dropped=self.dropped)
+
+
+def _redacted(text: str) -> str:
+    """Credentials in URLs inside ``text`` (an exception's message) as ``***``."""
+    import re
+
+    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
 
 
 def open_sinks(jobs, spec, start_step: int, on_fail: Callable[[str, str], None]) -> list[Background]:

@@ -68,6 +68,11 @@ class ModelSpec(_Model):
     num_classes: Annotated[int, Field(ge=2, strict=True)]
     in_channels: Literal[1, 3] = 3
 
+    @field_validator("kwargs")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return refuse_secrets(v, KWARGS_SECRETS)
+
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str | None) -> str | None:
@@ -145,6 +150,11 @@ class CustomData(_DataBase):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for the factory"
     )
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return refuse_secrets(v, KWARGS_SECRETS)
 
     @field_validator("factory")
     @classmethod
@@ -271,20 +281,34 @@ class CheckpointSpec(_Model):
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        # The spec is stored in job.json and hashed into every manifest: a credential here would be
-        # written to storage in the clear. Report where it is, never its value.
-        found = _secret_keys(v)
-        if found:
-            raise ValueError(
-                f"{', '.join(found)}: credentials do not belong in the job spec (it is stored in job.json); "
-                "use the standard AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile "
-                "(AWS_PROFILE) or the node's instance role instead"
-            )
-        return v
+        return refuse_secrets(
+            v,
+            "use the standard AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile "
+            "(AWS_PROFILE) or the node's instance role instead",
+        )
 
+
+def refuse_secrets(v: dict[str, Any], instead: str) -> dict[str, Any]:
+    """The spec is stored in job.json, hashed into every manifest and sent to metric sinks as the run's
+    parameters: a credential in it would be written in the clear. Report where it is, never its value."""
+    found = _secret_keys(v)
+    if found:
+        raise ValueError(
+            f"{', '.join(found)}: credentials do not belong in the job spec (it is stored in job.json and "
+            f"logged as the run's parameters); {instead}"
+        )
+    return v
+
+
+KWARGS_SECRETS = "read them from the environment in your function (os.environ) instead"
 
 SECRET_KEYS = (
     "key",
+    "api_key",
+    "apikey",
+    "private_key",
+    "access_token",
+    "auth_token",
     "secret",
     "token",
     "password",
@@ -299,7 +323,7 @@ SECRET_KEYS = (
 
 
 def _secret_keys(options: Any, path: str = "") -> list[str]:
-    """Paths of secret-looking keys anywhere in nested storage options (``client_kwargs`` too)."""
+    """Paths of secret-looking keys anywhere in nested options (``client_kwargs`` too)."""
     found = []
     if isinstance(options, dict):
         for k, v in options.items():

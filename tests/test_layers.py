@@ -103,6 +103,61 @@ def test_secrets_in_storage_options_are_refused_without_echoing_them(options):
     assert not any(v in str(info.value) for v in ("AKIA-something", "s3cr3t-value", "t0ken-value"))
 
 
+@pytest.mark.parametrize(
+    "where, overrides",
+    [
+        ("model.kwargs", {"model": {"kwargs": {"api_key": "s3cr3t-value", "widths": [8]}}}),
+        (
+            "data.kwargs",
+            {
+                "data": {
+                    "kind": "custom",
+                    "factory": "tests.custom_parts:stripes",
+                    "kwargs": {"auth": {"token": "t0ken-value"}},
+                }
+            },
+        ),
+    ],
+)
+def test_secrets_in_model_and_data_kwargs_are_refused_without_echoing_them(where, overrides):
+    """Both kwargs go to job.json, every manifest's spec hash and the sinks' run parameters."""
+    with pytest.raises(SpecError) as info:
+        make_spec(**overrides)
+    (line,) = [p for p in info.value.problems if "credentials" in p]
+    assert line.startswith(f"{where}: ") and "credentials do not belong in the job spec" in line
+    assert (
+        "os.environ" in line
+        and "s3cr3t-value" not in str(info.value)
+        and "t0ken-value" not in str(info.value)
+    )
+
+
+def test_credentials_in_urls_are_shown_as_stars():
+    from service.console import redact_url
+    from service.sinks import _redacted
+
+    assert redact_url("https://user:t0ken@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
+    assert redact_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert (
+        _redacted("ConnectionError: https://u:t0ken@h/api failed")
+        == "ConnectionError: https://***@h/api failed"
+    )
+
+
+def test_an_mlflow_tracking_uri_with_credentials_is_never_printed(monkeypatch):
+    """An unreachable tracking server fails the sink at start, naming the server without its token."""
+    from service.sinks import MLflowSink
+    from tests.s3_server import _free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:t0ken-value@127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(ValueError) as info:
+        MLflowSink(None, make_spec(metrics={"sinks": ["mlflow"]}), 0)
+    assert "tracking server http://***@127.0.0.1:" in str(info.value)
+    assert "t0ken-value" not in str(info.value)
+
+
 def test_non_secret_storage_options_pass():
     spec = make_spec(
         checkpoint={"storage": "s3://b/p", "storage_options": {"client_kwargs": {"region_name": "x"}}}

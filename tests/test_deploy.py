@@ -203,7 +203,10 @@ def test_manifest_validates_against_its_crd(path, crd_validators):
             assert not errors, f"{rel(path)}: {doc['kind']} {name}:\n  " + "\n  ".join(errors)
         else:
             # No schema here for core kinds: allow only the ones checked by hand below.
-            assert (doc.get("apiVersion"), doc.get("kind")) == ("v1", "ServiceAccount"), (
+            assert (doc.get("apiVersion"), doc.get("kind")) in (
+                ("v1", "ServiceAccount"),
+                ("networking.k8s.io/v1", "NetworkPolicy"),
+            ), (
                 f"{rel(path)}: {doc.get('apiVersion')} {doc.get('kind')} is not checked by "
                 "tests/test_deploy.py"
             )
@@ -358,6 +361,38 @@ def test_rayjob_contract():
     for g in gpu_groups:
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) >= 1
+
+
+RAY_PORTS = {8265, 6379, 10001}  # job API and dashboard, GCS, Ray client: what takes code
+
+
+@pytest.mark.parametrize("name, kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+def test_access_needs_a_token_and_comes_only_from_the_namespace(name, kind):
+    """Token auth on, from a Secret the header says how to create and hand to clients; a NetworkPolicy
+    on every Ray pod admits the three Ray ports only from pods of the namespace, everything else only
+    among the Ray pods."""
+    doc = manifest(name, kind)
+    spec = cluster_spec(doc)
+    auth = spec["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"]
+    header = (DEPLOY / "kuberay" / name).read_text().split("\napiVersion:")[0]
+    assert f"kubectl create secret generic {auth['secretName']} --from-literal=auth_token=" in header
+    assert "export RAY_AUTH_MODE=token" in header and f"secret {auth['secretName']} -o jsonpath" in header
+    policy = manifest(name, "NetworkPolicy")["spec"]
+    selected = policy["podSelector"]["matchLabels"]
+    for group, g, _ in ray_groups(doc):
+        labels = g["template"].get("metadata", {}).get("labels", {})
+        assert selected.items() <= labels.items(), f"{name}: the NetworkPolicy does not select {group}'s pods"
+    assert policy["policyTypes"] == ["Ingress"]
+    for rule in policy["ingress"]:
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"{name}: {peer} admits pods outside the namespace"
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if peer["podSelector"] == {}:  # any pod of the namespace: the Ray ports only
+            assert ports == RAY_PORTS, rule
+        else:  # every port, but only among the Ray pods
+            assert peer["podSelector"]["matchLabels"] == selected and not ports, rule
+    assert any(r["from"] == [{"podSelector": {}}] for r in policy["ingress"])
 
 
 def test_raycluster_contract():

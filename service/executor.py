@@ -150,6 +150,7 @@ class RayExecutor:
 class _RayRun:
     def __init__(self, trainer, q, name: str):
         self.q, self.error = q, None
+        self.controller = None  # the run's Ray Train controller actor, once its first item came
         self.thread = threading.Thread(target=self._fit, args=(trainer,), name=name, daemon=True)
         self.thread.start()
 
@@ -161,9 +162,13 @@ class _RayRun:
 
     def get(self, timeout: float) -> dict | None:
         try:
-            return self.q.get(timeout=timeout)
+            item = self.q.get(timeout=timeout)
         except stdqueue.Empty:
             return None
+        if "controller" in item:
+            self.controller = item["controller"]
+            return None
+        return item
 
     def finished(self) -> bool:
         return not self.thread.is_alive() and self.q.empty()
@@ -174,10 +179,20 @@ class _RayRun:
             return None
         return RunFailure(_root_cause(e), _actor_died(e), "".join(traceback.format_exception(e)))
 
-    def close(self) -> None:
+    def close(self, abort_s: float = 30.0) -> None:
+        """A run still going is given up: its controller aborts its workers and ends (else a retry of
+        the same stage would train beside it); whatever it raises then is not its failure."""
         import ray
 
-        if self.thread.is_alive():  # abandoned: the driver's exit takes the Ray Train controller along
+        if self.thread.is_alive():
+            if self.controller is not None:
+                try:
+                    ray.get(self.controller.abort.remote(), timeout=abort_s)
+                except Exception:  # noqa: BLE001 - it ends by exiting: RayActorError is the normal answer
+                    pass
+                self.thread.join(abort_s)
+            if self.thread.is_alive() and self.controller is not None:
+                ray.kill(self.controller)
             self.error = None
         ray.kill(self.q.actor)
 
@@ -230,12 +245,24 @@ def _make_callback(q):
     from ray.train import UserCallback
 
     class Forward(UserCallback):
-        """Runs on the Ray Train controller: forwards reports and worker errors to the coordinator."""
+        """Runs on the Ray Train controller: forwards reports and worker errors to the coordinator, and
+        (once) the controller's own handle, so that a run the coordinator gives up can be aborted."""
+
+        told = False
+
+        def _tell(self) -> None:
+            if not self.told:
+                import ray
+
+                self.told = True
+                q.put({"controller": ray.get_runtime_context().current_actor})
 
         def after_report(self, run_context, metrics, checkpoint):
+            self._tell()
             q.put({"report": metrics[0]})
 
         def after_exception(self, run_context, worker_exceptions):
+            self._tell()
             q.put(
                 {
                     "worker_errors": {

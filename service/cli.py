@@ -226,7 +226,7 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None, spec
     new)."""
     from service.jobs import JobRecord, JobStore, new_job_id
     from service.plan import build_plan
-    from service.sources import check_import, dataset_size
+    from service.sources import dataset_size, resolve_callable
 
     spec = spec or (load_spec(job_file) if job_file else None)
     if spec is None and job_id is None:
@@ -254,7 +254,7 @@ def _prepare(job_id: str | None, job_file: str | None, storage: str | None, spec
     if spec is None:
         jobs.load()  # "no job ... in ...; jobs there: ..."
     if spec.model.builder:
-        check_import(spec.model.builder, "model.builder")
+        resolve_callable(spec.model.builder, "model.builder")
     jobs.root.probe()
     record = JobRecord.create(job_id, spec, build_plan(spec, dataset_size(spec.data)))
     return jobs, record, True

@@ -70,10 +70,11 @@ def dataset_size(data: DataSpec) -> int:
         ) from None
 
 
-def check_import(path: str, field: str) -> None:
-    """``package.module:function`` resolves here, or a ValueError naming ``field`` (with the closest
-    name the module has). Checked before a job is written: a typo is invalid input, not a crash that
-    the coordinator would retry on every worker."""
+def resolve_callable(path: str, field: str):
+    """``package.module:function`` -> the function, or a ValueError naming ``field`` (with the closest
+    name the module has). The coordinator checks ``model.builder`` before a job is written, so a typo is
+    invalid input; on a worker the same error starts with the field, and the coordinator does not retry
+    it (``decisions.CONFIG_FIELDS``)."""
     import difflib
     import importlib
 
@@ -85,26 +86,19 @@ def check_import(path: str, field: str) -> None:
             f"{field}: cannot import {module_name!r} ({e}); it must be importable where stagetrain runs "
             "and on every worker (installed, or shipped with the Ray runtime_env)"
         ) from None
-    if not callable(getattr(module, name, None)):
+    fn = getattr(module, name, None)
+    if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {module_name}:{close[0]}?" if close else ""
         raise ValueError(f"{field}: {module_name!r} has no function {name!r}{hint}")
+    return fn
 
 
 def custom_dataset(data: CustomData, split: str):
     """``data.factory(split=split, **data.kwargs)``: the user's map-style dataset (imports their code, and
     with it whatever it imports: torch, usually)."""
-    import importlib
-
-    module_name, _, name = data.factory.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(
-            f"data.factory: cannot import {data.factory} ({type(e).__name__}: {e}); it must be importable "
-            "where stagetrain runs and on every worker (installed, or shipped with the Ray runtime_env)"
-        ) from None
+    fn = resolve_callable(data.factory, "data.factory")
     dataset = fn(split=split, **data.kwargs)
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise ValueError(

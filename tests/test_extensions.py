@@ -168,7 +168,12 @@ def test_new_fields_bad_input_names_the_field(edits, line):
 
 def test_factory_that_cannot_be_imported_or_returns_no_dataset_is_exit_2(tmp_path):
     for factory, words in [
-        ("tests.no_such_module:f", "data.factory: cannot import tests.no_such_module:f"),
+        ("tests.no_such_module:f", "data.factory: cannot import 'tests.no_such_module'"),
+        (
+            "tests.custom_parts:stripe",
+            "data.factory: 'tests.custom_parts' has no function 'stripe'; did you mean "
+            "tests.custom_parts:stripes?",
+        ),
         ("tests.custom_parts:not_a_dataset", "returned int, not a map-style Dataset"),
     ]:
         spec = merge(BASE_SPEC, {})

@@ -9,8 +9,6 @@ one, as for torchvision's models.
 
 from __future__ import annotations
 
-import importlib
-
 from torch import nn
 
 
@@ -18,7 +16,9 @@ def build_model(spec) -> nn.Module:
     """The model of a ``ModelSpec``: ``torchvision.models.get_model(arch, weights=None, ...)`` or the
     user's builder, with the stem made ``in_channels`` wide."""
     if spec.builder:
-        model = import_builder(spec.builder)(num_classes=spec.num_classes, **spec.kwargs)
+        from service.sources import resolve_callable
+
+        model = resolve_callable(spec.builder, "model.builder")(num_classes=spec.num_classes, **spec.kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model.builder: {spec.builder} returned {type(model).__name__}, not an nn.Module"
@@ -52,22 +52,6 @@ def _timm_model(spec) -> nn.Module:
     return timm.create_model(
         name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_channels, **spec.kwargs
     )
-
-
-def import_builder(path: str):
-    """``package.module:function`` -> the function; a clear error when it is not importable here."""
-    module_name, _, name = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(
-            f"model.builder: cannot import {module_name!r} ({e}); it must be installed on every worker "
-            "(in the image, or shipped with the Ray runtime_env)"
-        ) from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ImportError(f"model.builder: {module_name!r} has no function {name!r}")
-    return fn
 
 
 def _replace_stem(model: nn.Module, in_channels: int, label: str) -> None:

@@ -565,8 +565,10 @@ def status(job_id: str, storage: str | None) -> None:
     """Where a job is: stages, step, LR, checkpoint, time left (reads storage: works without a cluster)."""
     from service.coordination import read_lease
     from service.report import status_lines, summary_table
+    from service.submit import settle_never_started
 
     jobs, record = _open(job_id, storage)
+    record = settle_never_started(jobs, record)
     latest = jobs.checkpoints.latest(verify=False)
     if record.status == "running":  # the running stage's spike, once its first 5% is in
         from service.analysis import boundary_spikes, plan_stage_steps
@@ -633,10 +635,15 @@ def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int
     from service.coordination import log_name, read_lease
     from service.jobs import exit_code
     from service.layout import LOGS_DIR
+    from service.submit import settle_never_started
 
     shown: dict[str, int] = {}
+    checked = 0.0
     while True:
         record = jobs.load()
+        if until_done and record.status == "pending" and time.monotonic() - checked > 5:
+            checked = time.monotonic()  # a Ray job that failed before its coordinator started ends it
+            record = settle_never_started(jobs, record)
         names = _log_names(jobs)
         wanted = [log_name(attempt)] if attempt else (names[-1:] if not until_done else names)
         for name in wanted:
@@ -647,6 +654,10 @@ def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int
                 shown[name] = len(text)
         lease = read_lease(jobs.storage)
         if not until_done or _ended(record, lease):
+            if until_done and record.error and not shown:  # it never started: no log, only why
+                err_console.print(
+                    styled(ERROR, f"job {job_id} {record.status}: {record.error}"), soft_wrap=True
+                )
             return exit_code(record.status)
         time.sleep(1.0)
 
@@ -709,18 +720,13 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
                 f"{lease.age_s() if lease else 0:.0f}s); continue it with `stagetrain resume {job_id}`"
             )
             sys.exit(EXIT_FAILED)
-        if record.status == "pending" and record.ray_submissions and time.monotonic() - checked > 10:
+        if record.status == "pending" and time.monotonic() - checked > 5:
             # submitted, but no coordinator has started: did the Ray job itself die?
-            from service.submit import ray_job_state
+            from service.submit import settle_never_started
 
             checked = time.monotonic()
-            state = ray_job_state(record.ray_address, record.ray_submissions[-1])
-            if state in ("FAILED", "STOPPED"):
-                err_console.print(
-                    f"job {job_id}: Ray job {record.ray_submissions[-1]} {state} before its "
-                    f"coordinator started; see `ray job logs {record.ray_submissions[-1]}`"
-                )
-                sys.exit(1)
+            if settle_never_started(jobs, record).status != "pending":
+                continue
         if deadline and time.monotonic() > deadline:
             err_console.print(f"job {job_id} is still {record.status} after {timeout:g}s")
             sys.exit(124)

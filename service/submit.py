@@ -226,6 +226,13 @@ def stop(address: str, sid: str) -> bool:
 def ray_job_state(address: str, sid: str, timeout: float = 2.0) -> str | None:
     """The Ray job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) over the job server's REST API
     (no Ray import: ``status`` stays fast), or None if the server does not answer."""
+    info = ray_job_info(address, sid, timeout)
+    return info if isinstance(info, str) else (info or {}).get("status")
+
+
+def ray_job_info(address: str, sid: str, timeout: float = 2.0) -> dict | str | None:
+    """The job server's record of Ray job ``sid`` (``status``, ``message``, ...), ``AUTH_HINT`` if it
+    wants a token, or None if it does not answer."""
     import json
     import urllib.error
     import urllib.request
@@ -237,11 +244,56 @@ def ray_job_state(address: str, sid: str, timeout: float = 2.0) -> str | None:
     try:
         req = urllib.request.Request(f"{address}/api/jobs/{sid}", headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.load(resp).get("status")
+            return json.load(resp)
     except urllib.error.HTTPError as e:
         return AUTH_HINT if e.code in (401, 403) else None
-    except Exception:  # noqa: BLE001 - unreachable, unknown: no state to show
+    except Exception:  # noqa: BLE001 - unreachable, unknown: nothing to show
         return None
+
+
+def settle_never_started(jobs, record):
+    """A submitted job whose Ray job ended before its coordinator took the lease (its entrypoint failed:
+    the cluster's Python lacks a package, the command is wrong, the job was stopped) will never run:
+    record it ``failed`` with the Ray job's own message, once, under the job's lease. ``status``,
+    ``wait`` and ``logs --follow`` call this; a keeper that is still running decides instead. Returns the
+    record as it is now."""
+    from service.coordination import LeaseHeld, holding, read_lease
+
+    if record.status != "pending" or not record.ray_submissions or not record.ray_address:
+        return record
+    lease = read_lease(jobs.storage)
+    if lease is not None and lease.alive():
+        return record
+    sid = record.ray_submissions[-1]
+    info = ray_job_info(record.ray_address, sid)
+    if not isinstance(info, dict) or info.get("status") not in ("FAILED", "STOPPED"):
+        return record
+    if record.keeper and ray_job_state(record.ray_address, record.keeper) in ("PENDING", "RUNNING"):
+        return record
+    why = first_line(_last_lines(info.get("message") or ""), 300)
+    try:
+        with holding(jobs):
+            record = jobs.load()
+            if record.status == "pending" and record.ray_submissions[-1:] == [sid]:
+                record.fail(
+                    f"Ray job {sid} {info['status']} before its coordinator started"
+                    + (f": {why}" if why else "")
+                    + f"; see `ray job logs {sid} --address {record.ray_address}`"
+                )
+                jobs.save(record)
+    except LeaseHeld:
+        return jobs.load()  # a coordinator started meanwhile
+    return record
+
+
+def _last_lines(message: str) -> str:
+    """The line that says why, from Ray's "Job entrypoint command failed with exit code N, last available
+    logs (truncated ...):" message: the last non-blank line of the logs (the exception), else the first."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if len(lines) > 1 and "last available logs" in lines[0]:
+        code = lines[0].split(",")[0]
+        return f"{code}: {lines[-1]}"
+    return lines[0] if lines else ""
 
 
 def _auth_token() -> str | None:

@@ -28,6 +28,7 @@ class JobServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.not_ready, self.posts, self.packages, self.accepted = not_ready, 0, set(), []
         self.job_state = "RUNNING"  # what GET /api/jobs/<id> says of every job
+        self.job_message = ""
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -55,7 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/api/version":
             return self._answer(200, {"version": "4", "ray_version": ray.__version__, "ray_commit": "x"})
         if self.path.startswith("/api/jobs/"):
-            return self._answer(200, {"status": self.server.job_state})
+            return self._answer(200, {"status": self.server.job_state, "message": self.server.job_message})
         if self.path.startswith("/api/packages/"):
             return self._answer(200 if self.path in self.server.packages else 404, {})
         self._answer(404, "not found")
@@ -175,3 +176,35 @@ def test_the_keeper_rides_out_a_storage_error_then_resubmits(tmp_path):
     assert said[0].startswith("keeper: ValidationError: ") and said[0].endswith("; trying again in 0.05s")
     assert [b["submission_id"] for b in server.accepted] == ["j-attempt-2"], said
     assert said[-1] == "job j succeeded: the keeper ends"
+
+
+ENTRYPOINT_FAILED = (
+    "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+    'Traceback (most recent call last):\n  File "<frozen runpy>", line 198, in _run_module_as_main\n'
+    "ModuleNotFoundError: No module named 'pydantic'\n"
+)
+
+
+@pytest.mark.parametrize("command", ["status", "wait", "logs"])
+def test_a_ray_job_that_failed_before_its_coordinator_started_ends_the_job_failed(tmp_path, command):
+    """The cluster's Python could not even import stagetrain: the job was `pending` for ever. The first
+    look (`status`, `wait`, `logs --follow`) records it failed with the Ray job's own last line."""
+    from tests.test_coordinator import Job
+
+    server = JobServer(not_ready=0)
+    job = Job(tmp_path)
+    record = job.record
+    record.ray_address, record.ray_submissions = server.url, ["j-attempt-1"]
+    job.jobs.save(record)
+    server.job_state, server.job_message = "FAILED", ENTRYPOINT_FAILED
+    args = {"status": ["status", "j"], "wait": ["wait", "j"], "logs": ["logs", "j", "--follow"]}[command]
+    proc = stagetrain(*args, "--storage", str(tmp_path), timeout=120)
+    server.shutdown()
+    why = (
+        "Ray job j-attempt-1 FAILED before its coordinator started: Job entrypoint command failed with exit "
+        "code 1: ModuleNotFoundError: No module named 'pydantic'; see `ray job logs j-attempt-1 --address "
+        f"{server.url}`"
+    )
+    assert job.record.status == "failed" and job.record.error == why
+    assert proc.returncode == (0 if command == "status" else 1), proc.stderr
+    assert why in (proc.stdout + proc.stderr).replace("\n", "")

@@ -139,6 +139,22 @@ class JobRecord(BaseModel):
             data = {**data, "dataset_size": dataset_size(JobSpec.model_validate(data["spec"]).data)}
         return data
 
+    def next_attempt(self) -> int:
+        """The number of the next coordinator attempt: one numbering for the coordinator, its Ray
+        submission (``<job>-attempt-<k>``) and its log (``logs/attempt-<k>.log``)."""
+        submitted = [int(s.rsplit("-", 1)[1]) for s in self.ray_submissions if s.rsplit("-", 1)[1].isdigit()]
+        return max([self.coordinator_attempts, *submitted]) + 1
+
+    def start_attempt(self, submission_id: str | None) -> int:
+        """A coordinator starts: attempt ``k`` of the Ray submission ``<job>-attempt-<k>`` it runs as,
+        else the next number."""
+        k = self.coordinator_attempts + 1
+        if submission_id and submission_id.startswith(f"{self.job_id}-attempt-"):
+            tail = submission_id.rsplit("-", 1)[1]
+            k = max(k, int(tail)) if tail.isdigit() else k
+        self.coordinator_attempts = k
+        return k
+
     @classmethod
     def create(cls, job_id: str, spec: JobSpec, plan: Plan) -> JobRecord:
         return cls(

@@ -22,17 +22,18 @@ def keeper_id(job_id: str, attempt: int) -> str:
     return f"{job_id}-keeper-{attempt}"
 
 
-def submit_keeper(jobs, record, server: str, max_restarts: int) -> str:
-    """Submit the keeper of ``record``'s job beside its coordinator (``submit_attempt`` recorded it)."""
+def submit_keeper(jobs, record, server: str, max_restarts: int, attempt: int) -> str:
+    """Submit the keeper of ``record``'s job beside its coordinator attempt ``attempt``
+    (``submit_attempt`` recorded it)."""
     return submit(
         record.job_id,
         jobs.root.url,
         server,
-        len(record.ray_submissions),
+        attempt,
         record.job_spec().preemption.grace_seconds,
         command=["keep", record.job_id, "--storage", jobs.root.url, "--address", server]
         + ["--max-restarts", str(max_restarts)],
-        sid=keeper_id(record.job_id, len(record.ray_submissions)),
+        sid=keeper_id(record.job_id, attempt),
     )
 
 

@@ -105,7 +105,7 @@ class JobRunner:
         self.stop_reason: str | None = None  # "cancel" or "SIGTERM"
         self._grace_timer: threading.Timer | None = None
         self._git_revision = git_revision()  # recorded in every manifest
-        self.record.coordinator_attempts += 1
+        self.record.start_attempt(os.environ.get(SUBMISSION_ENV))
         self.sinks: list = []  # metrics.sinks, opened with Ray
         # when the job lost capacity (monotonic), while it has not run a stage since
         self.lost_at: float | None = None

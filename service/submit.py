@@ -181,7 +181,7 @@ def submit_attempt(
                 return None
         else:
             jobs.storage.remove(CANCEL_FILE)  # the user continues the job
-        attempt = len(record.ray_submissions) + 1
+        attempt = record.next_attempt()
         sid = submission_id(record.job_id, attempt)
         before = record.model_copy(deep=True)
         record.ray_address = server
@@ -204,7 +204,7 @@ def submit_attempt(
                 jobs.storage.remove(JOB_FILE)
         raise
     if keeper_restarts:
-        submit_keeper(jobs, record, server, keeper_restarts)
+        submit_keeper(jobs, record, server, keeper_restarts, attempt)
     return sid
 
 

@@ -958,6 +958,7 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
             "val_acc": last_acc,
             "resolution": spec.stages[-1].resolution,
             "model": spec.model.model_dump(mode="json"),
+            "normalize": spec.data.normalize.model_dump(mode="json"),  # what the input was trained with
             "state_dict": state_dict,
         },
         buffer,
@@ -977,12 +978,13 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
     else:
         jobs.storage.write_bytes(buffer.getvalue(), EXPORT_DIR, name)
         output = f"{jobs.storage.url}/{EXPORT_DIR}/{name}"
+    norm = spec.data.normalize
     console.print(
         f"wrote {output}: {spec.model.label}, checkpoint {manifest.tag}"
         + (f", val top-1 {last_acc:.2%}" if last_acc is not None else "")
-        + "\n  from workers.models import load_exported; model = load_exported("
-        + repr(output)
-        + ").eval()",
+        + f"; input normalised with mean {norm.mean}, std {norm.std} (pixels in [0, 1])"
+        + "\n  from workers.models import load_exported"
+        + f"\n  model = load_exported({output!r}, normalized_input=True).eval()  # takes images in [0, 1]",
     )
 
 

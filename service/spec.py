@@ -108,7 +108,28 @@ class ModelSpec(_Model):
         return self.arch or self.builder
 
 
+class Normalize(_Model):
+    """The model's input: ``(pixels / 255 - mean) / std``, one value for every channel or one per channel."""
+
+    mean: list[float] = Field([0.5], min_length=1, max_length=3)
+    std: list[Annotated[float, Field(gt=0)]] = Field([0.25], min_length=1, max_length=3)
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.mean) != len(self.std) or len(self.mean) == 2:
+            raise ValueError(
+                "mean and std: one value, or one per channel (3), each the same length; got "
+                f"{len(self.mean)} and {len(self.std)}"
+            )
+        return self
+
+
 class _DataBase(_Model):
+    normalize: Normalize = Field(
+        default_factory=Normalize,
+        description="input normalisation, kept in exported models; ImageNet-pretrained weights expect "
+        "{mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}",
+    )
     loader_workers: NonNegInt = Field(2, description="DataLoader worker processes per Ray worker")
     val_batch_size: PositiveInt = 256
     val_resolution: Annotated[int, Field(ge=8, le=4096, strict=True)] | None = Field(
@@ -463,6 +484,11 @@ class JobSpec(_Model):
             raise ValueError(
                 f"data.num_classes: must be <= model.num_classes ({self.model.num_classes}), got "
                 f"{self.data.num_classes}"
+            )
+        if len(self.data.normalize.mean) not in (1, self.model.in_channels):
+            raise ValueError(
+                f"data.normalize.mean: one value or one per input channel (model.in_channels "
+                f"{self.model.in_channels}), got {len(self.data.normalize.mean)}"
             )
         if isinstance(self.data, FashionMNISTData) and self.model.num_classes < 10:
             raise ValueError(

@@ -118,7 +118,8 @@ def test_export_without_o_writes_into_the_jobs_storage_not_the_working_tree(tmp_
     from tests.helpers import assert_same
     from workers.models import build_model, load_exported
 
-    spec = validate_spec(TINY)
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    spec = validate_spec(merge(TINY, {"data": {"normalize": imagenet}}))
     plan = build_plan(spec, 384)
     storage = tmp_path / "runs"
     JobStore(Storage(str(storage)), "j").save(JobRecord.create("j", spec, plan))
@@ -148,5 +149,56 @@ def test_export_without_o_writes_into_the_jobs_storage_not_the_working_tree(tmp_
     exported = storage / "j" / "export" / f"{tag}.pt"
     assert f"wrote {exported}" in proc.stdout and list(work.iterdir()) == []  # nothing in the working tree
     assert_same(load_exported(str(exported)).state_dict(), weights, "exported weights")
+    # the input normalisation travels with the model (data.normalize) and is applied on request
+    model = load_exported(str(exported)).eval()
+    assert model.input_normalization == imagenet
+    assert f"input normalised with mean {imagenet['mean']}, std {imagenet['std']}" in proc.stdout
+    images = torch.rand(2, 3, 16, 16)
+    taking_pixels = load_exported(str(exported), normalized_input=True).eval()
+    mean, std = (torch.tensor(imagenet[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        assert torch.allclose(taking_pixels(images), model((images - mean) / std), atol=1e-6)
     again = _in(work, "export", "j", "--storage", str(storage))  # never overwrites
     assert again.returncode == 2 and "this checkpoint was exported" in again.stderr
+
+
+def test_data_normalize_is_used_in_training_kept_in_the_export_and_applied_on_request(tmp_path):
+    """ImageNet's statistics per channel: the workers' input, and load_exported's
+    ``normalized_input=True`` module (InputNormalize) apply them the same way."""
+    import torch
+
+    from service.spec import SpecError, validate_spec
+    from workers.data import normalize_tensors, to_input
+    from workers.models import InputNormalize, build_model
+
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    spec = validate_spec(merge(TINY, {"data": {"normalize": imagenet}}))
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    x = to_input(pixels, torch.device("cpu"), mean_std=normalize_tensors(spec.data.normalize, "cpu"))
+    expected = (pixels.float() / 255 - torch.tensor(imagenet["mean"]).view(1, 3, 1, 1)) / torch.tensor(
+        imagenet["std"]
+    ).view(1, 3, 1, 1)
+    assert torch.allclose(x, expected)
+    model = build_model(spec.model).eval()
+    wrapped = torch.nn.Sequential(InputNormalize(imagenet["mean"], imagenet["std"]), model).eval()
+    with torch.no_grad():
+        assert torch.allclose(wrapped(pixels.float() / 255), model(expected), atol=1e-6)
+    for bad, words in [
+        ({"mean": [0.5, 0.5], "std": [0.2, 0.2]}, "one value, or one per channel"),
+        ({"mean": [0.5], "std": [0.0]}, "data.normalize.std[0]: must be > 0, got 0.0"),
+    ]:
+        try:
+            validate_spec(merge(TINY, {"data": {"normalize": bad}}))
+        except SpecError as e:
+            assert any(words in p for p in e.problems), e.problems
+        else:
+            raise AssertionError(f"{bad} was accepted")
+    grey = merge(TINY, {"model": {"in_channels": 1}, "data": {"normalize": imagenet}})
+    try:
+        validate_spec(grey)
+    except SpecError as e:
+        assert any(
+            p.startswith("data.normalize.mean: one value or one per input channel") for p in e.problems
+        )
+    else:
+        raise AssertionError("3 channel statistics for a 1-channel model were accepted")

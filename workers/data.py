@@ -197,13 +197,29 @@ class StageDataset(Dataset):
         return image, label  # uint8: 4x less to collate, pin and copy; normalised on the device
 
 
-def to_input(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+def to_input(
+    images: torch.Tensor,
+    device: torch.device,
+    channels_last: bool = False,
+    mean_std: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """A uint8 batch from ``StageDataset`` as the model's float input, converted on ``device`` (the copy
-    to a GPU moves bytes, not floats)."""
+    to a GPU moves bytes, not floats): ``(x / 255 - mean) / std`` (``normalize_tensors``)."""
     x = images.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return (x.float() / 255 - MEAN) / STD
+    mean, std = mean_std if mean_std is not None else (MEAN, STD)
+    return (x.float() / 255 - mean) / std
+
+
+def normalize_tensors(normalize, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data.normalize`` (or the defaults) as (1, C, 1, 1) tensors on ``device``."""
+    mean, std = (normalize.mean, normalize.std) if normalize is not None else ([MEAN], [STD])
+    shape = (1, len(mean), 1, 1)
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+        torch.tensor(std, dtype=torch.float32, device=device).view(shape),
+    )
 
 
 def stage_subset(dataset_size: int, subset_size: int, seed: int) -> torch.Tensor:

@@ -104,9 +104,34 @@ def small_resnet(
     return nn.Sequential(stem, *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
 
 
-def load_exported(path: str) -> nn.Module:
+class InputNormalize(nn.Module):
+    """``(x - mean) / std`` per channel: images as float in [0, 1] (torchvision's ``ToTensor``) in, the
+    model's trained input out."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", _channels(mean))
+        self.register_buffer("std", _channels(std))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def _channels(values: list[float]):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32).view(1, len(values), 1, 1)
+
+
+DEFAULT_NORMALIZE = {"mean": [0.5], "std": [0.25]}  # exports written before data.normalize existed
+
+
+def load_exported(path: str, normalized_input: bool = False) -> nn.Module:
     """The module of a ``stagetrain export`` file (a local path or an fsspec URL, e.g. the default
-    ``<storage>/<job>/export/<checkpoint>.pt``), weights loaded (weights-only unpickling)."""
+    ``<storage>/<job>/export/<checkpoint>.pt``), weights loaded (weights-only unpickling). The input
+    normalisation it was trained with is ``model.input_normalization`` (``{"mean": [...], "std": [...]}``
+    on pixels scaled to [0, 1]); with ``normalized_input=True`` it is applied first: the returned module
+    takes images as float in [0, 1]."""
     import io
 
     import fsspec
@@ -120,4 +145,10 @@ def load_exported(path: str) -> nn.Module:
         raise ValueError(f"{path}: not a stagetrain export (format {saved.get('format')!r})")
     model = build_model(ModelSpec.model_validate(saved["model"]))
     model.load_state_dict(saved["state_dict"])
+    normalize = saved.get("normalize") or DEFAULT_NORMALIZE
+    model.input_normalization = normalize
+    if normalized_input:
+        wrapped = nn.Sequential(InputNormalize(normalize["mean"], normalize["std"]), model)
+        wrapped.input_normalization = normalize
+        return wrapped
     return model

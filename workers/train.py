@@ -31,7 +31,16 @@ from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
 from service.spec import AdamWSpec, JobSpec
 from workers.control import pending_holds, write_held_marker
-from workers.data import StageDataset, StageSampler, _mix, open_source, split_evenly, stage_subset, to_input
+from workers.data import (
+    StageDataset,
+    StageSampler,
+    _mix,
+    normalize_tensors,
+    open_source,
+    split_evenly,
+    stage_subset,
+    to_input,
+)
 from workers.models import build_model
 from workers.schedules import PlanScheduler
 
@@ -452,8 +461,9 @@ class StageRunner:
         """Batches as model input on the device (uint8 -> normalised float there). ``follow_ramp``
         (training): resized to ``self.resolution`` while the stage ramps its resolution up."""
         channels_last = self._cuda and self.spec.train.channels_last
+        mean_std = normalize_tensors(self.spec.data.normalize, self.device)  # data.normalize
         for x, y in loader:
-            x = to_input(x, self.device, channels_last)
+            x = to_input(x, self.device, channels_last, mean_std)
             if follow_ramp and x.shape[-1] != self.resolution:
                 size = (self.resolution, self.resolution)
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -183,7 +183,8 @@ def plan(
                         update={"schedule": spec.schedule.model_copy(update={"strategy": strategy})}
                     )
                     plans[strategy] = build_plan(other, the_plan.dataset_size)
-        plot_plans(plans, plot_path, x_axis)
+        what = "LR strategies" if compare else spec.schedule.strategy
+        plot_plans(plans, plot_path, x_axis, title=f"{spec.name}: {what}, plan {the_plan.plan_hash()}")
         err_console.print(f"wrote {plot_path}")
 
 
@@ -995,18 +996,19 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
 @click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)
 @user_errors
 def plot(job_id: str, storage: str | None, output: str | None, x_axis: str) -> None:
-    """Plot loss, accuracy, LR, momentum and resolution of a run against samples."""
+    """Plot loss, every evaluation (top-1, loss), LR, momentum, resolution and global batch of a run, with
+    stage boundaries, resumes, restarts and layout changes marked."""
     import io
 
     from service.layout import PLOT_FILE
     from service.report import plot_metrics
 
-    jobs, _ = _open(job_id, storage)
+    jobs, record = _open(job_id, storage)
     metrics = jobs.read_metrics()
     if not metrics:
         raise ValueError(f"job {job_id} has no metrics yet")
     buf = io.BytesIO()
-    plot_metrics(metrics, buf, x_axis)
+    plot_metrics(metrics, buf, x_axis, record)
     if output:
         with open(output, "wb") as f:
             f.write(buf.getvalue())

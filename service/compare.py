@@ -175,55 +175,125 @@ def report_markdown(runs: list[RunFigures], spec: JobSpec, command: str) -> str:
 
 
 def plot_compare(runs: list[RunFigures], path: str, boundaries: list[int]) -> None:
-    """Smoothed training loss, validation top-1 and LR, against samples (top) and wall-clock (bottom);
-    one colour per strategy (every seed drawn), stage boundaries dashed."""
-    from datetime import datetime
+    """``compare_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
 
+    fig = compare_figure(runs, boundaries)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+GAP = 3.0  # a wall-clock step this many times the median step is a gap (a stage's start-up): no line
+
+
+def compare_figure(runs: list[RunFigures], boundaries: list[int]):
+    """Smoothed training loss, validation top-1 and LR, against samples (top) and wall-clock (bottom);
+    one colour per strategy: the mean over its seeds, with a mean +- std band when there are several.
+    Wall-clock lines break where nothing ran (stage start-ups), so no ramp is drawn across them; stage
+    boundaries dashed (samples) or dotted (each strategy's own, wall-clock)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     labels = list(dict.fromkeys(r.variant.label for r in runs))
     colours = {label: f"C{k}" for k, label in enumerate(labels)}
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for r in runs:
-        steps = [m for m in r.metrics if m.get("kind", "step") == "step"]
-        evals = analysis.evaluations(r.metrics)
-        if not steps:
+    for label in labels:
+        series = [s for r in runs if r.variant.label == label and (s := _run_series(r))]
+        if not series:
             continue
-        t0 = datetime.fromisoformat(r.started).timestamp() if r.started else steps[0].get("time", 0)
-        smooth = analysis.smoothed_losses(steps)
-        loss = [v for stage in sorted(smooth) for v in smooth[stage]]
-        first = r is next(x for x in runs if x.variant.label == r.variant.label)
-        style = {"color": colours[r.variant.label], "lw": 1.0, "alpha": 0.8}
-        for row, key in enumerate(("samples", "time")):
-            if key == "samples":
-                sx = [m["samples_seen"] for m in steps]
-                points = [(_samples_at(e, steps), e["val_acc"]) for e in evals]
-            else:
-                sx = [m.get("time", t0) - t0 for m in steps]
-                points = [(e["time"] - t0, e["val_acc"]) for e in evals if e.get("time")]
-            axes[row][0].plot(sx, loss, label=r.variant.label if first and row == 0 else None, **style)
-            axes[row][1].plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, **style)
-            axes[row][2].plot(sx, [m["lr"] for m in steps], **style)
-            if key == "time" and first and r.variant.label != BASELINE:
-                for a, b in zip(steps, steps[1:], strict=False):
-                    if a["stage"] != b["stage"]:
-                        for ax in axes[row]:
-                            ax.axvline(b["time"] - t0, color=style["color"], linestyle=":", lw=0.8)
+        colour = colours[label]
+        n = min(len(s["loss"]) for s in series)  # an interrupted seed: as far as all got
+        ne = min(len(s["acc"]) for s in series)
+        for row, xk, ek in ((0, "samples", "eval_samples"), (1, "time", "eval_time")):
+            x = _mean([s[xk][:n] for s in series])
+            ex = _mean([s[ek][:ne] for s in series])
+            gaps = _gaps(x, [s["stage"][:n] for s in series][0]) if row == 1 else []
+            for col, key in ((0, "loss"), (2, "lr")):
+                _band(
+                    axes[row][col], x, [s[key][:n] for s in series], colour, gaps, label if col == 0 else None
+                )
+            _band(axes[row][1], ex, [s["acc"][:ne] for s in series], colour, [], None, marker="o")
+            if row == 1 and label != BASELINE:
+                for i in gaps:
+                    for ax in axes[row]:
+                        ax.axvline(x[i], color=colour, linestyle=":", lw=0.8)
     for ax in axes[0]:
         for b in boundaries:
-            ax.axvline(b, color="grey", linestyle="--", lw=0.8)
+            ax.axvline(b, color="grey", linestyle="--", lw=0.8, gid="stage boundary")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000 overlapping its neighbours
     for row, xlabel in enumerate(("samples seen", "wall-clock (s)")):
         for ax, name in zip(axes[row], ("train loss (smoothed)", "val top-1", "learning rate"), strict=True):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
+            ax.tick_params(axis="x", labelrotation=20)
     axes[0][0].legend()
+    seeds = len({r.variant.seed for r in runs})
+    fig.suptitle(
+        f"{len(labels)} variant(s) x {seeds} seed(s)" + (": mean +- std over seeds" if seeds > 1 else "")
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _run_series(r: RunFigures) -> dict | None:
+    from datetime import datetime
+
+    steps = [m for m in r.metrics if m.get("kind", "step") == "step"]
+    if not steps:
+        return None
+    evals = analysis.evaluations(r.metrics)
+    t0 = datetime.fromisoformat(r.started).timestamp() if r.started else steps[0].get("time", 0)
+    smooth = analysis.smoothed_losses(steps)
+    return {
+        "samples": [m["samples_seen"] for m in steps],
+        "time": [m.get("time", t0) - t0 for m in steps],
+        "stage": [m["stage"] for m in steps],
+        "loss": [v for stage in sorted(smooth) for v in smooth[stage]],
+        "lr": [m["lr"] for m in steps],
+        "eval_samples": [_samples_at(e, steps) for e in evals],
+        "eval_time": [e["time"] - t0 if e.get("time") else float("nan") for e in evals],
+        "acc": [e["val_acc"] for e in evals],
+    }
+
+
+def _mean(rows: list[list[float]]):
+    import numpy as np
+
+    return np.nanmean(np.array(rows, dtype=float), axis=0)
+
+
+def _gaps(x, stages: list[int]) -> list[int]:
+    """Indices ``i`` where the wall-clock line must not join ``x[i-1]`` and ``x[i]``: a new stage's
+    first step, or a step far longer than the median (a restart)."""
+    import numpy as np
+
+    if len(x) < 3:
+        return []
+    dt = np.diff(x)
+    typical = float(np.nanmedian(dt)) or 1.0
+    return [i + 1 for i, d in enumerate(dt) if stages[i + 1] != stages[i] or d > GAP * typical]
+
+
+def _band(ax, x, rows, colour: str, gaps: list[int], label: str | None, marker: str = "") -> None:
+    """The mean of ``rows`` against ``x`` (broken at ``gaps``), and mean +- std when there are several."""
+    import numpy as np
+
+    y = np.array(rows, dtype=float)
+    mean = y.mean(axis=0)
+    x = np.asarray(x, dtype=float)
+    if gaps:
+        x, mean = np.insert(x, gaps, np.nan), np.insert(mean, gaps, np.nan)
+    style = {"color": colour, "lw": 1.0}
+    ax.plot(x, mean, marker + "-", ms=3, label=label, **style)
+    if len(rows) > 1:
+        std = y.std(axis=0)
+        if gaps:
+            std = np.insert(std, gaps, np.nan)
+        ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, lw=0, gid="band")
 
 
 def _samples_at(evaluation: dict, steps: list[dict]) -> int:

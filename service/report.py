@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable
 
 from rich.table import Table
@@ -92,38 +93,62 @@ def peak_lr_note(plan: Plan) -> str:
     )
 
 
-def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples") -> None:
-    """LR, momentum, resolution and global batch against samples (or steps), stage boundaries dashed.
-    Several plans (e.g. the three strategies) are overlaid."""
+def plot_plans(plans: dict[str, Plan], path: str, x_axis: str = "samples", title: str | None = None) -> None:
+    """``plans_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plans_figure(plans, x_axis, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plans_figure(plans: dict[str, Plan], x_axis: str = "samples", title: str | None = None):
+    """LR, momentum, resolution and global batch against samples (or steps). Several plans (e.g. the
+    three strategies) overlay their LR and momentum, one colour each; what they share (resolution and
+    global batch: the stages) is drawn once, in black. Stage boundaries dashed, each stage labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
-    for label, plan in plans.items():
-        rows = list(step_rows(plan))
-        x = [r["samples_seen"] if x_axis == "samples" else r["step"] for r in rows]
-        for ax, key in zip(axes, ["lr", "momentum", "resolution", "global_batch"], strict=True):
+    rows = {label: list(step_rows(plan)) for label, plan in plans.items()}
+    xs = {
+        label: [r["samples_seen"] if x_axis == "samples" else r["step"] for r in rs]
+        for label, rs in rows.items()
+    }
+    for k, label in enumerate(plans):
+        for ax, key in zip(axes[:2], ["lr", "momentum"], strict=True):
+            ax.plot(xs[label], [r[key] for r in rows[label]], label=label, color=f"C{k}")
+    for ax, key in zip(axes[2:], ["resolution", "global_batch"], strict=True):
+        shared = len({tuple(r[key] for r in rs) for rs in rows.values()}) == 1
+        for k, label in enumerate(plans if not shared else list(plans)[:1]):
             ax.plot(
-                x,
-                [r[key] for r in rows],
-                label=label,
-                drawstyle="steps-post" if key in ("resolution", "global_batch") else "default",
+                xs[label],
+                [r[key] for r in rows[label]],
+                drawstyle="steps-post",
+                color="black" if shared else f"C{k}",
+                label="every plan" if shared else label,
             )
     first = next(iter(plans.values()))
-    for ax, name in zip(axes, ["learning rate", "momentum", "resolution (px)", "global batch"], strict=True):
+    names = ["learning rate", "momentum", "resolution (px)", "global batch"]
+    for ax, name in zip(axes, names, strict=True):
         ax.set_ylabel(name)
-        for s in first.stages[1:]:
-            ax.axvline(
-                s.sample_start if x_axis == "samples" else s.step_start, color="grey", linestyle="--", lw=0.8
-            )
+        for st in first.stages[1:]:
+            at = st.sample_start if x_axis == "samples" else st.step_start
+            ax.axvline(at, color="grey", linestyle="--", lw=0.8, gid="stage boundary")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    for st in first.stages:
+        at = st.sample_start if x_axis == "samples" else st.step_start
+        axes[0].annotate(
+            f"stage {st.label}: {st.resolution}px", (at, 1.0), xycoords=("data", "axes fraction"),
+            xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, gid="stage label",
+        )  # fmt: skip
+    axes[0].legend(loc="lower right")
+    fig.suptitle(title or ", ".join(plans))
     axes[-1].set_xlabel("samples seen" if x_axis == "samples" else "optimizer step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def summary_table(record) -> Table:
@@ -163,41 +188,116 @@ def summary_table(record) -> Table:
     return table
 
 
-def plot_metrics(metrics: list[dict], path_or_file, x_axis: str = "samples") -> None:
-    """Loss, validation accuracy, LR, momentum and resolution of a run, stage boundaries dashed."""
+RESUME = re.compile(r"resumed from .* \(step (\d+)\)")
+RESTART = re.compile(r"stage \d+ runs again from step (\d+)")
+
+
+def plot_metrics(metrics: list[dict], path_or_file, x_axis: str = "samples", record=None) -> None:
+    """``metrics_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(metrics, x_axis, record)
+    fig.savefig(path_or_file, dpi=110, format="png")
+    plt.close(fig)
+
+
+def metrics_figure(metrics: list[dict], x_axis: str = "samples", record=None):
+    """A run on one figure: train loss; validation top-1 and loss at every evaluation (mid-stage ``eval``
+    records as dots, stage ends as larger markers: the dip after a boundary shows); LR; momentum;
+    resolution with the global batch beside it. Stage boundaries are grey dashed lines; with the job
+    ``record``, resumes and crash restarts (red dotted) and layout changes (purple, with the new worker
+    count) are marked, and the title names the job and its status."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [m for m in metrics if m.get("kind", "step") == "step"]
-    ends = [m for m in metrics if m.get("kind") == "stage_end" and "val_acc" in m]
     key = "samples_seen" if x_axis == "samples" else "step"
+    x_after = {m["step"]: m[key] for m in steps}  # x once a step is done
+
+    def before(step: int) -> float | None:
+        """x where step ``step`` starts (a boundary, a resume)."""
+        if x_axis == "steps":
+            return step
+        if step - 1 in x_after:
+            return x_after[step - 1]
+        return record.plan().samples_before(step) if record is not None and step >= 0 else None
+
     x = [m[key] for m in steps]
-    fig, axes = plt.subplots(5, 1, figsize=(9, 12), sharex=True)
-    axes[0].plot(x, [m["loss"] for m in steps], lw=0.8)
+    evals = [m for m in metrics if m.get("kind") == "eval" and m.get("val_acc") is not None]
+    ends = [m for m in metrics if m.get("kind") == "stage_end" and m.get("val_acc") is not None]
+    points = sorted(
+        [(e["samples_seen"] if x_axis == "samples" else e["step"], e) for e in evals]
+        + [(before(e["step"]), e) for e in ends if before(e["step"]) is not None],
+        key=lambda p: p[0],
+    )
+    fig, axes = plt.subplots(6, 1, figsize=(9, 14), sharex=True)
+    if record is not None:
+        fig.suptitle(f"{record.job_id} ({record.status})")
+    axes[0].plot(x, [m["loss"] for m in steps], lw=0.8, label="train loss")
     axes[0].set_ylabel("train loss")
-    by_step = {m["step"]: m for m in steps}
-    acc_x = [by_step[e["step"] - 1][key] for e in ends if e["step"] - 1 in by_step]
-    axes[1].plot(acc_x, [e["val_acc"] for e in ends if e["step"] - 1 in by_step], "o-")
-    axes[1].set_ylabel("val top-1")
-    for ax, k, name in zip(
-        axes[2:],
-        ["lr", "momentum", "resolution"],
-        ["learning rate", "momentum", "resolution (px)"],
-        strict=True,
-    ):
-        ax.plot(x, [m[k] for m in steps], drawstyle="steps-post" if k == "resolution" else "default")
+    for ax, field, name in ((axes[1], "val_acc", "val top-1"), (axes[2], "val_loss", "val loss")):
+        shown = [(px, e) for px, e in points if e.get(field) is not None]
+        ax.plot([px for px, _ in shown], [e[field] for _, e in shown], "-", color="C1", lw=0.8, label=name)
+        for kind, marker, size in (("eval", ".", 6), ("stage_end", "o", 7)):
+            sel = [(px, e[field]) for px, e in shown if e["kind"] == kind]
+            label = "mid-stage evaluation" if kind == "eval" else "stage end"
+            ax.plot([p[0] for p in sel], [p[1] for p in sel], marker, color="C1", ms=size, label=label)
         ax.set_ylabel(name)
-    boundaries = [b[key] for a, b in zip(steps, steps[1:], strict=False) if a["stage"] != b["stage"]]
+    axes[1].legend(loc="lower right", fontsize=8)
+    for ax, k, name in zip(axes[3:5], ["lr", "momentum"], ["learning rate", "momentum"], strict=True):
+        ax.plot(x, [m[k] for m in steps], label=name)
+        ax.set_ylabel(name)
+    axes[5].plot(x, [m["resolution"] for m in steps], drawstyle="steps-post", label="resolution")
+    axes[5].set_ylabel("resolution (px)")
+    batch = axes[5].twinx()
+    batch.plot(
+        x,
+        [m["global_batch"] for m in steps],
+        drawstyle="steps-post",
+        color="C2",
+        lw=0.8,
+        label="global batch",
+    )
+    batch.set_ylabel("global batch", color="C2")
+    boundaries = [
+        before(b["step"]) for a, b in zip(steps, steps[1:], strict=False) if a["stage"] != b["stage"]
+    ]
+    marks = _run_marks(record, before) if record is not None else []
     for ax in axes:
         for b in boundaries:
-            ax.axvline(b, color="grey", linestyle="--", lw=0.8)
+            ax.axvline(b, color="grey", linestyle="--", lw=0.8, gid="stage boundary")
+        for at, what, color, style in marks:
+            ax.axvline(at, color=color, linestyle=style, lw=1.0, gid=what)
         ax.grid(alpha=0.3)
+    for at, what, color, _ in marks:
+        axes[0].annotate(
+            what,
+            (at, 1),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color=color,
+        )
     axes[-1].set_xlabel("samples seen" if x_axis == "samples" else "optimizer step")
     fig.tight_layout()
-    fig.savefig(path_or_file, dpi=110, format="png")
-    plt.close(fig)
+    return fig
+
+
+def _run_marks(record, before) -> list[tuple[float, str, str, str]]:
+    """(x, label, colour, line style) of the run's resumes, crash restarts and layout changes."""
+    marks = []
+    for event in record.events:
+        for pattern, what in ((RESUME, "resume"), (RESTART, "restart")):
+            if (m := pattern.search(event)) and (at := before(int(m.group(1)))) is not None:
+                marks.append((at, what, "red", ":"))
+    for change in record.layout_changes:
+        if (at := before(change.step)) is not None:
+            marks.append((at, f"{change.workers} worker(s) from stage {change.from_stage}", "purple", "-."))
+    return marks
 
 
 def _age(iso: str) -> str:

@@ -213,7 +213,7 @@ class JobRunner:
             metrics = self.jobs.read_metrics()
             if metrics:
                 buf = io.BytesIO()
-                plot_metrics(metrics, buf)
+                plot_metrics(metrics, buf, record=self.record)
                 self.jobs.storage.write_bytes(buf.getvalue(), PLOT_FILE)
         except Exception as e:  # noqa: BLE001 - side work
             self.log.line(f"could not write {PLOT_FILE}: {type(e).__name__}: {e}")

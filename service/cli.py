@@ -564,7 +564,7 @@ def resume(
 @user_errors
 def status(job_id: str, storage: str | None) -> None:
     """Where a job is: stages, step, LR, checkpoint, time left (reads storage: works without a cluster)."""
-    from service.coordination import read_lease
+    from service.coordination import pending_scales, read_lease
     from service.report import status_lines, summary_table
     from service.submit import settle_never_started
 
@@ -582,7 +582,10 @@ def status(job_id: str, storage: str | None) -> None:
         from service.submit import ray_job_state
 
         ray_state = ray_job_state(record.ray_address, record.ray_submissions[-1]) or "unreachable"
-    for line in status_lines(record, latest[0] if latest else None, read_lease(jobs.storage), ray_state):
+    pending = [req for _, req in pending_scales(jobs.storage)]
+    for line in status_lines(
+        record, latest[0] if latest else None, read_lease(jobs.storage), ray_state, pending
+    ):
         console.print(line)
     if record.error:
         console.print(styled(("error:", "red"), f" {record.error}"))
@@ -834,7 +837,7 @@ def scale(job_id: str, storage: str | None, workers: int, from_stage: int | None
     The coordinator applies the request at the next stage boundary (or `resume` does), through the same
     re-layout as `resume --workers` (keep_global_batch, or the LR scaling rule)."""
     from service.coordination import request_scale
-    from service.decisions import resize_remaining
+    from service.decisions import fits_cluster, resize_remaining
 
     jobs, record = _open(job_id, storage)
     n = len(record.stages)
@@ -854,13 +857,27 @@ def scale(job_id: str, storage: str | None, workers: int, from_stage: int | None
             f"{default}..{n}, or resume the interrupted stage with `stagetrain resume {job_id} "
             f"--workers {workers}`"
         )
-    resize_remaining(record.job_spec(), from_stage - 1, workers)  # refuses a global batch that does not split
+    spec = resize_remaining(record.job_spec(), from_stage - 1, workers)  # refuses a batch that does not split
+    res = spec.resources
+    short = record.cluster and fits_cluster(
+        record.plan(spec, record.history), from_stage - 1, res.use_gpu, res.cpus_per_worker,
+        res.gpus_per_worker, record.cluster,
+    )  # fmt: skip
     name = request_scale(jobs.storage, workers, from_stage)
     console.print(
         f"requested: stage {from_stage}"
         + (f"..{n}" if from_stage < n else "")
         + f" of job {job_id} on {workers} worker(s) ({name}); applied at the next stage boundary",
     )
+    if short:  # accepted: the cluster may grow by then; else the coordinator ignores it, saying why
+        err_console.print(
+            styled(
+                ("warning:", "yellow"),
+                f" when the job last started a stage, {short.split('; ')[0]}: unless the cluster grows "
+                "by the boundary, the coordinator ignores this request (`stagetrain status` says why)",
+            ),
+            soft_wrap=True,
+        )
 
 
 # ------------------------------------------------------------------------------------ checkpoints, plots

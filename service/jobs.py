@@ -127,6 +127,7 @@ class JobRecord(BaseModel):
     images_per_s: float | None = None  # the last reported throughput
     checkpoint_failures: list[str] = []
     sinks: list[SinkState] = []  # metrics.sinks of the last coordinator attempt
+    cluster: dict[str, float] | None = None  # the Ray cluster's resources when a stage last started
     events: list[str] = []  # resumes, re-plans, preemptions: one line each, timestamped
 
     @model_validator(mode="before")

@@ -313,7 +313,7 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def status_lines(record, latest, lease, ray_state: str | None) -> list[str]:
+def status_lines(record, latest, lease, ray_state: str | None, pending: list | None = None) -> list[str]:
     """``stagetrain status`` below the stage table: where the job is on its curve, what is committed,
     how long is left, and who runs it."""
     plan = record.plan()
@@ -349,6 +349,11 @@ def status_lines(record, latest, lease, ray_state: str | None) -> list[str]:
         lines.append(f"Ray job {record.ray_submissions[-1]}: {ray_state or 'unknown'} ({record.ray_address})")
     if record.status == "waiting_for_capacity":
         lines.append(f"waiting for capacity: {record.waiting_for}")
+    for req in pending or []:
+        lines.append(
+            f"scale request {req.workers} worker(s) from stage {req.from_stage}: pending, applied at the "
+            "next stage boundary"
+        )
     if record.sinks:
         lines.append(
             "metrics sinks: "

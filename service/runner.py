@@ -434,6 +434,9 @@ class JobRunner:
         srec = self.record.stages[stage.index]
         srec.status, srec.attempts, srec.workers = "running", attempt, stage.workers
         srec.started = srec.started or now()
+        self.record.cluster = {
+            k: float(v) for k, v in self.executor.cluster_resources().items() if k in ("CPU", "GPU")
+        }
         self.record.status, self.record.current_stage = "running", stage.index + 1
         self.record.waiting_for = None
         self.record.current_step = step

@@ -240,3 +240,27 @@ def test_min_workers_returns_to_the_plan_at_the_next_stage_once_the_node_is_back
     layouts = {(m["stage"], m["workers"], m["grad_accum"], m["global_batch"]) for m in steps}
     # stage 2 kept its global batch of 32: one worker, twice the accumulation; stage 3 back on 2 workers
     assert layouts == {(1, 2, 1, 32), (2, 2, 1, 32), (2, 1, 2, 32), (3, 2, 1, 32)}
+
+
+def test_scale_beyond_the_cluster_is_accepted_with_a_warning_and_status_shows_it_pending(tmp_path):
+    """The record keeps the cluster a stage last started on (2 CPUs here): `scale --workers 3` says at
+    once that it will not fit unless the cluster grows; `status` lists the pending request."""
+    from tests.helpers import stagetrain
+
+    job = Job(tmp_path)
+    job.executor.step_s = 0.02
+    job.executor.on_step = lambda step: step == 5 and request_cancel(job.jobs.storage, now=False)
+    assert job.run() == EXIT_CANCELLED
+    assert job.record.cluster == {"CPU": 2.0}
+    proc = stagetrain("scale", "j", "--workers", "3", "--from-stage", "2", "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "requested: stage 2..3 of job j on 3 worker(s)" in proc.stdout
+    assert (
+        "warning: when the job last started a stage, stage 2 needs 3 workers x 1 CPUs = 3 CPUs, but the "
+        in (proc.stderr.replace("\n", " "))
+    )
+    fits = stagetrain("scale", "j", "--workers", "1", "--from-stage", "3", "--storage", str(tmp_path))
+    assert fits.returncode == 0 and "warning" not in fits.stderr, fits.stderr
+    status = stagetrain("status", "j", "--storage", str(tmp_path))
+    assert "scale request 3 worker(s) from stage 2: pending" in status.stdout
+    assert "scale request 1 worker(s) from stage 3: pending" in status.stdout

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 
 from service.spec import JobSpec, validate_spec
 
 pytest_plugins = ["tests.s3_server", "tests.ray_head"]
+
+# No process the suite starts (they inherit this environment: stagetrain commands, Ray clusters and
+# their workers, moto, MLflow) lets a cloud SDK look for instance credentials at a metadata address;
+# the tests that need metadata point it at a local fake (tests/fake_metadata.py).
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["NO_GCE_CHECK"] = "True"  # google-auth: do not probe the GCE metadata server
 
 BASE_SPEC = {
     "version": 1,

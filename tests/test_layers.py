@@ -263,3 +263,15 @@ def test_plan_of_unreadable_data_is_a_clear_error(tmp_path):
     job.write_text(yaml.safe_dump(raw))
     out = stagetrain("plan", str(job))
     assert out.returncode == 2 and "data.train: cannot list" in out.stderr and "--dataset-size" in out.stderr
+
+
+def test_no_process_of_the_suite_looks_for_cloud_instance_credentials():
+    """Every process a test starts inherits the suite's environment: metadata lookups are off."""
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    code = "import os; print(os.environ['AWS_EC2_METADATA_DISABLED'], os.environ['NO_GCE_CHECK'])"
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True)
+    assert out.stdout.split() == ["true", "True"], out.stderr

@@ -73,6 +73,18 @@ def wait_until(proc, what, timeout: float = 300, poll: float = 0.1):
     return found
 
 
+def live_train_controllers(cluster) -> int:
+    """Ray Train controllers alive on the cluster (one per running ``TorchTrainer.fit``), from the GCS."""
+    import ray
+    from ray._private.state import actors
+
+    if not ray.is_initialized():
+        ray.init(address=cluster.address, log_to_driver=False)
+    return sum(
+        1 for a in actors().values() if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"
+    )
+
+
 def record_of(job_dir) -> dict:
     try:
         return read_record(job_dir)
@@ -157,6 +169,8 @@ def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
         time.sleep(10)
         node = cluster.add_node(num_cpus=1)
         held(job_dir, 39, ranks=2, proc=proc)
+        # the run that lost its node was given up and aborted, not left beside this one
+        assert live_train_controllers(cluster) == 1
         cluster.remove_node(node)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 75, out

@@ -11,9 +11,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# A coordinator killed by a test holds its lease until it goes stale: 2 s here (60 s by default), so
-# the next `resume` of the job is not refused as "running".
-LEASE_TIMEOUT_S = 2.0
+# A coordinator a test kills on this machine frees its lease at once (its pid is gone). The timeout
+# (60 s by default) is also how long a coordinator may go without renewing before it fences itself:
+# 10 s keeps one whose renewal thread is starved on a loaded 2-core machine from stopping its job.
+LEASE_TIMEOUT_S = 10.0
 
 
 def cli_env(**extra: str) -> dict:

@@ -274,8 +274,10 @@ class Storage:
         if self.local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with open(path, "ab+") as f:
-                if f.tell() and (f.seek(-1, os.SEEK_END) or f.read(1) != b"\n"):
-                    text = "\n" + text  # the torn line stays alone (readers skip it)
+                if f.seek(0, os.SEEK_END):
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        text = "\n" + text  # the torn line stays alone (readers skip it)
                 f.write(text.encode())
             return
         appender = self._appenders.get(path)

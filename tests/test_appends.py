@@ -100,9 +100,12 @@ def test_a_line_torn_by_a_crash_is_skipped_with_a_warning(tmp_path, caplog):
     whole = jobs.storage.read_bytes(METRICS_FILE)
     jobs.storage.write_bytes(whole + step_record(2, 1, 0.8).model_dump_json().encode()[:40], METRICS_FILE)
     jobs.append_metrics([step_record(2, 1, 0.8), step_record(3, 1, 0.7)])  # the next attempt
+    jobs.append_metrics([step_record(4, 1, 0.6)])
+    raw = jobs.storage.read_text(METRICS_FILE).split("\n")
+    assert len(raw) == 7 and raw[-1] == "" and all(raw[:-1]), raw  # 2 + torn + 2 + 1 lines, none blank
     with caplog.at_level(logging.WARNING):
         got = jobs.read_metrics()
-    assert [m["step"] for m in got] == [0, 1, 2, 3] and got[2]["loss"] == 0.8
+    assert [m["step"] for m in got] == [0, 1, 2, 3, 4] and got[2]["loss"] == 0.8
     assert "metrics.jsonl line 3 is not a whole record; skipped" in caplog.text
     plotted = stagetrain("plot", "j", "--storage", str(tmp_path), "-o", str(tmp_path / "m.png"))
     assert plotted.returncode == 0 and "Traceback" not in plotted.stderr, plotted.stderr

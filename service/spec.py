@@ -125,11 +125,6 @@ class Normalize(_Model):
 
 
 class _DataBase(_Model):
-    normalize: Normalize = Field(
-        default_factory=Normalize,
-        description="input normalisation, kept in exported models; ImageNet-pretrained weights expect "
-        "{mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}",
-    )
     loader_workers: NonNegInt = Field(2, description="DataLoader worker processes per Ray worker")
     val_batch_size: PositiveInt = 256
     val_resolution: Annotated[int, Field(ge=8, le=4096, strict=True)] | None = Field(
@@ -139,6 +134,11 @@ class _DataBase(_Model):
         (0.35, 1.0), description="random-resized-crop area range (train)"
     )
     hflip: bool = Field(True, description="random horizontal flip (train)")
+    normalize: Normalize = Field(
+        default_factory=Normalize,
+        description="input normalisation, kept in exported models; ImageNet-pretrained weights expect "
+        "{mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}",
+    )
 
 
 class SyntheticData(_DataBase):

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from checkpoints.storage import forwarded_env
 from service.console import first_line
-from service.layout import CANCEL_FILE, JOB_FILE
+from service.layout import CANCEL_FILE
 
 SUBMISSION_ENV = "STAGETRAIN_SUBMISSION_ID"
 # What a job server with token authentication needs from a client (Ray's own variables)
@@ -196,12 +196,12 @@ def submit_attempt(
     try:
         submit(record.job_id, jobs.root.url, server, attempt, grace, sid=sid)
     except BaseException as e:
-        with holding(jobs):  # nothing was submitted: the record says so (a new job leaves none)
-            if existed:
+        if existed:  # nothing was submitted: the record says so
+            with holding(jobs):
                 before.event(f"could not submit Ray job {sid}: {type(e).__name__}: {e}")
                 jobs.save(before)
-            else:
-                jobs.storage.remove(JOB_FILE)
+        else:  # a new job that was never submitted leaves nothing behind
+            jobs.storage.remove()
         raise
     if keeper_restarts:
         submit_keeper(jobs, record, server, keeper_restarts, attempt)

@@ -153,7 +153,7 @@ def test_run_resume_submit_and_cancel_of_a_job_held_elsewhere_write_nothing(tmp_
     new = write_job(tmp_path, merge(TINY, {"name": "new"}), "new.yaml")
     proc = stagetrain("submit", new, "--job-id", "n", "--storage", storage, "--address", unreachable)
     assert proc.returncode == 2 and "cannot reach the Ray job server" in proc.stderr
-    assert not Storage(storage).exists("n", JOB_FILE)  # a new job that was not submitted leaves no record
+    assert not Storage(storage).exists("n")  # a new job that was not submitted leaves nothing
     job = Job(tmp_path / "runs")  # job "j", pending
     spec = write_job(tmp_path, job.spec.model_dump(mode="json"))
     holder = _holder(job.jobs.storage.url)

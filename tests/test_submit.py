@@ -104,7 +104,7 @@ def test_submit_to_a_job_agent_that_never_gets_ready_is_one_line(tmp_path, job_f
         f"error: --address {server.url}: the Ray job server is not ready to take jobs after 3s (Request "
         f"failed with status code 500: {NOT_READY.rstrip('.')}); try again in a minute"
     )
-    assert not Storage(storage).exists("s", JOB_FILE)  # not submitted: no job left behind
+    assert not Storage(storage).exists("s")  # not submitted: nothing left behind
 
 
 def _orphaned(tmp_path, server: JobServer):

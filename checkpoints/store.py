@@ -78,6 +78,7 @@ class CheckpointStore:
 
     def __init__(self, storage: Storage):
         self.storage = storage
+        self._verified: dict[str, Manifest] = {}  # committed tags whose bytes hashed right here
 
     def tags(self) -> list[str]:
         return self.storage.listdir()
@@ -140,10 +141,18 @@ class CheckpointStore:
         return None
 
     def newest_verified(self) -> Manifest | None:
-        """The manifest of ``latest(verify=True)``, its bytes hashed once here and not kept: what the
-        coordinator hands the workers to restore."""
-        latest = self.latest(verify=True)
-        return latest[0] if latest else None
+        """The manifest of ``latest(verify=True)``: what the coordinator hands the workers to restore.
+        Each tag's bytes are hashed once per store, not at every look (a coordinator waiting for
+        capacity looks every few seconds); a new, newer tag is hashed when it appears."""
+        for tag in reversed(self.tags()):
+            if tag in self._verified:
+                return self._verified[tag]
+            info, _ = self.inspect(tag, verify=True)
+            if info.problem is None:
+                self._verified[tag] = info.manifest
+                return info.manifest
+            log.warning("skipping checkpoint %s: %s", tag, info.problem)
+        return None
 
     def commit(self, tag: str, files: dict[str, bytes], **meta: Any) -> Manifest:
         """Write ``files``, then the manifest (last). Each write is retried with backoff."""

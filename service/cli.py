@@ -703,6 +703,7 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
     """Block until the job ends; exit with its exit code (as `run` would)."""
     from service.coordination import read_lease
     from service.jobs import EXIT_FAILED, exit_code
+    from service.submit import keeper_running
 
     jobs, record = _open(job_id, storage)
     deadline = time.monotonic() + timeout if timeout else None
@@ -716,7 +717,7 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
             )
             sys.exit(exit_code(record.status))
         if record.status in ("running", "waiting_for_capacity") and (lease is None or not lease.alive()):
-            if record.keeper and _keeper_running(record):
+            if keeper_running(record):
                 time.sleep(1.0)  # the keeper resubmits the coordinator (submit --max-restarts)
                 continue
             err_console.print(
@@ -738,12 +739,6 @@ def wait(job_id: str, storage: str | None, timeout: float | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ changing a job
-
-
-def _keeper_running(record) -> bool:
-    from service.submit import ray_job_state
-
-    return ray_job_state(record.ray_address, record.keeper) in ("PENDING", "RUNNING")
 
 
 @cli.command()

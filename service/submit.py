@@ -251,6 +251,11 @@ def ray_job_info(address: str, sid: str, timeout: float = 2.0) -> dict | str | N
         return None
 
 
+def keeper_running(record) -> bool:
+    """The job has a keeper (``submit --max-restarts``) and its Ray job is pending or running."""
+    return bool(record.keeper) and ray_job_state(record.ray_address, record.keeper) in ("PENDING", "RUNNING")
+
+
 def settle_never_started(jobs, record):
     """A submitted job whose Ray job ended before its coordinator took the lease (its entrypoint failed:
     the cluster's Python lacks a package, the command is wrong, the job was stopped) will never run:
@@ -268,7 +273,7 @@ def settle_never_started(jobs, record):
     info = ray_job_info(record.ray_address, sid)
     if not isinstance(info, dict) or info.get("status") not in ("FAILED", "STOPPED"):
         return record
-    if record.keeper and ray_job_state(record.ray_address, record.keeper) in ("PENDING", "RUNNING"):
+    if keeper_running(record):
         return record
     why = first_line(_last_lines(info.get("message") or ""), 300)
     try:

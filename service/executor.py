@@ -113,7 +113,7 @@ class RayExecutor:
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from workers.train import train_loop_per_worker
+        from workers.entry import train_loop_per_worker
 
         stage, res = run.plan.stages[run.row], run.spec.resources
         # The report queue lives on the coordinator's node: a lost worker node must not take it along.

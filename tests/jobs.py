@@ -80,16 +80,28 @@ TOTAL = 48
 
 
 @pytest.fixture(scope="session")
-def straight(tmp_path_factory):
+def on_head(ray_head) -> dict:
+    """The environment of a user whose ``RAY_ADDRESS`` is the session's Ray head (``tests/ray_head.py``):
+    ``stagetrain run`` joins that cluster instead of starting a local Ray of its own, which on 2 cores
+    costs ~20 s a run (starting and stopping its processes beside the first ``fit``). For runs that end
+    by themselves or stop gracefully: a test that SIGKILLs its coordinator (``launch``, ``os.killpg``)
+    runs on a local Ray that dies with it, since on a shared head the dead job's workers would linger.
+    Workers on the head get only the head's environment and what ``stagetrain`` forwards to them."""
+    env = cli_env(**ray_head.env, RAY_ADDRESS=ray_head.gcs_address)
+    return {k: v for k, v in env.items() if k not in ("RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory, on_head):
     """The uninterrupted reference run."""
     tmp = tmp_path_factory.mktemp("straight")
     job = write_job(tmp, DETERMINISTIC)
-    stagetrain("run", job, "--job-id", "straight", "--storage", str(tmp / "runs"), check=True)
+    stagetrain("run", job, "--job-id", "straight", "--storage", str(tmp / "runs"), env=on_head, check=True)
     return tmp / "runs" / "straight", job
 
 
 @pytest.fixture(scope="session")
-def preempted(tmp_path_factory):
+def preempted(tmp_path_factory, on_head):
     """The reference run preempted mid stage 2: SIGTERM to its coordinator while the workers hold at
     step 28. Returns the job folder, the coordinator's exit code and output; a test resumes a copy
     (``copy_job``), so several start from the same preempted state without re-running it."""
@@ -99,7 +111,7 @@ def preempted(tmp_path_factory):
     job = write_job(tmp, DETERMINISTIC)
     job_dir = tmp / "runs" / "preempted"
     hold_at(job_dir, 28)
-    proc = launch("run", job, "--job-id", "preempted", "--storage", str(tmp / "runs"))
+    proc = launch("run", job, "--job-id", "preempted", "--storage", str(tmp / "runs"), on=on_head)
     held(job_dir, 28, ranks=2, proc=proc)
     os.kill(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -124,14 +136,15 @@ def final_state(job_dir):
     )
 
 
-def launch(*args, **env):
-    """Start the coordinator in its own session, so the test can kill it with all its Ray processes."""
+def launch(*args, on: dict | None = None, **env):
+    """Start the coordinator in its own session, so the test can kill it with all its Ray processes (a
+    local Ray; ``on``: the environment to start from instead, e.g. ``on_head``'s)."""
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=cli_env(**env),
+        env={**on, **env} if on else cli_env(**env),
         start_new_session=True,
     )
 

@@ -151,7 +151,7 @@ def test_termination_notice_commits_the_step_reached_and_no_step_is_lost_or_repe
 def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
     tmp_path, monkeypatch, straight
 ):
-    """Stage 2 loses its node, which comes back 10 s later: the job continues by itself. Stage 3 loses
+    """Stage 2 loses its node, back 3 s later: the job continues by itself. Stage 3 loses
     it for good: after failure.capacity_wait_s the job stops as preempted with today's message, and
     `resume --workers 1` finishes it. With keep_global_batch the weights are the uninterrupted run's."""
     spec = merge(
@@ -166,7 +166,7 @@ def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
         cluster.remove_node(node)
         wait_until(proc, lambda: record_of(job_dir).get("status") == "waiting_for_capacity", 60)
         assert "needs 2 workers" in record_of(job_dir)["waiting_for"]
-        time.sleep(10)
+        time.sleep(3)
         node = cluster.add_node(num_cpus=1)
         held(job_dir, 39, ranks=2, proc=proc)
         # the run that lost its node was given up and aborted, not left beside this one

@@ -197,13 +197,12 @@ COMPARE_JOB = merge(
 
 
 @pytest.mark.ray
-def test_compare_runs_reports_and_reuses_finished_runs(tmp_path):
+def test_compare_runs_reports_and_reuses_finished_runs(tmp_path, on_head):
     job = write_job(tmp_path, COMPARE_JOB)
     storage, out = str(tmp_path / "runs"), str(tmp_path / "out")
     # "interrupted" after its first run: a compare of that run alone
-    stagetrain(
-        "compare", job, "--strategies", "global_onecycle", "--storage", storage, "--out", out, check=True
-    )
+    first_run = ("compare", job, "--strategies", "global_onecycle", "--storage", storage, "--out", out)
+    stagetrain(*first_run, env=on_head, check=True)
     first = json.loads(next((tmp_path / "runs").glob("*global_onecycle-seed0/job.json")).read_text())
     proc = stagetrain(
         "compare",
@@ -215,6 +214,7 @@ def test_compare_runs_reports_and_reuses_finished_runs(tmp_path):
         storage,
         "--out",
         out,
+        env=on_head,
         check=True,
     )
     assert re.search(r"\[1/3\] global_onecycle seed 0: job \S+ already succeeded; reused", proc.stderr)

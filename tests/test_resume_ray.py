@@ -79,7 +79,7 @@ def _upload_in_flight(job_dir, after_step: int) -> bool:
     )
 
 
-def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight):
+def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight, on_head):
     straight_dir, _ = straight
     job = write_job(tmp_path, DETERMINISTIC)
     storage = tmp_path / "runs"
@@ -110,7 +110,7 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     listing = stagetrain("checkpoints", "killed", "--storage", str(storage))
     assert "no manifest" in listing.stdout
 
-    proc = stagetrain("resume", "killed", "--storage", str(storage))
+    proc = stagetrain("resume", "killed", "--storage", str(storage), env=on_head)  # nobody kills this one
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = read_record(job_dir)
     assert record["status"] == "succeeded"
@@ -127,7 +127,7 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     _assert_equivalent(job_dir, straight_dir, resumed_from)
 
 
-def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, straight, preempted):
+def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, straight, preempted, on_head):
     straight_dir, _ = straight
     source, returncode, out = preempted  # SIGTERM to the coordinator while its workers held at step 28
     assert returncode == 75, out
@@ -143,18 +143,18 @@ def test_sigterm_preempts_with_a_checkpoint_and_resume_completes(tmp_path, strai
     status = stagetrain("status", "preempted", "--storage", str(storage))
     assert "preempted" in status.stdout and f"step {stopped_at}" in status.stdout
 
-    proc = stagetrain("resume", "preempted", "--storage", str(storage))
+    proc = stagetrain("resume", "preempted", "--storage", str(storage), env=on_head)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _assert_equivalent(job_dir, straight_dir, [stopped_at])
 
 
-def test_sigterm_to_the_workers_as_on_a_spot_node_preempts_with_a_checkpoint(tmp_path):
+def test_sigterm_to_the_workers_as_on_a_spot_node_preempts_with_a_checkpoint(tmp_path, on_head):
     spec = merge(DETERMINISTIC, {"name": "spot"})
     job = write_job(tmp_path, spec)
     storage = tmp_path / "runs"
     job_dir = storage / "spot"
     hold_at(job_dir, 8)
-    proc = launch("run", job, "--job-id", "spot", "--storage", str(storage))
+    proc = launch("run", job, "--job-id", "spot", "--storage", str(storage), on=on_head)
     for worker in held(job_dir, 8, ranks=2, proc=proc):  # the node is going away: its workers get SIGTERM
         os.kill(worker["pid"], signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -165,7 +165,7 @@ def test_sigterm_to_the_workers_as_on_a_spot_node_preempts_with_a_checkpoint(tmp
     assert record["current_step"] == 8 and _committed(job_dir, "step-000000008")
 
 
-def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
+def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path, on_head):
     spec = merge(
         DETERMINISTIC,
         {
@@ -179,7 +179,9 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     job_dir = storage / "wk"
     hold_at(job_dir, 10, 30)
     # one node: a dead worker is never a lost node, so the coordinator need not wait 10 s to see
-    proc = launch("run", job, "--job-id", "wk", "--storage", str(storage), STAGETRAIN_NODE_LOST_WAIT_S="1")
+    proc = launch(
+        "run", job, "--job-id", "wk", "--storage", str(storage), on=on_head, STAGETRAIN_NODE_LOST_WAIT_S="1"
+    )
     killed = 0
     for step in (10, 30):
         workers = held(job_dir, step, ranks=2, proc=proc)
@@ -197,7 +199,7 @@ def test_killed_workers_are_restarted_from_the_latest_checkpoint(tmp_path):
     assert rerun <= killed * (5 + 2), rerun
 
 
-def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path):
+def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path, on_head):
     """Each attempt meets the same bug: one retry (failure.max_failures: 1), then the job fails; no node
     was lost, so nothing is counted as an infrastructure failure."""
     spec = merge(
@@ -209,7 +211,8 @@ def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path):
         },
     )
     spec["model"] = {"builder": "tests.custom_parts:exploding_net", "num_classes": 10}  # replaced, not merged
-    proc = stagetrain("run", write_job(tmp_path, spec), "--job-id", "cr", "--storage", str(tmp_path / "runs"))
+    job = write_job(tmp_path, spec)
+    proc = stagetrain("run", job, "--job-id", "cr", "--storage", str(tmp_path / "runs"), env=on_head)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     record = read_record(tmp_path / "runs" / "cr")
     assert record["status"] == "failed" and "RuntimeError: boom at training forward 3" in record["error"]
@@ -218,7 +221,7 @@ def test_a_crash_of_the_training_code_is_retried_max_failures_times(tmp_path):
     assert any(e.endswith("boom at training forward 3; retry 1 of 1") for e in record["events"])
 
 
-def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path, preempted):
+def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path, preempted, on_head):
     from service.curve import curve, lr_momentum
     from service.jobs import JobRecord
 
@@ -229,7 +232,7 @@ def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path, pr
     stopped_at = read_record(job_dir)["current_step"]
     assert stopped_at == 28
 
-    resumed = stagetrain("resume", "preempted", "--storage", str(storage), "--workers", "1")
+    resumed = stagetrain("resume", "preempted", "--storage", str(storage), "--workers", "1", env=on_head)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     record = JobRecord.model_validate(read_record(job_dir))
     assert record.status == "succeeded"

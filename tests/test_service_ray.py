@@ -267,7 +267,10 @@ def test_without_the_token_submit_and_status_say_it_is_authentication(svc, tmp_p
 def test_read_only_commands_work_after_the_head_is_gone(svc):
     head, storage, env = svc
     head.stop()
-    for args in (["status", "svc1"], ["list"], ["logs", "svc1"], ["checkpoints", "svc1"]):
-        out = st(svc, *args)
-        assert out.returncode == 0, (args, out.stderr)
-    assert "svc2" in st(svc, "list").stdout
+    try:
+        for args in (["status", "svc1"], ["list"], ["logs", "svc1"], ["checkpoints", "svc1"]):
+            out = st(svc, *args)
+            assert out.returncode == 0, (args, out.stderr)
+        assert "svc2" in st(svc, "list").stdout
+    finally:
+        head.start()  # the head is the session's: the tests after this one use it too

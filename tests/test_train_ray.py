@@ -77,7 +77,7 @@ def test_run_follows_the_plan_and_fewer_workers_get_the_rescaled_lr(tmp_path):
     assert "wrote" in plot.stderr and (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_stage_that_cannot_fit_fails_fast(tmp_path):
+def test_stage_that_cannot_fit_fails_fast(tmp_path, on_head):
     spec_dict = merge(
         TINY,
         {
@@ -87,7 +87,9 @@ def test_stage_that_cannot_fit_fails_fast(tmp_path):
         },
     )
     job = write_job(tmp_path, spec_dict)
-    proc = stagetrain("run", job, "--job-id", "t3", "--storage", str(tmp_path / "runs"), timeout=120)
+    proc = stagetrain(
+        "run", job, "--job-id", "t3", "--storage", str(tmp_path / "runs"), env=on_head, timeout=120
+    )
     assert proc.returncode == 1
     assert "needs 4 workers x 2 CPUs = 8 CPUs" in proc.stderr
     assert read_record(tmp_path / "runs" / "t3")["status"] == "failed"

@@ -923,8 +923,12 @@ def checkpoints(job_id: str, storage: str | None, verify: bool) -> None:
     "--output",
     help="Where to write the model (a local path). Default: export/<checkpoint>.pt in the job's storage.",
 )
+@click.option(
+    "--best", is_flag=True, help="The best evaluated checkpoint (checkpoint.keep_best) instead of the newest."
+)
+@click.option("--ema", is_flag=True, help="The average of the weights (train.ema) instead of the weights.")
 @user_errors
-def export(job_id: str, storage: str | None, output: str | None) -> None:
+def export(job_id: str, storage: str | None, output: str | None, best: bool, ema: bool) -> None:
     """Write a job's final weights (its newest verified checkpoint) with what rebuilds the module.
 
     The file is weights-only (plain torch.load(f, weights_only=True)); load it with
@@ -933,15 +937,32 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
 
     import torch
 
-    from checkpoints.store import MODEL_FILE
+    from checkpoints.store import MODEL_FILE, STATE_FILE
     from service.layout import EXPORT_DIR
 
     jobs, record = _open(job_id, storage)
-    latest = jobs.checkpoints.latest(verify=True)
-    if latest is None:
-        raise ValueError(f"job {job_id} has no verified checkpoint to export yet")
-    manifest, payload = latest
-    if record.status != "succeeded":
+    spec = record.job_spec()
+    if ema and spec.train.ema is None:
+        raise ValueError(f"--ema: job {job_id} keeps no average of its weights (its spec has no train.ema)")
+    keep = spec.checkpoint.keep_best
+    if best and keep is None:
+        raise ValueError(
+            f"--best: job {job_id} keeps no best checkpoint (its spec has no checkpoint.keep_best)"
+        )
+    if best:
+        found = jobs.checkpoints.best(keep.metric, keep.mode)
+        if found is None:
+            raise ValueError(f"--best: job {job_id} has no evaluated checkpoint yet")
+        info, payload = jobs.checkpoints.inspect(found.tag, verify=True)
+        if info.problem is not None:
+            raise ValueError(f"--best: checkpoint {found.tag} is not usable: {info.problem}")
+        manifest = info.manifest
+    else:
+        latest = jobs.checkpoints.latest(verify=True)
+        if latest is None:
+            raise ValueError(f"job {job_id} has no verified checkpoint to export yet")
+        manifest, payload = latest
+    if record.status != "succeeded" and not best:
         err_console.print(
             styled(
                 (
@@ -951,12 +972,17 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
                 )
             )
         )
-    state_dict = torch.load(io.BytesIO(payload[MODEL_FILE]), map_location="cpu", weights_only=True)
-    spec = record.job_spec()
+    if ema:
+        state = torch.load(io.BytesIO(payload[STATE_FILE]), map_location="cpu", weights_only=True)
+        state_dict = state["ema"]["module"]
+    else:
+        state_dict = torch.load(io.BytesIO(payload[MODEL_FILE]), map_location="cpu", weights_only=True)
     last_acc = next((s.val_acc for s in reversed(record.stages) if s.val_acc is not None), None)
+    # the evaluation at the checkpoint's step when its manifest has one (keep_best), else the last stage's
+    last_acc = (manifest.metrics or {}).get("ema_val_acc" if ema else "val_acc", None if ema else last_acc)
     if output and os.path.exists(output):
         raise ValueError(f"-o {output}: the file exists; choose another path or remove it")
-    name = f"{manifest.tag}.pt"
+    name = f"{manifest.tag}{'-ema' if ema else ''}.pt"
     if not output and jobs.storage.exists(EXPORT_DIR, name):
         raise ValueError(
             f"{jobs.storage.url}/{EXPORT_DIR}/{name} exists (this checkpoint was exported); pass -o PATH"
@@ -968,6 +994,7 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
             "job_id": job_id,
             "checkpoint": manifest.tag,
             "step": manifest.step,
+            "ema": ema,  # the weights' average (train.ema), not the weights
             "val_acc": last_acc,
             "resolution": spec.stages[-1].resolution,
             "model": spec.model.model_dump(mode="json"),
@@ -994,6 +1021,8 @@ def export(job_id: str, storage: str | None, output: str | None) -> None:
     norm = spec.data.normalize
     console.print(
         f"wrote {output}: {spec.model.label}, checkpoint {manifest.tag}"
+        + (f" (best {keep.metric} {manifest.metrics[keep.metric]:.4g})" if best else "")
+        + (", the average of its weights (train.ema)" if ema else "")
         + (f", val top-1 {last_acc:.2%}" if last_acc is not None else "")
         + f"; input normalised with mean {norm.mean}, std {norm.std} (pixels in [0, 1])"
         + "\n  from workers.models import load_exported"

@@ -71,6 +71,7 @@ class Completed:
     checkpoint: str  # the committed boundary checkpoint
     val_loss: float | None = None
     val_acc: float | None = None
+    val_top5: float | None = None  # when model.num_classes > 5
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,10 @@ def stage_outcome(
     if not stage_completed(plan, row, latest):
         return Failed(f"stage {label} ended without committing its boundary checkpoint")
     return Completed(
-        checkpoint=latest.tag, val_loss=end.val_loss if end else None, val_acc=end.val_acc if end else None
+        checkpoint=latest.tag,
+        val_loss=end.val_loss if end else None,
+        val_acc=end.val_acc if end else None,
+        val_top5=end.val_top5 if end else None,
     )
 
 

@@ -245,6 +245,11 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, step: int
         problems.append(
             "schedule / lr_scaling changed: the LR already applied would disagree with the new curve"
         )
+    if (old_spec.train.ema is None) != (new_spec.train.ema is None) and step > 0:
+        problems.append(
+            f"train.ema: was {'on' if old_spec.train.ema else 'off'}, now "
+            f"{'on' if new_spec.train.ema else 'off'}: the checkpoints hold the average only when it was on"
+        )
     started = {s.index for s in old_plan.stages if s.step_start < step}  # ran at least one step
     changes = []
     for i in range(max(len(old_spec.stages), len(new_spec.stages))):

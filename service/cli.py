@@ -140,23 +140,9 @@ def plan(
     """Show what a job will do: stages, steps, batches, LR and momentum, before any compute is spent."""
     from service.plan import build_plan
     from service.report import peak_lr_note, plan_table, plot_plans, write_csv
-    from service.sources import dataset_size as measure
 
     spec = load_spec(job)
-    try:
-        the_plan = build_plan(spec, dataset_size or measure(spec.data))
-    except SpecError as e:
-        if not dataset_size:
-            raise
-        # the spec may well be right for its data: the size given made these stages impossible
-        raise SpecError(
-            [
-                *e.problems,
-                f"(step counts follow from --dataset-size {dataset_size}; the data's may differ)",
-            ],
-            source=job,
-            headline=f"no valid plan for --dataset-size {dataset_size}",
-        ) from None
+    the_plan = ops.make_plan(spec, dataset_size, source=job)
     if as_json:
         click.echo(
             json.dumps({"plan_hash": the_plan.plan_hash(), **the_plan.model_dump(mode="json")}, indent=2)

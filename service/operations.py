@@ -23,13 +23,14 @@ from rich.console import Console
 from rich.text import Text
 
 from service.console import make_console, styled
-from service.spec import JobSpec, load_spec
+from service.spec import JobSpec, SpecError, load_spec
 
 if TYPE_CHECKING:
     from checkpoints.storage import Storage
     from checkpoints.store import Manifest
     from service.coordination import Lease, LeaseKeeper, ScaleRequest
     from service.jobs import JobRecord, JobStore
+    from service.plan import Plan
 
 DEFAULT_STORAGE = "./runs"
 ERROR = ("error: ", "bold red")
@@ -144,6 +145,31 @@ def ended(record: JobRecord, lease: Lease | None) -> bool:
     from service.jobs import TERMINAL
 
     return record.status in TERMINAL and (lease is None or not lease.alive())
+
+
+# ------------------------------------------------------------------------------------ plan
+
+
+def make_plan(spec: JobSpec, dataset_size: int | None = None, source: str = "job spec") -> Plan:
+    """The job's plan (``stagetrain plan``): stages, steps, batches, LR and momentum, before any compute
+    is spent. ``dataset_size``: the training samples, instead of reading the data's index."""
+    from service.plan import build_plan
+    from service.sources import dataset_size as measure
+
+    try:
+        return build_plan(spec, dataset_size or measure(spec.data))
+    except SpecError as e:
+        if not dataset_size:
+            raise
+        # the spec may well be right for its data: the size given made these stages impossible
+        raise SpecError(
+            [
+                *e.problems,
+                f"(step counts follow from --dataset-size {dataset_size}; the data's may differ)",
+            ],
+            source=source,
+            headline=f"no valid plan for --dataset-size {dataset_size}",
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ run / resume

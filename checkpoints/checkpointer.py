@@ -76,8 +76,15 @@ class AsyncCheckpointer:
     waits for the previous upload. A failed periodic upload is logged and counted, never fatal;
     ``save(..., block=True)`` (stage boundaries) raises if the commit fails after retries."""
 
-    def __init__(self, store: CheckpointStore, keep_last: int, keep_stage_checkpoints: bool):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        keep_last: int,
+        keep_stage_checkpoints: bool,
+        keep_best: tuple[str, str] | None = None,
+    ):
         self.store, self.keep_last, self.keep_stage = store, keep_last, keep_stage_checkpoints
+        self.keep_best = keep_best  # (metric, mode): the best evaluated checkpoint is never pruned
         self.protect: frozenset[str] = frozenset()  # never pruned: the verified tag the run restored
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -118,7 +125,7 @@ class AsyncCheckpointer:
             log.error("checkpoint %s failed: %s", tag, e)
             return
         try:
-            self.store.prune(self.keep_last, self.keep_stage, self.protect)
+            self.store.prune(self.keep_last, self.keep_stage, self.protect, self.keep_best)
         except Exception as e:  # noqa: BLE001 - pruning is best-effort side work
             log.warning("pruning old checkpoints failed: %s", e)
         finally:

@@ -56,6 +56,9 @@ class Manifest(BaseModel):
     versions: dict[str, str]
     git_revision: str | None = None
     files: dict[str, FileEntry]
+    # the evaluation at ``step`` (val_acc, val_loss, val_top5, ema_val_*), when one ran there: what
+    # ``checkpoint.keep_best`` ranks checkpoints by, read back from storage after a resume
+    metrics: dict[str, float] | None = None
 
 
 class CheckpointInfo(BaseModel):
@@ -172,18 +175,40 @@ class CheckpointStore:
         )
         return manifest
 
+    def best(
+        self, metric: str, mode: str, infos: list[CheckpointInfo] | None = None
+    ) -> CheckpointInfo | None:
+        """The committed checkpoint whose manifest records the best ``metric`` (``mode``: max or min);
+        the earliest one on a tie (a later one must do strictly better). ``checkpoint.keep_best``."""
+        found = None
+        for info in sorted(infos if infos is not None else self.list(), key=_step_key):
+            value = (info.manifest.metrics or {}).get(metric) if info.problem is None else None
+            if value is None:
+                continue
+            if found is None or (value > found[0] if mode == "max" else value < found[0]):
+                found = (value, info)
+        return found[1] if found else None
+
     def prune(
-        self, keep_last: int, keep_stage_checkpoints: bool, protect: frozenset[str] = frozenset()
+        self,
+        keep_last: int,
+        keep_stage_checkpoints: bool,
+        protect: frozenset[str] = frozenset(),
+        keep_best: tuple[str, str] | None = None,
     ) -> list[str]:
         """Delete old periodic checkpoints beyond ``keep_last`` and uncommitted folders older than the
         newest committed checkpoint, never a tag in ``protect`` (the verified checkpoint the run
-        restored from: the newest known good one if a newer one proves corrupt). Call only after
-        committing a new one."""
+        restored from: the newest known good one if a newer one proves corrupt), nor the best evaluated
+        one by ``keep_best`` (metric, mode): kept beside the ``keep_last`` newest when it is older. Call
+        only after committing a new one."""
         infos = self.list(verify=False)
         committed = [i for i in infos if i.problem is None]
         if not committed:
             return []
         newest = max(i.manifest.step for i in committed)
+        best = self.best(*keep_best, infos=committed) if keep_best else None
+        if best is not None:
+            protect = protect | {best.tag}
         retained = [i for i in committed if not (i.manifest.boundary and keep_stage_checkpoints)]
         doomed = [i.tag for i in sorted(retained, key=lambda i: i.manifest.step)[:-keep_last]]
         doomed += [i.tag for i in infos if i.problem is not None and _step_of(i.tag) < newest]
@@ -191,6 +216,10 @@ class CheckpointStore:
         for tag in doomed:
             self.storage.remove(tag)
         return doomed
+
+
+def _step_key(info: CheckpointInfo) -> tuple[int, str]:
+    return (info.manifest.step if info.manifest else _step_of(info.tag), info.tag)
 
 
 def _step_of(tag: str) -> int:

@@ -71,6 +71,7 @@ class Completed:
     checkpoint: str  # the committed boundary checkpoint
     val_loss: float | None = None
     val_acc: float | None = None
+    val_top5: float | None = None  # when model.num_classes > 5
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,10 @@ def stage_outcome(
     if not stage_completed(plan, row, latest):
         return Failed(f"stage {label} ended without committing its boundary checkpoint")
     return Completed(
-        checkpoint=latest.tag, val_loss=end.val_loss if end else None, val_acc=end.val_acc if end else None
+        checkpoint=latest.tag,
+        val_loss=end.val_loss if end else None,
+        val_acc=end.val_acc if end else None,
+        val_top5=end.val_top5 if end else None,
     )
 
 
@@ -240,6 +244,11 @@ def check_resume(record: JobRecord, old_plan: Plan, new_spec: JobSpec, step: int
     if old_spec.schedule != new_spec.schedule or old_spec.lr_scaling != new_spec.lr_scaling:
         problems.append(
             "schedule / lr_scaling changed: the LR already applied would disagree with the new curve"
+        )
+    if (old_spec.train.ema is None) != (new_spec.train.ema is None) and step > 0:
+        problems.append(
+            f"train.ema: was {'on' if old_spec.train.ema else 'off'}, now "
+            f"{'on' if new_spec.train.ema else 'off'}: the checkpoints hold the average only when it was on"
         )
     started = {s.index for s in old_plan.stages if s.step_start < step}  # ran at least one step
     changes = []

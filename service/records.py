@@ -43,6 +43,10 @@ class EvalRecord(BaseModel):
     val_loss: float
     val_acc: float
     time: float
+    val_top5: float | None = None  # when model.num_classes > 5
+    ema_val_loss: float | None = None  # the weights' average (train.ema), evaluated beside them
+    ema_val_acc: float | None = None
+    ema_val_top5: float | None = None
 
 
 class StageEnd(BaseModel):
@@ -56,6 +60,10 @@ class StageEnd(BaseModel):
     restored_from: str | None = None
     val_loss: float | None = None
     val_acc: float | None = None
+    val_top5: float | None = None  # when model.num_classes > 5
+    ema_val_loss: float | None = None  # the weights' average (train.ema), evaluated beside them
+    ema_val_acc: float | None = None
+    ema_val_top5: float | None = None
     param_digests: list[str] | None = None
     checkpoint: str | None = None
     checkpoint_failures: list[str] = []

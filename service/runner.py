@@ -460,8 +460,9 @@ class JobRunner:
             self.record.settle(stage.index, outcome, manifest.step)
             self.jobs.save(self.record)
             self.say(
-                f"stage {stage.label} completed: val top-1 {outcome.val_acc:.2%}, checkpoint "
-                f"{outcome.checkpoint}"
+                f"stage {stage.label} completed: val top-1 {outcome.val_acc:.2%}"
+                + (f", top-5 {outcome.val_top5:.2%}" if outcome.val_top5 is not None else "")
+                + f", checkpoint {outcome.checkpoint}"
                 if outcome.val_acc is not None
                 else f"stage {stage.label} completed: {outcome.checkpoint}"
             )

@@ -76,8 +76,8 @@ class TensorBoardSink:
                     self.writer.add_scalar(f"train/{key}", getattr(r, key), r.step, walltime=r.time)
                 self.writer.add_scalar("train/stage", r.stage, r.step, walltime=r.time)
             elif isinstance(r, EvalRecord | StageEnd) and r.val_acc is not None:
-                self.writer.add_scalar("val/top1", r.val_acc, r.step, walltime=r.time)
-                self.writer.add_scalar("val/loss", r.val_loss, r.step, walltime=r.time)
+                for name, value in scalars(r).items():
+                    self.writer.add_scalar(name, value, r.step, walltime=r.time)
         if any(isinstance(r, StageEnd) for r in records):
             self.flush()
 
@@ -117,7 +117,11 @@ def scalars(r) -> dict[str, float]:
             "train/stage": float(r.stage),
         }
     if isinstance(r, EvalRecord | StageEnd) and r.val_acc is not None:
-        return {"val/top1": r.val_acc, "val/loss": r.val_loss}
+        # top-5 when num_classes > 5, the weights' average (train.ema) when kept: only what was evaluated
+        optional = {"val/top5": r.val_top5, "ema/val_top1": r.ema_val_acc, "ema/val_loss": r.ema_val_loss}
+        optional["ema/val_top5"] = r.ema_val_top5
+        values = {"val/top1": r.val_acc, "val/loss": r.val_loss}
+        return values | {name: v for name, v in optional.items() if v is not None}
     return {}
 
 

@@ -289,11 +289,26 @@ class StageSpec(_Model):
         return min(self.min_workers or failure.min_workers or self.workers, self.workers)
 
 
+EVAL_METRICS = ("val_acc", "val_loss", "val_top5", "ema_val_acc", "ema_val_loss", "ema_val_top5")
+
+
+class KeepBestSpec(_Model):
+    metric: Literal[EVAL_METRICS] = Field(
+        description="an evaluated metric; ema_* need train.ema, *_top5 need model.num_classes > 5"
+    )
+    mode: Literal["max", "min"] = Field(description="max: higher is better (accuracy); min: lower (loss)")
+
+
 class CheckpointSpec(_Model):
     storage: str = Field("./runs", description="fsspec URL or local path; s3://bucket/prefix via s3fs")
     every_n_steps: NonNegInt = Field(0, description="periodic checkpoints; 0 = stage boundaries only")
     keep_last: PositiveInt = 2
     keep_stage_checkpoints: bool = True
+    keep_best: KeepBestSpec | None = Field(
+        None,
+        description="also keep the checkpoint with the best evaluation of this metric, never pruned by "
+        "keep_last; a checkpoint is committed at every mid-stage evaluation (metrics.eval_every_n_steps)",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="non-secret fsspec options, e.g. {client_kwargs: {region_name: ...}}",
@@ -432,6 +447,13 @@ class PreemptionSpec(_Model):
     )
 
 
+class EMASpec(_Model):
+    decay: Annotated[float, Field(gt=0, lt=1)] = Field(
+        description="ema = decay * ema + (1 - decay) * weights, over parameters and buffers"
+    )
+    every_n_steps: PositiveInt = Field(1, description="update the average every N optimizer steps")
+
+
 class TrainSpec(_Model):
     amp: bool = Field(
         True, description="mixed precision on GPU (train.precision; ignored on CPU); false = fp32"
@@ -445,6 +467,11 @@ class TrainSpec(_Model):
     )
     grad_clip_norm: PositiveFloat | None = Field(
         None, description="clip the global gradient norm to this before every optimizer step"
+    )
+    ema: EMASpec | None = Field(
+        None,
+        description="keep an exponential moving average of the weights, checkpointed and evaluated beside "
+        "them (ema_val_* in the eval records); default: off",
     )
 
 
@@ -489,6 +516,17 @@ class JobSpec(_Model):
             raise ValueError(
                 f"data.normalize.mean: one value or one per input channel (model.in_channels "
                 f"{self.model.in_channels}), got {len(self.data.normalize.mean)}"
+            )
+        best = self.checkpoint.keep_best
+        if best is not None and best.metric.startswith("ema_") and self.train.ema is None:
+            raise ValueError(
+                f"checkpoint.keep_best.metric: {best.metric} needs train.ema (e.g. {{decay: 0.999}}), "
+                "which is not set"
+            )
+        if best is not None and best.metric.endswith("_top5") and self.model.num_classes <= 5:
+            raise ValueError(
+                f"checkpoint.keep_best.metric: top-5 is evaluated only when model.num_classes > 5, got "
+                f"{best.metric} with {self.model.num_classes} classes"
             )
         if isinstance(self.data, FashionMNISTData) and self.model.num_classes < 10:
             raise ValueError(

@@ -111,12 +111,14 @@ class CheckedStore(CheckpointStore):
         self.checkpointer: AsyncCheckpointer | None = None
         self.prunes: list[str] = []
 
-    def prune(self, keep_last: int, keep_stage_checkpoints: bool, protect=frozenset()) -> list[str]:
+    def prune(
+        self, keep_last: int, keep_stage_checkpoints: bool, protect=frozenset(), keep_best=None
+    ) -> list[str]:
         new = self.checkpointer.last_committed.tag
         info, _ = self.inspect(new, verify=True)
         assert info.problem is None, f"pruning before {new} is committed: {info.problem}"
         self.prunes.append(new)
-        return super().prune(keep_last, keep_stage_checkpoints, protect)
+        return super().prune(keep_last, keep_stage_checkpoints, protect, keep_best)
 
 
 def checked(
@@ -266,6 +268,34 @@ def test_prune_keeps_last_periodic_and_stage_boundaries(storage_url):
             small_state(step), tag_for(step, stage, boundary), block=True, **meta(step, stage, boundary)
         )
     assert store2.tags() == [tag_for(20, 2, False), tag_for(32, 2, True)]
+
+
+def test_keep_best_is_kept_apart_and_never_pruned(tmp_path):
+    """checkpoint.keep_best: the checkpoint whose manifest records the best metric survives keep_last=1
+    (earliest on a tie), and a fresh store (a resumed run) finds it again from the manifests."""
+    store, ckpt = checked(str(tmp_path), keep_last=1, keep_stage=False)
+    ckpt.keep_best = ("val_acc", "max")
+
+    def save(step: int, acc: float | None, boundary: bool = False) -> str:
+        tag = tag_for(step, 1, boundary)
+        metrics = None if acc is None else {"val_acc": acc, "val_loss": 1 - acc}
+        ckpt.save(small_state(step), tag, block=True, metrics=metrics, **meta(step, 1, boundary))
+        return tag
+
+    t5, t10 = save(5, 0.3), save(10, 0.5)
+    assert store.tags() == [t10]  # the best is also the newest: one checkpoint does for both
+    t15 = save(15, None)  # a periodic checkpoint without an evaluation
+    assert store.tags() == [t10, t15]
+    t20 = save(20, 0.5)  # a tie: the earlier one stays the best
+    assert store.tags() == [t10, t20] and t5 not in store.tags() and t15 not in store.tags()
+    b25 = save(25, 0.4, boundary=True)
+    assert store.tags() == [t10, b25]
+    assert ckpt.failures == []
+    again = job_store(str(tmp_path))  # what a resumed run or `export --best` sees
+    assert again.best("val_acc", "max").tag == t10
+    assert again.best("val_loss", "min").tag == t10 and again.best("val_acc", "min").tag == b25
+    assert again.best("val_top5", "max") is None
+    assert again.read_manifest(t10).metrics == {"val_acc": 0.5, "val_loss": 0.5}
 
 
 # --------------------------------------------------------------------------------- failed upload

@@ -162,6 +162,75 @@ def test_export_without_o_writes_into_the_jobs_storage_not_the_working_tree(tmp_
     assert again.returncode == 2 and "this checkpoint was exported" in again.stderr
 
 
+def test_export_best_and_ema_pick_the_best_checkpoint_and_the_averaged_weights(tmp_path):
+    """``export --best`` takes the checkpoint.keep_best one (not the newest), ``--ema`` the train.ema
+    weights; jobs without them are told so. In-process (click's runner): torch is imported once."""
+    import torch
+    from click.testing import CliRunner
+
+    from checkpoints.checkpointer import encode
+    from checkpoints.storage import Storage
+    from checkpoints.store import CheckpointStore, tag_for
+    from service.cli import cli
+    from service.jobs import JobRecord, JobStore
+    from service.layout import CHECKPOINTS
+    from service.plan import build_plan
+    from service.spec import validate_spec
+    from tests.helpers import assert_same
+    from workers.models import build_model, load_exported
+
+    storage = tmp_path / "runs"
+    extras = {
+        "train": {"ema": {"decay": 0.9}},
+        "checkpoint": {"keep_best": {"metric": "val_acc", "mode": "max"}},
+    }
+    weights = {}
+    for job, spec in (("j", validate_spec(merge(TINY, extras))), ("plain", validate_spec(TINY))):
+        plan = build_plan(spec, 384)
+        JobStore(Storage(str(storage)), job).save(JobRecord.create(job, spec, plan))
+        for step, acc, seed in ((6, 0.6, 1), (12, 0.4, 2)):  # the newer one evaluates worse
+            torch.manual_seed(seed)
+            weights[job, step] = build_model(spec.model).state_dict()
+            torch.manual_seed(seed + 100)
+            weights[job, step, "ema"] = build_model(spec.model).state_dict()
+            state = {"model": weights[job, step], "ema": {"module": weights[job, step, "ema"]}}
+            CheckpointStore(Storage(str(storage)).child(job, CHECKPOINTS)).commit(
+                tag_for(step, 1, step == 12),
+                encode(state),
+                job_id=job,
+                stage=1,
+                epoch=0,
+                step=step,
+                samples_seen=32 * step,
+                boundary=step == 12,
+                world_size=2,
+                plan_hash=plan.plan_hash(),
+                stage_hash=plan.stage_hash(0),
+                spec_hash=spec.spec_hash(),
+                versions={},
+                metrics={"val_acc": acc, "val_loss": 1.0, "ema_val_acc": acc + 0.25},
+            )
+
+    def export(*args: str):
+        return CliRunner().invoke(cli, ["export", *args, "--storage", str(storage)], catch_exceptions=False)
+
+    best, newest = tag_for(6, 1, False), tag_for(12, 1, True)
+    cases = [(["--best"], (6,), best), (["--ema"], (12, "ema"), f"{newest}-ema")]
+    cases += [(["--best", "--ema"], (6, "ema"), f"{best}-ema"), ([], (12,), newest)]
+    for flags, which, name in cases:
+        result = export("j", *flags)
+        assert result.exit_code == 0, result.output
+        path = storage / "j" / "export" / f"{name}.pt"  # one file per checkpoint and kind of weights
+        assert_same(load_exported(str(path)).state_dict(), weights[("j", *which)], f"export {flags}")
+        saved = torch.load(path, weights_only=True)
+        acc = (0.6 if "--best" in flags else 0.4) + (0.25 if "--ema" in flags else 0)
+        assert (saved["ema"], saved["val_acc"]) == ("--ema" in flags, acc)
+    assert "(best val_acc 0.6)" in export("j", "--best", "-o", str(tmp_path / "b.pt")).output
+    for flag, missing in (("--best", "checkpoint.keep_best"), ("--ema", "train.ema")):
+        result = export("plain", flag)
+        assert result.exit_code == 2 and f"its spec has no {missing}" in result.output, result.output
+
+
 def test_data_normalize_is_used_in_training_kept_in_the_export_and_applied_on_request(tmp_path):
     """ImageNet's statistics per channel: the workers' input, and load_exported's
     ``normalized_input=True`` module (InputNormalize) apply them the same way."""

@@ -119,6 +119,7 @@ def test_check_resume_allows_changes_to_stages_not_started_and_records_them():
         ({"model": {"arch": "resnet34", "num_classes": 10, "in_channels": 3}}, "model: was"),
         ({"schedule": {"max_lr": 0.8}}, "schedule / lr_scaling changed"),
         ({"seed": 1}, "seed: was 0, now 1"),
+        ({"train": {"ema": {"decay": 0.99}}}, "train.ema: was off, now on"),
         ({"stages": STAGES[:1]}, "stages[1] already ran (checkpoint at step 40) and cannot change: removed"),
     ],
 )

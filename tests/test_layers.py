@@ -1,6 +1,7 @@
 """The layering the README describes, and the input checks every command shares.
 
-- The core (spec, plan, curve, layout, job record, decisions, reports, checkpoint bookkeeping, CLI)
+- The core (spec, plan, curve, layout, job record, decisions, reports, checkpoint bookkeeping, CLI, job
+  operations, the `stagetrain` Python API)
   imports neither torch, torchvision, ray nor anything in ``workers/``.
 - ``checkpoints/`` imports nothing from ``service/`` or ``workers/``.
 - ``model.arch`` is checked against the pinned torchvision's model names without importing it.
@@ -32,6 +33,8 @@ CORE = [
     "service.analysis",
     "service.compare",
     "service.cli",
+    "service.operations",
+    "stagetrain",
     "checkpoints.storage",
     "checkpoints.store",
 ]

@@ -270,3 +270,93 @@ def test_restore_is_strict_about_the_saved_state(tmp_path, stage1):
         RuntimeError, match="does not match this job's training state: missing scheduler; unexpected ema"
     ):
         runner(url, 1, restore="step-000000006-stage-1-end-x")
+
+
+# train.ema and checkpoint.keep_best on a tiny ResNet: 8 steps of 8 images of 8 px, an evaluation every
+# 3 steps (a checkpoint with each: keep_best), the average updated every 2 steps.
+EMA = dict(
+    name="ema",
+    deterministic=True,
+    model={
+        "arch": None,
+        "builder": "workers.models:small_resnet",
+        "kwargs": {"widths": [4, 8], "blocks": [1, 1]},
+        "num_classes": 10,
+        "in_channels": 3,
+    },
+    data={"kind": "synthetic", "size": 64, "val_size": 16, "num_classes": 10, "loader_workers": 0},
+    stages=[{"resolution": 8, "epochs": 1, "batch_size": 8, "workers": 1}],
+    metrics={"every_n_steps": 2, "eval_every_n_steps": 3},
+    checkpoint={"every_n_steps": 0, "keep_last": 1, "keep_best": {"metric": "ema_val_loss", "mode": "min"}},
+    train={"ema": {"decay": 0.5, "every_n_steps": 2}},
+)
+
+
+def ema_run(url: str, stop: StopAfter | None = None) -> list[dict]:
+    """Run the stage (restoring the newest checkpoint); returns what it reported."""
+    spec = make_spec(**EMA)
+    reports = []
+    StageRunner(
+        spec,
+        build_plan(spec, spec.data.size),
+        0,
+        "j",
+        url,
+        report=reports.append,
+        stop_requested=stop,
+        on_step=stop.on_step if stop else None,
+    ).run()
+    return reports
+
+
+def test_ema_is_checkpointed_evaluated_and_resumes_exactly(tmp_path):
+    straight_url, resumed_url = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    reports = ema_run(straight_url)
+    evals = [e for r in reports for e in r["evals"]]
+    (end,) = [r["stage_end"] for r in reports if r["stage_end"]]
+    assert [e["step"] for e in evals] == [3, 6]
+    for record in [*evals, end]:  # the average is evaluated beside the weights; top-5 with 10 classes
+        assert {"val_top5", "ema_val_loss", "ema_val_acc", "ema_val_top5"} <= {
+            k for k, v in record.items() if v is not None
+        }
+        assert record["val_acc"] <= record["val_top5"] and record["ema_val_acc"] <= record["ema_val_top5"]
+    latest = store(straight_url).latest()[0]
+    _, straight = load(store(straight_url), latest.tag)
+    assert straight["ema"]["module"].keys() == straight["model"].keys()
+    ema, model = straight["ema"]["module"], straight["model"]
+    assert not all(torch.equal(ema[k], model[k]) for k in model)  # an average, not a copy
+    assert latest.metrics == {k: end[k] for k in latest.metrics} and "ema_val_loss" in latest.metrics
+
+    stopped = ema_run(resumed_url, stop=StopAfter(4))  # after the evaluation at 3, before the one at 6
+    assert [r["stage_end"] for r in stopped if r["stage_end"]][0]["step"] == 4
+    resumed = ema_run(resumed_url)
+    assert resumed[-1]["stage_end"]["restored_from"] == "step-000000004"
+    _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
+    for part in ("model", "ema", "optimizer", "rng"):
+        assert_same(final[part], straight[part], part)
+    resumed_end = resumed[-1]["stage_end"]
+    assert {k: resumed_end[k] for k in end if k.startswith(("val", "ema"))} == {
+        k: end[k] for k in end if k.startswith(("val", "ema"))
+    }
+    # keep_best: the best evaluated checkpoint of the whole run survives keep_last=1, in both runs
+    for url in (straight_url, resumed_url):
+        best = store(url).best("ema_val_loss", "min")
+        assert best is not None and best.tag in store(url).tags()
+        evaluated = {e["step"]: e["ema_val_loss"] for e in evals} | {end["step"]: end["ema_val_loss"]}
+        assert best.manifest.step == min(evaluated, key=lambda s: (evaluated[s], s))
+
+
+def test_top5_counts_labels_among_the_five_highest_scores():
+    from workers.train import topk_correct
+
+    logits = torch.tensor(
+        [
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 0: top-1
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 4: fifth highest
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 5: sixth, missed
+            [0.0, 1, 2, 3, 4, 5, 6],  # label 2: fifth highest
+        ]
+    )
+    y = torch.tensor([0, 4, 5, 2])
+    assert topk_correct(logits, y, 5).item() == 3
+    assert topk_correct(logits, y, 1).item() == 1

@@ -271,6 +271,23 @@ def test_missing_sink_package_is_named(monkeypatch, sink, package):
         getattr(service.sinks, sink)(None, make_spec(), 0)
 
 
+def test_sinks_plot_top5_and_the_ema_only_when_evaluated():
+    from service.sinks import scalars
+
+    plain = EvalRecord(step=3, stage=1, samples_seen=96, resolution=16, val_loss=1.0, val_acc=0.4, time=0.0)
+    assert scalars(plain) == {"val/top1": 0.4, "val/loss": 1.0}
+    both = StageEnd(stage=1, step=6, val_loss=1.0, val_acc=0.4, val_top5=0.9, ema_val_loss=0.8)
+    both.ema_val_acc, both.ema_val_top5 = 0.5, 0.95
+    assert scalars(both) == {
+        "val/top1": 0.4,
+        "val/loss": 1.0,
+        "val/top5": 0.9,
+        "ema/val_top1": 0.5,
+        "ema/val_loss": 0.8,
+        "ema/val_top5": 0.95,
+    }
+
+
 def test_unknown_sink_is_refused_naming_the_field():
     with pytest.raises(SpecError) as e:
         validate_spec(merge(BASE_SPEC, {"metrics": {"sinks": ["tensorboard", "mlflw"]}}))

@@ -299,6 +299,46 @@ MISTAKES = [
         {"data": {"kind": "fashion_mnist"}, "model.num_classes": 5},
         "model.num_classes: must be >= 10 for data.kind fashion_mnist (10 classes), got 5",
     ),
+    # train.ema and checkpoint.keep_best
+    ("ema-decay-1", {"train.ema": {"decay": 1.0}}, "train.ema.decay: must be < 1, got 1.0"),
+    ("ema-decay-0", {"train.ema": {"decay": 0}}, "train.ema.decay: must be > 0, got 0"),
+    (
+        "ema-every-0",
+        {"train.ema": {"decay": 0.99, "every_n_steps": 0}},
+        "train.ema.every_n_steps: must be > 0, got 0",
+    ),
+    ("ema-no-decay", {"train.ema": {"every_n_steps": 2}}, "train.ema.decay: required field is missing"),
+    (
+        "keep-best-metric-typo",
+        {"checkpoint.keep_best": {"metric": "val_ac", "mode": "max"}},
+        "checkpoint.keep_best.metric: expected one of 'val_acc', 'val_loss', 'val_top5', 'ema_val_acc', "
+        "'ema_val_loss', 'ema_val_top5', got 'val_ac'; did you mean 'val_acc'?",
+    ),
+    (
+        "keep-best-mode",
+        {"checkpoint.keep_best": {"metric": "val_loss", "mode": "lowest"}},
+        "checkpoint.keep_best.mode: expected one of 'max', 'min', got 'lowest'",
+    ),
+    (
+        "keep-best-no-mode",
+        {"checkpoint.keep_best": {"metric": "val_acc"}},
+        "checkpoint.keep_best.mode: required field is missing",
+    ),
+    (
+        "keep-best-ema-without-ema",
+        {"checkpoint.keep_best": {"metric": "ema_val_acc", "mode": "max"}},
+        "checkpoint.keep_best.metric: ema_val_acc needs train.ema (e.g. {decay: 0.999}), which is not set",
+    ),
+    (
+        "keep-best-top5-few-classes",
+        {
+            "checkpoint.keep_best": {"metric": "val_top5", "mode": "max"},
+            "model.num_classes": 5,
+            "data.num_classes": 5,
+        },
+        "checkpoint.keep_best.metric: top-5 is evaluated only when model.num_classes > 5, got val_top5 "
+        "with 5 classes",
+    ),
     # YAML keys that are not strings (`1:` or `null:`)
     ("key-not-string", {"schedule.1": 0.4}, "schedule: field names must be strings, got the key 1"),
 ]
@@ -638,3 +678,18 @@ def test_no_silent_coercion_or_overflow(override, expected):
     with pytest.raises(SpecError) as e:
         make_spec(**override)
     assert any(p.startswith(expected) for p in e.value.problems), e.value.problems
+
+
+def test_ema_and_keep_best_are_off_by_default_and_parse_when_given():
+    default = make_spec()
+    assert default.train.ema is None and default.checkpoint.keep_best is None
+    spec = validate_spec(
+        _spec(
+            {
+                "train.ema": {"decay": 0.999},
+                "checkpoint.keep_best": {"metric": "ema_val_top5", "mode": "max"},
+            }
+        )
+    )
+    assert (spec.train.ema.decay, spec.train.ema.every_n_steps) == (0.999, 1)
+    assert (spec.checkpoint.keep_best.metric, spec.checkpoint.keep_best.mode) == ("ema_val_top5", "max")

@@ -9,7 +9,9 @@ through that checkpoint, which is also how a restarted worker group (Ray's ``Fai
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import math
 import os
 import random
 import time
@@ -29,7 +31,7 @@ from service.curve import resolution
 from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
-from service.spec import AdamWSpec, JobSpec
+from service.spec import EVAL_METRICS, AdamWSpec, JobSpec
 from workers.control import pending_holds, write_held_marker
 from workers.data import (
     StageDataset,
@@ -118,6 +120,47 @@ def _rich_rng(s: dict) -> dict:
     if "cuda" in s:
         out["cuda"] = s["cuda"]
     return out
+
+
+class EMA:
+    """An exponential moving average of the unwrapped model's weights (``train.ema``), in a module of its
+    own that is evaluated and exported like the model: ``ema = decay * ema + (1 - decay) * weights`` over
+    parameters and floating-point buffers (BatchNorm statistics) every ``every`` optimizer steps; integer
+    buffers (``num_batches_tracked``) are copied. It starts as the initial weights. Under DDP every rank
+    averages the same parameters; BatchNorm buffers are rank 0's, as for the model, once broadcast
+    (``Distributed.broadcast_buffers``) before an evaluation; rank 0's is the one saved."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, every: int):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.every = decay, every
+
+    def due(self, steps_done: int) -> bool:
+        """Update after the optimizer step that makes ``steps_done``? A function of the step only, so a
+        resumed run updates at the same steps as an uninterrupted one."""
+        return steps_done % self.every == 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        pairs = list(zip(self.module.parameters(), model.parameters(), strict=True))
+        pairs += list(zip(self.module.buffers(), model.buffers(), strict=True))
+        floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1.0 - self.decay)
+        for a, m in pairs:
+            if not a.is_floating_point():
+                a.copy_(m)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])  # strictly, like the model
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """How many rows of ``logits`` have the label ``y`` among their ``k`` highest scores."""
+    top = logits.topk(k, dim=1).indices
+    return (top == y[:, None]).any(dim=1).sum()
 
 
 def build_optimizer(spec: JobSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -306,11 +349,17 @@ class StageRunner:
         # fp16 needs loss scaling (bf16 and fp32 do not); its scale then belongs to the checkpoint
         fp16 = self._cuda and spec.train.amp and spec.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        ema = spec.train.ema
+        self.ema = EMA(self.raw_model, ema.decay, ema.every_n_steps) if ema else None
         self.scheduler = PlanScheduler(self.optimizer, plan, start_step=self.stage.step_start)
         self.progress = Progress(step=self.stage.step_start)
         self.rng = RNGState(self.dist.gather_objects, self.dist.rank, self.dist.world)
+        best = spec.checkpoint.keep_best
         self.checkpointer = AsyncCheckpointer(
-            self.store, spec.checkpoint.keep_last, spec.checkpoint.keep_stage_checkpoints
+            self.store,
+            spec.checkpoint.keep_last,
+            spec.checkpoint.keep_stage_checkpoints,
+            keep_best=(best.metric, best.mode) if best else None,
         )
         self.restored_from = self.restore(restore)
         self.checkpointer.protect = frozenset({self.restored_from} - {None})
@@ -360,6 +409,8 @@ class StageRunner:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler
+        if self.ema is not None:
+            state["ema"] = self.ema
         return {**state, "rng": self.rng}
 
     def restore(self, tag: str | None = NEWEST_VERIFIED) -> str | None:
@@ -416,8 +467,9 @@ class StageRunner:
             )
         return tag
 
-    def save(self, boundary: bool) -> None:
-        """All ranks call this (RNG states are gathered); rank 0 writes."""
+    def save(self, boundary: bool, metrics: dict[str, float] | None = None) -> None:
+        """All ranks call this (RNG states are gathered); rank 0 writes. ``metrics``: the evaluation at
+        this step, recorded in the manifest (``checkpoint.keep_best`` ranks by it)."""
         state = {name: obj.state_dict() for name, obj in self.stateful().items()}
         if self.dist.rank != 0:
             return
@@ -436,6 +488,8 @@ class StageRunner:
             plan_hash=self.plan.plan_hash(),
             stage_hash=self.plan.stage_hash(self.plan.row(self.stage)),
             spec_hash=self.spec.spec_hash(),
+            # finite values only: JSON has no NaN (a diverged run's loss), and a manifest must read back
+            metrics={k: v for k, v in metrics.items() if math.isfinite(v)} if metrics else None,
             **self.provenance,
         )
 
@@ -545,6 +599,8 @@ class StageRunner:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None and self.ema.due(step + 1):
+                self.ema.update(self.raw_model)
             self.scheduler.step()
             self.progress.step = step + 1
             self.on_step(step)
@@ -552,16 +608,20 @@ class StageRunner:
                 (step, loss, lr, momentum, self.resolution, sampler.step_ids(local) if audit else None)
             )
             done = self.progress.step == st.step_end
+            evaluated = None
             if every_eval and self.progress.step % every_eval == 0 and not done:
                 started = time.perf_counter()
                 self._evals.append(self._eval_record())
+                evaluated = self._evals[-1].model_dump(include=set(EVAL_METRICS), exclude_none=True)
                 window_start += time.perf_counter() - started  # throughput counts training time only
             reported = len(pending) >= every_report or done
             if reported:
                 window_start = self._report(pending, window_start, final=done)
                 pending = []
-            if every_ckpt and self.progress.step % every_ckpt == 0 and not done:
-                self.save(boundary=False)
+            # checkpoint.keep_best: a checkpoint at every evaluation, so the best one can be kept
+            best_here = evaluated is not None and spec.checkpoint.keep_best is not None
+            if (best_here or (every_ckpt and self.progress.step % every_ckpt == 0)) and not done:
+                self.save(boundary=False, metrics=evaluated)
             # Stop requests are checked with each report, not every step: a stop has
             # preemption.grace_seconds to land, and the check is a collective (one gloo round trip).
             if reported and not done and self.dist.any(self.stop_requested()):
@@ -634,16 +694,15 @@ class StageRunner:
     def _eval_record(self) -> EvalRecord:
         """Evaluate inside the stage (all ranks); rank 0 sends the record with the next report."""
         self.dist.broadcast_buffers(self.raw_model)  # rank 0's BatchNorm statistics, as at stage ends
-        val_loss, val_acc = self.evaluate()
+        metrics = self.evaluations()
         step = self.progress.step
         return EvalRecord(
             step=step,
             stage=self.stage.index + 1,
             samples_seen=self.plan.samples_before(step),
             resolution=self.spec.data.val_resolution or self.stage.resolution,
-            val_loss=val_loss,
-            val_acc=val_acc,
             time=time.time(),
+            **metrics,
         )
 
     def _finish(self, evaluate: bool) -> StageEnd:
@@ -654,11 +713,13 @@ class StageRunner:
             # DDP syncs BatchNorm buffers from rank 0 at each forward, so after the last step every rank
             # holds its own running stats; take rank 0's, which is what the checkpoint saves.
             self.dist.broadcast_buffers(self.raw_model)
-            end.val_loss, end.val_acc = self.evaluate()
+            metrics = self.evaluations()
+            for name, value in metrics.items():
+                setattr(end, name, value)
             end.time = time.time()
             end.param_digests = self.dist.gather_objects(param_digest(self.raw_model))
             if self.progress.step == st.step_end:
-                self.save(boundary=st.last_segment)
+                self.save(boundary=st.last_segment, metrics=metrics)
         return self._end(end)
 
     def _preempt(self) -> StageEnd:
@@ -694,29 +755,51 @@ class StageRunner:
         )
         return end
 
-    @torch.no_grad()
+    def evaluations(self) -> dict[str, float]:
+        """The evaluation (all ranks) of the model and, with ``train.ema``, of its average beside it:
+        ``{"val_loss", "val_acc", "val_top5", "ema_val_loss", ...}`` (top-5 when num_classes > 5)."""
+        metrics = self.validate(self.raw_model)
+        if self.ema is not None:
+            self.dist.broadcast_buffers(self.ema.module)  # rank 0's averaged BatchNorm statistics
+            metrics |= {f"ema_{name}": value for name, value in self.validate(self.ema.module).items()}
+        return metrics
+
     def evaluate(self) -> tuple[float, float]:
-        """(loss, top-1 accuracy) on the validation split at the stage's resolution (or
-        ``data.val_resolution``), over all ranks."""
+        """(loss, top-1 accuracy) of the model (``validate``)."""
+        metrics = self.validate(self.raw_model)
+        return metrics["val_loss"], metrics["val_acc"]
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Loss, top-1 and (num_classes > 5) top-5 accuracy of ``model`` on the validation split at the
+        stage's resolution (or ``data.val_resolution``), over all ranks."""
         spec = self.spec
+        top5 = spec.model.num_classes > 5
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "val")
         val = StageDataset(source, spec.data.val_resolution or self.stage.resolution, train=False)
         indices = split_evenly(range(len(val)), self.dist.world, self.dist.rank)
         loader = self._loader(
             torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size
         )
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        self.raw_model.eval()
+        # loss sum, top-1 correct, count, top-5 correct
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
         for x, y in self._batches(loader):
             with self._autocast():
-                logits = self.raw_model(x)
+                logits = model(x)
             # accumulated on the device: no host sync per batch
             totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
             totals[1] += (logits.argmax(1) == y).sum().double()
             totals[2] += len(y)
-        self.raw_model.train()
-        totals = self.dist.sum(totals)
-        return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item()
+            if top5:
+                totals[3] += topk_correct(logits, y, 5).double()
+        model.train(was_training)
+        loss, top1, count, top5_correct = self.dist.sum(totals).tolist()
+        metrics = {"val_loss": loss / count, "val_acc": top1 / count}
+        if top5:
+            metrics["val_top5"] = top5_correct / count
+        return metrics
 
 
 def _device(spec: JobSpec) -> torch.device:

@@ -1,5 +1,6 @@
-"""The Python API drives a real job end to end on a local Ray: ``stagetrain.run`` trains it (a script of
-its own, as a notebook would), then ``status``, ``metrics`` and ``export`` read what it left."""
+"""The Python API drives a real job end to end on a Ray cluster (the session's head, joined through
+``RAY_ADDRESS`` as a notebook on a cluster would): ``stagetrain.run`` trains it (a script of its own), then
+``status``, ``metrics`` and ``export`` read what it left."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import merge
-from tests.helpers import REPO, cli_env
+from tests.helpers import REPO
 from tests.jobs import TINY
 
 pytestmark = pytest.mark.ray
@@ -46,14 +47,14 @@ print("RESULT " + json.dumps({
 """
 
 
-def test_the_python_api_runs_a_job_and_reads_it_back(tmp_path):
+def test_the_python_api_runs_a_job_and_reads_it_back(tmp_path, on_head):
     from workers.models import load_exported
 
     storage = str(tmp_path / "runs")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(ONE), storage],
         cwd=REPO,
-        env=cli_env(),
+        env=on_head,
         capture_output=True,
         text=True,
         timeout=300,

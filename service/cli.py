@@ -20,7 +20,7 @@ from checkpoints.storage import StorageError
 from service import operations as ops
 from service.console import make_console, styled
 from service.coordination import LeaseHeld
-from service.jobs import JOB_STATUSES
+from service.jobs import JOB_STATUSES, JobStatus
 from service.layout import check_job_id
 from service.operations import ERROR, Voice, open_job, open_storage, resolve_storage
 from service.spec import SpecError, json_schema, load_spec
@@ -320,7 +320,7 @@ def compare(
     for k, v in enumerate(runs, 1):
         jobs, record, new = ops.prepare(v.job_id, None, url, v.spec, _voice())
         what = f"[{k}/{len(runs)}] {v.label} seed {v.seed}: job {v.job_id}"
-        if record.status == "succeeded":
+        if record.status == JobStatus.SUCCEEDED:
             err_console.print(f"{what} already succeeded; reused")
             continue
         err_console.print(f"{what}" + ("" if new else f" (continues at step {record.current_step:,})"))
@@ -454,7 +454,7 @@ def _follow_log(jobs, job_id: str, attempt: int | None, until_done: bool) -> int
     checked = 0.0
     while True:
         record = jobs.load()
-        if until_done and record.status == "pending" and time.monotonic() - checked > 5:
+        if until_done and record.status == JobStatus.PENDING and time.monotonic() - checked > 5:
             checked = time.monotonic()  # a Ray job that failed before its coordinator started ends it
             record = settle_never_started(jobs, record)
         names = _log_names(jobs)

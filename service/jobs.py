@@ -12,7 +12,8 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Literal, get_args
+from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,12 +27,30 @@ from service.spec import JobSpec
 
 RECORD_VERSION = 1
 
-JobStatus = Literal[
-    "pending", "running", "waiting_for_capacity", "preempted", "cancelled", "failed", "succeeded"
-]
-JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+
+class JobStatus(str, Enum):
+    """A job's status, as ``job.json`` spells it. It changes in one place, ``JobRecord.move``."""
+
+    PENDING = "pending"  # created or submitted; no coordinator has started training yet
+    RUNNING = "running"
+    WAITING_FOR_CAPACITY = "waiting_for_capacity"  # a coordinator waits for the cluster (waiting_for)
+    PREEMPTED = "preempted"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+
+    def __str__(self) -> str:  # in messages and f-strings: the value, as in job.json
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        """No coordinator runs the job: it ended, or stopped until a resume."""
+        return self in TERMINAL
+
+
+JOB_STATUSES: tuple[str, ...] = tuple(s.value for s in JobStatus)
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.PREEMPTED, JobStatus.CANCELLED})
 StageStatus = Literal["pending", "running", "completed", "preempted", "cancelled", "failed"]
-TERMINAL = ("succeeded", "failed", "preempted", "cancelled")  # no coordinator runs the job
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_CANCELLED = 0, 1, 75, 130  # 75 = EX_TEMPFAIL: resume it later
 log = logging.getLogger(__name__)
 EXIT_LEASE_LOST = 3  # another coordinator took the job over; this one stopped without writing more
@@ -104,7 +123,7 @@ class JobRecord(BaseModel):
     version: int = RECORD_VERSION
     job_id: str
     name: str
-    status: JobStatus = "pending"
+    status: JobStatus = JobStatus.PENDING
     spec: dict
     # measured once at submission; a resume re-uses it (workers check the data still has it)
     dataset_size: int
@@ -188,10 +207,10 @@ class JobRecord(BaseModel):
             srec.status, srec.finished, srec.checkpoint = "completed", now(), outcome.checkpoint
             srec.val_loss, srec.val_acc = outcome.val_loss, outcome.val_acc
             return
-        status = {Preempted: "preempted", Cancelled: "cancelled", Failed: "failed"}[type(outcome)]
-        self.status = status
+        status = {Preempted: JobStatus.PREEMPTED, Cancelled: JobStatus.CANCELLED, Failed: JobStatus.FAILED}
+        self.move(status[type(outcome)])
         if srec.status != "completed":  # cancelled between stages: the stage before stays completed
-            srec.status = status
+            srec.status = self.status.value
         self.error = outcome.reason if isinstance(outcome, Failed) else None
         if isinstance(outcome, Preempted) and outcome.lost_capacity:
             self.error = (
@@ -250,12 +269,23 @@ class JobRecord(BaseModel):
         self.replan(spec, plan, changes + notes, source, workers, from_stage, step, history)
         return plan, added
 
+    def move(self, status: JobStatus | str) -> None:
+        """The one place a job's status changes. Any status may follow any other (a stopped job is
+        resumed, taken over, or settled by ``cancel``), except that a succeeded job stays succeeded:
+        ``run``, ``resume`` and ``submit`` of one say so and change nothing."""
+        status = JobStatus(status)
+        if self.status is JobStatus.SUCCEEDED and status is not JobStatus.SUCCEEDED:
+            raise ValueError(f"job {self.job_id} has succeeded: its status cannot become {status}")
+        self.status = status
+
     def finish(self, total_steps: int) -> None:
-        self.status, self.current_step, self.error, self.waiting_for = "succeeded", total_steps, None, None
+        self.move(JobStatus.SUCCEEDED)
+        self.current_step, self.error, self.waiting_for = total_steps, None, None
         self.event("succeeded")
 
     def fail(self, reason: str) -> None:
-        self.status, self.error = "failed", reason
+        self.move(JobStatus.FAILED)
+        self.error = reason
         self.event(f"failed: {reason}")
 
 

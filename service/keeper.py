@@ -12,7 +12,7 @@ import time
 from service.console import first_line
 from service.coordination import LeaseHeld, cancel_requested, holding, read_lease
 from service.decisions import Cancelled, keeper_action
-from service.jobs import TERMINAL
+from service.jobs import TERMINAL, JobStatus
 from service.submit import ray_job_state, submit, submit_attempt
 
 KEEPER_POLL_S = 5.0
@@ -54,7 +54,7 @@ def keep(jobs, address: str, max_restarts: int, say=print, poll_s: float = KEEPE
             if action in ("give_up", "cancel"):
                 record = _settle(jobs, action, restarts, max_restarts)
                 say(f"job {record.job_id} {record.status}" + (f": {record.error}" if record.error else ""))
-                return 0 if record.status == "cancelled" else 1
+                return 0 if record.status == JobStatus.CANCELLED else 1
             if action == "resubmit":
                 restarts += 1
                 why = (

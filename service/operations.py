@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.text import Text
 
 from service.console import make_console, styled
+from service.jobs import JobStatus
 from service.spec import JobSpec, SpecError, load_spec
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ def run(
             f"that cluster, use `stagetrain submit JOB.yaml --address {address}`"
         )
     jobs, record, new = prepare(job_id, job_file, storage, spec, voice)
-    if record.status == "succeeded":
+    if record.status == JobStatus.SUCCEEDED:
         return Ran(jobs, record, None)
     lease = take_lease(jobs)
     if new:
@@ -291,7 +292,7 @@ def resume(
 
     voice = voice or Voice()
     jobs, record = open_job(job_id, storage)
-    if record.status == "succeeded":
+    if record.status == JobStatus.SUCCEEDED:
         return Ran(jobs, record, None)
     check_free(jobs.storage, job_id)
     old_spec, old_plan = record.job_spec(), record.plan()
@@ -366,7 +367,7 @@ def submit(
     """Submit a job to a Ray cluster and return (``stagetrain submit``): its coordinator runs there as a
     Ray job. Submitting an existing job id with the same spec continues it (a new attempt)."""
     jobs, record, _ = prepare(job_id, job_file, storage, spec, voice)
-    if record.status == "succeeded":
+    if record.status == JobStatus.SUCCEEDED:
         return Submitted(jobs, record, None, None)
     return submit_prepared(jobs, record, address, max_restarts)
 
@@ -403,7 +404,7 @@ def read_status(job_id: str, storage: str | None) -> JobState:
     jobs, record = open_job(job_id, storage)
     record = settle_never_started(jobs, record)
     latest = jobs.checkpoints.latest(verify=False)
-    if record.status == "running":  # the running stage's spike, once its first 5% is in
+    if record.status == JobStatus.RUNNING:  # the running stage's spike, once its first 5% is in
         from service.analysis import boundary_spikes, plan_stage_steps
 
         for stage, spike in boundary_spikes(jobs.read_metrics(), plan_stage_steps(record.plan())).items():
@@ -445,7 +446,9 @@ def wait(job_id: str, storage: str | None, timeout: float | None = None, poll_s:
         if ended(record, lease):
             said = f"job {job_id} {record.status}" + (f": {record.error}" if record.error else "")
             return Waited(record, True, exit_code(record.status), said)
-        if record.status in ("running", "waiting_for_capacity") and (lease is None or not lease.alive()):
+        if record.status in (JobStatus.RUNNING, JobStatus.WAITING_FOR_CAPACITY) and (
+            lease is None or not lease.alive()
+        ):
             if keeper_running(record):
                 time.sleep(poll_s)  # the keeper resubmits the coordinator (submit --max-restarts)
                 continue
@@ -454,10 +457,10 @@ def wait(job_id: str, storage: str | None, timeout: float | None = None, poll_s:
                 f"{lease.age_s() if lease else 0:.0f}s); continue it with `stagetrain resume {job_id}`"
             )
             return Waited(record, False, EXIT_FAILED, said)
-        if record.status == "pending" and time.monotonic() - checked > 5:
+        if record.status == JobStatus.PENDING and time.monotonic() - checked > 5:
             # submitted, but no coordinator has started: did the Ray job itself die?
             checked = time.monotonic()
-            if settle_never_started(jobs, record).status != "pending":
+            if settle_never_started(jobs, record).status != JobStatus.PENDING:
                 continue
         if deadline and time.monotonic() > deadline:
             return Waited(
@@ -488,13 +491,13 @@ def cancel(job_id: str, storage: str | None, now: bool = False, voice: Voice | N
 
     voice = voice or Voice()
     jobs, record = open_job(job_id, storage)
-    if record.status in ("succeeded", "failed", "cancelled"):
+    if record.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
         raise ValueError(f"job {job_id} has finished ({record.status}); nothing to cancel")
     lease = read_lease(jobs.storage)
     if lease is None or not lease.alive():  # nobody runs it: mark it ourselves
         # the request first: a coordinator (or a keeper) starting meanwhile ends the job cancelled
         request_cancel(jobs.storage, now)
-        if record.status == "pending" and record.ray_address and record.ray_submissions:
+        if record.status == JobStatus.PENDING and record.ray_address and record.ray_submissions:
             # submitted, coordinator not started yet: stop the Ray job so that it never starts one
             from service.submit import stop
 
@@ -571,7 +574,7 @@ def scale(job_id: str, storage: str | None, workers: int, from_stage: int | None
         raise ValueError(f"--workers {workers}: give 1 or more")
     jobs, record = open_job(job_id, storage)
     n = len(record.stages)
-    if record.status == "succeeded" or record.current_step >= record.total_steps:
+    if record.status == JobStatus.SUCCEEDED or record.current_step >= record.total_steps:
         raise ValueError(f"job {job_id} has finished ({record.status}); nothing to scale")
     started = [s.stage for s in record.stages if s.status != "pending"]
     default = (max(started) + 1) if started else 1
@@ -663,7 +666,7 @@ def export(
         if latest is None:
             raise ValueError(f"job {job_id} has no verified checkpoint to export yet")
         manifest, payload = latest
-    if record.status != "succeeded" and not best:
+    if record.status != JobStatus.SUCCEEDED and not best:
         (voice or Voice()).warn(
             f"job {job_id} is {record.status}: exporting its newest checkpoint, {manifest.tag} "
             f"(step {manifest.step:,} of {record.total_steps:,})"

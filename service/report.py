@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from rich.table import Table
 
 from service.curve import lr_momentum, resolution
+from service.jobs import JobStatus
 from service.plan import Plan
 
 CSV_FIELDS = ["step", "stage", "epoch", "resolution", "global_batch", "samples_seen", "lr", "momentum"]
@@ -329,7 +330,7 @@ def status_lines(record, latest, lease, ray_state: str | None, pending: list | N
             f"now: {stage.resolution}px, global batch {stage.global_batch} ({stage.workers} workers x "
             f"{stage.batch_size} x accum {stage.grad_accum}), lr {lr:.4g}, momentum {momentum:.3f}"
         )
-        if record.images_per_s and record.status == "running":
+        if record.images_per_s and record.status == JobStatus.RUNNING:
             left = plan.total_samples - plan.samples_before(step)
             lines.append(
                 f"time left: about {_duration(left / record.images_per_s)} at {record.images_per_s:,.0f} "
@@ -347,7 +348,7 @@ def status_lines(record, latest, lease, ray_state: str | None, pending: list | N
         lines.append("coordinator: none running")
     if record.ray_submissions:
         lines.append(f"Ray job {record.ray_submissions[-1]}: {ray_state or 'unknown'} ({record.ray_address})")
-    if record.status == "waiting_for_capacity":
+    if record.status == JobStatus.WAITING_FOR_CAPACITY:
         lines.append(f"waiting for capacity: {record.waiting_for}")
     for req in pending or []:
         lines.append(

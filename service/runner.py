@@ -59,6 +59,7 @@ from service.jobs import (
     EXIT_OK,
     EXIT_PREEMPTED,
     JobRecord,
+    JobStatus,
     JobStore,
     Report,
     StageEnd,
@@ -281,8 +282,9 @@ class JobRunner:
     def _wait_for_capacity(self, action: WaitForCapacity, step: int) -> None:
         """Status ``waiting_for_capacity`` (in ``status`` and the log) until the next decision, a few
         seconds on; cancel requests and SIGTERM are seen meanwhile."""
-        if self.record.status != "waiting_for_capacity":
-            self.record.status, self.record.waiting_for = "waiting_for_capacity", action.need
+        if self.record.status != JobStatus.WAITING_FOR_CAPACITY:
+            self.record.move(JobStatus.WAITING_FOR_CAPACITY)
+            self.record.waiting_for = action.need
             self.event(
                 f"waiting up to {action.left_s:.0f}s for capacity at step {step} "
                 f"(failure.capacity_wait_s): {action.need}"
@@ -437,7 +439,8 @@ class JobRunner:
         self.record.cluster = {
             k: float(v) for k, v in self.executor.cluster_resources().items() if k in ("CPU", "GPU")
         }
-        self.record.status, self.record.current_stage = "running", stage.index + 1
+        self.record.move(JobStatus.RUNNING)
+        self.record.current_stage = stage.index + 1
         self.record.waiting_for = None
         self.record.current_step = step
         self.say(

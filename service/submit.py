@@ -170,7 +170,7 @@ def submit_attempt(
     keeper's (``by_keeper``) resubmits only a job that is still unfinished and not being cancelled,
     else returns None. Returns the Ray submission id."""
     from service.coordination import cancel_requested, holding
-    from service.jobs import TERMINAL
+    from service.jobs import TERMINAL, JobStatus
     from service.keeper import keeper_id, submit_keeper
 
     with holding(jobs):
@@ -186,7 +186,8 @@ def submit_attempt(
         before = record.model_copy(deep=True)
         record.ray_address = server
         record.ray_submissions.append(sid)
-        record.status, record.error = "pending", None
+        record.move(JobStatus.PENDING)
+        record.error = None
         record.event(f"submitted to {server} as Ray job {sid}" + (f": {why}" if why else ""))
         if keeper_restarts:
             record.keeper = keeper_id(record.job_id, attempt)
@@ -263,8 +264,9 @@ def settle_never_started(jobs, record):
     ``wait`` and ``logs --follow`` call this; a keeper that is still running decides instead. Returns the
     record as it is now."""
     from service.coordination import LeaseHeld, holding, read_lease
+    from service.jobs import JobStatus
 
-    if record.status != "pending" or not record.ray_submissions or not record.ray_address:
+    if record.status != JobStatus.PENDING or not record.ray_submissions or not record.ray_address:
         return record
     lease = read_lease(jobs.storage)
     if lease is not None and lease.alive():
@@ -279,7 +281,7 @@ def settle_never_started(jobs, record):
     try:
         with holding(jobs):
             record = jobs.load()
-            if record.status == "pending" and record.ray_submissions[-1:] == [sid]:
+            if record.status == JobStatus.PENDING and record.ray_submissions[-1:] == [sid]:
                 record.fail(
                     f"Ray job {sid} {info['status']} before its coordinator started"
                     + (f": {why}" if why else "")

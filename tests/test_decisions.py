@@ -491,3 +491,28 @@ def test_relayout_mid_stage_keeps_the_layout_of_the_steps_already_run():
         and "ran steps before 40 with 2 workers" in record.events[-1]
     )
     assert record.plan() == new_plan  # the record now plans what the runner runs
+
+
+def test_job_status_is_an_enum_spelled_as_in_job_json_and_a_succeeded_job_stays_succeeded():
+    import json
+
+    from service.decisions import Preempted
+    from service.jobs import TERMINAL, JobStatus
+
+    spec, plan, record = _job()
+    assert record.status is JobStatus.PENDING and not record.status.terminal
+    assert json.loads(record.model_dump_json())["status"] == "pending"
+    record.move("running")  # as read from a job file or a CLI option
+    assert record.status is JobStatus.RUNNING and f"{record.status}" == "running" == record.status
+    record.settle(0, Preempted("stopped"), step=3)
+    assert record.status is JobStatus.PREEMPTED and record.stages[0].status == "preempted"
+    assert record.events[-1].endswith("preempted at step 3: stopped")  # the value, not JobStatus.PREEMPTED
+    again = type(record).model_validate_json(record.model_dump_json())
+    assert again.status is JobStatus.PREEMPTED and again.status.terminal and again.status in TERMINAL
+    record.move(JobStatus.RUNNING)  # resumed
+    record.finish(plan.total_steps)
+    with pytest.raises(ValueError, match="job j has succeeded: its status cannot become running"):
+        record.move(JobStatus.RUNNING)
+    with pytest.raises(ValueError):
+        record.move("finished")  # not a status
+    assert record.status is JobStatus.SUCCEEDED

@@ -211,15 +211,18 @@ def test_a_ray_job_that_failed_before_its_coordinator_started_ends_the_job_faile
 
 
 def test_one_numbering_for_coordinator_attempts_ray_jobs_and_logs(tmp_path, monkeypatch):
-    """A job run here once (attempt 1), then submitted: its Ray job is attempt 2, and the coordinator
-    running as that Ray job calls itself attempt 2 and logs to attempt-2.log."""
+    """A job run here once (attempt 1, stopped after), then submitted: its Ray job is attempt 2, and the
+    coordinator running as that Ray job calls itself attempt 2 and logs to attempt-2.log."""
     from service.submit import SUBMISSION_ENV, submit_attempt
     from tests.test_coordinator import Job
 
     server = JobServer(not_ready=0)
     job = Job(tmp_path)
     assert job.run() == 0
-    assert submit_attempt(job.jobs, job.record, server.url) == "j-attempt-2"
+    stopped = job.record
+    stopped.status = "preempted"  # (a succeeded job is never submitted again)
+    job.jobs.save(stopped)
+    assert submit_attempt(job.jobs, stopped, server.url) == "j-attempt-2"
     server.shutdown()
     monkeypatch.setenv(SUBMISSION_ENV, "j-attempt-2")
     record = job.record

@@ -9,9 +9,10 @@ import torch
 
 from checkpoints.checkpointer import load
 from service.plan import build_plan
+from service.report import regularization_lines
 from service.spec import SpecError
 from tests.conftest import make_spec
-from tests.helpers import assert_same
+from tests.helpers import REPO, assert_same, stagetrain
 from tests.test_runner import store
 from workers.control import StopAfter
 from workers.data import StageDataset, SyntheticImages, mix_batch
@@ -175,3 +176,19 @@ def test_all_regularization_on_resumes_mid_stage_exactly(tmp_path):
     _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
     for part in ("model", "optimizer", "rng"):
         assert_same(final[part], straight[part], part)
+
+
+def test_plan_prints_each_stages_effective_regularization():
+    assert regularization_lines(make_spec(), build_plan(make_spec(), 4096)) == []  # nothing on: no lines
+    result = stagetrain(
+        "plan", f"{REPO}/examples/imagenet-progressive-learning.yaml", "--dataset-size", "1281167", check=True
+    )
+    out = " ".join(result.stdout.split())  # rich wraps long lines
+    assert (
+        "stage 1 regularization: label_smoothing 0.1, no mixup/cutmix, randaugment 2x5, random_erasing 0"
+        in out
+    )
+    assert (
+        "stage 3 regularization: label_smoothing 0.1, mixup_alpha 0.2, cutmix_alpha 1, mix_prob 1, "
+        "switch_prob 0.5, randaugment 2x15, random_erasing 0.25"
+    ) in out

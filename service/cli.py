@@ -139,7 +139,7 @@ def plan(
 ) -> None:
     """Show what a job will do: stages, steps, batches, LR and momentum, before any compute is spent."""
     from service.plan import build_plan
-    from service.report import peak_lr_note, plan_table, plot_plans, write_csv
+    from service.report import peak_lr_note, plan_table, plot_plans, regularization_lines, write_csv
 
     spec = load_spec(job)
     the_plan = ops.make_plan(spec, dataset_size, source=job)
@@ -157,6 +157,8 @@ def plan(
             )
         )
         console.print(peak_lr_note(the_plan))
+        for line in regularization_lines(spec, the_plan):
+            console.print(line)
     if csv_path:
         write_csv(the_plan, csv_path)
         err_console.print(f"wrote {the_plan.total_steps} steps to {csv_path}")

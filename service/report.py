@@ -81,6 +81,16 @@ def plan_table(plan: Plan, title: str = "") -> Table:
     return table
 
 
+def regularization_lines(spec, plan: Plan) -> list[str]:
+    """Each stage's effective regularization (``JobSpec.stage_regularization``), one line per stage; none
+    when the job regularizes nothing."""
+    regs = [spec.stage_regularization(i) for i in range(len(spec.stages))]
+    if all(r == type(r)() for r in regs):
+        return []
+    shown = sorted({s.index for s in plan.stages})
+    return [f"stage {i + 1} regularization: {regs[i].describe()}" for i in shown]
+
+
 def peak_lr_note(plan: Plan) -> str:
     """What max_lr means, in numbers: the peak at the reference batch, and each stage's actual peak."""
     peaks = "; ".join(

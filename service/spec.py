@@ -252,6 +252,73 @@ class LRScalingSpec(_Model):
     ramp_steps: NonNegInt = 0
 
 
+class RandAugmentSpec(_Model):
+    num_ops: Annotated[int, Field(ge=0, le=16, strict=True)] = Field(
+        2, description="transforms applied to each image; 0 = off (turns off a job-level default)"
+    )
+    magnitude: Annotated[int, Field(ge=0, le=30, strict=True)] = Field(
+        9, description="strength of every transform, 0..30 (torchvision's 31 magnitude bins)"
+    )
+
+
+class RegularizationSpec(_Model):
+    """Regularization of the training batches, EfficientNetV2 progressive-learning style: set at the top
+    level (the job's default) and on a stage (``stages[].regularization``), where each field given
+    replaces the job's (``randaugment`` as a whole). Unset everywhere: off."""
+
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None, description="cross-entropy label smoothing; default train.label_smoothing"
+    )
+    mixup_alpha: Annotated[float, Field(ge=0, le=100)] | None = Field(
+        None, description="mixup of batch pairs, lambda ~ Beta(alpha, alpha); 0 = off"
+    )
+    cutmix_alpha: Annotated[float, Field(ge=0, le=100)] | None = Field(
+        None, description="cutmix of batch pairs, box area ~ Beta(alpha, alpha); 0 = off"
+    )
+    mix_prob: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="probability that a micro-batch is mixed at all (default 1)"
+    )
+    switch_prob: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="with both alphas > 0: probability of cutmix rather than mixup (default 0.5)"
+    )
+    randaugment: RandAugmentSpec | None = Field(
+        None, description="per-sample RandAugment {num_ops, magnitude} after the crop and flip"
+    )
+    random_erasing: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="probability of erasing a random rectangle of each image (default 0)"
+    )
+
+
+class Regularization(_Model):
+    """One stage's effective regularization (``JobSpec.stage_regularization``): no field left unset."""
+
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    randaugment: RandAugmentSpec | None = None
+    random_erasing: float = 0.0
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def describe(self) -> str:
+        parts = [f"label_smoothing {self.label_smoothing:g}"]
+        if self.mixes:
+            parts.append(
+                f"mixup_alpha {self.mixup_alpha:g}, cutmix_alpha {self.cutmix_alpha:g}, "
+                f"mix_prob {self.mix_prob:g}, switch_prob {self.switch_prob:g}"
+            )
+        else:
+            parts.append("no mixup/cutmix")
+        ra = self.randaugment
+        parts.append(f"randaugment {ra.num_ops}x{ra.magnitude}" if ra and ra.num_ops else "no randaugment")
+        parts.append(f"random_erasing {self.random_erasing:g}")
+        return ", ".join(parts)
+
+
 class StageSpec(_Model):
     resolution: Annotated[int, Field(ge=8, le=4096, strict=True)]
     epochs: Annotated[float, Field(gt=0, le=10_000)]
@@ -271,6 +338,11 @@ class StageSpec(_Model):
         None,
         description="when the cluster cannot hold `workers`, continue at once on as few as this many "
         "(global batch kept by gradient accumulation when it divides); default: failure.min_workers",
+    )
+    regularization: RegularizationSpec = Field(
+        default_factory=RegularizationSpec,
+        description="this stage's regularization; each field given replaces the job's (top-level "
+        "regularization)",
     )
 
     @field_validator("data_fraction")
@@ -493,9 +565,18 @@ class JobSpec(_Model):
     metrics: MetricsSpec = MetricsSpec()
     preemption: PreemptionSpec = PreemptionSpec()
     train: TrainSpec = TrainSpec()
+    regularization: RegularizationSpec = Field(
+        default_factory=RegularizationSpec,
+        description="every stage's default regularization (stages[].regularization overrides it per field)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.regularization.label_smoothing is not None and self.train.label_smoothing:
+            raise ValueError(
+                f"regularization.label_smoothing: train.label_smoothing ({self.train.label_smoothing}) is "
+                f"also set, got {self.regularization.label_smoothing}; set one of them"
+            )
         if self.stages[0].resolution_ramp_steps:
             raise ValueError(
                 "stages[0].resolution_ramp_steps: the first stage has no earlier resolution to ramp from, "
@@ -537,6 +618,17 @@ class JobSpec(_Model):
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def stage_regularization(self, index: int) -> Regularization:
+        """Stage ``index``'s effective regularization: its own fields, else the job's, else the defaults
+        (label smoothing: train.label_smoothing)."""
+        job, own = self.regularization, self.stages[index].regularization
+        values = {"label_smoothing": self.train.label_smoothing}
+        for name in RegularizationSpec.model_fields:
+            for layer in (job, own):
+                if getattr(layer, name) is not None:
+                    values[name] = getattr(layer, name)
+        return Regularization(**values)
 
     @property
     def momentum(self) -> float:

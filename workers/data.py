@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import struct
 from collections.abc import Iterator, Sequence
 
 import fsspec
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
@@ -152,7 +155,8 @@ def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset
 
 
 class StageDataset(Dataset):
-    """A source at one stage's resolution, as uint8 CHW. Train: random-resized-crop + horizontal flip; eval:
+    """A source at one stage's resolution, as uint8 CHW. Train: random-resized-crop + horizontal flip (and the
+    stage's RandAugment and random erasing, ``regularization``); eval:
     resize + center crop. Each sample's augmentation is seeded by (seed, stage, epoch, index). Batches go
     through :func:`to_input` on the training device."""
 
@@ -165,6 +169,8 @@ class StageDataset(Dataset):
         stage: int = 0,
         crop_scale: tuple[float, float] = (0.35, 1.0),
         hflip: bool = True,
+        randaugment: tuple[int, int] | None = None,
+        random_erasing: float = 0.0,
     ):
         self.source, self.resolution, self.train = source, resolution, train
         self.seed, self.stage = seed, stage
@@ -175,6 +181,9 @@ class StageDataset(Dataset):
                 [
                     v2.RandomResizedCrop(resolution, scale=crop_scale, antialias=True),
                     v2.RandomHorizontalFlip() if hflip else v2.Identity(),
+                    # (num_ops, magnitude); seeded with the rest: same (seed, stage, epoch, index), same ops
+                    v2.RandAugment(*randaugment) if randaugment and randaugment[0] else v2.Identity(),
+                    v2.RandomErasing(random_erasing, value=0) if random_erasing else v2.Identity(),
                 ]
             )
         else:
@@ -210,6 +219,43 @@ def to_input(
         x = x.contiguous(memory_format=torch.channels_last)
     mean, std = mean_std if mean_std is not None else (MEAN, STD)
     return (x.float() / 255 - mean) / std
+
+
+def mix_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    reg,
+    seed: int,
+    step: int,
+    micro: int,
+    rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix of one micro-batch on its device (``regularization``: ``reg`` is a
+    ``service.spec.Regularization``): each image is mixed with its neighbour (the batch rolled by one, as
+    torchvision's ``MixUp``/``CutMix``), targets become the matching mix of one-hot labels.
+
+    Every draw (mix or not, which kind, lambda, the box) comes from a generator seeded by (seed, step,
+    micro-batch, rank), never from the global RNG: the same keys mix the same way, so a resumed run mixes
+    exactly as an uninterrupted one. Returns (images, soft targets as float probabilities)."""
+    target = F.one_hot(y, num_classes).to(x.dtype)
+    rng = np.random.default_rng(_mix(seed, step, micro, rank, 17))
+    use_cutmix = reg.cutmix_alpha > 0 and (reg.mixup_alpha == 0 or rng.random() < reg.switch_prob)
+    if not reg.mixes or rng.random() >= reg.mix_prob:
+        return x, target
+    other_x, other_t = x.roll(1, 0), target.roll(1, 0)
+    if not use_cutmix:
+        lam = float(rng.beta(reg.mixup_alpha, reg.mixup_alpha))
+        return lam * x + (1 - lam) * other_x, lam * target + (1 - lam) * other_t
+    lam = float(rng.beta(reg.cutmix_alpha, reg.cutmix_alpha))
+    h, w = x.shape[-2:]
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = other_x[..., y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept
+    return x, lam * target + (1 - lam) * other_t
 
 
 def normalize_tensors(normalize, device) -> tuple[torch.Tensor, torch.Tensor]:

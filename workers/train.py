@@ -37,6 +37,7 @@ from workers.data import (
     StageDataset,
     StageSampler,
     _mix,
+    mix_batch,
     normalize_tensors,
     open_source,
     split_evenly,
@@ -527,6 +528,7 @@ class StageRunner:
         """(sampler, batches on the device) of this rank for the stage's steps ``[first, last)``
         (counted from the stage's start; ``last`` defaults to the stage's end)."""
         st, spec = self.stage, self.spec
+        reg = spec.stage_regularization(st.index)
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
         if len(source) != self.plan.dataset_size:
             raise RuntimeError(
@@ -541,6 +543,8 @@ class StageRunner:
             stage=st.index,
             crop_scale=spec.data.crop_scale,
             hflip=spec.data.hflip,
+            randaugment=(reg.randaugment.num_ops, reg.randaugment.magnitude) if reg.randaugment else None,
+            random_erasing=reg.random_erasing,
         )
         sampler = StageSampler(
             stage_subset(self.plan.dataset_size, st.subset_size, spec.seed),
@@ -555,7 +559,18 @@ class StageRunner:
             last_step=st.steps if last is None else last,
             stream_offset=st.stream_offset,
         )
-        return sampler, self._batches(self._loader(train_set, sampler), follow_ramp=True)
+        batches = self._batches(self._loader(train_set, sampler), follow_ramp=True)
+        return sampler, (self._mixed(batches, reg, first) if reg.mixes else batches)
+
+    def _mixed(self, batches, reg, first: int):
+        """Mixup/cutmix of each micro-batch (``mix_batch``), keyed by its global step, its index within
+        the step and the rank: a function of where training is, so a resume mixes as before."""
+        for k, (x, y) in enumerate(batches):
+            step = self.stage.step_start + first + k // self.stage.grad_accum
+            micro = k % self.stage.grad_accum
+            yield mix_batch(
+                x, y, self.spec.model.num_classes, reg, self.spec.seed, step, micro, self.dist.rank
+            )
 
     # ----------------------------------------------------------------------------------- train
 
@@ -571,10 +586,13 @@ class StageRunner:
         first = self.progress.step - st.step_start
         sampler, batches = self.train_data(first)
 
-        smoothing, clip = spec.train.label_smoothing, spec.train.grad_clip_norm
+        smoothing = spec.stage_regularization(st.index).label_smoothing
+        clip = spec.train.grad_clip_norm
 
-        def loss_fn(logits, y):
-            return F.cross_entropy(logits, y, label_smoothing=smoothing)
+        def loss_fn(logits, y):  # y: class indices, or probabilities after mixup/cutmix
+            return F.cross_entropy(
+                logits.float() if y.is_floating_point() else logits, y, label_smoothing=smoothing
+            )
 
         for local in range(first, st.steps):
             step = st.step_start + local

@@ -1,0 +1,194 @@
+"""Per-stage regularization (``regularization`` and ``stages[].regularization``): the spec's fields and
+their per-stage merge, seeded mixup/cutmix and RandAugment/random erasing, an exact mid-stage resume with
+all of them on, and the plan's per-stage line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints.checkpointer import load
+from service.plan import build_plan
+from service.report import regularization_lines
+from service.spec import SpecError
+from tests.conftest import make_spec
+from tests.helpers import REPO, assert_same, stagetrain
+from tests.test_runner import store
+from workers.control import StopAfter
+from workers.data import StageDataset, SyntheticImages, mix_batch
+from workers.train import StageRunner
+
+ALL_ON = {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.9, "switch_prob": 0.5}
+
+
+def test_stage_fields_override_the_job_default_field_by_field():
+    spec = make_spec(
+        train={"label_smoothing": 0.05},
+        regularization={"mixup_alpha": 0.1, "randaugment": {"num_ops": 2, "magnitude": 5}},
+        stages=[
+            {"resolution": 16, "epochs": 1, "batch_size": 64},
+            {
+                "resolution": 32,
+                "epochs": 1,
+                "batch_size": 64,
+                "regularization": {"label_smoothing": 0.2, "mixup_alpha": 0.8, "random_erasing": 0.25},
+            },
+        ],
+    )
+    low, high = spec.stage_regularization(0), spec.stage_regularization(1)
+    assert (low.label_smoothing, low.mixup_alpha, low.random_erasing) == (0.05, 0.1, 0.0)
+    assert (high.label_smoothing, high.mixup_alpha, high.random_erasing) == (0.2, 0.8, 0.25)
+    assert low.randaugment == high.randaugment and high.randaugment.magnitude == 5
+    assert (high.cutmix_alpha, high.mix_prob, high.switch_prob) == (0.0, 1.0, 0.5)  # the defaults
+    off = make_spec().stage_regularization(0)
+    assert not off.mixes and off.randaugment is None and off.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (
+            {
+                "stages": [
+                    {"resolution": 16, "epochs": 1, "batch_size": 64},
+                    {"resolution": 32, "epochs": 1, "batch_size": 64, "regularization": {"mixup_alpha": -1}},
+                ]
+            },
+            "stages[1].regularization.mixup_alpha: must be >= 0, got -1",
+        ),
+        ({"regularization": {"mix_prob": 1.5}}, "regularization.mix_prob: must be <= 1, got 1.5"),
+        ({"regularization": {"label_smoothing": 1}}, "regularization.label_smoothing: must be < 1, got 1"),
+        (
+            {"regularization": {"randaugment": {"num_ops": 2, "magnitude": 31}}},
+            "regularization.randaugment.magnitude: must be <= 30, got 31",
+        ),
+        (
+            {"regularization": {"mixup": 0.2}},
+            "regularization.mixup: unknown field; did you mean 'mixup_alpha'?",
+        ),
+        (
+            {"train": {"label_smoothing": 0.1}, "regularization": {"label_smoothing": 0.2}},
+            "regularization.label_smoothing: train.label_smoothing (0.1) is also set, got 0.2; "
+            "set one of them",
+        ),
+    ],
+)
+def test_bad_values_name_the_field(overrides, expected):
+    with pytest.raises(SpecError) as e:
+        make_spec(**overrides)
+    assert expected in e.value.problems, e.value.problems
+
+
+def _reg(**fields):
+    return make_spec(regularization=fields).stage_regularization(0)
+
+
+@pytest.mark.parametrize("fields", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}, ALL_ON])
+def test_mix_batch_is_a_function_of_its_keys(fields):
+    reg = _reg(**fields)
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
+    outs = {
+        step: [mix_batch(x, y, 10, reg, seed=3, step=step, micro=0, rank=0) for _ in range(2)]
+        for step in range(6)
+    }
+    for (a, ta), (b, tb) in outs.values():
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+        assert torch.allclose(ta.sum(1), torch.ones(8))  # probabilities
+    mixed = [s for s, ((a, _), _) in outs.items() if not torch.equal(a, x)]
+    # other steps, other mixes (one image: a cutmix moves pixels within the batch, keeping its sum)
+    assert mixed and len({outs[s][0][0][0].sum().item() for s in mixed}) > 1
+    other = mix_batch(x, y, 10, reg, seed=3, step=mixed[0], micro=1, rank=0)[0]
+    other_rank = mix_batch(x, y, 10, reg, seed=3, step=mixed[0], micro=0, rank=1)[0]
+    assert not torch.equal(other, outs[mixed[0]][0][0]) or not torch.equal(other_rank, outs[mixed[0]][0][0])
+    state = torch.get_rng_state()
+    mix_batch(x, y, 10, reg, seed=3, step=0, micro=0, rank=0)
+    assert torch.equal(state, torch.get_rng_state())  # the global stream is not touched
+
+
+def test_randaugment_and_erasing_are_seeded_per_sample():
+    source = SyntheticImages(8, 10, 3, seed=0, split="train")
+
+    def dataset(**kw):
+        return StageDataset(source, 16, train=True, seed=1, stage=0, **kw)
+
+    strong = dataset(randaugment=(3, 15), random_erasing=1.0)
+    first = [strong[(i, 0)][0] for i in range(8)]
+    assert all(torch.equal(a, strong[(i, 0)][0]) for i, a in enumerate(first))  # same keys, same pixels
+    assert all(
+        torch.equal(a, dataset(randaugment=(3, 15), random_erasing=1.0)[(i, 0)][0])
+        for i, a in enumerate(first)
+    )
+    assert any(not torch.equal(a, strong[(i, 1)][0]) for i, a in enumerate(first))  # another epoch
+    plain = dataset()
+    assert any(not torch.equal(a, plain[(i, 0)][0]) for i, a in enumerate(first))  # it does something
+    assert all((a == 0).any() for a in first)  # p=1 erasing: a black rectangle in every image
+
+
+# The smallest job that runs all of it: a tiny ResNet at 8 px, 8 steps, grad_accum 2.
+JOB = dict(
+    name="reg",
+    deterministic=True,
+    model={
+        "arch": None,
+        "builder": "workers.models:small_resnet",
+        "kwargs": {"widths": [4, 8], "blocks": [1, 1]},
+        "num_classes": 10,
+        "in_channels": 3,
+    },
+    data={"kind": "synthetic", "size": 64, "val_size": 16, "num_classes": 10, "loader_workers": 0},
+    regularization={"label_smoothing": 0.1, "randaugment": {"num_ops": 2, "magnitude": 9}},
+    stages=[
+        {
+            "resolution": 8,
+            "epochs": 2,
+            "batch_size": 4,
+            "workers": 1,
+            "grad_accum": 2,
+            "regularization": {**ALL_ON, "random_erasing": 0.5},
+        }
+    ],
+    metrics={"every_n_steps": 2},
+    checkpoint={"every_n_steps": 0, "keep_last": 1},
+)
+
+
+def run_job(url: str, stop: StopAfter | None = None):
+    spec = make_spec(**JOB)
+    return StageRunner(
+        spec,
+        build_plan(spec, spec.data.size),
+        0,
+        "j",
+        url,
+        stop_requested=stop,
+        on_step=stop.on_step if stop else None,
+    ).run()
+
+
+def test_all_regularization_on_resumes_mid_stage_exactly(tmp_path):
+    straight_url, resumed_url = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_job(straight_url)
+    _, straight = load(store(straight_url), store(straight_url).latest()[0].tag)
+    stopped = run_job(resumed_url, stop=StopAfter(4))
+    assert stopped.preempted and stopped.step == 4
+    end = run_job(resumed_url)
+    assert end.restored_from == "step-000000004"
+    _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
+    for part in ("model", "optimizer", "rng"):
+        assert_same(final[part], straight[part], part)
+
+
+def test_plan_prints_each_stages_effective_regularization():
+    assert regularization_lines(make_spec(), build_plan(make_spec(), 4096)) == []  # nothing on: no lines
+    result = stagetrain(
+        "plan", f"{REPO}/examples/imagenet-progressive-learning.yaml", "--dataset-size", "1281167", check=True
+    )
+    out = " ".join(result.stdout.split())  # rich wraps long lines
+    assert (
+        "stage 1 regularization: label_smoothing 0.1, no mixup/cutmix, randaugment 2x5, random_erasing 0"
+        in out
+    )
+    assert (
+        "stage 3 regularization: label_smoothing 0.1, mixup_alpha 0.2, cutmix_alpha 1, mix_prob 1, "
+        "switch_prob 0.5, randaugment 2x15, random_erasing 0.25"
+    ) in out

@@ -42,6 +42,21 @@ TINY["model"] = {
 }
 
 
+# The smallest job StageRunner trains in-process (tests/test_runner.py, tests/test_regularization.py): a
+# two-block ResNet of 4 and 8 channels on 64 synthetic images, deterministic.
+TINY_IN_PROCESS = dict(
+    deterministic=True,
+    model={
+        "arch": None,
+        "builder": "workers.models:small_resnet",
+        "kwargs": {"widths": [4, 8], "blocks": [1, 1]},
+        "num_classes": 10,
+        "in_channels": 3,
+    },
+    data={"kind": "synthetic", "size": 64, "val_size": 16, "num_classes": 10, "loader_workers": 0},
+)
+
+
 def write_job(tmp_path, spec: dict, name: str = "job.yaml") -> str:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(spec))

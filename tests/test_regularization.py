@@ -13,6 +13,7 @@ from service.report import regularization_lines
 from service.spec import SpecError
 from tests.conftest import make_spec
 from tests.helpers import REPO, assert_same, stagetrain
+from tests.jobs import TINY_IN_PROCESS
 from tests.test_runner import store
 from workers.control import StopAfter
 from workers.data import StageDataset, SyntheticImages, mix_batch
@@ -127,15 +128,7 @@ def test_randaugment_and_erasing_are_seeded_per_sample():
 # The smallest job that runs all of it: a tiny ResNet at 8 px, 8 steps, grad_accum 2.
 JOB = dict(
     name="reg",
-    deterministic=True,
-    model={
-        "arch": None,
-        "builder": "workers.models:small_resnet",
-        "kwargs": {"widths": [4, 8], "blocks": [1, 1]},
-        "num_classes": 10,
-        "in_channels": 3,
-    },
-    data={"kind": "synthetic", "size": 64, "val_size": 16, "num_classes": 10, "loader_workers": 0},
+    **TINY_IN_PROCESS,
     regularization={"label_smoothing": 0.1, "randaugment": {"num_ops": 2, "magnitude": 9}},
     stages=[
         {

@@ -18,6 +18,7 @@ from service.layout import HOLD_FILE
 from service.plan import build_plan
 from tests.conftest import make_spec
 from tests.helpers import assert_same
+from tests.jobs import TINY_IN_PROCESS
 from workers.control import HoldRequest, StopAfter, held_marker
 from workers.train import NEWEST_VERIFIED, StageRunner
 
@@ -276,15 +277,7 @@ def test_restore_is_strict_about_the_saved_state(tmp_path, stage1):
 # 3 steps (a checkpoint with each: keep_best), the average updated every 2 steps.
 EMA = dict(
     name="ema",
-    deterministic=True,
-    model={
-        "arch": None,
-        "builder": "workers.models:small_resnet",
-        "kwargs": {"widths": [4, 8], "blocks": [1, 1]},
-        "num_classes": 10,
-        "in_channels": 3,
-    },
-    data={"kind": "synthetic", "size": 64, "val_size": 16, "num_classes": 10, "loader_workers": 0},
+    **TINY_IN_PROCESS,
     stages=[{"resolution": 8, "epochs": 1, "batch_size": 8, "workers": 1}],
     metrics={"every_n_steps": 2, "eval_every_n_steps": 3},
     checkpoint={"every_n_steps": 0, "keep_last": 1, "keep_best": {"metric": "ema_val_loss", "mode": "min"}},

@@ -398,5 +398,12 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 3, base_delay: float =
 
 
 def forwarded_env() -> dict[str, str]:
-    """Non-secret storage settings to hand to Ray workers through ``runtime_env``."""
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    """What a job's other processes (Ray workers, a submitted coordinator) get through ``runtime_env``:
+    the non-secret storage settings and stagetrain's own ``STAGETRAIN_*`` settings (lease timeout, the
+    tests' fault-injection delays...), so that a job behaves the same on a local Ray and on a cluster.
+    Not the submission id: each submission sets its own."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k in FORWARDED_ENV or (k.startswith("STAGETRAIN_") and k != "STAGETRAIN_SUBMISSION_ID")
+    }

@@ -125,15 +125,12 @@ def submit(
         )
     )
     env = {
+        **forwarded_env(),
         SUBMISSION_ENV: sid,
         "RAY_JOB_STOP_WAIT_TIME_S": str(int(grace_seconds + STOP_MARGIN_S)),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
         "PYTHONUNBUFFERED": "1",
-        **forwarded_env(),
     }
-    for k in ("STAGETRAIN_LEASE_TIMEOUT_S",):
-        if k in os.environ:
-            env[k] = os.environ[k]
     deadline, wait = time.monotonic() + SUBMIT_RETRY_S, 0.5
     while True:
         try:

@@ -98,10 +98,10 @@ TOTAL = 48
 def on_head(ray_head) -> dict:
     """The environment of a user whose ``RAY_ADDRESS`` is the session's Ray head (``tests/ray_head.py``):
     ``stagetrain run`` joins that cluster instead of starting a local Ray of its own, which on 2 cores
-    costs ~20 s a run (starting and stopping its processes beside the first ``fit``). For runs that end
-    by themselves or stop gracefully: a test that SIGKILLs its coordinator (``launch``, ``os.killpg``)
-    runs on a local Ray that dies with it, since on a shared head the dead job's workers would linger.
-    Workers on the head get only the head's environment and what ``stagetrain`` forwards to them."""
+    costs ~20 s a run (starting and stopping its processes beside the first ``fit``). A coordinator
+    SIGKILLed here is a dead driver: Ray ends its job's Train controller and workers (the kill tests wait
+    for their pids to go). Workers on the head get the head's environment (with the test bucket's fake
+    credentials) and what ``stagetrain`` forwards: ``STAGETRAIN_*`` settings and the storage endpoint."""
     env = cli_env(**ray_head.env, RAY_ADDRESS=ray_head.gcs_address)
     return {k: v for k, v in env.items() if k not in ("RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
 

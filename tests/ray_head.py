@@ -310,7 +310,11 @@ class RayHead:
 
 @pytest.fixture(scope="session")
 def ray_head():
-    head = RayHead()
+    from tests.s3_server import CREDENTIALS_ENV
+
+    # The head's workers hold the test bucket's (fake) credentials, as a cluster's nodes hold an instance
+    # role's: jobs on S3 (tests/test_s3_ray.py) run here; the coordinator forwards only the endpoint.
+    head = RayHead(extra_env=CREDENTIALS_ENV)
     try:
         head.start()
         yield head

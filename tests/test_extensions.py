@@ -187,7 +187,8 @@ def test_factory_that_cannot_be_imported_or_returns_no_dataset_is_exit_2(tmp_pat
 def test_custom_job_on_ray_then_export(tmp_path, on_head):
     spec = merge(BASE_SPEC, {k: v for k, v in CUSTOM.items() if k != "data"})
     spec["data"] = CUSTOM["data"]
-    spec["stages"][0]["workers"] = 2
+    for stage in spec["stages"]:  # one worker layout: the three stages run in one fit
+        stage["workers"] = 2
     spec["metrics"] = {"every_n_steps": 2, "eval_every_n_steps": 3, "sinks": ["tensorboard"]}
     storage = str(tmp_path / "runs")
     stagetrain(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 
@@ -50,13 +49,20 @@ def _assert_equivalent(job_dir, straight_dir, resumed_from: list[int]):
             assert got[step][key] == ref[step][key], (step, key)
 
 
-def _kill(proc) -> None:
-    """SIGKILL the coordinator with its whole session (its local Ray); its lease is free at once (its
-    process is gone), the raylet, GCS and workers of that session take a moment to go."""
+def _kill(proc, workers: list[dict]) -> None:
+    """SIGKILL the coordinator (a driver on the session's head); its lease is free at once (its process
+    is gone). Ray then ends the dead driver's job: its Train controller and the workers it owns. Wait
+    until those workers (``held``'s markers) are gone, so the next coordinator finds the head free."""
+    from tests.ray_head import _alive
+
     assert proc.poll() is None, f"coordinator exited {proc.returncode}:\n{proc.stdout.read()}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(3)
+    wait_until(
+        lambda: not any(_alive(w["pid"]) for w in workers),
+        "the dead coordinator's workers to end",
+        timeout=60,
+    )
 
 
 def _committed(job_dir, suffix: str) -> bool:
@@ -89,20 +95,21 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tmp_path, straight
     # The workers hold at each kill point (once each) until the kill: no race with the job.
     hold_at(job_dir, 8, 24, 25)
     # (a) mid-epoch: past the step-5 checkpoint, inside stage 1's first epoch
-    proc = launch("run", job, "--job-id", "killed", "--storage", str(storage))
-    held(job_dir, 8, ranks=2, proc=proc)
-    _kill(proc)
+    proc = launch("run", job, "--job-id", "killed", "--storage", str(storage), on=on_head)
+    _kill(proc, held(job_dir, 8, ranks=2, proc=proc))
     assert read_record(job_dir)["status"] == "running"  # the driver died: nobody marked it
     # (b) right after the stage-1 boundary commit, before stage 2's first step
-    proc = launch("resume", "killed", "--storage", str(storage))
-    held(job_dir, 24, ranks=2, proc=proc)
+    proc = launch("resume", "killed", "--storage", str(storage), on=on_head)
+    workers = held(job_dir, 24, ranks=2, proc=proc)
     assert _committed(job_dir, "stage-1-end")
-    _kill(proc)
+    _kill(proc, workers)
     # (c) during a checkpoint upload: the step-25 payload written, its manifest held back 60 s
-    proc = launch("resume", "killed", "--storage", str(storage), STAGETRAIN_TEST_COMMIT_DELAY_S="60")
-    held(job_dir, 25, ranks=2, proc=proc)
+    proc = launch(
+        "resume", "killed", "--storage", str(storage), on=on_head, STAGETRAIN_TEST_COMMIT_DELAY_S="60"
+    )
+    workers = held(job_dir, 25, ranks=2, proc=proc)
     wait_until(lambda: _upload_in_flight(job_dir, after_step=24), "the step-25 upload to start")
-    _kill(proc)
+    _kill(proc, workers)
     orphans = [
         t for t in os.listdir(job_dir / CHECKPOINTS) if not (job_dir / CHECKPOINTS / t / MANIFEST).exists()
     ]

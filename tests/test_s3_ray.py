@@ -23,7 +23,9 @@ def _fs(endpoint: str) -> s3fs.S3FileSystem:
     )
 
 
-def test_quickstart_on_s3_leaves_verified_boundary_and_periodic_checkpoints(tmp_path, s3_url, s3_server):
+def test_quickstart_on_s3_leaves_verified_boundary_and_periodic_checkpoints(
+    tmp_path, s3_url, s3_server, on_head
+):
     # The quickstart job (real Fashion-MNIST, three stages, 2 workers), on 2% of the data to stay quick.
     with open("examples/quickstart.yaml") as f:
         spec = yaml.safe_load(f)
@@ -33,7 +35,9 @@ def test_quickstart_on_s3_leaves_verified_boundary_and_periodic_checkpoints(tmp_
             stage["resolution_ramp_steps"] = 2
     spec["checkpoint"].update(every_n_steps=3, keep_last=2)
     job = write_job(tmp_path, spec)
-    proc = stagetrain("run", job, "--job-id", "qs", "--storage", s3_url, env=cli_env(), check=True)
+    proc = stagetrain(
+        "run", job, "--job-id", "qs", "--storage", s3_url, env={**on_head, **s3_server.env}, check=True
+    )
     listing = stagetrain("checkpoints", "qs", "--storage", s3_url, "--verify", check=True)
 
     fs = _fs(s3_server.endpoint)
@@ -121,7 +125,7 @@ class FlakyProxy:
 
 
 def test_s3_restart_during_a_periodic_upload_never_commits_a_corrupt_checkpoint(
-    tmp_path, s3_url, s3_server, monkeypatch
+    tmp_path, s3_url, s3_server, monkeypatch, on_head
 ):
     from tests.conftest import merge
     from tests.jobs import TINY, launch
@@ -141,7 +145,10 @@ def test_s3_restart_during_a_periodic_upload_never_commits_a_corrupt_checkpoint(
     fs = _fs(s3_server.endpoint)
     root = s3_url.removeprefix("s3://") + "/s3r"
     # Slow the commit down so the restart lands between payload and manifest.
-    proc = launch("run", job, "--job-id", "s3r", "--storage", s3_url, STAGETRAIN_TEST_COMMIT_DELAY_S="1.5")
+    env = {**on_head, **s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    proc = launch(
+        "run", job, "--job-id", "s3r", "--storage", s3_url, on=env, STAGETRAIN_TEST_COMMIT_DELAY_S="1.5"
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proxy.restarts == 0:
         assert proc.poll() is None, proc.stdout.read()

@@ -91,6 +91,37 @@ def test_submit_waits_for_a_job_agent_that_is_not_ready_yet(tmp_path, job_file):
     assert record.status == "pending" and record.ray_submissions == ["s-attempt-1"]
 
 
+def test_the_submitted_coordinator_gets_stagetrains_settings_and_its_own_submission_id(tmp_path, job_file):
+    """``STAGETRAIN_*`` settings of the submitting shell reach the Ray job (and through it the workers),
+    as on a local Ray; a submission id in that shell (a keeper resubmitting from inside a Ray job) does
+    not replace the new one. Secrets are not forwarded."""
+    server = JobServer(not_ready=0)
+    env = cli_env(
+        STAGETRAIN_TEST_COMMIT_DELAY_S="1.5",
+        STAGETRAIN_SUBMISSION_ID="old-attempt-1",
+        AWS_SECRET_ACCESS_KEY="do-not-forward",
+    )
+    proc = stagetrain(
+        "submit",
+        job_file,
+        "--job-id",
+        "f",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--address",
+        server.url,
+        env=env,
+    )
+    server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    (body,) = server.accepted
+    sent = body["runtime_env"]["env_vars"]
+    assert (
+        sent["STAGETRAIN_TEST_COMMIT_DELAY_S"] == "1.5" and sent["STAGETRAIN_SUBMISSION_ID"] == "f-attempt-1"
+    )
+    assert "AWS_SECRET_ACCESS_KEY" not in sent
+
+
 def test_submit_to_a_job_agent_that_never_gets_ready_is_one_line(tmp_path, job_file):
     server = JobServer(not_ready=10**6)
     storage = str(tmp_path / "runs")

@@ -125,6 +125,23 @@ def test_a_crash_past_max_failures_fails_the_job_naming_the_error(tmp_path):
     )
 
 
+def test_a_dead_worker_is_restarted_from_the_newest_checkpoint_each_time(tmp_path):
+    """A worker's process killed twice (its node stays): two restarts of the stage, each from the newest
+    checkpoint, not infrastructure failures (the Ray test kills one real worker once)."""
+    job = Job(tmp_path, {"failure": {"max_failures": 3}})
+    job.executor.faults = [
+        Fault(step=6, message="worker died", actor_died=True),
+        Fault(step=10, message="worker died", actor_died=True),
+    ]
+    assert job.run() == EXIT_OK, job.out.getvalue()
+    record = job.record
+    assert record.status == "succeeded"
+    stage = record.stages[0]
+    assert (stage.attempts, stage.restarts, stage.infra_failures) == (3, 2, 0)
+    assert [(r.row, r.start_step) for r in job.executor.runs] == [(0, 0), (0, 4), (0, 8)]
+    assert sorted(set(job.steps())) == list(range(36))
+
+
 def test_cancel_mid_stage_stops_at_the_next_report_with_a_checkpoint(tmp_path):
     job = Job(tmp_path)
     job.executor.step_s = 0.02

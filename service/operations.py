@@ -107,7 +107,7 @@ def prepare(
     new)."""
     from service.jobs import JobRecord, JobStore, new_job_id
     from service.plan import build_plan
-    from service.sources import dataset_size, resolve_callable
+    from service.sources import check_callable, dataset_size
 
     spec = spec or (load_spec(job_file) if job_file else None)
     if spec is None and job_id is None:
@@ -135,7 +135,7 @@ def prepare(
     if spec is None:
         jobs.load()  # "no job ... in ...; jobs there: ..."
     if spec.model.builder:
-        resolve_callable(spec.model.builder, "model.builder")
+        check_callable(spec.model.builder, "model.builder")
     jobs.root.probe()
     record = JobRecord.create(job_id, spec, build_plan(spec, dataset_size(spec.data)))
     return jobs, record, True

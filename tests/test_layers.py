@@ -71,6 +71,23 @@ def test_workers_import_nothing_of_the_coordinator():
     assert [m for m in loaded if m in coordinator] == []
 
 
+def test_the_coordinator_checks_a_model_builder_without_importing_it():
+    """``model.builder`` defined by a ``def`` in its module's source is accepted from the source: the
+    coordinator does not import the model code and torch (only the workers need them); a name the source
+    does not define is imported, and a typo named with the closest match (test_cli_errors)."""
+    code = (
+        "import sys; from service.sources import check_callable; "
+        "check_callable('workers.models:small_resnet', 'model.builder'); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'workers'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['workers']"  # the package's __init__, not workers.models
+    from service.sources import check_callable
+
+    with pytest.raises(ValueError, match="'workers.models' has no function 'smal_resnet'; did you mean"):
+        check_callable("workers.models:smal_resnet", "model.builder")
+
+
 def test_arch_names_are_the_pinned_torchvision_models():
     import torchvision
 

@@ -59,7 +59,7 @@ def plan_stage_steps(plan) -> dict[int, int]:
     """Steps per stage (1-based) of a plan (a stage resumed on another layout has several rows)."""
     out: dict[int, int] = {}
     for row in plan.stages:
-        out[row.index + 1] = out.get(row.index + 1, 0) + row.steps
+        out[row.number] = out.get(row.number, 0) + row.steps
     return out
 
 

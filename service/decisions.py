@@ -186,7 +186,7 @@ def next_action(
 
 # Spec fields naming user code: a worker error that starts with one (``model.builder: cannot import ...``)
 # is the job's configuration, not a crash worth retrying.
-CONFIG_FIELDS = ("model.builder", "data.factory")
+CONFIG_FIELDS = ("model.builder", "data.factory", "regularization.dropout", "regularization.drop_path")
 
 
 @dataclass(frozen=True)

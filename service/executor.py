@@ -49,7 +49,7 @@ class StageRun:
     @property
     def name(self) -> str:
         """Unique per stage attempt: Ray Train restores a run of the same name (see NOTES)."""
-        return f"{self.job_id}-stage-{self.plan.stages[self.row].index + 1}-attempt-{self.attempt}"
+        return f"{self.job_id}-stage-{self.plan.stages[self.row].number}-attempt-{self.attempt}"
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class RayExecutor:
                 **_ray_storage(self.storage, run.job_id),
             ),
         )
-        return _RayRun(trainer, q, f"fit-stage-{stage.index + 1}")
+        return _RayRun(trainer, q, f"fit-stage-{stage.number}")
 
 
 class _RayRun:

@@ -13,6 +13,11 @@ A stage's data is one *sample stream*: its epochs' permutations, each cut to ``e
 steps_per_epoch * global_batch``, end to end. Step k of the stage consumes stream positions
 ``[stream_offset + k * global_batch, ... + global_batch)``; ``workers.data.StageSampler`` maps them to
 sample ids and ranks.
+
+Three names for "which stage", never mixed: a plan **row** is a position in ``Plan.stages`` (a stage
+resumed on another worker count has several rows, its segments); a stage **index** is 0-based
+(``StagePlan.index``, ``JobSpec.stages[index]``, ``JobRecord.stages[index]``); a stage **number** is
+1-based, what users see and what records, tags and run names carry (``StagePlan.number``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class _Frozen(BaseModel):
 
 
 class StagePlan(_Frozen):
-    index: int  # 0-based; shown to users as stage index + 1
+    index: int  # 0-based; users see ``number``
     segment: int = 0  # > 0: the stage continued with another worker layout after a resume
     last_segment: bool = True
     resolution: int
@@ -68,10 +73,15 @@ class StagePlan(_Frozen):
         return self.sample_end - self.sample_start
 
     @property
+    def number(self) -> int:
+        """The 1-based stage number users see (records, checkpoint tags, run names)."""
+        return self.index + 1
+
+    @property
     def label(self) -> str:
         """``2``, or ``2.1``/``2.2`` for the segments of a stage resumed on another worker count."""
         single = self.segment == 0 and self.last_segment
-        return f"{self.index + 1}" if single else f"{self.index + 1}.{self.segment + 1}"
+        return f"{self.number}" if single else f"{self.number}.{self.segment + 1}"
 
     def stream_position(self, step: int) -> int:
         return self.stream_offset + (step - self.step_start) * self.global_batch

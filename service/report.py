@@ -23,7 +23,7 @@ def step_rows(plan: Plan) -> Iterable[dict]:
             lr, momentum = lr_momentum(plan, step)
             yield {
                 "step": step,
-                "stage": stage.index + 1,
+                "stage": stage.number,
                 "epoch": stage.epoch_of(step),
                 "resolution": resolution(plan, step),
                 "global_batch": stage.global_batch,

@@ -335,15 +335,14 @@ class JobRunner:
             try:
                 spec = resize_remaining(self.spec, req.from_stage - 1, req.workers)
                 first = self.plan.stage_at(min(step, self.plan.total_steps - 1))  # where the job is
-                if req.from_stage - 1 < first.index or (
-                    req.from_stage - 1 == first.index and step > first.step_start
-                ):
+                started = step > first.step_start
+                if req.from_stage < first.number or (req.from_stage == first.number and started):
                     raise ValueError(f"stage {req.from_stage} has started (step {step})")
                 changes = check_resume(self.record, self.plan, spec, step)
                 plan = self.record.plan(spec, self.record.history)
                 res = spec.resources
                 for row, st in enumerate(plan.stages):
-                    if st.index >= req.from_stage - 1 and (
+                    if st.number >= req.from_stage and (
                         problem := fits_cluster(
                             plan,
                             row,
@@ -440,7 +439,7 @@ class JobRunner:
             k: float(v) for k, v in self.executor.cluster_resources().items() if k in ("CPU", "GPU")
         }
         self.record.move(JobStatus.RUNNING)
-        self.record.current_stage = stage.index + 1
+        self.record.current_stage = stage.number
         self.record.waiting_for = None
         self.record.current_step = step
         self.say(

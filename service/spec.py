@@ -287,6 +287,16 @@ class RegularizationSpec(_Model):
     random_erasing: Annotated[float, Field(ge=0, le=1)] | None = Field(
         None, description="probability of erasing a random rectangle of each image (default 0)"
     )
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None,
+        description="p of every nn.Dropout layer of the model (e.g. torchvision EfficientNet's classifier); "
+        "default: as the model was built",
+    )
+    drop_path: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None,
+        description="stochastic depth: the deepest block's drop rate (torchvision StochasticDepth, timm "
+        "DropPath), the others scaled as the model built them; default: as the model was built",
+    )
 
 
 class Regularization(_Model):
@@ -299,6 +309,8 @@ class Regularization(_Model):
     switch_prob: float = 0.5
     randaugment: RandAugmentSpec | None = None
     random_erasing: float = 0.0
+    dropout: float | None = None  # None: the model's own rates, untouched
+    drop_path: float | None = None
 
     @property
     def mixes(self) -> bool:
@@ -316,6 +328,9 @@ class Regularization(_Model):
         ra = self.randaugment
         parts.append(f"randaugment {ra.num_ops}x{ra.magnitude}" if ra and ra.num_ops else "no randaugment")
         parts.append(f"random_erasing {self.random_erasing:g}")
+        parts += [
+            f"{name} {v:g}" for name in ("dropout", "drop_path") if (v := getattr(self, name)) is not None
+        ]
         return ", ".join(parts)
 
 

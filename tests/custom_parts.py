@@ -21,6 +21,33 @@ def tiny_net(num_classes: int, width: int = 8) -> nn.Module:
     )
 
 
+class _Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.drop_path = StochasticDepth(0.0, "row")  # built without: the stages set it
+
+    def forward(self, x):
+        return torch.relu(x + self.drop_path(self.body(x)))
+
+
+def depth_net(num_classes: int, width: int = 8, blocks: int = 2) -> nn.Module:
+    """``tiny_net`` with residual blocks under stochastic depth (torchvision's ``StochasticDepth``) and
+    a dropout head: every rate ``regularization.dropout`` / ``drop_path`` set."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        *[_Residual(width) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(width, num_classes),
+    )
+
+
 class Stripes(Dataset):
     """Greyscale PIL images of horizontal or vertical stripes at one of two frequencies (4 classes),
     plus per-index noise: deterministic in the index, as the data contract asks."""

@@ -58,6 +58,8 @@ def test_stage_fields_override_the_job_default_field_by_field():
             "stages[1].regularization.mixup_alpha: must be >= 0, got -1",
         ),
         ({"regularization": {"mix_prob": 1.5}}, "regularization.mix_prob: must be <= 1, got 1.5"),
+        ({"regularization": {"dropout": 1}}, "regularization.dropout: must be < 1, got 1"),
+        ({"regularization": {"drop_path": -0.1}}, "regularization.drop_path: must be >= 0, got -0.1"),
         ({"regularization": {"label_smoothing": 1}}, "regularization.label_smoothing: must be < 1, got 1"),
         (
             {"regularization": {"randaugment": {"num_ops": 2, "magnitude": 31}}},
@@ -166,6 +168,87 @@ def test_all_regularization_on_resumes_mid_stage_exactly(tmp_path):
     assert stopped.preempted and stopped.step == 4
     end = run_job(resumed_url)
     assert end.restored_from == "step-000000004"
+    _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
+    for part in ("model", "optimizer", "rng"):
+        assert_same(final[part], straight[part], part)
+
+
+def _rates(model: torch.nn.Module) -> tuple[list[float], list[float]]:
+    from torchvision.ops import StochasticDepth
+
+    return (
+        [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)],
+        [round(m.p, 6) for m in model.modules() if isinstance(m, StochasticDepth)],
+    )
+
+
+def test_dropout_and_drop_path_follow_the_schedule_the_model_was_built_with():
+    import torchvision
+
+    from workers.models import set_stage_rates
+
+    model = torchvision.models.efficientnet_b0(num_classes=10)  # stochastic depth 0.2, built growing
+    built = _rates(model)[1]
+    set_stage_rates(model, 0.3, 0.1, "efficientnet_b0")
+    dropout, depth = _rates(model)
+    assert dropout == [0.3] and depth[-1] == 0.1 and depth[0] == 0.0
+    assert depth == pytest.approx([0.1 * b / max(built) for b in built], abs=1e-6)
+    set_stage_rates(model, None, 0.4, "efficientnet_b0")  # the next stage: shares of the built rates
+    assert _rates(model) == ([0.3], pytest.approx([0.4 * b / max(built) for b in built], abs=1e-6))
+    with pytest.raises(ValueError, match=r"^regularization.dropout: tiny has no dropout layers"):
+        set_stage_rates(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.1, None, "tiny")
+    with pytest.raises(ValueError, match=r"^regularization.drop_path: tiny has no stochastic-depth"):
+        set_stage_rates(torch.nn.Sequential(torch.nn.Dropout()), None, 0.1, "tiny")
+
+
+# Two stages on one layout; dropout and stochastic depth grow at the boundary.
+DEPTH_JOB = dict(
+    name="depth",
+    **{
+        **TINY_IN_PROCESS,
+        "model": {"arch": None, "builder": "tests.custom_parts:depth_net", "num_classes": 10},
+    },
+    stages=[
+        {"resolution": 8, "epochs": 1, "batch_size": 8, "regularization": {"dropout": 0.1, "drop_path": 0.1}},
+        {
+            "resolution": 12,
+            "epochs": 1,
+            "batch_size": 8,
+            "regularization": {"dropout": 0.5, "drop_path": 0.3},
+        },
+    ],
+    metrics={"every_n_steps": 2},
+    checkpoint={"every_n_steps": 0, "keep_last": 1},
+)
+
+
+def test_dropout_and_drop_path_per_stage_resume_mid_stage_exactly(tmp_path):
+    """Built without stochastic depth, the blocks get drop_path x (i+1)/n; the rates change at the stage
+    boundary in place (same workers), and a restore mid-stage 2 sets stage 2's rates and ends bit for
+    bit as the run straight through."""
+    spec = make_spec(**DEPTH_JOB)
+    plan = build_plan(spec, spec.data.size)
+    straight_url, resumed_url = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    runner = StageRunner(spec, plan, 0, "j", straight_url)
+    assert _rates(runner.raw_model) == ([0.1], [0.05, 0.1])
+    runner.run()
+    runner.next_stage()
+    assert _rates(runner.raw_model) == ([0.5], [0.15, 0.3])
+    runner.run()
+    _, straight = load(store(straight_url), store(straight_url).latest()[0].tag)
+
+    first = StageRunner(spec, plan, 0, "j", resumed_url)
+    first.run()
+    stop = StopAfter(2)  # steps of this runner: mid stage 2
+    assert (
+        StageRunner(spec, plan, 1, "j", resumed_url, stop_requested=stop, on_step=stop.on_step)
+        .run()
+        .preempted
+    )
+    resumed = StageRunner(spec, plan, 1, "j", resumed_url)
+    assert resumed.restored_from == f"step-{plan.stages[1].step_start + 2:09d}"
+    assert _rates(resumed.raw_model) == ([0.5], [0.15, 0.3])
+    resumed.run()
     _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
     for part in ("model", "optimizer", "rng"):
         assert_same(final[part], straight[part], part)

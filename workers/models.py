@@ -36,6 +36,51 @@ def build_model(spec) -> nn.Module:
     return model
 
 
+def set_stage_rates(model: nn.Module, dropout: float | None, drop_path: float | None, label: str) -> None:
+    """A stage's dropout and stochastic-depth rates (``regularization.dropout`` / ``drop_path``), set in
+    place: no parameter changes, so the optimizer state carries over. ``dropout``: ``p`` of every
+    ``nn.Dropout*``. ``drop_path``: the deepest block's rate; each torchvision ``StochasticDepth`` / timm
+    ``DropPath`` keeps its share of the schedule the model was built with (``rate_i = drop_path *
+    built_i / max(built)``), or grows linearly with depth where it was built with rate 0. None leaves
+    the model's own rates. A rate the model has no layers for is an error naming the field (``label``:
+    the model, for the message)."""
+    if dropout is not None:
+        layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        if not layers:
+            raise ValueError(f"regularization.dropout: {label} has no dropout layers (nn.Dropout)")
+        for m in layers:
+            m.p = dropout
+    if drop_path is not None:
+        layers = [m for m in model.modules() if _drop_path_attr(m)]
+        if not layers:
+            raise ValueError(
+                f"regularization.drop_path: {label} has no stochastic-depth layers (torchvision "
+                "StochasticDepth, timm DropPath; timm models build them with model.kwargs.drop_path_rate > 0)"
+            )
+        for m in layers:  # the rate the model was built with, kept across stages
+            if not hasattr(m, "_stagetrain_built_rate"):
+                m._stagetrain_built_rate = float(getattr(m, _drop_path_attr(m)))
+        built = [m._stagetrain_built_rate for m in layers]
+        shares = (
+            [b / max(built) for b in built]
+            if max(built) > 0
+            else [(i + 1) / len(built) for i in range(len(built))]
+        )
+        for m, share in zip(layers, shares, strict=True):
+            setattr(m, _drop_path_attr(m), drop_path * share)
+
+
+def _drop_path_attr(module: nn.Module) -> str | None:
+    """The attribute holding a stochastic-depth layer's rate: torchvision ``StochasticDepth.p``, timm
+    ``DropPath.drop_prob``; None for any other module."""
+    name = type(module).__name__
+    if name == "StochasticDepth" and hasattr(module, "p"):
+        return "p"
+    if name == "DropPath" and hasattr(module, "drop_prob"):
+        return "drop_prob"
+    return None
+
+
 def _timm_model(spec) -> nn.Module:
     """``timm.create_model`` (random init); timm builds the stem for ``in_chans`` itself."""
     import difflib

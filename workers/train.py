@@ -44,7 +44,7 @@ from workers.data import (
     stage_subset,
     to_input,
 )
-from workers.models import build_model
+from workers.models import build_model, set_stage_rates
 from workers.schedules import PlanScheduler
 
 AUDIT_ENV = "STAGETRAIN_AUDIT_SAMPLES"  # tests: report which sample ids every rank read
@@ -305,7 +305,7 @@ class StageRunner:
         self,
         spec: JobSpec,
         plan: Plan,
-        stage_index: int,
+        row: int,
         job_id: str,
         storage_url: str,
         report=None,
@@ -316,7 +316,7 @@ class StageRunner:
         on_step: Callable[[int], None] | None = None,
         restore: str | None = NEWEST_VERIFIED,
     ):
-        self.spec, self.plan, self.row, self.stage = spec, plan, stage_index, plan.stages[stage_index]
+        self.spec, self.plan, self.row, self.stage = spec, plan, row, plan.stages[row]
         self.job_id = job_id
         self.report = report or (lambda metrics: None)
         self.stop_requested = stop_requested or (lambda: False)
@@ -342,6 +342,7 @@ class StageRunner:
         # Model, optimizer, schedule. The raw module is what is saved; DDP/compile wrap it.
         torch.manual_seed(spec.seed)  # identical init on every rank (DDP would broadcast it anyway)
         self.raw_model = build_model(spec.model)
+        self._set_stage_rates()
         seed_everything(spec.seed + 1000 * self.dist.rank, spec.deterministic)  # per-rank streams (dropout)
         self.raw_model.to(self.device)
         if self._cuda and spec.train.channels_last:
@@ -381,12 +382,19 @@ class StageRunner:
         assert self.progress.step == self.stage.step_start, (self.progress.step, self.stage.step_start)
         self.resolution = self.stage.resolution
         self._tail, self._evals, self.restored_from = [], [], None
+        self._set_stage_rates()
         if self.stage.compile != compiled:
             self.model, self.ddp = wrap_model(
                 self.raw_model, self.dist.world, self.device, self.stage.compile
             )
         # the coordinator starts the stage's bookkeeping (status, attempt, clock) on this report
         self.report(Report(started_row=self.row if self.dist.rank == 0 else None).model_dump())
+
+    def _set_stage_rates(self) -> None:
+        """The stage's dropout and drop-path rates (``regularization.dropout`` / ``drop_path``) on the
+        model, in place: the optimizer state is untouched."""
+        reg = self.spec.stage_regularization(self.stage.index)
+        set_stage_rates(self.raw_model, reg.dropout, reg.drop_path, self.spec.model.label)
 
     def group_ends_here(self) -> bool:
         """At a stage boundary inside a group: stop here rather than go on with the next stage? Yes when
@@ -477,10 +485,10 @@ class StageRunner:
         step = self.progress.step
         self.checkpointer.save(
             state,
-            tag_for(step, self.stage.index + 1, boundary),
+            tag_for(step, self.stage.number, boundary),
             block=boundary,
             job_id=self.job_id,
-            stage=self.stage.index + 1,
+            stage=self.stage.number,
             epoch=self.stage.epoch_of(step),
             step=step,
             samples_seen=self.plan.samples_before(step),
@@ -681,7 +689,7 @@ class StageRunner:
         records = [
             StepRecord(
                 step=step,
-                stage=st.index + 1,
+                stage=st.number,
                 epoch=st.epoch_of(step),
                 samples_seen=self.plan.samples_before(step + 1),
                 loss=loss,
@@ -716,7 +724,7 @@ class StageRunner:
         step = self.progress.step
         return EvalRecord(
             step=step,
-            stage=self.stage.index + 1,
+            stage=self.stage.number,
             samples_seen=self.plan.samples_before(step),
             resolution=self.spec.data.val_resolution or self.stage.resolution,
             time=time.time(),
@@ -726,7 +734,7 @@ class StageRunner:
     def _finish(self, evaluate: bool) -> StageEnd:
         """Evaluate, commit the boundary checkpoint, and send the last report (with the stage summary)."""
         st = self.stage
-        end = StageEnd(stage=st.index + 1, step=self.progress.step, restored_from=self.restored_from)
+        end = StageEnd(stage=st.number, step=self.progress.step, restored_from=self.restored_from)
         if evaluate:
             # DDP syncs BatchNorm buffers from rank 0 at each forward, so after the last step every rank
             # holds its own running stats; take rank 0's, which is what the checkpoint saves.
@@ -748,7 +756,7 @@ class StageRunner:
         notices = [n for n in self.dist.gather_objects(getattr(self.stop_requested, "notice", None)) if n]
         return self._end(
             StageEnd(
-                stage=self.stage.index + 1,
+                stage=self.stage.number,
                 step=self.progress.step,
                 preempted=True,
                 restored_from=self.restored_from,

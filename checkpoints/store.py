@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
-COMMIT_DELAY_S = float(os.environ.get("STAGETRAIN_TEST_COMMIT_DELAY_S", "0"))
+# Fault-injection seam for tests: "SECONDS" holds every manifest back that long after its payload is
+# written (a window to restart the storage or kill the process in); "SECONDS@STEP" only that step's.
+_DELAY, _, _DELAY_STEP = os.environ.get("STAGETRAIN_TEST_COMMIT_DELAY_S", "0").partition("@")
+COMMIT_DELAY_S, COMMIT_DELAY_STEP = float(_DELAY), int(_DELAY_STEP) if _DELAY_STEP else None
 
 
 class FileEntry(BaseModel):
@@ -161,7 +164,7 @@ class CheckpointStore:
         """Write ``files``, then the manifest (last). Each write is retried with backoff."""
         for name, data in files.items():
             retry(lambda n=name, d=data: self.storage.write_bytes(d, tag, n), f"upload {tag}/{name}")
-        if COMMIT_DELAY_S:  # fault-injection seam for tests: widen the window before the manifest lands
+        if COMMIT_DELAY_S and COMMIT_DELAY_STEP in (None, meta.get("step")):
             time.sleep(COMMIT_DELAY_S)
         manifest = Manifest(
             tag=tag,

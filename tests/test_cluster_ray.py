@@ -1,8 +1,8 @@
-"""Node loss on a two-node Ray cluster on one machine (ray.cluster_utils.Cluster): the coordinator waits
-for capacity or stops on a termination notice, by itself (continuing on fewer workers, ``min_workers``,
-is the runner's decision: tests/test_coordinator.py).
+"""Node loss on a two-node Ray cluster on one machine (ray.cluster_utils.Cluster): the coordinator
+commits on a termination notice, waits for capacity and goes on or stops, by itself (continuing on
+fewer workers, ``min_workers``, is the runner's decision: tests/test_coordinator.py).
 
-Each test's head and worker node have 1 CPU each; the 2-worker stages put one worker on each. A fake
+The head and the worker node have 1 CPU each; the 2-worker stages put one worker on each. A fake
 metadata server on 127.0.0.1 per node stands in for the cloud's (nothing else is contacted)."""
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from tests.conftest import merge
 from tests.fake_metadata import FakeMetadata
 from tests.jobs import (
     DETERMINISTIC,
-    TOTAL,
     cli_env,
     final_state,
     held,
@@ -97,112 +96,95 @@ def weights(state: dict) -> list[str]:
     return [n for n in state if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
 
-def test_termination_notice_commits_the_step_reached_and_no_step_is_lost_or_repeated(
+def test_a_node_lost_with_a_notice_loses_no_step_and_one_lost_for_good_stops_then_resume_finishes(
     tmp_path, monkeypatch, straight
 ):
+    """One run whose worker node goes twice. In stage 2 with a termination notice (AWS's
+    spot/instance-action on that node's metadata server): the workers commit the step reached before
+    the node goes, the job waits for capacity and goes on by itself on the node that joins, no step
+    lost or repeated, bit-identical to the uninterrupted run at the stage-2 boundary. In stage 3
+    without notice and for good: the run that lost its node is aborted, after failure.capacity_wait_s
+    the job stops as preempted with today's message, and `resume --workers 1` finishes it: with
+    keep_global_batch the weights are the uninterrupted run's up to reduction order."""
     head_md, doomed_md, fresh_md = FakeMetadata(), FakeMetadata(), FakeMetadata()
     spec = merge(
         DETERMINISTIC,
         {
-            "name": "notice",
+            "name": "node-loss",
+            "keep_global_batch": True,
             "preemption": {"notice": "aws", "notice_poll_s": 0.2},
-            "failure": {"capacity_wait_s": 120},
+            "failure": {"capacity_wait_s": 15},
         },
     )
-    job, job_dir = write_job(tmp_path, spec), tmp_path / "runs" / "nt"
+    job, storage = write_job(tmp_path, spec), tmp_path / "runs"
+    job_dir = storage / "nl"
     try:
         with two_nodes(
             monkeypatch, head_env={AWS_ENDPOINT_ENV: head_md.url}, node_env={AWS_ENDPOINT_ENV: doomed_md.url}
         ) as (cluster, node):
-            hold_at(job_dir, 28)  # in stage 2
-            proc = start(job, "nt", tmp_path / "runs", cluster, **{AWS_ENDPOINT_ENV: head_md.url})
+            hold_at(job_dir, 28, 39)  # mid stage 2 (steps 24-35), mid stage 3 (steps 36-47)
+            proc = start(job, "nl", storage, cluster, **{AWS_ENDPOINT_ENV: head_md.url})
             held(job_dir, 28, ranks=2, proc=proc)
             doomed_md.announced = "terminate"
             record = wait_until(
                 proc, lambda: (r := record_of(job_dir)) and r["stages"][1]["infra_failures"] and r
             )
-            stopped = record["current_step"]
+            assert record["current_step"] == 28
             assert "attempt 2" not in json.dumps(record["events"])  # it waits for the node to go first
-            assert _committed(job_dir, f"step-{stopped:09d}")  # before the node goes
+            assert _committed(job_dir, "step-000000028")  # before the node goes
             cluster.remove_node(node)  # the two minutes are up
-            time.sleep(2)
-            cluster.add_node(num_cpus=1, env_vars={AWS_ENDPOINT_ENV: fresh_md.url})
+            wait_until(proc, lambda: record_of(job_dir).get("status") == "waiting_for_capacity", 60)
+            assert "needs 2 workers" in record_of(job_dir)["waiting_for"]
+            node = cluster.add_node(num_cpus=1, env_vars={AWS_ENDPOINT_ENV: fresh_md.url})
+            held(job_dir, 39, ranks=2, proc=proc)
+            cluster.remove_node(node)  # no notice this time, and it never comes back
+            wait_until(proc, lambda: record_of(job_dir).get("status") == "waiting_for_capacity", 60)
+            # the run that lost its node was given up and aborted, not left running while the job waits
+            wait_until(proc, lambda: live_train_controllers(cluster) == 0, 60)
             out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 75, out
+            record = read_record(job_dir)
+            assert record["status"] == "preempted" and record["waiting_for"] is None
+            assert "lost capacity" in record["error"] and "--workers" in record["error"]
+            assert "needs 2 workers x 1 CPUs = 2 CPUs, but the Ray cluster has 1" in record["error"]
+            assert any("termination notice: aws spot/instance-action" in e for e in record["events"])
+            assert any("waited 15s for capacity" in e for e in record["events"])
+            assert any("waiting up to 15s for capacity" in e for e in record["events"])
+            assert any(p == ("GET", "/latest/meta-data/spot/instance-action") for p in doomed_md.requests)
+            stage2, stage3 = record["stages"][1:]
+            assert (stage2["status"], stage2["attempts"], stage2["infra_failures"], stage2["restarts"]) == (
+                "completed",
+                2,
+                1,
+                0,
+            )
+            assert stage3["infra_failures"] == 1 and stage3["status"] == "preempted"
+            stopped_at = record["current_step"]
+            assert 36 <= stopped_at < 48
+            # across the notice every step was reported exactly once, in the metrics file as written
+            lines = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+            counts = Counter(m["step"] for m in lines if m["kind"] == "step" and m["step"] < 36)
+            assert sorted(counts) == list(range(36)) and set(counts.values()) == {1}
+            model_a, _ = final_state(straight[0], stage=2)
+            model_b, _ = final_state(job_dir, stage=2)
+            for name in model_a:
+                assert torch.equal(model_a[name], model_b[name]), name
+
+            resumed = stagetrain(
+                "resume",
+                "nl",
+                "--storage",
+                str(storage),
+                "--address",
+                cluster.address,
+                "--workers",
+                "1",
+                env=cli_env(RAY_AUTH_MODE="disabled"),
+            )
+            assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     finally:
         for md in (head_md, doomed_md, fresh_md):
             md.close()
-    assert proc.returncode == 0, out
-    record = read_record(job_dir)
-    assert record["status"] == "succeeded" and record["stages"][1]["infra_failures"] == 1
-    assert any("termination notice: aws spot/instance-action" in e for e in record["events"])
-    assert any("waiting up to" in e for e in record["events"]) and record["stages"][1]["attempts"] == 2
-    assert stopped == 28
-    assert any(p == ("GET", "/latest/meta-data/spot/instance-action") for p in doomed_md.requests)
-    # every step reported exactly once, in the metrics file as written (not de-duplicated)
-    lines = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
-    counts = Counter(m["step"] for m in lines if m["kind"] == "step")
-    assert sorted(counts) == list(range(TOTAL)) and set(counts.values()) == {1}
-    model_a, state_a = final_state(straight[0])
-    model_b, state_b = final_state(job_dir)
-    for name in model_a:
-        assert torch.equal(model_a[name], model_b[name]), name
-
-
-def test_lost_node_comes_back_by_itself_then_never_returns_and_resume_finishes(
-    tmp_path, monkeypatch, straight
-):
-    """Stage 2 loses its node, back 3 s later: the job continues by itself. Stage 3 loses
-    it for good: after failure.capacity_wait_s the job stops as preempted with today's message, and
-    `resume --workers 1` finishes it. With keep_global_batch the weights are the uninterrupted run's."""
-    spec = merge(
-        DETERMINISTIC, {"name": "node-loss", "keep_global_batch": True, "failure": {"capacity_wait_s": 15}}
-    )
-    job, storage = write_job(tmp_path, spec), tmp_path / "runs"
-    job_dir = storage / "nl"
-    with two_nodes(monkeypatch) as (cluster, node):
-        hold_at(job_dir, 29, 39)  # mid stage 2 (steps 24-35), mid stage 3 (steps 36-47)
-        proc = start(job, "nl", storage, cluster)
-        held(job_dir, 29, ranks=2, proc=proc)
-        cluster.remove_node(node)
-        wait_until(proc, lambda: record_of(job_dir).get("status") == "waiting_for_capacity", 60)
-        assert "needs 2 workers" in record_of(job_dir)["waiting_for"]
-        time.sleep(3)
-        node = cluster.add_node(num_cpus=1)
-        held(job_dir, 39, ranks=2, proc=proc)
-        # the run that lost its node was given up and aborted, not left beside this one
-        assert live_train_controllers(cluster) == 1
-        cluster.remove_node(node)
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 75, out
-        record = read_record(job_dir)
-        assert record["status"] == "preempted" and record["waiting_for"] is None
-        assert "lost capacity" in record["error"] and "--workers" in record["error"]
-        assert "needs 2 workers x 1 CPUs = 2 CPUs, but the Ray cluster has 1" in record["error"]
-        assert any("waited 15s for capacity" in e for e in record["events"])
-        assert any("waiting up to 15s for capacity" in e for e in record["events"])
-        stage2, stage3 = record["stages"][1:]
-        assert (stage2["status"], stage2["attempts"], stage2["infra_failures"], stage2["restarts"]) == (
-            "completed",
-            2,
-            1,
-            0,
-        )
-        assert stage3["infra_failures"] == 1 and stage3["status"] == "preempted"
-        stopped_at = record["current_step"]
-        assert 36 <= stopped_at < 48
-
-        resumed = stagetrain(
-            "resume",
-            "nl",
-            "--storage",
-            str(storage),
-            "--address",
-            cluster.address,
-            "--workers",
-            "1",
-            env=cli_env(RAY_AUTH_MODE="disabled"),
-        )
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     record = read_record(job_dir)
     assert record["status"] == "succeeded"
     assert [s["workers"] for s in record["stages"]] == [2, 2, 1]

@@ -114,9 +114,9 @@ def test_sigkill_mid_epoch_and_mid_upload_then_resume_is_bit_identical(tmp_path,
 
 def test_sigterm_preempts_with_a_checkpoint_at_the_step_reached(tmp_path, preempted):
     """SIGTERM to the coordinator (``ray job stop``, a pod deleted): the workers finish their step and
-    commit a checkpoint at exactly the step reached; exit 75. Resuming such a stop bit-identically is
-    test_service_ray.py::test_cancel_then_resume_ends_bit_identical (same step); on fewer workers,
-    test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step (this very state)."""
+    commit a checkpoint at exactly the step reached; exit 75. The bit-identical resume of such a stop
+    (a cancel at the same step 28) is test_service_ray.py::test_a_submitted_job_scaled_taken_over_*; on
+    fewer workers, test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step (this very state)."""
     source, returncode, out = preempted  # SIGTERM to the coordinator while its workers held at step 28
     assert returncode == 75, out
     storage = tmp_path / "runs"

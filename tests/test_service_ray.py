@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from service.curve import lr_momentum
-from service.jobs import JobRecord
+from service.jobs import JobRecord, JobStatus
 from tests.conftest import merge
 from tests.helpers import assert_same, stagetrain, wait_until
 from tests.jobs import (
     DETERMINISTIC,
     TINY,
-    assert_equivalent,
     final_state,
     held,
     hold_at,
@@ -60,13 +59,16 @@ def st(svc, *args, **kw):
     return stagetrain(*args, "--storage", storage, env=env, **kw)
 
 
-def test_submit_scale_takeover_status_list_logs(svc, tmp_path):
-    """Submit and walk away; scale a stage before it starts; one coordinator per job: a second one is
-    refused while the first runs, and once it is SIGKILLed (its lease goes stale) the keeper of
-    `submit --max-restarts 1` resubmits it as attempt 2, which continues the job."""
+def test_a_submitted_job_scaled_taken_over_cancelled_and_resumed(svc, straight, tmp_path):
+    """A submitted job's life on the head, walked away from: scale a stage before it starts; one
+    coordinator per job (a second is refused while the first runs); the coordinator SIGKILLed (its lease
+    goes stale) and the keeper of `submit --max-restarts 1` resubmitting it as attempt 2; `cancel` in
+    stage 2 (a checkpoint at the step reached); `resume` as attempt 3, to the end. Up to the stage-2
+    boundary it is the uninterrupted run, bit for bit; stage 3 runs on the scaled layout at its LR."""
     head, storage, env = svc
-    job = write_job(tmp_path, THREE)
-    hold_at(f"{storage}/svc1", 6)  # where its coordinator is killed
+    job = write_job(tmp_path, merge(DETERMINISTIC, {"name": "svc"}))
+    job_dir = f"{storage}/svc1"
+    hold_at(job_dir, 6, 28)  # where its coordinator is killed, where the job is cancelled
     out = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address, "--max-restarts", "1")
     assert out.returncode == 0, out.stderr
     assert "svc1" in out.stdout and "stagetrain logs svc1" in out.stdout
@@ -74,91 +76,88 @@ def test_submit_scale_takeover_status_list_logs(svc, tmp_path):
     # scale stage 3 before it starts: a request file the coordinator applies at a stage boundary
     scaled = st(svc, "scale", "svc1", "--workers", "1", "--from-stage", "3")
     assert scaled.returncode == 0, scaled.stderr
-    lease_path = f"{storage}/svc1/lease.json"
+    lease_path = f"{job_dir}/lease.json"
     wait_until(lambda: os.path.exists(lease_path), "the coordinator's lease", timeout=120)
     # a second coordinator of the running job is refused, naming the holder
     second = st(svc, "run", "--job-id", "svc1")
     assert second.returncode == 2 and "is running: coordinator" in second.stderr, second.stderr
     again = st(svc, "submit", job, "--job-id", "svc1", "--address", head.address)
     assert again.returncode == 2 and "is running" in again.stderr
-    held(f"{storage}/svc1", 6, ranks=2)
+    held(job_dir, 6, ranks=2)
     # the workers reported steps 0-5 before holding; the kill comes once the coordinator logged them (a
     # coordinator SIGKILLed before writing a report loses those lines: the checkpoint covers the steps)
-    wait_until(lambda: steps_reported(Path(storage) / "svc1") >= 6, "steps 0-5 in metrics.jsonl")
+    wait_until(lambda: steps_reported(Path(job_dir)) >= 6, "steps 0-5 in metrics.jsonl")
     pid = json.loads(open(lease_path).read())["pid"]
     os.kill(pid, signal.SIGKILL)  # the coordinator dies without a word (OOM kill): nobody types anything
-    waited = st(svc, "wait", "svc1", timeout=400)
-    keeper = head.client().get_job_logs("svc1-keeper-1")
-    assert waited.returncode == 0, (waited.stdout, waited.stderr, st(svc, "logs", "svc1").stdout, keeper)
 
-    record = JobRecord.model_validate(read_record(f"{storage}/svc1"))
-    assert record.status == "succeeded" and record.ray_submissions == ["svc1-attempt-1", "svc1-attempt-2"]
-    assert any("took over" in e for e in record.events), record.events
-    assert any("keeper: Ray job svc1-attempt-1 ended FAILED" in e for e in record.events), record.events
-    wait_until(
-        lambda: head.client().get_job_status("svc1-keeper-1").value == "SUCCEEDED", "the keeper to end"
-    )
-    assert [s.workers for s in record.stages] == [2, 2, 1]
-    assert [c.workers for c in record.layout_changes] == [1] and record.layout_changes[0].from_stage == 3
-    plan = record.plan()
-    assert plan.stages[2].workers == 1 and plan.stages[2].lr_scale == 0.5  # global batch 16 vs reference 32
-    steps = [m for m in read_metrics(f"{storage}/svc1") if m["kind"] == "step"]
-    assert sorted(m["step"] for m in steps) == list(range(plan.total_steps))
-    for m in steps:
-        assert m["workers"] == plan.stage_at(m["step"]).workers
-        assert m["lr"] == pytest.approx(lr_momentum(plan, m["step"])[0], rel=1e-12)
-    # the Ray job ends a moment after the coordinator released its lease (summary, plot)
-    wait_until(
-        lambda: head.client().get_job_status("svc1-attempt-2").value == "SUCCEEDED", "the Ray job to end"
-    )
-
-    status = st(svc, "status", "svc1")
-    assert status.returncode == 0 and "succeeded" in status.stdout
-    assert "Ray job svc1-attempt-2: SUCCEEDED" in status.stdout
-    listed = st(svc, "list", "--json")
-    assert listed.returncode == 0, listed.stderr
-    (row,) = [r for r in json.loads(listed.stdout) if r["job_id"] == "svc1"]
-    assert row["status"] == "succeeded" and row["stage"] == "3/3" and row["step"] == plan.total_steps
-    assert row["val_acc"] is not None
-    logs = st(svc, "logs", "svc1", "--attempt", "2")
-    assert logs.returncode == 0 and "stage 3" in logs.stdout and "took over" in logs.stdout
-    assert "succeeded" in logs.stdout and head.token not in logs.stdout
-    first = st(svc, "logs", "svc1", "--attempt", "1")
-    assert first.returncode == 0 and "coordinator attempt 1" in first.stdout
-
-
-def test_cancel_then_resume_ends_bit_identical(svc, straight, tmp_path):
-    head, storage, env = svc
-    straight_dir, _ = straight
-    job = write_job(tmp_path, DETERMINISTIC)
-    job_dir = f"{storage}/svc2"
-    hold_at(job_dir, 28)  # the workers wait in stage 2 for the cancel
-    assert st(svc, "submit", job, "--job-id", "svc2", "--address", head.address).returncode == 0
-    held(job_dir, 28, ranks=2)
-    cancelled = st(svc, "cancel", "svc2", timeout=120)
+    held(job_dir, 28, ranks=2, timeout=400)  # attempt 2, the keeper's, in stage 2
+    cancelled = st(svc, "cancel", "svc1", timeout=120)
     assert cancelled.returncode == 0, cancelled.stderr
     record = JobRecord.model_validate(read_record(job_dir))
     assert record.status == "cancelled", record.events
     from checkpoints.storage import Storage
     from checkpoints.store import CheckpointStore
 
-    latest = CheckpointStore(Storage(storage).child("svc2", "checkpoints")).latest(verify=True)[0]
+    latest = CheckpointStore(Storage(storage).child("svc1", "checkpoints")).latest(verify=True)[0]
     assert latest.step == record.current_step == 28 and not latest.boundary
-    assert st(svc, "wait", "svc2").returncode == 130
-
-    resumed = st(svc, "resume", "svc2", "--address", head.address)
-    assert resumed.returncode == 0, resumed.stderr
-    assert st(svc, "wait", "svc2", timeout=400).returncode == 0
-    record = JobRecord.model_validate(read_record(job_dir))
-    assert record.ray_submissions == ["svc2-attempt-1", "svc2-attempt-2"] and record.status == "succeeded"
-    assert (Path(job_dir) / "metrics.png").exists()  # written before the lease was released: `wait` saw it
-    wait_until(
-        lambda: head.client().get_job_status("svc2-attempt-2").value == "SUCCEEDED", "the Ray job to end"
+    assert st(svc, "wait", "svc1").returncode == 130
+    keeper = head.client().get_job_logs("svc1-keeper-1")
+    wait_until(  # the keeper ends with the job it kept
+        lambda: head.client().get_job_status("svc1-keeper-1").value == "SUCCEEDED", "the keeper to end"
     )
-    # a cancel stops as a SIGTERM does (test_resume_ray.py::test_sigterm_preempts_*): the resume of
-    # that state ends bit-identical, to the step
-    assert_equivalent(Path(job_dir), straight_dir, [28])
-    assert_same(final_state(straight_dir)[1]["rng"], final_state(Path(job_dir))[1]["rng"], "rng")
+
+    resumed = st(svc, "resume", "svc1", "--address", head.address)
+    assert resumed.returncode == 0, resumed.stderr
+    waited = st(svc, "wait", "svc1", timeout=400)
+    assert waited.returncode == 0, (waited.stdout, waited.stderr, st(svc, "logs", "svc1").stdout, keeper)
+    record = JobRecord.model_validate(read_record(job_dir))
+    assert record.status == "succeeded"
+    assert record.ray_submissions == ["svc1-attempt-1", "svc1-attempt-2", "svc1-attempt-3"]
+    assert any("took over" in e for e in record.events), record.events
+    assert any("keeper: Ray job svc1-attempt-1 ended FAILED" in e for e in record.events), record.events
+    assert (Path(job_dir) / "metrics.png").exists()  # written before the lease was released: `wait` saw it
+    assert [s.workers for s in record.stages] == [2, 2, 1]
+    assert [c.workers for c in record.layout_changes] == [1] and record.layout_changes[0].from_stage == 3
+    plan = record.plan()
+    assert plan.stages[2].workers == 1 and plan.stages[2].lr_scale == 0.5  # global batch 16 vs 32
+    steps = [m for m in read_metrics(job_dir) if m["kind"] == "step"]
+    assert sorted(m["step"] for m in steps) == list(range(plan.total_steps))
+    for m in steps:
+        assert m["workers"] == plan.stage_at(m["step"]).workers
+        assert m["lr"] == pytest.approx(lr_momentum(plan, m["step"])[0], rel=1e-12)
+    # a cancel stops as a SIGTERM does (test_resume_ray.py::test_sigterm_preempts_*): to the stage-2
+    # boundary, where the layout changes, the resumed job is the uninterrupted one, bit for bit
+    model_a, state_a = final_state(straight[0], stage=2)
+    model_b, state_b = final_state(Path(job_dir), stage=2)
+    assert_same(state_a["rng"], state_b["rng"], "rng")
+    # the momentum buffers (the LR in the param groups is already the next step's: stage 3's, scaled)
+    assert_same(state_a["optimizer"]["state"], state_b["optimizer"]["state"], "optimizer")
+    assert_same(model_a, model_b, "model")
+    ref = {m["step"]: m for m in read_metrics(straight[0]) if m["kind"] == "step"}
+    for m in steps:
+        if m["step"] < 36:
+            for key in ("lr", "momentum", "loss", "samples_seen"):
+                assert m[key] == ref[m["step"]][key], (m["step"], key)
+    # the Ray job ends a moment after the coordinator released its lease (summary, plot)
+    wait_until(
+        lambda: head.client().get_job_status("svc1-attempt-3").value == "SUCCEEDED", "the Ray job to end"
+    )
+
+    status = st(svc, "status", "svc1")
+    assert status.returncode == 0 and "succeeded" in status.stdout
+    assert "Ray job svc1-attempt-3: SUCCEEDED" in status.stdout
+    listed = st(svc, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [r for r in json.loads(listed.stdout) if r["job_id"] == "svc1"]
+    assert row["status"] == "succeeded" and row["stage"] == "3/3" and row["step"] == plan.total_steps
+    assert row["val_acc"] is not None
+    logs = st(svc, "logs", "svc1", "--attempt", "2")
+    assert logs.returncode == 0 and "stage 2" in logs.stdout and "took over" in logs.stdout
+    assert "cancelled" in logs.stdout and head.token not in logs.stdout
+    last = st(svc, "logs", "svc1", "--attempt", "3")
+    assert last.returncode == 0 and "stage 3" in last.stdout and "succeeded" in last.stdout
+    first = st(svc, "logs", "svc1", "--attempt", "1")
+    assert first.returncode == 0 and "coordinator attempt 1" in first.stdout
 
 
 @pytest.mark.parametrize(
@@ -201,7 +200,7 @@ def test_scale_refuses_a_started_or_missing_stage(svc, tmp_path):
 
     spec = validate_spec(THREE)
     record = JobRecord.create("svc-stopped", spec, build_plan(spec, 384))
-    record.status, record.current_stage = "preempted", 2
+    record.status, record.current_stage = JobStatus.PREEMPTED, 2
     record.stages[0].status, record.stages[1].status = "completed", "preempted"
     JobStore(Storage(storage), "svc-stopped").save(record)
     started = st(svc, "scale", "svc-stopped", "--workers", "1", "--from-stage", "2")
@@ -271,6 +270,6 @@ def test_read_only_commands_work_after_the_head_is_gone(svc):
         for args in (["status", "svc1"], ["list"], ["logs", "svc1"], ["checkpoints", "svc1"]):
             out = st(svc, *args)
             assert out.returncode == 0, (args, out.stderr)
-        assert "svc2" in st(svc, "list").stdout
+        assert "svc1" in st(svc, "list").stdout
     finally:
         head.start()  # the head is the session's: the tests after this one use it too

@@ -1,25 +1,22 @@
 #!/usr/bin/env bash
 # The test suite as CI runs it (after `scripts/setup.sh test`): lint, then the tests that start Ray
-# clusters (marker `ray`) one at a time, as a 2-core machine needs both cores for one; beside them, on
-# idle CPU only (SCHED_IDLE, else nice 19), the in-process tests on every core (pytest-xdist). A Ray test
-# spends much of its time waiting on Ray's process start-ups, one after another: the in-process tests
-# fill those idle cycles without taking a core from it. Their report is printed after the Ray tests'.
-# Extra arguments go to both pytest runs (-x, -k NAME, a test file...).
+# clusters (marker `ray`) one at a time, as a 2-core machine needs both cores for one; beside them, at
+# low CPU priority (nice 15), the in-process tests on every core (pytest-xdist). A Ray test spends much of
+# its time waiting on Ray's process start-ups, one after another: the in-process tests fill those cycles.
+# Their report is printed after the Ray tests'. Extra arguments go to both pytest runs (-x, -k NAME...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ok() { [ "$1" = 0 ] || [ "$1" = 5 ]; } # 5: nothing selected (-k matching only one half) is no failure
 .venv/bin/ruff check .
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-idle="nice -n 19" # the xdist workers inherit it
-command -v chrt >/dev/null && chrt --idle 0 true 2>/dev/null && idle="chrt --idle 0"
 (
-  code=0
-  $idle .venv/bin/python -m pytest -q -m "not ray" -n auto --basetemp="$tmp/in-process" "$@" \
+  code=0 # the xdist workers inherit the priority
+  nice -n 15 .venv/bin/python -m pytest -q -m "not ray" -n auto --basetemp="$tmp/in-process" "$@" \
     >"$tmp/in-process.log" 2>&1 || code=$?
   echo "$code" >"$tmp/in-process.rc"
 ) &
-echo "in-process tests: running beside the Ray tests on idle CPU; their report follows the Ray tests'"
+echo "in-process tests: running beside the Ray tests at low priority; their report follows the Ray tests'"
 ray_rc=0
 .venv/bin/python -m pytest -q -m ray --basetemp="$tmp/ray" "$@" || ray_rc=$?
 wait

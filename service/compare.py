@@ -50,6 +50,7 @@ def baseline_spec(spec: JobSpec) -> JobSpec:
             "max_lr": None,
             "pct_start": None,
             "resolution_ramp_steps": 0,  # one stage: nothing to ramp from
+            "regularization_ramp_steps": 0,
         }
     ]
     raw["schedule"]["strategy"] = "global_onecycle"

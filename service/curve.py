@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from service.plan import Plan
+    from service.spec import JobSpec, Regularization
 
 
 def onecycle(
@@ -137,3 +138,16 @@ def resolution(plan: Plan, step: int) -> int:
     if n == 0 or local >= n:
         return stage.resolution
     return round(stage.ramp_from + (stage.resolution - stage.ramp_from) * (local + 1) / (n + 1))
+
+
+def regularization(spec: JobSpec, plan: Plan, step: int) -> Regularization:
+    """The regularization of optimizer step ``step``: its stage's (``JobSpec.stage_regularization``),
+    or on the way to it over the stage's first ``regularization_ramp_steps`` steps, from the previous
+    stage's (``Regularization.toward``), as ``resolution`` ramps."""
+    stage = plan.stage_at(step)
+    target = spec.stage_regularization(stage.index)
+    n = spec.stages[stage.index].regularization_ramp_steps
+    local = step - plan.stages[plan.row(stage) - stage.segment].step_start  # from the stage's first step
+    if n == 0 or local >= n:
+        return target
+    return spec.stage_regularization(stage.index - 1).toward(target, (local + 1) / (n + 1))

@@ -216,11 +216,9 @@ def build_plan(spec: JobSpec, dataset_size: int, history: tuple[StageLayout, ...
             problems.append(
                 f"stages[{i}].max_lr: must exceed schedule.min_lr {spec.schedule.min_lr}, got {max_lr}"
             )
-        if st.resolution_ramp_steps >= steps0:
-            problems.append(
-                f"stages[{i}].resolution_ramp_steps: must be fewer than the stage's {steps0} steps, got "
-                f"{st.resolution_ramp_steps}"
-            )
+        for ramp in ("resolution_ramp_steps", "regularization_ramp_steps"):
+            if (n := getattr(st, ramp)) >= steps0:
+                problems.append(f"stages[{i}].{ramp}: must be fewer than the stage's {steps0} steps, got {n}")
         stream_samples, offset = steps0 * gb0, 0
         for j, layout in enumerate(layouts):
             gb = layout.global_batch

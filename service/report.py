@@ -88,7 +88,12 @@ def regularization_lines(spec, plan: Plan) -> list[str]:
     if all(r == type(r)() for r in regs):
         return []
     shown = sorted({s.index for s in plan.stages})
-    return [f"stage {i + 1} regularization: {regs[i].describe()}" for i in shown]
+    ramps = {i: n for i in shown if (n := spec.stages[i].regularization_ramp_steps)}
+    return [
+        f"stage {i + 1} regularization: {regs[i].describe()}"
+        + (f" (from stage {i}'s over its first {ramps[i]} steps)" if i in ramps else "")
+        for i in shown
+    ]
 
 
 def peak_lr_note(plan: Plan) -> str:

@@ -316,6 +316,31 @@ class Regularization(_Model):
     def mixes(self) -> bool:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
+    def toward(self, target: Regularization, t: float) -> Regularization:
+        """``t`` (0..1) of the way from this regularization to ``target`` (``regularization_ramp_steps``):
+        every number linearly, RandAugment's integers rounded (off counts as 0 ops of magnitude 0);
+        dropout and drop-path only where both are set (else the target's)."""
+
+        def lerp(a: float, b: float) -> float:
+            return a + (b - a) * t
+
+        off = RandAugmentSpec(num_ops=0, magnitude=0)
+        a, b = self.randaugment or off, target.randaugment or off
+        values: dict = {
+            name: lerp(getattr(self, name), getattr(target, name))
+            for name in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob")
+        }
+        for name in ("dropout", "drop_path"):
+            v, w = getattr(self, name), getattr(target, name)
+            values[name] = w if v is None or w is None else lerp(v, w)
+        return Regularization(
+            **values,
+            randaugment=RandAugmentSpec(
+                num_ops=round(lerp(a.num_ops, b.num_ops)), magnitude=round(lerp(a.magnitude, b.magnitude))
+            ),
+            random_erasing=lerp(self.random_erasing, target.random_erasing),
+        )
+
     def describe(self) -> str:
         parts = [f"label_smoothing {self.label_smoothing:g}"]
         if self.mixes:
@@ -348,6 +373,12 @@ class StageSpec(_Model):
         0,
         description="grow the resolution step by step from the previous stage's to this one's over the "
         "first N steps (batches resized on the device), instead of jumping at the boundary; 0 = jump",
+    )
+    regularization_ramp_steps: NonNegInt = Field(
+        0,
+        description="move every regularization number step by step from the previous stage's to this "
+        "one's over the first N steps (RandAugment and erasing by each sample's step), instead of "
+        "switching at the boundary; 0 = switch",
     )
     min_workers: PositiveInt | None = Field(
         None,
@@ -596,6 +627,11 @@ class JobSpec(_Model):
             raise ValueError(
                 "stages[0].resolution_ramp_steps: the first stage has no earlier resolution to ramp from, "
                 f"got {self.stages[0].resolution_ramp_steps}; set it on a later stage"
+            )
+        if self.stages[0].regularization_ramp_steps:
+            raise ValueError(
+                "stages[0].regularization_ramp_steps: the first stage has no earlier regularization to "
+                f"ramp from, got {self.stages[0].regularization_ramp_steps}; set it on a later stage"
             )
         for i, st in enumerate(self.stages):
             if st.min_workers is not None and st.min_workers > st.workers:

@@ -268,3 +268,146 @@ def test_plan_prints_each_stages_effective_regularization():
         "stage 3 regularization: label_smoothing 0.1, mixup_alpha 0.2, cutmix_alpha 1, mix_prob 1, "
         "switch_prob 0.5, randaugment 2x15, random_erasing 0.25"
     ) in out
+
+
+# ---------------------------------------------------------------------------- regularization_ramp_steps
+
+# DEPTH_JOB with everything growing at the boundary, stage 2 ramping over its first 4 of 8 steps.
+RAMP_JOB = {
+    **DEPTH_JOB,
+    "name": "ramp",
+    "stages": [
+        {
+            "resolution": 8,
+            "epochs": 1,
+            "batch_size": 8,
+            "regularization": {"dropout": 0.1, "drop_path": 0.1, "label_smoothing": 0.1},
+        },
+        {
+            "resolution": 12,
+            "epochs": 1,
+            "batch_size": 8,
+            "regularization_ramp_steps": 4,
+            "regularization": {
+                "dropout": 0.5,
+                "drop_path": 0.3,
+                "label_smoothing": 0.2,
+                "mixup_alpha": 0.8,
+                "cutmix_alpha": 1.0,
+                "randaugment": {"num_ops": 2, "magnitude": 10},
+                "random_erasing": 0.5,
+            },
+        },
+    ],
+}
+
+
+def test_a_regularization_ramp_moves_every_number_from_the_previous_stages():
+    from service.curve import regularization
+
+    spec = make_spec(**RAMP_JOB)
+    plan = build_plan(spec, spec.data.size)
+    start = plan.stages[1].step_start
+    ramp = [regularization(spec, plan, start + k) for k in range(5)]
+    for k, r in enumerate(ramp[:4]):
+        t = (k + 1) / 5
+        assert r.dropout == pytest.approx(0.1 + 0.4 * t) and r.drop_path == pytest.approx(0.1 + 0.2 * t)
+        assert r.label_smoothing == pytest.approx(0.1 + 0.1 * t) and r.mixup_alpha == pytest.approx(0.8 * t)
+        assert r.random_erasing == pytest.approx(0.5 * t)
+        assert (r.randaugment.num_ops, r.randaugment.magnitude) == (round(2 * t), round(10 * t))
+    assert ramp[4] == spec.stage_regularization(1)  # the ramp is over
+    assert regularization(spec, plan, start - 1) == spec.stage_regularization(0)
+    lines = regularization_lines(spec, plan)
+    assert lines[1].endswith("(from stage 1's over its first 4 steps)") and "from" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "stages,expected",
+    [
+        (
+            [{"resolution": 8, "epochs": 1, "batch_size": 8, "regularization_ramp_steps": 2}],
+            "stages[0].regularization_ramp_steps: the first stage has no earlier regularization",
+        ),
+        (
+            [
+                {"resolution": 8, "epochs": 1, "batch_size": 8},
+                {"resolution": 8, "epochs": 1, "batch_size": 8, "regularization_ramp_steps": 8},
+            ],
+            "stages[1].regularization_ramp_steps: must be fewer than the stage's 8 steps, got 8",
+        ),
+        (
+            [
+                {"resolution": 8, "epochs": 1, "batch_size": 8},
+                {"resolution": 8, "epochs": 1, "batch_size": 8, "regularization_ramp_steps": -1},
+            ],
+            "stages[1].regularization_ramp_steps: must be >= 0, got -1",
+        ),
+    ],
+)
+def test_a_bad_regularization_ramp_names_the_field(stages, expected):
+    with pytest.raises(SpecError) as e:
+        spec = make_spec(**{**TINY_IN_PROCESS, "stages": stages})
+        build_plan(spec, spec.data.size)
+    assert any(expected in p for p in e.value.problems), e.value.problems
+
+
+def test_a_ramped_stage_augments_each_sample_by_its_step():
+    source = SyntheticImages(8, 10, 3, seed=0, split="train")
+
+    def dataset(**kw):
+        return StageDataset(source, 16, train=True, seed=1, stage=0, **kw)
+
+    ramped = dataset(randaugment=(3, 15), random_erasing=1.0, augment_at={0: ((0, 0), 0.0), 1: ((2, 7), 0.5)})
+    plain, strong, middle = (
+        dataset(),
+        dataset(randaugment=(3, 15), random_erasing=1.0),
+        dataset(randaugment=(2, 7), random_erasing=0.5),
+    )
+    for i in range(8):
+        assert torch.equal(ramped[(i, 0, 0)][0], plain[(i, 0)][0])  # the ramp's start: none yet
+        assert torch.equal(ramped[(i, 0, 1)][0], middle[(i, 0)][0])  # on the way
+        assert torch.equal(ramped[(i, 0, 5)][0], strong[(i, 0)][0])  # past the ramp: the stage's own
+        assert torch.equal(ramped[(i, 0, 1)][0], ramped[(i, 0, 1)][0])  # same keys, same pixels
+
+
+def test_a_regularization_ramp_resumes_mid_ramp_exactly(tmp_path):
+    """Stage 2 ramps dropout, drop-path, label smoothing, mixup/cutmix, RandAugment and erasing over its
+    first 4 steps: a run stopped 2 steps into the ramp and restored ends bit for bit as the run straight
+    through, with stage 2's own rates once the ramp is over."""
+    spec = make_spec(**RAMP_JOB)
+    plan = build_plan(spec, spec.data.size)
+    straight_url, resumed_url = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    runner = StageRunner(spec, plan, 0, "j", straight_url)
+    runner.run()
+    runner.next_stage()
+    runner.run()
+    assert _rates(runner.raw_model) == ([0.5], [0.15, 0.3])
+    _, straight = load(store(straight_url), store(straight_url).latest()[0].tag)
+
+    StageRunner(spec, plan, 0, "j", resumed_url).run()
+    stop = StopAfter(2)
+    assert (
+        StageRunner(spec, plan, 1, "j", resumed_url, stop_requested=stop, on_step=stop.on_step)
+        .run()
+        .preempted
+    )
+    resumed = StageRunner(spec, plan, 1, "j", resumed_url)
+    assert resumed.restored_from == f"step-{plan.stages[1].step_start + 2:09d}"
+    resumed.run()
+    _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
+    for part in ("model", "optimizer", "rng"):
+        assert_same(final[part], straight[part], part)
+    # and the ramp changed the training: without it, another end
+    flat = make_spec(
+        **{
+            **RAMP_JOB,
+            "stages": [RAMP_JOB["stages"][0], {**RAMP_JOB["stages"][1], "regularization_ramp_steps": 0}],
+        }
+    )
+    other_url = str(tmp_path / "flat")
+    runner = StageRunner(flat, build_plan(flat, flat.data.size), 0, "j", other_url)
+    runner.run()
+    runner.next_stage()
+    runner.run()
+    _, other = load(store(other_url), store(other_url).latest()[0].tag)
+    assert any(not torch.equal(other["model"][k], straight["model"][k]) for k in straight["model"])

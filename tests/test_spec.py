@@ -179,7 +179,8 @@ MISTAKES = [
         {"stages[0].foo": 1},
         "stages[0].foo: unknown field; expected one of resolution, epochs, data_fraction, batch_size, "
         "workers,"
-        " grad_accum, max_lr, pct_start, compile, resolution_ramp_steps, min_workers, regularization",
+        " grad_accum, max_lr, pct_start, compile, resolution_ramp_steps, regularization_ramp_steps,"
+        " min_workers, regularization",
     ),
     # missing fields and empty lists
     ("missing-max-lr", {"schedule.max_lr": DELETE}, "schedule.max_lr: required field is missing"),

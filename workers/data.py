@@ -171,19 +171,27 @@ class StageDataset(Dataset):
         hflip: bool = True,
         randaugment: tuple[int, int] | None = None,
         random_erasing: float = 0.0,
+        augment_at: dict[int, tuple[tuple[int, int], float]] | None = None,
     ):
         self.source, self.resolution, self.train = source, resolution, train
         self.seed, self.stage = seed, stage
         if isinstance(source, ImageFolderImages):
             source.draft_size = resolution
+        # regularization_ramp_steps: {sampler step: ((num_ops, magnitude), erasing p)} for the steps whose
+        # samples get their own (the sampler then yields (id, epoch, step)); the others, the stage's
+        self.augment_at = augment_at or {}
+        self.stage_augment = (randaugment or (0, 0), random_erasing)
+        ramps = bool(self.augment_at)
+        self._randaugment = v2.RandAugment(*self.stage_augment[0])
+        self._erasing = v2.RandomErasing(random_erasing, value=0)
         if train:
             self.transform = v2.Compose(
                 [
                     v2.RandomResizedCrop(resolution, scale=crop_scale, antialias=True),
                     v2.RandomHorizontalFlip() if hflip else v2.Identity(),
                     # (num_ops, magnitude); seeded with the rest: same (seed, stage, epoch, index), same ops
-                    v2.RandAugment(*randaugment) if randaugment and randaugment[0] else v2.Identity(),
-                    v2.RandomErasing(random_erasing, value=0) if random_erasing else v2.Identity(),
+                    self._randaugment if ramps or (randaugment and randaugment[0]) else v2.Identity(),
+                    self._erasing if ramps or random_erasing else v2.Identity(),
                 ]
             )
         else:
@@ -192,9 +200,14 @@ class StageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)  # StageSampler yields (id, epoch)
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        # StageSampler yields (id, epoch), or (id, epoch, step) for a stage that ramps its augmentation
+        index, epoch, step = (key + (None,))[:3] if isinstance(key, tuple) else (key, 0, None)
         image, label = self.source[index]
+        if self.augment_at:
+            (self._randaugment.num_ops, self._randaugment.magnitude), self._erasing.p = self.augment_at.get(
+                step, self.stage_augment
+            )
         if self.train:
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only: torch.manual_seed also seeds every accelerator, and while CUDA
@@ -298,6 +311,7 @@ class StageSampler(Sampler[tuple[int, int]]):
         first_step: int,
         last_step: int,
         stream_offset: int = 0,
+        with_step: bool = False,
     ):
         if micro_batch * world_size * (global_batch // (micro_batch * world_size)) != global_batch:
             raise ValueError(
@@ -312,6 +326,7 @@ class StageSampler(Sampler[tuple[int, int]]):
         )
         self.grad_accum = global_batch // (micro_batch * world_size)
         self.first_step, self.last_step, self.stream_offset = first_step, last_step, stream_offset
+        self.with_step = with_step  # yield (id, epoch, step): StageDataset's augment_at
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -341,10 +356,10 @@ class StageSampler(Sampler[tuple[int, int]]):
             )
         return out
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         for step in range(self.first_step, self.last_step):
             for micro in self.step_ids(step):
-                yield from micro
+                yield from ((i, epoch, step) for i, epoch in micro) if self.with_step else micro
 
     def __len__(self) -> int:
         return (self.last_step - self.first_step) * self.grad_accum * self.micro_batch

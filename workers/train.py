@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from checkpoints.checkpointer import AsyncCheckpointer, decode, load
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore, package_versions, tag_for
-from service.curve import resolution
+from service.curve import regularization, resolution
 from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
@@ -532,11 +532,28 @@ class StageRunner:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
             yield x, y.to(self.device, non_blocking=True)
 
+    def ramped(self, first: int, last: int | None = None) -> dict:
+        """{step: its ``Regularization``} for the steps among ``[first, last)`` (counted as
+        ``train_data``'s) that fall in the stage's ``regularization_ramp_steps``; the others use the
+        stage's own."""
+        st = self.stage
+        stage_start = self.plan.stages[self.plan.row(st) - st.segment].step_start
+        ramp_end = stage_start + self.spec.stages[st.index].regularization_ramp_steps
+        last_step = st.step_start + (st.steps if last is None else last)
+        steps = range(st.step_start + first, min(last_step, ramp_end))
+        return {step: regularization(self.spec, self.plan, step) for step in steps}
+
     def train_data(self, first: int, last: int | None = None):
         """(sampler, batches on the device) of this rank for the stage's steps ``[first, last)``
         (counted from the stage's start; ``last`` defaults to the stage's end)."""
         st, spec = self.stage, self.spec
         reg = spec.stage_regularization(st.index)
+        ramped = self.ramped(first, last)
+        # per sample (RandAugment, erasing), by the sampler's step: the dataset sees only the sample
+        augment_at = {
+            step - st.step_start: ((r.randaugment.num_ops, r.randaugment.magnitude), r.random_erasing)
+            for step, r in ramped.items()
+        }
         source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
         if len(source) != self.plan.dataset_size:
             raise RuntimeError(
@@ -553,6 +570,7 @@ class StageRunner:
             hflip=spec.data.hflip,
             randaugment=(reg.randaugment.num_ops, reg.randaugment.magnitude) if reg.randaugment else None,
             random_erasing=reg.random_erasing,
+            augment_at=augment_at or None,
         )
         sampler = StageSampler(
             stage_subset(self.plan.dataset_size, st.subset_size, spec.seed),
@@ -566,18 +584,28 @@ class StageRunner:
             first_step=first,
             last_step=st.steps if last is None else last,
             stream_offset=st.stream_offset,
+            with_step=bool(augment_at),
         )
         batches = self._batches(self._loader(train_set, sampler), follow_ramp=True)
-        return sampler, (self._mixed(batches, reg, first) if reg.mixes else batches)
+        mixes = reg.mixes or any(r.mixes for r in ramped.values())
+        return sampler, (self._mixed(batches, reg, ramped, first) if mixes else batches)
 
-    def _mixed(self, batches, reg, first: int):
-        """Mixup/cutmix of each micro-batch (``mix_batch``), keyed by its global step, its index within
-        the step and the rank: a function of where training is, so a resume mixes as before."""
+    def _mixed(self, batches, reg, ramped: dict, first: int):
+        """Mixup/cutmix of each micro-batch (``mix_batch``; ``ramped``: the steps with their own), keyed
+        by its global step, its index within the step and the rank: a function of where training is, so
+        a resume mixes as before."""
         for k, (x, y) in enumerate(batches):
             step = self.stage.step_start + first + k // self.stage.grad_accum
             micro = k % self.stage.grad_accum
             yield mix_batch(
-                x, y, self.spec.model.num_classes, reg, self.spec.seed, step, micro, self.dist.rank
+                x,
+                y,
+                self.spec.model.num_classes,
+                ramped.get(step, reg),
+                self.spec.seed,
+                step,
+                micro,
+                self.dist.rank,
             )
 
     # ----------------------------------------------------------------------------------- train
@@ -593,8 +621,8 @@ class StageRunner:
         self.model.train()
         first = self.progress.step - st.step_start
         sampler, batches = self.train_data(first)
-
-        smoothing = spec.stage_regularization(st.index).label_smoothing
+        reg, ramped = spec.stage_regularization(st.index), self.ramped(first)
+        smoothing = reg.label_smoothing
         clip = spec.train.grad_clip_norm
 
         def loss_fn(logits, y):  # y: class indices, or probabilities after mixup/cutmix
@@ -611,6 +639,10 @@ class StageRunner:
                     return self._preempt()
                 window_start = time.perf_counter()
             self.resolution = resolution(self.plan, step)
+            if step in ramped or ramped and step == max(ramped) + 1:  # regularization_ramp_steps
+                r = ramped.get(step, reg)
+                smoothing = r.label_smoothing  # loss_fn reads it when called
+                set_stage_rates(self.raw_model, r.dropout, r.drop_path, spec.model.label)
             lr, momentum = self._lr_momentum()
             loss = accumulate(
                 self.model, self.ddp, batches, st.grad_accum, loss_fn, self._autocast, self.scaler

@@ -129,12 +129,18 @@ def lr_momentum(plan: Plan, step: int) -> tuple[float, float]:
     return lr * lr_factor(plan, step) * stage_warmup(plan, step), momentum
 
 
+def stage_local(plan: Plan, step: int) -> int:
+    """Optimizer steps from the first step of ``step``'s stage to ``step`` (from its first segment's,
+    when a mid-stage layout change split the stage into plan rows)."""
+    stage = plan.stage_at(step)
+    return step - plan.stages[plan.row(stage) - stage.segment].step_start
+
+
 def resolution(plan: Plan, step: int) -> int:
     """The image resolution of optimizer step ``step``: the stage's, or on the way to it over the
     stage's first ``resolution_ramp_steps`` steps (from the previous stage's resolution)."""
     stage = plan.stage_at(step)
-    n = stage.resolution_ramp_steps
-    local = step - plan.stages[plan.row(stage) - stage.segment].step_start  # from the stage's first step
+    n, local = stage.resolution_ramp_steps, stage_local(plan, step)
     if n == 0 or local >= n:
         return stage.resolution
     return round(stage.ramp_from + (stage.resolution - stage.ramp_from) * (local + 1) / (n + 1))
@@ -146,8 +152,7 @@ def regularization(spec: JobSpec, plan: Plan, step: int) -> Regularization:
     stage's (``Regularization.toward``), as ``resolution`` ramps."""
     stage = plan.stage_at(step)
     target = spec.stage_regularization(stage.index)
-    n = spec.stages[stage.index].regularization_ramp_steps
-    local = step - plan.stages[plan.row(stage) - stage.segment].step_start  # from the stage's first step
+    n, local = spec.stages[stage.index].regularization_ramp_steps, stage_local(plan, step)
     if n == 0 or local >= n:
         return target
     return spec.stage_regularization(stage.index - 1).toward(target, (local + 1) / (n + 1))

@@ -80,7 +80,7 @@ def new_job_id(name: str) -> str:
 
 
 class StageRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     stage: int  # 1-based
     status: StageStatus = "pending"
     workers: int
@@ -100,7 +100,7 @@ class StageRecord(BaseModel):
 class LayoutChange(BaseModel):
     """A worker-count change of stages not yet started (``stagetrain scale``, ``resume --workers``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     at: str
     source: str
     step: int  # applied when the job was at this step
@@ -112,14 +112,14 @@ class SinkState(BaseModel):
     """A metrics sink of the last coordinator attempt: ``failed`` its first error (it was disabled then),
     ``dropped`` the records it did not write (failed, or too slow for its queue)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     name: str
     failed: str | None = None
     dropped: int = 0
 
 
 class JobRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     version: int = RECORD_VERSION
     job_id: str
     name: str

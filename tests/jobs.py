@@ -14,7 +14,7 @@ import yaml
 from checkpoints.store import MODEL_FILE, STATE_FILE
 from service.layout import CHECKPOINTS, METRICS_FILE
 from tests.conftest import BASE_SPEC, merge
-from tests.helpers import assert_same, cli_env, stagetrain
+from tests.helpers import cli_env, stagetrain
 
 TINY = merge(
     BASE_SPEC,
@@ -205,23 +205,3 @@ def held(job_dir, step: int, ranks: int, proc=None, timeout: float = 300) -> lis
         assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for a hold at step {step}"
         time.sleep(0.05)
     return [json.loads(storage.read_text(n)) for n in names]
-
-
-def assert_equivalent(job_dir, straight_dir, resumed_from: list[int]) -> None:
-    """A run interrupted and resumed at ``resumed_from`` ended bit-identical to the uninterrupted one:
-    model, optimizer, scheduler, and every step logged from the first resume point on."""
-    model_a, state_a = final_state(straight_dir)
-    model_b, state_b = final_state(job_dir)
-    assert_same(model_a, model_b, "model")
-    assert_same(state_a["optimizer"], state_b["optimizer"], "optimizer")
-    assert_same(state_a["scheduler"], state_b["scheduler"], "scheduler")
-    ref = {m["step"]: m for m in read_metrics(straight_dir) if m.get("kind", "step") == "step"}
-    got = {m["step"]: m for m in read_metrics(job_dir) if m.get("kind", "step") == "step"}
-    assert sorted(ref) == list(range(TOTAL))
-    # The driver writes the metrics: steps whose report had not reached it when it was killed are not
-    # logged (the checkpoint covers them, so they are not re-run). From the last resume point on every
-    # step is logged; every step logged after the first resume point matches the uninterrupted run.
-    assert set(range(max(resumed_from), TOTAL)) <= set(got)
-    for step in sorted(s for s in got if s >= min(resumed_from)):
-        for key in ("lr", "momentum", "loss", "samples_seen"):
-            assert got[step][key] == ref[step][key], (step, key)

@@ -163,12 +163,12 @@ def run_job(url: str, stop: StopAfter | None = None):
 def test_all_regularization_on_resumes_mid_stage_exactly(tmp_path):
     straight_url, resumed_url = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_job(straight_url)
-    _, straight = load(store(straight_url), store(straight_url).latest()[0].tag)
+    straight = _newest(straight_url)
     stopped = run_job(resumed_url, stop=StopAfter(4))
     assert stopped.preempted and stopped.step == 4
     end = run_job(resumed_url)
     assert end.restored_from == "step-000000004"
-    _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
+    final = _newest(resumed_url)
     for part in ("model", "optimizer", "rng"):
         assert_same(final[part], straight[part], part)
 
@@ -235,23 +235,29 @@ def test_dropout_and_drop_path_per_stage_resume_mid_stage_exactly(tmp_path):
     runner.next_stage()
     assert _rates(runner.raw_model) == ([0.5], [0.15, 0.3])
     runner.run()
-    _, straight = load(store(straight_url), store(straight_url).latest()[0].tag)
+    straight = _newest(straight_url)
 
-    first = StageRunner(spec, plan, 0, "j", resumed_url)
-    first.run()
-    stop = StopAfter(2)  # steps of this runner: mid stage 2
-    assert (
-        StageRunner(spec, plan, 1, "j", resumed_url, stop_requested=stop, on_step=stop.on_step)
-        .run()
-        .preempted
-    )
-    resumed = StageRunner(spec, plan, 1, "j", resumed_url)
-    assert resumed.restored_from == f"step-{plan.stages[1].step_start + 2:09d}"
+    resumed = _stopped_in_stage_2_and_restored(spec, plan, resumed_url)
     assert _rates(resumed.raw_model) == ([0.5], [0.15, 0.3])
     resumed.run()
-    _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
+    final = _newest(resumed_url)
     for part in ("model", "optimizer", "rng"):
         assert_same(final[part], straight[part], part)
+
+
+def _stopped_in_stage_2_and_restored(spec, plan, url: str) -> StageRunner:
+    """Stage 1 run, stage 2 stopped after its first 2 steps: the runner restored from there, not run yet."""
+    StageRunner(spec, plan, 0, "j", url).run()
+    stop = StopAfter(2)  # steps of this runner
+    assert StageRunner(spec, plan, 1, "j", url, stop_requested=stop, on_step=stop.on_step).run().preempted
+    resumed = StageRunner(spec, plan, 1, "j", url)
+    assert resumed.restored_from == f"step-{plan.stages[1].step_start + 2:09d}"
+    return resumed
+
+
+def _newest(url: str) -> dict:
+    """The newest committed checkpoint's state under ``url``."""
+    return load(store(url), store(url).latest()[0].tag)[1]
 
 
 def test_plan_prints_each_stages_effective_regularization():
@@ -382,19 +388,10 @@ def test_a_regularization_ramp_resumes_mid_ramp_exactly(tmp_path):
     runner.next_stage()
     runner.run()
     assert _rates(runner.raw_model) == ([0.5], [0.15, 0.3])
-    _, straight = load(store(straight_url), store(straight_url).latest()[0].tag)
+    straight = _newest(straight_url)
 
-    StageRunner(spec, plan, 0, "j", resumed_url).run()
-    stop = StopAfter(2)
-    assert (
-        StageRunner(spec, plan, 1, "j", resumed_url, stop_requested=stop, on_step=stop.on_step)
-        .run()
-        .preempted
-    )
-    resumed = StageRunner(spec, plan, 1, "j", resumed_url)
-    assert resumed.restored_from == f"step-{plan.stages[1].step_start + 2:09d}"
-    resumed.run()
-    _, final = load(store(resumed_url), store(resumed_url).latest()[0].tag)
+    _stopped_in_stage_2_and_restored(spec, plan, resumed_url).run()
+    final = _newest(resumed_url)
     for part in ("model", "optimizer", "rng"):
         assert_same(final[part], straight[part], part)
     # and the ramp changed the training: without it, another end
@@ -409,5 +406,5 @@ def test_a_regularization_ramp_resumes_mid_ramp_exactly(tmp_path):
     runner.run()
     runner.next_stage()
     runner.run()
-    _, other = load(store(other_url), store(other_url).latest()[0].tag)
+    other = _newest(other_url)
     assert any(not torch.equal(other["model"][k], straight["model"][k]) for k in straight["model"])

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from checkpoints.checkpointer import AsyncCheckpointer, decode, load
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore, package_versions, tag_for
-from service.curve import regularization, resolution
+from service.curve import regularization, resolution, stage_local
 from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
@@ -537,15 +537,18 @@ class StageRunner:
         ``train_data``'s) that fall in the stage's ``regularization_ramp_steps``; the others use the
         stage's own."""
         st = self.stage
-        stage_start = self.plan.stages[self.plan.row(st) - st.segment].step_start
-        ramp_end = stage_start + self.spec.stages[st.index].regularization_ramp_steps
+        ramp_end = (
+            st.step_start
+            - stage_local(self.plan, st.step_start)
+            + self.spec.stages[st.index].regularization_ramp_steps
+        )
         last_step = st.step_start + (st.steps if last is None else last)
         steps = range(st.step_start + first, min(last_step, ramp_end))
         return {step: regularization(self.spec, self.plan, step) for step in steps}
 
     def train_data(self, first: int, last: int | None = None):
-        """(sampler, batches on the device) of this rank for the stage's steps ``[first, last)``
-        (counted from the stage's start; ``last`` defaults to the stage's end)."""
+        """(sampler, batches on the device, ``ramped``) of this rank for the stage's steps
+        ``[first, last)`` (counted from the stage's start; ``last`` defaults to the stage's end)."""
         st, spec = self.stage, self.spec
         reg = spec.stage_regularization(st.index)
         ramped = self.ramped(first, last)
@@ -588,7 +591,7 @@ class StageRunner:
         )
         batches = self._batches(self._loader(train_set, sampler), follow_ramp=True)
         mixes = reg.mixes or any(r.mixes for r in ramped.values())
-        return sampler, (self._mixed(batches, reg, ramped, first) if mixes else batches)
+        return sampler, (self._mixed(batches, reg, ramped, first) if mixes else batches), ramped
 
     def _mixed(self, batches, reg, ramped: dict, first: int):
         """Mixup/cutmix of each micro-batch (``mix_batch``; ``ramped``: the steps with their own), keyed
@@ -620,8 +623,8 @@ class StageRunner:
         pending, window_start = [], time.perf_counter()
         self.model.train()
         first = self.progress.step - st.step_start
-        sampler, batches = self.train_data(first)
-        reg, ramped = spec.stage_regularization(st.index), self.ramped(first)
+        sampler, batches, ramped = self.train_data(first)
+        reg = spec.stage_regularization(st.index)
         smoothing = reg.label_smoothing
         clip = spec.train.grad_clip_norm
 

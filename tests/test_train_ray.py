@@ -1,6 +1,12 @@
-"""Training on a real local Ray cluster (2 CPU workers, gloo). Checked from the recorded metrics."""
+"""Training on a real Ray cluster (CPU workers, gloo), checked from the recorded metrics: the Python API
+on a local Ray of its own (the embedded default: no address, no ``RAY_ADDRESS``), and a stage too big for
+the session's head."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -8,32 +14,63 @@ from service.curve import curve, lr_momentum
 from service.plan import build_plan
 from service.spec import validate_spec
 from tests.conftest import merge
+from tests.helpers import REPO
 from tests.jobs import TINY, cli_env, read_metrics, read_record, stagetrain, write_job
 
 pytestmark = pytest.mark.ray
 
+# A script of its own, as a notebook or a pipeline step would drive a job: run, then read it back.
+SCRIPT = """
+import json, sys
+import stagetrain
 
-def test_run_follows_the_plan_and_fewer_workers_get_the_rescaled_lr(tmp_path):
-    """TINY's two stages (2 workers, then 1 worker x accum 2: the same global batch, LR factor 1) and a
-    third on 1 worker without accumulation (global batch 16: linear rule, factor 0.5), in one run."""
+job = stagetrain.run(json.loads(sys.argv[1]), storage=sys.argv[2], job_id="t1")
+state = job.status()
+exported = job.export()
+print("RESULT " + json.dumps({
+    "job": [job.job_id, job.storage],
+    "status": state.status,
+    "step": state.step,
+    "checkpoint": state.checkpoint.tag,
+    "metrics": job.metrics(),
+    "export": [exported.path, exported.checkpoint, exported.step],
+}))
+"""
+
+
+def test_the_python_api_runs_a_job_on_a_local_ray_that_follows_the_plan_and_reads_it_back(tmp_path):
+    """``stagetrain.run`` with no address starts a local Ray (the README's embedded default) and trains
+    TINY's two stages (2 workers, then 1 worker x accum 2: the same global batch, LR factor 1) and a third
+    on 1 worker without accumulation (global batch 16: linear rule, factor 0.5); ``status``, ``metrics``
+    and ``export`` read back what it left, and every step follows the plan."""
+    from workers.models import load_exported
+
     spec_dict = merge(TINY, {"name": "plan-check"})
     spec_dict["stages"] = [*TINY["stages"], {"resolution": 24, "epochs": 0.5, "batch_size": 16, "workers": 1}]
-    job = write_job(tmp_path, spec_dict)
     storage = tmp_path / "runs"
-    proc = stagetrain(
-        "run",
-        job,
-        "--job-id",
-        "t1",
-        "--storage",
-        str(storage),
-        env=cli_env(STAGETRAIN_AUDIT_SAMPLES="1"),
-        check=True,
+    env = cli_env(STAGETRAIN_AUDIT_SAMPLES="1")
+    assert "RAY_ADDRESS" not in env
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(spec_dict), str(storage)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert "succeeded" in proc.stdout
-
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    out = json.loads(lines[0].removeprefix("RESULT "))
     plan = build_plan(validate_spec(spec_dict), spec_dict["data"]["size"])
-    metrics = read_metrics(storage / "t1")
+    assert out["job"] == ["t1", str(storage)]
+    assert (out["status"], out["step"]) == ("succeeded", plan.total_steps)
+    assert out["metrics"] == read_metrics(storage / "t1")
+    assert [m["kind"] for m in out["metrics"]][-1] == "stage_end"
+    path, tag, step = out["export"]
+    assert tag == out["checkpoint"] and step == plan.total_steps and path == f"{storage}/t1/export/{tag}.pt"
+    assert load_exported(path).eval() is not None
+
+    metrics = out["metrics"]
     steps = [m for m in metrics if m.get("kind", "step") == "step"]
     ends = [m for m in metrics if m.get("kind") == "stage_end"]
     # one record per optimizer step, in order

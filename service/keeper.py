@@ -7,6 +7,7 @@ retry, or ``stagetrain resume``) continues the job."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from service.console import first_line
@@ -15,7 +16,8 @@ from service.decisions import Cancelled, keeper_action
 from service.jobs import TERMINAL, JobStatus
 from service.submit import ray_job_state, submit, submit_attempt
 
-KEEPER_POLL_S = 5.0
+# how often the keeper looks (a STAGETRAIN_* setting: forwarded to the keeper's Ray job like the lease's)
+KEEPER_POLL_S = float(os.environ.get("STAGETRAIN_KEEPER_POLL_S", "5"))
 
 
 def keeper_id(job_id: str, attempt: int) -> str:

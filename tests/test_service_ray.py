@@ -46,10 +46,14 @@ THREE = merge(
 
 @pytest.fixture(scope="module")
 def svc(ray_head, tmp_path_factory):
-    """The head, a storage folder and the environment a user's shell has (token auth, short lease)."""
+    """The head, a storage folder and the environment a user's shell has (token auth, short lease, a
+    keeper that looks every second)."""
     storage = tmp_path_factory.mktemp("svc") / "runs"
     env = ray_head.subprocess_env(
-        STAGETRAIN_LEASE_TIMEOUT_S="10", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", PYTHONUNBUFFERED="1"
+        STAGETRAIN_LEASE_TIMEOUT_S="10",
+        STAGETRAIN_KEEPER_POLL_S="1",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
+        PYTHONUNBUFFERED="1",
     )
     return ray_head, str(storage), env
 

@@ -75,4 +75,4 @@ def spec_dict() -> dict:
 
 
 # Session fixtures shared by the resume tests (imported last: tests.jobs uses BASE_SPEC above).
-from tests.jobs import on_head, preempted, straight  # noqa: E402,F401
+from tests.jobs import on_head, straight  # noqa: E402,F401

@@ -115,31 +115,6 @@ def straight(tmp_path_factory, on_head):
     return tmp / "runs" / "straight", job
 
 
-@pytest.fixture(scope="session")
-def preempted(tmp_path_factory, on_head):
-    """The reference run preempted mid stage 2: SIGTERM to its coordinator while the workers hold at
-    step 28. Returns the job folder, the coordinator's exit code and output; a test resumes a copy
-    (``copy_job``), so several start from the same preempted state without re-running it."""
-    import signal
-
-    tmp = tmp_path_factory.mktemp("preempted")
-    job = write_job(tmp, DETERMINISTIC)
-    job_dir = tmp / "runs" / "preempted"
-    hold_at(job_dir, 28)
-    proc = launch("run", job, "--job-id", "preempted", "--storage", str(tmp / "runs"), on=on_head)
-    held(job_dir, 28, ranks=2, proc=proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    return job_dir, proc.returncode, out
-
-
-def copy_job(job_dir, storage):
-    """A copy of the job folder ``job_dir`` under the storage root ``storage`` (same job id)."""
-    import shutil
-
-    return shutil.copytree(job_dir, storage / job_dir.name)
-
-
 def final_state(job_dir, stage: int = 3):
     """Model and train state of the job's stage-``stage`` boundary checkpoint (the last stage's: the end)."""
     tags = sorted(os.listdir(job_dir / CHECKPOINTS))

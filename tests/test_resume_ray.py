@@ -17,7 +17,6 @@ from tests.jobs import (
     DETERMINISTIC,
     TINY,
     TOTAL,
-    copy_job,
     final_state,
     held,
     hold_at,
@@ -113,15 +112,21 @@ def test_sigkill_mid_epoch_and_mid_upload_then_resume_is_bit_identical(tmp_path,
     assert_equivalent(job_dir, straight_dir, resumed_from)
 
 
-def test_sigterm_preempts_with_a_checkpoint_at_the_step_reached(tmp_path, preempted):
-    """SIGTERM to the coordinator (``ray job stop``, a pod deleted): the workers finish their step and
-    commit a checkpoint at exactly the step reached; exit 75. The bit-identical resume of such a stop
-    (a cancel at the same step 28) is test_service_ray.py::test_a_submitted_job_scaled_taken_over_*; on
-    fewer workers, test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step (this very state)."""
-    source, returncode, out = preempted  # SIGTERM to the coordinator while its workers held at step 28
-    assert returncode == 75, out
+def test_sigterm_preempts_with_a_checkpoint_at_the_step_reached(tmp_path, on_head):
+    """SIGTERM to the coordinator (``ray job stop``, a pod deleted) while the workers hold at step 28, mid
+    stage 2: the workers finish their step and commit a checkpoint at exactly the step reached; exit 75.
+    The bit-identical resume of such a stop (a cancel at the same step 28) is
+    test_service_ray.py::test_a_submitted_job_scaled_taken_over_*; a resume on fewer workers mid-stage is
+    test_cluster_ray.py's (and its re-plan and LR, test_decisions.py::test_mid_stage_resize_*)."""
+    job = write_job(tmp_path, DETERMINISTIC)
     storage = tmp_path / "runs"
-    job_dir = copy_job(source, storage)
+    job_dir = storage / "preempted"
+    hold_at(job_dir, 28)
+    proc = launch("run", job, "--job-id", "preempted", "--storage", str(storage), on=on_head)
+    held(job_dir, 28, ranks=2, proc=proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out
     record = read_record(job_dir)
     assert record["status"] == "preempted"
     assert record["stages"][1]["status"] == "preempted"
@@ -201,33 +206,6 @@ def test_a_crash_of_the_training_code_fails_the_job_naming_the_error(tmp_path, o
     assert (stage["attempts"], stage["restarts"], stage["infra_failures"]) == (1, 0, 0)
     printed = (proc.stdout + proc.stderr).replace("\n", "")
     assert "stage 1 failed: worker 0: RuntimeError: boom at training forward 3" in printed, printed
-
-
-def test_resume_on_fewer_workers_rescales_the_lr_from_the_next_step(tmp_path, preempted, on_head):
-    from service.curve import curve, lr_momentum
-    from service.jobs import JobRecord
-
-    source, returncode, out = preempted  # stopped inside stage 2 (steps [24, 36), global batch 32)
-    assert returncode == 75, out
-    storage = tmp_path / "runs"
-    job_dir = copy_job(source, storage)
-    stopped_at = read_record(job_dir)["current_step"]
-    assert stopped_at == 28
-
-    resumed = stagetrain("resume", "preempted", "--storage", str(storage), "--workers", "1", env=on_head)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    record = JobRecord.model_validate(read_record(job_dir))
-    assert record.status == "succeeded"
-    assert [h.until_step for h in record.history] == [stopped_at]
-    plan = record.plan()
-    assert [s.label for s in plan.stages] == ["1", "2.1", "2.2", "3"]
-    steps = {m["step"]: m for m in read_metrics(job_dir) if m.get("kind", "step") == "step"}
-    assert sorted(steps) == list(range(plan.total_steps))
-    for step, m in steps.items():
-        factor = 0.5 if step >= stopped_at else 1.0  # stage 2 (and 3) now on 1 worker: global batch 32 -> 16
-        assert m["lr"] == pytest.approx(curve(plan, step)[0] * factor, rel=1e-12), step
-        assert m["lr"] == pytest.approx(lr_momentum(plan, step)[0], rel=1e-12)
-        assert m["global_batch"] == (16 if step >= stopped_at else 32)
 
 
 def assert_equivalent(job_dir, straight_dir, resumed_from: list[int]) -> None:

@@ -9,10 +9,6 @@ extras=""
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
-  # a current pip: it reads the package indexes' pages faster than a venv's bundled one (pip 23.2 here:
-  # the install took 225 s with it, ~190 s with pip 26, on the 2-core developer machine)
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >.venv/pip.log 2>&1 ||
-    { cat .venv/pip.log >&2; exit 1; }
 fi
 # torch/torchvision come from the wheels on this machine's disk (pip's configured find-links).
 # --no-compile, then compileall on every core: pip byte-compiles its ~22k files on one core (370 s for

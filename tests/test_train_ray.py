@@ -40,13 +40,18 @@ print("RESULT " + json.dumps({
 
 def test_the_python_api_runs_a_job_on_a_local_ray_that_follows_the_plan_and_reads_it_back(tmp_path):
     """``stagetrain.run`` with no address starts a local Ray (the README's embedded default) and trains
-    TINY's two stages (2 workers, then 1 worker x accum 2: the same global batch, LR factor 1) and a third
-    on 1 worker without accumulation (global batch 16: linear rule, factor 0.5); ``status``, ``metrics``
-    and ``export`` read back what it left, and every step follows the plan."""
+    three stages on one layout (2 workers: one ``fit``): 16 a worker, then 8 x accum 2 (the same global
+    batch, LR factor 1), then 8 without accumulation (global batch 16: linear rule, factor 0.5);
+    ``status``, ``metrics`` and ``export`` read back what it left, and every step follows the plan. (A
+    rescaled LR on fewer workers: test_service_ray.py's scale.)"""
     from workers.models import load_exported
 
     spec_dict = merge(TINY, {"name": "plan-check"})
-    spec_dict["stages"] = [*TINY["stages"], {"resolution": 24, "epochs": 0.5, "batch_size": 16, "workers": 1}]
+    spec_dict["stages"] = [
+        {"resolution": 16, "epochs": 1, "batch_size": 16, "workers": 2},
+        {"resolution": 24, "epochs": 1, "batch_size": 8, "workers": 2, "grad_accum": 2},
+        {"resolution": 24, "epochs": 0.5, "batch_size": 8, "workers": 2},
+    ]
     storage = tmp_path / "runs"
     env = cli_env(STAGETRAIN_AUDIT_SAMPLES="1")
     assert "RAY_ADDRESS" not in env
@@ -84,17 +89,17 @@ def test_the_python_api_runs_a_job_on_a_local_ray_that_follows_the_plan_and_read
     for m in steps:
         lr, momentum = lr_momentum(plan, m["step"])
         assert m["lr"] == pytest.approx(lr, rel=1e-12) and m["momentum"] == pytest.approx(momentum, rel=1e-12)
-    # stage 2 has one worker x accum 2 (global 32 = stage 1's): linear rule keeps factor 1 ...
+    # stage 2 has half the micro-batch x accum 2 (global 32 = stage 1's): linear rule keeps factor 1 ...
     assert plan.stages[1].global_batch == 32 and plan.stages[1].lr_scale == 1.0
-    # ... stage 3 has one worker, no accumulation (global 16): the global curve at half the LR
+    # ... stage 3 has no accumulation (global 16): the global curve at half the LR
     assert plan.stages[2].global_batch == 16 and plan.stages[2].lr_scale == 0.5
     for m in steps:
         expected = curve(plan, m["step"])[0] * (0.5 if m["stage"] == 3 else 1.0)
         assert m["lr"] == pytest.approx(expected, rel=1e-12)
     # ... every rank holds identical weights at each stage end
     assert len(ends) == 3
-    assert len(ends[0]["param_digests"]) == 2 and len(set(ends[0]["param_digests"])) == 1
-    assert len(ends[1]["param_digests"]) == 1 and len(ends[2]["param_digests"]) == 1
+    assert all(len(e["param_digests"]) == 2 and len(set(e["param_digests"])) == 1 for e in ends)
+    assert len({e["param_digests"][0] for e in ends}) == 3  # and the weights moved in every stage
     # ... and the ranks read disjoint samples that together make each step's global batch
     for m in steps:
         per_rank = m["sample_ids"]

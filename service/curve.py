@@ -129,11 +129,16 @@ def lr_momentum(plan: Plan, step: int) -> tuple[float, float]:
     return lr * lr_factor(plan, step) * stage_warmup(plan, step), momentum
 
 
-def stage_local(plan: Plan, step: int) -> int:
-    """Optimizer steps from the first step of ``step``'s stage to ``step`` (from its first segment's,
-    when a mid-stage layout change split the stage into plan rows)."""
+def stage_first_step(plan: Plan, step: int) -> int:
+    """The first optimizer step of ``step``'s stage (its first segment's, when a mid-stage layout change
+    split the stage into plan rows)."""
     stage = plan.stage_at(step)
-    return step - plan.stages[plan.row(stage) - stage.segment].step_start
+    return plan.stages[plan.row(stage) - stage.segment].step_start
+
+
+def stage_local(plan: Plan, step: int) -> int:
+    """Optimizer steps from the first step of ``step``'s stage to ``step``."""
+    return step - stage_first_step(plan, step)
 
 
 def resolution(plan: Plan, step: int) -> int:

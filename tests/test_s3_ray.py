@@ -102,14 +102,17 @@ def test_quickstart_on_s3_through_an_endpoint_restart_commits_only_verified_chec
     # Step 9's commit (a periodic one, in stage 2) waits 3 s between payload and manifest: the restart
     # lands there. The lease's writes go through the restart too: a timeout of 30 s, not the tests' 10 s
     # (a renewal retried across the 3 s outage can take ~10 s; the default is 60 s).
-    env = {
-        **on_head,
-        **s3_server.env,
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
-        "STAGETRAIN_LEASE_TIMEOUT_S": "30",
-    }
+    env = {**on_head, **s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
     proc = launch(
-        "run", job, "--job-id", "qs", "--storage", s3_url, on=env, STAGETRAIN_TEST_COMMIT_DELAY_S="3@9"
+        "run",
+        job,
+        "--job-id",
+        "qs",
+        "--storage",
+        s3_url,
+        on=env,
+        STAGETRAIN_TEST_COMMIT_DELAY_S="3@9",
+        STAGETRAIN_LEASE_TIMEOUT_S="30",
     )
     deadline = time.time() + 240
     while time.time() < deadline and proxy.restarts == 0:

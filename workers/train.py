@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from checkpoints.checkpointer import AsyncCheckpointer, decode, load
 from checkpoints.storage import Storage
 from checkpoints.store import CheckpointStore, package_versions, tag_for
-from service.curve import regularization, resolution, stage_local
+from service.curve import regularization, resolution, stage_first_step
 from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
@@ -538,9 +538,7 @@ class StageRunner:
         stage's own."""
         st = self.stage
         ramp_end = (
-            st.step_start
-            - stage_local(self.plan, st.step_start)
-            + self.spec.stages[st.index].regularization_ramp_steps
+            stage_first_step(self.plan, st.step_start) + self.spec.stages[st.index].regularization_ramp_steps
         )
         last_step = st.step_start + (st.steps if last is None else last)
         steps = range(st.step_start + first, min(last_step, ramp_end))

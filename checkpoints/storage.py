@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -335,23 +336,32 @@ class Storage:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
+    def bounded(self, timeout_s: float) -> Storage:
+        """This storage through a client that sends each request once and gives up on it after
+        ``timeout_s`` (to connect, and to read the answer), for callers with a deadline of their own
+        that retry themselves (a lease renewal, a pre-flight check). S3 only: elsewhere, this storage."""
+        if not self.s3:
+            return self
+        options = copy.deepcopy(self.options)
+        config = options.setdefault("config_kwargs", {})
+        config["retries"] = {"max_attempts": 1, "mode": "standard"}
+        config["connect_timeout"] = config["read_timeout"] = timeout_s
+        sub = Storage.__new__(Storage)
+        sub.url, sub.options, sub.local, sub._appenders = self.url, options, False, {}
+        sub.fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **options)
+        sub.fs.retries = 1  # s3fs's own retry loop, on top of botocore's
+        sub.root = root.rstrip("/")
+        return sub
+
     def check(self, timeout_s: float = 5.0) -> None:
         """Fail at once, in one line, if remote storage cannot be used at all (no credentials, endpoint
         unreachable, access denied): one listing of the root through a client that does not retry and
-        waits at most ``timeout_s`` to connect. Anything else is left to the operation that meets it."""
+        waits at most ``timeout_s`` for each answer. Anything else is left to the operation that meets it."""
         if self.local:
             return
-        options = copy.deepcopy(self.options)
-        s3 = self.url.startswith(("s3://", "s3a://"))
-        if s3:
-            config = options.setdefault("config_kwargs", {})
-            config["retries"] = {"max_attempts": 1, "mode": "standard"}
-            config["connect_timeout"] = timeout_s
         try:
-            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **options)
-            if s3:
-                fs.retries = 1  # s3fs's own retry loop, on top of botocore's
-            fs.ls(root.rstrip("/"), detail=False)
+            bounded = self.bounded(timeout_s)
+            bounded.fs.ls(bounded.root, detail=False)
         except FileNotFoundError:
             pass  # an empty prefix: fine
         except Exception as e:  # noqa: BLE001 - classified below, else left alone
@@ -395,6 +405,30 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 3, base_delay: float =
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def within(seconds: float, fn: Callable[[], T], what: str) -> T:
+    """``fn()``, or ``TimeoutError`` if it has not returned after ``seconds``: for callers with a deadline
+    that retry themselves, since a storage client does not always time out (aiohttp waits for an
+    S3 PUT's ``100 Continue`` with no timeout). ``fn`` runs in a daemon thread, left to finish or fail
+    on its own when given up on: it must not touch its caller's state."""
+    done: list = []
+
+    def run() -> None:
+        try:
+            done.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            done.append((False, e))
+
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not done:
+        raise TimeoutError(f"{what}: no answer within {seconds:.1f}s")
+    ok, value = done[0]
+    if not ok:
+        raise value
+    return value
 
 
 def forwarded_env() -> dict[str, str]:

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict
 
-from checkpoints.storage import Storage, WriteConflict
+from checkpoints.storage import Storage, WriteConflict, within
 from service.layout import CANCEL_FILE, LEASE_FILE, LOGS_DIR, REQUESTS_DIR
 
 LEASE_TIMEOUT_S = float(os.environ.get("STAGETRAIN_LEASE_TIMEOUT_S", "60"))
@@ -133,6 +133,13 @@ def check_free(job: Storage, job_id: str, lease: Lease | None = None) -> Lease |
     return lease
 
 
+class _Taken(Exception):
+    """A renewal found the lease held by another coordinator (``held``), or removed (None)."""
+
+    def __init__(self, held: Lease | None):
+        self.held = held
+
+
 class LeaseKeeper:
     """Holds the lease while the coordinator runs: acquire, renew in a daemon thread, release.
 
@@ -163,6 +170,9 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._version: str | None = None  # the lease object's version token after our last write
         self._renewed = 0.0  # monotonic time our last renewal started (its heartbeat is no older)
+        # Renewals give up on a request after one interval, so that a storage outage shorter than the
+        # timeout leaves time for more attempts (a client retrying with backoff can outlast the lease).
+        self._renewals = job.bounded(self.interval_s)
         self.took_over: Lease | None = None
         self.lost: str | None = None
 
@@ -174,7 +184,7 @@ class LeaseKeeper:
         current = self.job.read_versioned(LEASE_FILE)
         self.took_over = check_free(self.job, self.job_id, _parse(current[0]) if current else None)
         try:
-            self._write(expect=current[1] if current else None)
+            self._version, self._renewed = self._write(expect=current[1] if current else None)
         except WriteConflict:
             held = read_lease(self.job)
             raise LeaseHeld(
@@ -185,29 +195,45 @@ class LeaseKeeper:
         self._thread.start()
         return self
 
-    def _write(self, expect: str | None) -> None:
+    def _write(self, expect: str | None, store: Storage | None = None) -> tuple[str, float]:
+        """Write the lease with a fresh heartbeat over version ``expect``: (its new version, when this
+        write started: the heartbeat is no older)."""
+        store = store or self.job
         started = time.monotonic()
-        self.lease.heartbeat = _now().isoformat()
-        self._version = self.job.write_versioned(
-            self.lease.model_dump_json(indent=2).encode(), LEASE_FILE, expect=expect
-        )
-        held = read_lease(self.job)  # stores without conditional writes: the last writer wins; look
-        if held is None or held.owner != self.lease.owner:
+        lease = self.lease.model_copy(update={"heartbeat": _now().isoformat()})
+        version = store.write_versioned(lease.model_dump_json(indent=2).encode(), LEASE_FILE, expect=expect)
+        held = read_lease(store)  # stores without conditional writes: the last writer wins; look
+        if held is None or held.owner != lease.owner:
             raise WriteConflict(f"{self.job.url}/{LEASE_FILE} was written by another coordinator")
-        self._renewed = started
+        return version, started
+
+    def _attempt(self, expect: str | None) -> tuple[str, float | None]:
+        """One renewal over version ``expect``: (new version, when it started) once written. If the lease
+        changed meanwhile and is still ours, one of our writes took effect but its answer was lost (a
+        request given up on): (its version, None). Anyone else's lease, or none: ``_Taken``."""
+        try:
+            return self._write(expect, self._renewals)
+        except WriteConflict:
+            current = self._renewals.read_versioned(LEASE_FILE)
+        held = _parse(current[0]) if current else None
+        if held is None or held.owner != self.lease.owner:
+            raise _Taken(held)
+        return current[1], None
 
     def renew(self) -> bool:
-        """One renewal; False once the lease is lost. A storage error is retried at the next renewal,
-        until the lease is too old to be ours."""
+        """One renewal; False once the lease is lost. A storage error, or no answer within one renewal
+        interval, is retried at the next renewal, until the lease is too old to be ours."""
         if self.lost:
             return False
+        expect = self._version
         try:
-            self._write(expect=self._version)
-        except WriteConflict:
-            held = read_lease(self.job)
+            self._version, started = within(
+                self.interval_s, lambda: self._attempt(expect), "renewing the job's lease"
+            )
+        except _Taken as taken:
             self._lose(
-                f"another coordinator took the job's lease: {held.describe()}"
-                if held is not None
+                f"another coordinator took the job's lease: {taken.held.describe()}"
+                if taken.held is not None
                 else "the job's lease was removed by another coordinator"
             )
             return False
@@ -216,6 +242,9 @@ class LeaseKeeper:
             if late >= self.timeout_s - self.interval_s:
                 self._lose(f"could not renew the job's lease for {late:.0f}s: {type(e).__name__}: {e}")
                 return False
+            return True
+        if started is not None:  # else renewed from the adopted version next time
+            self._renewed = started
         return True
 
     def _lose(self, reason: str) -> None:
@@ -243,7 +272,8 @@ class LeaseKeeper:
         if self.lost is not None or self._version is None:
             return  # another coordinator's lease now: never touch it
         current = self.job.read_versioned(LEASE_FILE)
-        if current is None or current[1] != self._version:
+        held = _parse(current[0]) if current else None
+        if held is None or held.owner != self.lease.owner:
             return
         if restore is not None:
             data = restore.model_dump_json(indent=2).encode()

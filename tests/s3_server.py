@@ -9,6 +9,9 @@ Fixtures (registered through ``pytest_plugins`` in ``tests/conftest.py``):
   ``os.environ``, which is where ``checkpoints.storage`` finds the endpoint and credentials.
 - ``storage_url`` (function, parametrized ``local`` / ``s3``): a local folder or ``s3_url``. Both set
   the fake credentials in the environment, so a test can check they leak nowhere.
+
+``FlakyProxy`` sits in front of the server and can cut and refuse connections for a while, as an
+endpoint restart does, without moto losing its objects.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 
 import pytest
@@ -77,6 +82,81 @@ class S3Server:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server that can be 'restarted': all connections are cut and new
+    ones refused for a while, as when an S3 endpoint restarts (its data survives, unlike moto's); or
+    'muted': requests still reach the server (and take effect) but its answers are lost, as on a
+    congested or partitioned network."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.restarts = 0
+        self.muted = False
+
+    def start(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b, drop in ((client, upstream, False), (upstream, client, self.muted)):
+                threading.Thread(target=self._pipe, args=(a, b, drop), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, drop: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not drop:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def restart(self, down_s: float) -> None:
+        self.close()
+        self.restarts += 1
+        time.sleep(down_s)
+        self.start()
+
+    def mute(self, down_s: float) -> None:
+        """For ``down_s`` seconds, new connections get no answer (what they send still reaches the
+        server); existing ones are cut first. A connection opened meanwhile stays mute."""
+        self.muted = True
+        self._cut()
+        time.sleep(down_s)
+        self.muted = False
+
+    def close(self) -> None:
+        """Cut every connection and refuse new ones."""
+        self.listener.close()
+        self._cut()
+
+    def _cut(self) -> None:
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self.conns = []
 
 
 @pytest.fixture(scope="session")

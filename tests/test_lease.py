@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -20,6 +21,7 @@ from service.layout import JOB_FILE, LEASE_FILE, METRICS_FILE
 from tests.conftest import merge
 from tests.helpers import REPO, stagetrain
 from tests.jobs import TINY, write_job
+from tests.s3_server import FlakyProxy
 from tests.test_coordinator import Job, quick_waits  # noqa: F401 - the runner's polls at test speed
 
 
@@ -178,3 +180,52 @@ def test_run_resume_submit_and_cancel_of_a_job_held_elsewhere_write_nothing(tmp_
     assert f"job j cancelled (its coordinator, pid {holder.pid}, has ended)" in proc.stdout
     assert job.record.status == "cancelled"
     assert read_lease(job.jobs.storage).pid == holder.pid  # left as found: the next coordinator takes it over
+
+
+@pytest.mark.s3
+def test_a_lease_on_s3_outlives_an_endpoint_that_stops_answering_for_less_than_its_timeout(
+    s3_url, s3_server, monkeypatch
+):
+    """The endpoint stops answering for 4 s of a 12 s lease (renewed every 2 s; fenced after 10 s
+    without a renewal): each renewal gives up after one interval and the next one tries again, so a
+    renewal after the outage keeps the lease. (Before, the one renewal sent into the outage waited for
+    its answer past the lease: botocore retries with backoff, and aiohttp waits for a PUT's
+    ``100 Continue`` with no timeout at all.) Generous margins: the in-process tests run on idle CPU."""
+    proxy = FlakyProxy(s3_server.port)
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    store = Storage(s3_url).child("j")
+    keeper = LeaseKeeper(store, "j", timeout_s=12).acquire()
+    try:
+        proxy.mute(4)
+        back = datetime.now(timezone.utc).isoformat()
+        deadline = time.monotonic() + 20
+        while read_lease(store).heartbeat < back and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert keeper.lost is None
+        keeper.check()  # not LeaseLost
+        lease = read_lease(store)
+        assert lease.heartbeat >= back and lease.owner == keeper.lease.owner
+        keeper.release()
+        assert not store.exists(LEASE_FILE)  # released: it was still ours
+    finally:
+        keeper.release()
+        proxy.close()
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease(tmp_path):
+    """A renewal given up on may still take effect: the next one finds the lease changed, but still
+    this coordinator's, and carries on from it (taking it for another coordinator's lost it)."""
+    store = Storage(str(tmp_path)).child("j")
+    keeper = LeaseKeeper(store, "j", timeout_s=60).acquire()
+    try:
+        ours = read_lease(store)
+        later = ours.model_copy(update={"heartbeat": datetime.now(timezone.utc).isoformat()})
+        store.write_text(later.model_dump_json(), LEASE_FILE)  # what the lost write left
+        assert keeper.renew() and keeper.lost is None  # found it changed, but ours
+        assert keeper.renew()  # renewed over it
+        assert read_lease(store).heartbeat > later.heartbeat
+        keeper.check()
+    finally:
+        keeper.release()
+    assert not store.exists(LEASE_FILE)

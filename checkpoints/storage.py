@@ -221,6 +221,11 @@ class Storage:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         return bool({"s3", "s3a"} & set(protocols))
 
+    @property
+    def atomic_versioned(self) -> bool:
+        """``write_versioned`` is an atomic compare-and-swap here (a file lock; S3's conditional PUT)."""
+        return self.local or self.s3
+
     def read_versioned(self, *parts: str) -> tuple[bytes, str] | None:
         """An object and its version token (S3: its ETag; elsewhere a hash of its bytes), or None if it
         does not exist. The token is what ``write_versioned`` compares against."""

@@ -5,9 +5,11 @@
   it before they write anything; a job whose lease is fresh is refused naming the holder. A lease older
   than ``LEASE_TIMEOUT_S``, or held by a process of this host that is gone, is taken over (logged).
   Every write of the lease is a compare-and-swap (``Storage.write_versioned``: a file lock locally, a
-  conditional PUT on S3) and is read back, so two coordinators cannot both hold it. A coordinator that
-  finds its lease taken, or cannot renew it for ``LEASE_TIMEOUT_S``, loses it: its writes to the job
-  are fenced (``LeaseKeeper.check`` raises ``LeaseLost``) and it exits with ``EXIT_LEASE_LOST``.
+  conditional PUT on S3, elsewhere compared, written and read back), so two coordinators cannot both
+  hold it. A renewal gives up after one renewal interval (the next one tries again). A coordinator
+  that finds its lease taken, or cannot renew it for ``LEASE_TIMEOUT_S`` less one interval, loses it:
+  its writes to the job are fenced (``LeaseKeeper.check`` raises ``LeaseLost``) and it exits with
+  ``EXIT_LEASE_LOST``.
 - **Requests** (``<job>/control/requests/*.json``): what ``stagetrain scale`` and ``cancel`` leave for the
   coordinator, which applies and removes them (``scale`` at the next stage boundary, or ``resume``).
 - **Log** (``<job>/logs/attempt-<k>.log``): everything the coordinator says, flushed every few seconds,
@@ -202,9 +204,10 @@ class LeaseKeeper:
         started = time.monotonic()
         lease = self.lease.model_copy(update={"heartbeat": _now().isoformat()})
         version = store.write_versioned(lease.model_dump_json(indent=2).encode(), LEASE_FILE, expect=expect)
-        held = read_lease(store)  # stores without conditional writes: the last writer wins; look
-        if held is None or held.owner != lease.owner:
-            raise WriteConflict(f"{self.job.url}/{LEASE_FILE} was written by another coordinator")
+        if not store.atomic_versioned:  # the last writer wins: look
+            held = read_lease(store)
+            if held is None or held.owner != lease.owner:
+                raise WriteConflict(f"{self.job.url}/{LEASE_FILE} was written by another coordinator")
         return version, started
 
     def _attempt(self, expect: str | None) -> tuple[str, float | None]:

@@ -42,7 +42,10 @@ def test_quickstart_on_s3_through_an_endpoint_restart_commits_only_verified_chec
     fs = _fs(s3_server.endpoint)
     root = s3_url.removeprefix("s3://") + "/qs"
     # Step 9's commit (a periodic one, in stage 2) waits 3 s between payload and manifest: the restart
-    # lands there. The lease (the tests' 10 s, renewed every 1.7 s) is renewed through the restart too.
+    # lands there. The lease is renewed through the restart too: 30 s, not the tests' 10 s, whose
+    # renewals every 1.7 s, each given up after 1.7 s, left too little room around the 3 s outage on a
+    # loaded machine once (fenced after 8.3 s; the default is 60 s). test_lease.py holds a 12 s lease
+    # across a 4 s outage on an idle-priority core.
     env = {**on_head, **s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
     proc = launch(
         "run",
@@ -53,6 +56,7 @@ def test_quickstart_on_s3_through_an_endpoint_restart_commits_only_verified_chec
         s3_url,
         on=env,
         STAGETRAIN_TEST_COMMIT_DELAY_S="3@9",
+        STAGETRAIN_LEASE_TIMEOUT_S="30",
     )
     deadline = time.time() + 240
     while time.time() < deadline and proxy.restarts == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -98,6 +99,31 @@ def _s3_options(options: dict) -> dict:
     return opts
 
 
+@functools.cache
+def _s3_session(profile: str | None = None):
+    """The aiobotocore session of this process's S3 clients (one per profile), without botocore's
+    ``Expect: 100-continue`` on uploads: aiohttp starts a request's read timeout only once its body is
+    sent, and sends the body only after the ``100 Continue``, so a PUT to an endpoint that stopped
+    answering waited forever instead of failing after ``read_timeout`` and being retried."""
+    from aiobotocore.session import AioSession
+    from botocore.handlers import add_expect_header
+
+    class Session(AioSession):
+        def __reduce__(self):  # a filesystem pickled for Ray (RunConfig) takes its session along
+            return _s3_session, (profile,)
+
+    session = Session(profile=profile)
+    session.unregister("before-call.s3", add_expect_header)
+    return session
+
+
+def _open(url: str, options: dict, **extra):
+    """``fsspec.core.url_to_fs``, S3 clients made from ``_s3_session``."""
+    if url.startswith(("s3://", "s3a://")) and "session" not in options:
+        extra["session"] = _s3_session(options.get("profile"))
+    return fsspec.core.url_to_fs(url, **options, **extra)
+
+
 SEGMENTS = ".parts"  # on object stores, <name>.parts/ holds what was appended to <name>
 MERGE_SEGMENTS = 64  # segments merged into one part object
 
@@ -169,7 +195,7 @@ class Storage:
             options = _s3_options(options)
         self.options = options
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+            self.fs, self.root = _open(self.url, options)
         except ImportError as e:
             raise _missing_package(self.url, e) from None
         self.root = self.root.rstrip("/")
@@ -353,7 +379,7 @@ class Storage:
         config["connect_timeout"] = config["read_timeout"] = timeout_s
         sub = Storage.__new__(Storage)
         sub.url, sub.options, sub.local, sub._appenders = self.url, options, False, {}
-        sub.fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **options)
+        sub.fs, root = _open(self.url, options, skip_instance_cache=True)
         sub.fs.retries = 1  # s3fs's own retry loop, on top of botocore's
         sub.root = root.rstrip("/")
         return sub
@@ -414,9 +440,9 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 3, base_delay: float =
 
 def within(seconds: float, fn: Callable[[], T], what: str) -> T:
     """``fn()``, or ``TimeoutError`` if it has not returned after ``seconds``: for callers with a deadline
-    that retry themselves, since a storage client does not always time out (aiohttp waits for an
-    S3 PUT's ``100 Continue`` with no timeout). ``fn`` runs in a daemon thread, left to finish or fail
-    on its own when given up on: it must not touch its caller's state."""
+    that retry themselves. A client's timeouts bound each request, not a call (s3fs retries on top of
+    them; an fsspec store may have no timeout at all). ``fn`` runs in a daemon thread, left to finish
+    or fail on its own when given up on: it must not touch its caller's state."""
     done: list = []
 
     def run() -> None:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,13 +20,13 @@ import torch
 
 import checkpoints.store as checkpoint_store
 from checkpoints.checkpointer import AsyncCheckpointer, encode, load
-from checkpoints.storage import Storage, retry
+from checkpoints.storage import Storage, retry, within
 from checkpoints.store import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointStore, tag_for
 from service.jobs import JobRecord, JobStore
 from service.plan import build_plan
 from tests.conftest import make_spec
 from tests.helpers import stagetrain, wait_until
-from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, make_bucket
+from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, FlakyProxy, make_bucket
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = "job"
@@ -371,6 +372,30 @@ def test_storage_options_are_not_mutated(storage_url):
     before, spec_hash = copy.deepcopy(spec.checkpoint.storage_options), spec.spec_hash()
     Storage(storage_url, spec.checkpoint.storage_options).probe()
     assert spec.checkpoint.storage_options == before and spec.spec_hash() == spec_hash
+
+
+@pytest.mark.s3
+def test_an_s3_upload_to_an_endpoint_that_stops_answering_fails_after_the_read_timeout(
+    s3_url, s3_server, monkeypatch
+):
+    """An endpoint that takes connections and never answers: each upload fails after ``read_timeout``
+    (1 s here, one attempt) and the caller's retry can act. With botocore's ``Expect: 100-continue`` an
+    upload waited forever (aiohttp starts the read timeout only once the body is sent, after the
+    100): ``within`` gives up on it after 20 s and the test fails."""
+    proxy = FlakyProxy(s3_server.port)
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    store = Storage(s3_url, {"config_kwargs": {"read_timeout": 1, "retries": {"max_attempts": 1}}})
+    store.write_bytes(b"x", "f")  # answered
+    threading.Thread(target=proxy.mute, args=(60,), daemon=True).start()
+    wait_until(lambda: proxy.muted, "the proxy to mute", timeout=5)
+    try:
+        for _ in range(2):  # the first may meet the connection the mute cut; the second is a new one
+            with pytest.raises(Exception) as failed:
+                within(20, lambda: store.write_bytes(b"y" * 100_000, "f"), "an upload")
+            assert "no answer within" not in str(failed.value)
+    finally:
+        proxy.close()
 
 
 # ------------------------------------------------------------------------------------------ CLI

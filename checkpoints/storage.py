@@ -117,13 +117,6 @@ def _s3_session(profile: str | None = None):
     return session
 
 
-def _open(url: str, options: dict, **extra):
-    """``fsspec.core.url_to_fs``, S3 clients made from ``_s3_session``."""
-    if url.startswith(("s3://", "s3a://")) and "session" not in options:
-        extra["session"] = _s3_session(options.get("profile"))
-    return fsspec.core.url_to_fs(url, **options, **extra)
-
-
 SEGMENTS = ".parts"  # on object stores, <name>.parts/ holds what was appended to <name>
 MERGE_SEGMENTS = 64  # segments merged into one part object
 
@@ -191,11 +184,14 @@ class Storage:
         # A deep copy: botocore rewrites a ``config_kwargs.retries`` dict in place, and the caller's
         # dict is usually the spec's ``checkpoint.storage_options`` (hashed into every manifest).
         options = copy.deepcopy(dict(options or {}))
+        extra = {}
         if url.startswith(("s3://", "s3a://")):
             options = _s3_options(options)
+            if "session" not in options:
+                extra["session"] = _s3_session(options.get("profile"))
         self.options = options
         try:
-            self.fs, self.root = _open(self.url, options)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options, **extra)
         except ImportError as e:
             raise _missing_package(self.url, e) from None
         self.root = self.root.rstrip("/")
@@ -377,11 +373,8 @@ class Storage:
         config = options.setdefault("config_kwargs", {})
         config["retries"] = {"max_attempts": 1, "mode": "standard"}
         config["connect_timeout"] = config["read_timeout"] = timeout_s
-        sub = Storage.__new__(Storage)
-        sub.url, sub.options, sub.local, sub._appenders = self.url, options, False, {}
-        sub.fs, root = _open(self.url, options, skip_instance_cache=True)
+        sub = Storage(self.url, options)  # a client of its own: fsspec caches instances by options
         sub.fs.retries = 1  # s3fs's own retry loop, on top of botocore's
-        sub.root = root.rstrip("/")
         return sub
 
     def check(self, timeout_s: float = 5.0) -> None:

@@ -134,6 +134,12 @@ class _DataBase(_Model):
         (0.35, 1.0), description="random-resized-crop area range (train)"
     )
     hflip: bool = Field(True, description="random horizontal flip (train)")
+    augment_on: Literal["device", "host"] = Field(
+        "device",
+        description="where random-resized-crop, flip and resize run: 'device', batched on the training "
+        "device (loaders deliver decoded images and crop boxes); 'host', per sample in the loader workers "
+        "(stages with RandAugment or random erasing always do)",
+    )
     normalize: Normalize = Field(
         default_factory=Normalize,
         description="input normalisation, kept in exported models; ImageNet-pretrained weights expect "
@@ -141,14 +147,23 @@ class _DataBase(_Model):
     )
 
 
-class SyntheticData(_DataBase):
+class _InMemoryData(_DataBase):
+    device_cache_bytes: NonNegInt = Field(
+        2 * 2**30,
+        description="hold a split on the training device when its uint8 images fit in this many bytes "
+        "(custom datasets: when they are tensors of one size): batches are gathered there, with no loader "
+        "processes (augment_on: device); 0 turns it off",
+    )
+
+
+class SyntheticData(_InMemoryData):
     kind: Literal["synthetic"]
     size: Annotated[int, Field(gt=0, le=10**9, strict=True)] = Field(description="training samples")
     val_size: PositiveInt = 512
     num_classes: Annotated[int, Field(ge=2, strict=True)] = 10
 
 
-class FashionMNISTData(_DataBase):
+class FashionMNISTData(_InMemoryData):
     kind: Literal["fashion_mnist"]
     root: str | None = Field(
         None, description="folder with the IDX .gz files; default: Debian's dataset-fashion-mnist"
@@ -161,7 +176,7 @@ class ImageFolderData(_DataBase):
     val: str | None = None
 
 
-class CustomData(_DataBase):
+class CustomData(_InMemoryData):
     kind: Literal["custom"]
     factory: str = Field(
         description="'package.module:function', called as function(split='train'|'val', **kwargs) on the "

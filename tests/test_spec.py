@@ -381,7 +381,8 @@ def test_imagefolder_with_synthetic_fields():
     assert problems == [
         "data.train: required field is missing",
         "data.size: unknown field for kind 'imagefolder' (it belongs to kind 'synthetic'); expected one of"
-        " loader_workers, val_batch_size, val_resolution, crop_scale, hflip, normalize, kind, train, val",
+        " loader_workers, val_batch_size, val_resolution, crop_scale, hflip, augment_on, normalize, kind,"
+        " train, val",
     ]
 
 

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
+from workers.augment import centre_box, draw_crop
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
 
@@ -102,11 +103,17 @@ class ImageFolderImages(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(io.BytesIO(self.fs.cat_file(path))) as img:
-            if self.draft_size and img.format == "JPEG":
-                img.draft(self.mode, (self.draft_size, self.draft_size))
-            img = img.convert(self.mode)
-            return v2.functional.pil_to_tensor(img), label
+        data = self.fs.cat_file(path)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if self.draft_size and img.format == "JPEG":
+                    img.draft(self.mode, (self.draft_size, self.draft_size))
+                img = img.convert(self.mode)
+                return v2.functional.pil_to_tensor(img), label
+        except (OSError, ValueError, SyntaxError) as e:  # not an image, truncated, corrupt
+            raise ValueError(
+                f"data: image {index} ({path}, {len(data)} bytes) cannot be decoded: {type(e).__name__}: {e}"
+            ) from None
 
 
 class CustomImages(Dataset):
@@ -151,6 +158,46 @@ def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset
     return ImageFolderImages(root, channels)
 
 
+class InMemory:
+    """A split held as one uint8 tensor (N, C, H, W) with its labels on the training device: a batch is
+    an index gather there, with no loader processes and no per-sample decode (``data.device_cache_bytes``).
+    Its pixels are the source's, item by item."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def load(source: Dataset, device: torch.device, max_bytes: int) -> InMemory | None:
+        """``source`` on ``device``, or None where it does not fit in ``max_bytes`` or is not one tensor:
+        image folders (files of any size) and custom datasets whose images differ in shape."""
+        if isinstance(source, IDXImages):
+            images, labels = source.images.unsqueeze(1), source.labels
+        elif isinstance(source, (SyntheticImages, CustomImages)) and len(source):
+            first = source[0][0]
+            if len(source) * first.numel() > max_bytes:
+                return None
+            images = torch.empty((len(source), *first.shape), dtype=torch.uint8)
+            labels = torch.empty(len(source), dtype=torch.long)
+            for i in range(len(source)):
+                image, labels[i] = source[i]
+                if image.shape != first.shape:
+                    return None
+                images[i] = image
+        else:
+            return None
+        if images.numel() > max_bytes:
+            return None
+        return InMemory(images.to(device), labels.to(device))
+
+    def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of the samples ``ids``, on the device."""
+        ids = ids.to(self.labels.device)
+        return self.images.index_select(0, ids), self.labels.index_select(0, ids)
+
+
 # ------------------------------------------------------------------------------------- per stage
 
 
@@ -172,9 +219,15 @@ class StageDataset(Dataset):
         randaugment: tuple[int, int] | None = None,
         random_erasing: float = 0.0,
         augment_at: dict[int, tuple[tuple[int, int], float]] | None = None,
+        on_device: bool = False,
     ):
         self.source, self.resolution, self.train = source, resolution, train
         self.seed, self.stage = seed, stage
+        # on_device: items are (full image, label, crop params) for workers.augment.crop_resize
+        self.on_device, self.crop_scale, self.hflip = on_device, crop_scale, hflip
+        if on_device and (augment_at or (randaugment and randaugment[0]) or random_erasing):
+            raise ValueError("RandAugment and random erasing run per sample on the host: on_device=False")
+        self._g = torch.Generator()
         if isinstance(source, ImageFolderImages):
             source.draft_size = resolution
         # regularization_ramp_steps: {sampler step: ((num_ops, magnitude), erasing p)} for the steps whose
@@ -204,6 +257,8 @@ class StageDataset(Dataset):
         # StageSampler yields (id, epoch), or (id, epoch, step) for a stage that ramps its augmentation
         index, epoch, step = (key + (None,))[:3] if isinstance(key, tuple) else (key, 0, None)
         image, label = self.source[index]
+        if self.on_device:
+            return image, label, self.params(index, epoch, *image.shape[-2:])
         if self.augment_at:
             (self._randaugment.num_ops, self._randaugment.magnitude), self._erasing.p = self.augment_at.get(
                 step, self.stage_augment
@@ -217,6 +272,14 @@ class StageDataset(Dataset):
         else:
             image = self.transform(image)
         return image, label  # uint8: 4x less to collate, pin and copy; normalised on the device
+
+    def params(self, index: int, epoch: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """Sample ``index``'s (top, left, height, width, flip) in its ``height`` x ``width`` image: the
+        draws the host transform makes for the same key (train), the centred square (eval)."""
+        if not self.train:
+            return centre_box(height, width)
+        key = _mix(self.seed, self.stage, epoch, index)
+        return draw_crop(key, height, width, self.crop_scale, self.hflip, self._g)
 
 
 def to_input(

@@ -32,8 +32,10 @@ from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
 from service.spec import EVAL_METRICS, AdamWSpec, JobSpec
+from workers.augment import centre_box, collate, crop_resize
 from workers.control import pending_holds, write_held_marker
 from workers.data import (
+    InMemory,
     StageDataset,
     StageSampler,
     _mix,
@@ -338,6 +340,7 @@ class StageRunner:
         self.resolution = self.stage.resolution  # of the step being trained (resolution_ramp_steps)
         self._tail: list[StepRecord] = []  # the stage's last records, sent with the stage end
         self._evals: list[EvalRecord] = []  # mid-stage evaluations not yet reported
+        self._sources: dict[str, tuple] = {}  # split -> (source, its InMemory copy or None)
 
         # Model, optimizer, schedule. The raw module is what is saved; DDP/compile wrap it.
         torch.manual_seed(spec.seed)  # identical init on every rank (DDP would broadcast it anyway)
@@ -504,7 +507,7 @@ class StageRunner:
 
     # ------------------------------------------------------------------------------------ data
 
-    def _loader(self, dataset, sampler=None, batch_size: int | None = None) -> DataLoader:
+    def _loader(self, dataset, sampler=None, batch_size: int | None = None, on_device=False) -> DataLoader:
         workers = self.spec.data.loader_workers
         # Its own generator: a DataLoader without one draws its base seed from the global torch RNG when
         # its iterator is made, so where a resumed run makes it would shift every dropout mask after it.
@@ -518,19 +521,50 @@ class StageRunner:
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
             generator=generator,
+            collate_fn=collate if on_device else None,  # (images, labels, crop params)
         )
 
-    def _batches(self, loader: DataLoader, follow_ramp: bool = False):
-        """Batches as model input on the device (uint8 -> normalised float there). ``follow_ramp``
-        (training): resized to ``self.resolution`` while the stage ramps its resolution up."""
+    def _source(self, split: str) -> tuple:
+        """(the split's source, its ``InMemory`` copy on the device or None), opened once per runner:
+        the stages of a group and every evaluation share them."""
+        if split not in self._sources:
+            data = self.spec.data
+            source = open_source(data, self.spec.model.in_channels, self.spec.seed, split)
+            memory = None
+            cache_bytes = getattr(data, "device_cache_bytes", 0)  # image folders: never
+            if data.augment_on == "device" and cache_bytes:
+                memory = InMemory.load(source, self.device, cache_bytes)
+            self._sources[split] = (source, memory)
+        return self._sources[split]
+
+    def _batches(self, batches, size: Callable[[], int]):
+        """Batches as model input on the device, at ``size()`` pixels (the step's resolution, read as each
+        batch is made: a resolution ramp moves it). (uint8 images, labels, crop params) are cropped and
+        resized there (``workers.augment``); host-augmented (uint8 images, labels) only resized where a
+        ramp moved the resolution. Then uint8 -> normalised float (``data.normalize``)."""
         channels_last = self._cuda and self.spec.train.channels_last
-        mean_std = normalize_tensors(self.spec.data.normalize, self.device)  # data.normalize
-        for x, y in loader:
-            x = to_input(x, self.device, channels_last, mean_std)
-            if follow_ramp and x.shape[-1] != self.resolution:
-                size = (self.resolution, self.resolution)
-                x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-            yield x, y.to(self.device, non_blocking=True)
+        mean_std = normalize_tensors(self.spec.data.normalize, self.device)
+        for batch in batches:
+            x = batch[0].to(self.device, non_blocking=True)
+            if len(batch) == 3:
+                x = to_input(crop_resize(x, batch[2], size()), self.device, channels_last, mean_std)
+            else:
+                x = to_input(x, self.device, channels_last, mean_std)
+                if x.shape[-1] != size():
+                    x = F.interpolate(x, size=(size(), size()), mode="bilinear", antialias=True)
+            yield x, batch[1].to(self.device, non_blocking=True)
+
+    def _gathered(
+        self, memory: InMemory, dataset: StageDataset, sampler: StageSampler, first: int, last: int
+    ):
+        """The batches the loader would deliver for steps ``[first, last)``, gathered from ``memory`` on
+        the device: (images, labels, crop params) per micro-batch, the same samples and draws."""
+        height, width = memory.images.shape[-2:]
+        for local in range(first, last):
+            for micro in sampler.step_ids(local):
+                images, labels = memory.gather(torch.tensor([i for i, _ in micro]))
+                params = [dataset.params(i, epoch, height, width) for i, epoch in micro]
+                yield images, labels, torch.tensor(params, dtype=torch.float32)
 
     def ramped(self, first: int, last: int | None = None) -> dict:
         """{step: its ``Regularization``} for the steps among ``[first, last)`` (counted as
@@ -555,12 +589,17 @@ class StageRunner:
             step - st.step_start: ((r.randaugment.num_ops, r.randaugment.magnitude), r.random_erasing)
             for step, r in ramped.items()
         }
-        source = open_source(spec.data, spec.model.in_channels, spec.seed, "train")
+        source, memory = self._source("train")
         if len(source) != self.plan.dataset_size:
             raise RuntimeError(
                 f"data: the training split has {len(source)} samples, but this job was planned "
                 f"for {self.plan.dataset_size}: the data changed since the job started"
             )
+        randaugment = (reg.randaugment.num_ops, reg.randaugment.magnitude) if reg.randaugment else None
+        # RandAugment and random erasing work per sample, on the host (in the loader workers)
+        per_sample = any(ra[0] or erasing for ra, erasing in augment_at.values())
+        per_sample |= bool(randaugment and randaugment[0]) or reg.random_erasing > 0
+        on_device = spec.data.augment_on == "device" and not per_sample
         train_set = StageDataset(
             source,
             st.resolution,
@@ -569,9 +608,10 @@ class StageRunner:
             stage=st.index,
             crop_scale=spec.data.crop_scale,
             hflip=spec.data.hflip,
-            randaugment=(reg.randaugment.num_ops, reg.randaugment.magnitude) if reg.randaugment else None,
+            randaugment=randaugment,
             random_erasing=reg.random_erasing,
-            augment_at=augment_at or None,
+            augment_at=None if on_device else augment_at or None,
+            on_device=on_device,
         )
         sampler = StageSampler(
             stage_subset(self.plan.dataset_size, st.subset_size, spec.seed),
@@ -585,9 +625,14 @@ class StageRunner:
             first_step=first,
             last_step=st.steps if last is None else last,
             stream_offset=st.stream_offset,
-            with_step=bool(augment_at),
+            with_step=bool(augment_at) and not on_device,
         )
-        batches = self._batches(self._loader(train_set, sampler), follow_ramp=True)
+        last_local = st.steps if last is None else last
+        if on_device and memory is not None:
+            raw = self._gathered(memory, train_set, sampler, first, last_local)
+        else:
+            raw = self._loader(train_set, sampler, on_device=on_device)
+        batches = self._batches(raw, lambda: self.resolution)
         mixes = reg.mixes or any(r.mixes for r in ramped.values())
         return sampler, (self._mixed(batches, reg, ramped, first) if mixes else batches), ramped
 
@@ -624,7 +669,6 @@ class StageRunner:
         sampler, batches, ramped = self.train_data(first)
         reg = spec.stage_regularization(st.index)
         smoothing = reg.label_smoothing
-        clip = spec.train.grad_clip_norm
 
         def loss_fn(logits, y):  # y: class indices, or probabilities after mixup/cutmix
             return F.cross_entropy(
@@ -645,22 +689,7 @@ class StageRunner:
                 smoothing = r.label_smoothing  # loss_fn reads it when called
                 set_stage_rates(self.raw_model, r.dropout, r.drop_path, spec.model.label)
             lr, momentum = self._lr_momentum()
-            loss = accumulate(
-                self.model, self.ddp, batches, st.grad_accum, loss_fn, self._autocast, self.scaler
-            )
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if clip:  # DDP has all-reduced the gradients: every rank clips the same norm
-                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None and self.ema.due(step + 1):
-                self.ema.update(self.raw_model)
-            self.scheduler.step()
+            loss = self.optimizer_step(batches, loss_fn, step)
             self.progress.step = step + 1
             self.on_step(step)
             pending.append(
@@ -686,6 +715,27 @@ class StageRunner:
             if reported and not done and self.dist.any(self.stop_requested()):
                 return self._preempt()
         return self._finish(evaluate=True)
+
+    def optimizer_step(self, batches, loss_fn, step: int) -> torch.Tensor:
+        """Optimizer step ``step``: its ``grad_accum`` micro-batches from ``batches``, clipping, the
+        update, the EMA and the schedule (also what ``stagetrain plan --calibrate`` times). The loss."""
+        loss = accumulate(
+            self.model, self.ddp, batches, self.stage.grad_accum, loss_fn, self._autocast, self.scaler
+        )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip := self.spec.train.grad_clip_norm:  # DDP all-reduced the gradients: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and self.ema.due(step + 1):
+            self.ema.update(self.raw_model)
+        self.scheduler.step()
+        return loss
 
     def _hold(self, step: int) -> bool:
         """Wait before ``step`` (``control/hold.json``) until a stop is requested (True) or the hold
@@ -834,17 +884,23 @@ class StageRunner:
         stage's resolution (or ``data.val_resolution``), over all ranks."""
         spec = self.spec
         top5 = spec.model.num_classes > 5
-        source = open_source(spec.data, spec.model.in_channels, spec.seed, "val")
-        val = StageDataset(source, spec.data.val_resolution or self.stage.resolution, train=False)
-        indices = split_evenly(range(len(val)), self.dist.world, self.dist.rank)
-        loader = self._loader(
-            torch.utils.data.Subset(val, list(indices)), batch_size=spec.data.val_batch_size
-        )
+        source, memory = self._source("val")
+        size = spec.data.val_resolution or self.stage.resolution
+        on_device = spec.data.augment_on == "device"
+        val = StageDataset(source, size, train=False, on_device=on_device)
+        indices = list(split_evenly(range(len(val)), self.dist.world, self.dist.rank))
+        if on_device and memory is not None:
+            box = torch.tensor([centre_box(*memory.images.shape[-2:])], dtype=torch.float32)
+            ids = torch.tensor(indices, dtype=torch.long).split(spec.data.val_batch_size)
+            loader = ((*memory.gather(part), box.expand(len(part), -1)) for part in ids)
+        else:
+            subset = torch.utils.data.Subset(val, indices)
+            loader = self._loader(subset, batch_size=spec.data.val_batch_size, on_device=on_device)
         # loss sum, top-1 correct, count, top-5 correct
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         was_training = model.training
         model.eval()
-        for x, y in self._batches(loader):
+        for x, y in self._batches(loader, lambda: size):
             with self._autocast():
                 logits = model(x)
             # accumulated on the device: no host sync per batch

@@ -1,0 +1,157 @@
+"""Crop, resize and flip on the training device (``workers.augment``): the same per-sample draws as the host
+transform, the same pixels up to the resize filter, and the in-memory gather reading what the loader reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from service.plan import build_plan
+from service.sources import dataset_size
+from tests.conftest import make_spec
+from tests.jobs import TINY_IN_PROCESS
+from workers.augment import collate, crop_resize
+from workers.data import CustomImages, InMemory, StageDataset, SyntheticImages
+from workers.train import StageRunner
+
+
+def photos(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Photo-like uint8 images: smooth colour fields plus fine noise (edges and texture at every scale)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 6, 8, generator=g)
+    smooth = torch.nn.functional.interpolate(low, size=(height, width), mode="bicubic").clamp(0, 1)
+    return (smooth * 200 + torch.rand(n, 3, height, width, generator=g) * 55).to(torch.uint8)
+
+
+class Fixed(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], i % 3
+
+
+def test_the_draws_are_the_host_transforms_for_the_same_key():
+    """Each sample's box and flip are exactly those of v2.RandomResizedCrop + RandomHorizontalFlip seeded
+    by its key: resized_crop at those params reproduces today's host pixels bit for bit, for wide, tall and
+    tiny images (torchvision's fallback to a centre crop included) and small crop scales."""
+    images = [photos(1, h, w, seed=h)[0] for h, w in [(40, 56), (64, 48), (5, 90), (90, 5), (33, 33)]]
+    fallbacks = 0
+    for scale in [(0.35, 1.0), (0.01, 0.05)]:
+        host = StageDataset(Fixed(images), 24, train=True, seed=3, stage=1, crop_scale=scale)
+        device = StageDataset(
+            Fixed(images), 24, train=True, seed=3, stage=1, crop_scale=scale, on_device=True
+        )
+        for index in range(len(images)):
+            for epoch in range(8):
+                expect, label = host[(index, epoch)]
+                image, label2, (top, left, h, w, flip) = device[(index, epoch)]
+                assert torch.equal(image, images[index]) and label == label2
+                got = TF.resized_crop(image, top, left, h, w, [24, 24], antialias=True)
+                got = TF.horizontal_flip(got) if flip else got
+                assert torch.equal(got, expect), (scale, index, epoch)
+                fallbacks += (top, left, h, w) in [(0, 41, 5, 7), (41, 0, 7, 5)]  # centred, 3:4 or 4:3
+    assert fallbacks > 0  # the 5 x 90 and 90 x 5 images end in the fallback for some keys
+
+
+def test_device_crops_match_a_per_sample_resized_crop_within_the_filter_difference():
+    """roi_align over the batch vs resized_crop(antialias=True) per sample, on photo-like 375 x 500
+    images, shrinking (128 px, 64 px) and enlarging (400 px): mean |difference| under 2 of 255 and the 99th
+    percentile under 8 (the filters differ: an area average vs torchvision's triangle; the box's edge
+    pixels see their neighbours). Flips are exact mirror images; a padded (mixed-size) batch crops each
+    image as alone."""
+    images = photos(6, 375, 500)
+    boxes = [(0, 0, 375, 500, 0), (10, 20, 200, 260, 1), (100, 50, 120, 90, 0), (5, 300, 300, 199, 1)]
+    boxes += [(150, 150, 60, 80, 1), (0, 100, 375, 375, 0)]
+    params = torch.tensor(boxes, dtype=torch.float32)
+    for size in (128, 64, 400):
+        out = crop_resize(images, params, size)
+        ref = []
+        for image, (top, left, h, w, flip) in zip(images, boxes, strict=True):
+            r = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True).float()
+            ref.append(TF.horizontal_flip(r) if flip else r)
+        diff = (out - torch.stack(ref)).abs()
+        assert diff.mean() < 2.0, (size, diff.mean())
+        assert diff.flatten().quantile(0.99) < 8.0, size
+    unflipped = crop_resize(images[:2], params[:2] * torch.tensor([1, 1, 1, 1, 0]), 96)
+    assert torch.equal(crop_resize(images[:2], params[:2], 96)[1], unflipped[1].flip(-1))
+
+    small = photos(1, 90, 120, seed=5)[0]
+    batch, labels, p = collate([(images[1], 0, boxes[1]), (small, 1, (5, 7, 60, 80, 1))])
+    assert batch.shape == (2, 3, 375, 500) and labels.tolist() == [0, 1]
+    alone = crop_resize(small[None], torch.tensor([[5, 7, 60, 80, 1]], dtype=torch.float32), 32)
+    assert torch.equal(crop_resize(batch, p, 32)[1], alone[0])
+
+
+def runner(tmp_path, **data) -> StageRunner:
+    """A one-stage runner on TINY_IN_PROCESS's synthetic data with ``data`` merged in (a ``kind``:
+    replaced), 2 epochs of micro-batches of 4 x 2."""
+    data = {"loader_workers": 0, **data} if "kind" in data else {**TINY_IN_PROCESS["data"], **data}
+    stage = {"resolution": 20, "epochs": 2, "batch_size": 4, "workers": 1, "grad_accum": 2}
+    spec = make_spec(**{**TINY_IN_PROCESS, "data": data, "stages": [stage]})
+    return StageRunner(spec, build_plan(spec, dataset_size(spec.data)), 0, "j", str(tmp_path), restore=None)
+
+
+def test_the_in_memory_gather_reads_what_the_loader_reads(tmp_path):
+    """Synthetic data held on the device: the batches of a stage (its second epoch included) are the
+    loader path's, sample for sample (labels exactly, pixels exactly: the same images and crop params go
+    through the same crop_resize); evaluation too. The host path (augment_on: host) reads the same labels
+    and pixels up to the resize filter."""
+    memory = runner(tmp_path / "m")
+    loader = runner(tmp_path / "l", device_cache_bytes=0)
+    host = runner(tmp_path / "h", augment_on="host")
+    assert memory._source("train")[1] is not None and loader._source("train")[1] is None
+    steps = memory.stage.steps
+    batches = [list(r.train_data(0)[1]) for r in (memory, loader, host)]
+    assert len(batches[0]) == len(batches[1]) == len(batches[2]) == steps * 2  # micro-batches
+    for (xm, ym), (xl, yl), (xh, yh) in zip(*batches, strict=True):
+        assert torch.equal(ym, yl) and torch.equal(ym, yh)
+        assert torch.equal(xm, xl)
+        assert (xm - xh).abs().mean() < 0.1  # normalised units (std 0.25): ~6/255
+    # resuming mid-stage reads the same remaining batches
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[0][6:], memory.train_data(3)[1], strict=True))
+    assert memory.validate(memory.raw_model) == loader.validate(loader.raw_model)
+
+
+def test_in_memory_holds_only_what_fits_and_keeps_the_sources_pixels():
+    source = SyntheticImages(20, 4, 3, seed=1, split="train")
+    memory = InMemory.load(source, torch.device("cpu"), max_bytes=20 * 3 * 32 * 32)
+    assert memory is not None and len(memory) == 20
+    images, labels = memory.gather(torch.tensor([7, 3]))
+    assert torch.equal(images[0], source[7][0]) and labels.tolist() == [source[7][1], source[3][1]]
+    assert InMemory.load(source, torch.device("cpu"), max_bytes=20 * 3 * 32 * 32 - 1) is None
+    same = CustomImages(Fixed([photos(1, 8, 8)[0], photos(1, 8, 8, seed=1)[0]]), 3, "tests:same")
+    assert torch.equal(InMemory.load(same, torch.device("cpu"), 10**6).images[1], same[1][0])
+    mixed = CustomImages(Fixed([photos(1, 8, 8)[0], photos(1, 9, 8)[0]]), 3, "tests:mixed")
+    assert InMemory.load(mixed, torch.device("cpu"), max_bytes=10**6) is None  # sizes differ: the loader
+
+
+def test_an_image_folder_of_mixed_sizes_trains_through_the_device_path_and_a_corrupt_file_is_named(tmp_path):
+    """Folders stream through the loader (never in memory): full decoded images of mixed sizes and their
+    boxes, padded into one batch, cropped on the device; a mid-stage resume reads the same batches. A
+    truncated JPEG stops training with an error naming its index and file."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, cls in enumerate(("cat", "dog")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(16):
+                size = (64, 48) if (i + label) % 2 else (40, 56)
+                pixels = photos(1, size[1], size[0], seed=i)[0].permute(1, 2, 0).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.jpg", quality=90)
+    data = {"kind": "imagefolder", "train": str(tmp_path / "train"), "val": str(tmp_path / "val")}
+    a, b = runner(tmp_path / "a", **data), runner(tmp_path / "b", **data)
+    assert a._source("train")[1] is None  # a folder is read through the loader
+    batches = list(a.train_data(0)[1])
+    assert len(batches) == 2 * a.stage.steps == 16 and batches[0][0].shape == (4, 3, 20, 20)
+    assert all(torch.equal(x, y[0]) for (x, _), y in zip(batches[4:], b.train_data(2)[1], strict=True))
+    assert 0 <= a.validate(a.raw_model)["val_acc"] <= 1
+
+    bad = tmp_path / "train" / "dog" / "3.jpg"  # sample 16 + 9 (0, 1, 10-15, 2, 3: sorted names)
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match=r"data: image 25 \(.*dog/3.jpg, 200 bytes\) cannot be decoded"):
+        list(runner(tmp_path / "c", **data).train_data(0)[1])

@@ -6,6 +6,9 @@
 # fill those idle cycles without taking a core from it. Not nice 15: Ray runs its workers at nice 15, and
 # the Ray tests then ran 25-30 % slower beside them (ci-local 1,643 s; at SCHED_IDLE 1,345 s; one after
 # the other 1,611-1,657 s, on the 2-core developer machine). Their report is printed after the Ray tests'.
+# One torch thread per xdist worker (OMP_NUM_THREADS=1): two workers of two threads each on two idle-priority
+# cores spin at OpenMP barriers while a thread waits for its core (test_runner.py's stage-1 fixture took
+# 110 s beside the Ray tests, 2 s alone).
 # Extra arguments go to both pytest runs (-x, -k NAME, a test file...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,7 @@ idle="nice -n 19" # the xdist workers inherit it
 command -v chrt >/dev/null && chrt --idle 0 true 2>/dev/null && idle="chrt --idle 0"
 (
   code=0
-  $idle .venv/bin/python -m pytest -q -m "not ray" -n auto --basetemp="$tmp/in-process" "$@" \
+  OMP_NUM_THREADS=1 $idle .venv/bin/python -m pytest -q -m "not ray" -n auto --basetemp="$tmp/in-process" "$@" \
     >"$tmp/in-process.log" 2>&1 || code=$?
   echo "$code" >"$tmp/in-process.rc"
 ) &

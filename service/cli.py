@@ -121,11 +121,33 @@ def schema() -> None:
 @click.option("--plot", "plot_path", metavar="FILE.png", help="Plot LR, momentum, resolution and batch.")
 @click.option("--compare", is_flag=True, help="With --plot: overlay all three LR strategies.")
 @click.option("--x-axis", type=click.Choice(["samples", "steps"]), default="samples", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the plan (with --calibrate: the calibration) as JSON."
+)
 @click.option(
     "--dataset-size",
     type=click.IntRange(min=1),
     help="Training samples, instead of reading the data's index (a bucket this machine cannot reach).",
+)
+@click.option(
+    "--calibrate",
+    is_flag=True,
+    help="Time a few steps of each stage and of the fixed-resolution baseline on this machine's device "
+    "(imports torch; no Ray) and project the job's time on its planned workers.",
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="With --calibrate: untimed optimizer steps a stage first.",
+)
+@click.option(
+    "--timed-steps",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="With --calibrate: timed optimizer steps a stage.",
 )
 @user_errors
 def plan(
@@ -136,14 +158,42 @@ def plan(
     x_axis: str,
     as_json: bool,
     dataset_size: int | None,
+    calibrate: bool,
+    warmup_steps: int,
+    timed_steps: int,
 ) -> None:
-    """Show what a job will do: stages, steps, batches, LR and momentum, before any compute is spent."""
+    """Show what a job will do: stages, steps, batches, LR and momentum, before any compute is spent.
+
+    --calibrate runs each stage's first few optimizer steps on this machine, one worker, with the job's
+    model, precision, compile and real data (on CUDA when resources.use_gpu, else the CPU with the threads
+    of a worker of resources.cpus_per_worker), and prints per stage the measured img/s of one worker, the
+    img/s and time projected on the planned workers (linear scaling: all-reduce, start-ups, evaluations and
+    checkpoints not counted), the job's total and the same for the fixed-resolution baseline of `compare
+    --baseline`. Nothing is written to the job's storage. With --json, one object:
+
+    \b
+      job, device, warmup_steps, timed_steps, scaling (the projection rule), plan_hash,
+      stages: [{stage, resolution, batch_size (per worker), grad_accum, workers, global_batch, steps,
+                warmup_steps, timed_steps, measured_s, images_per_s_per_worker, images_per_s,
+                seconds, worker_seconds, measured_as}],
+      seconds, worker_seconds (the job's projected wall time, and x workers),
+      baseline: {plan_hash, stages, seconds, worker_seconds},
+      time_ratio, compute_ratio (the job's seconds and worker_seconds over the baseline's)
+    """
     from service.plan import build_plan
     from service.report import peak_lr_note, plan_table, plot_plans, regularization_lines, write_csv
 
+    ctx = click.get_current_context()
+    timing = [f"--{n.replace('_', '-')}" for n in ("warmup_steps", "timed_steps") if not _default(ctx, n)]
+    if timing and not calibrate:
+        raise ValueError(f"{' and '.join(timing)}: only with --calibrate")
+    if calibrate and dataset_size:
+        raise ValueError("--calibrate reads the job's data and plans from its size: leave out --dataset-size")
     spec = load_spec(job)
     the_plan = ops.make_plan(spec, dataset_size, source=job)
-    if as_json:
+    if calibrate:
+        _calibrate(spec, the_plan, warmup_steps, timed_steps, as_json)
+    elif as_json:
         click.echo(
             json.dumps({"plan_hash": the_plan.plan_hash(), **the_plan.model_dump(mode="json")}, indent=2)
         )
@@ -174,6 +224,26 @@ def plan(
         what = "LR strategies" if compare else spec.schedule.strategy
         plot_plans(plans, plot_path, x_axis, title=f"{spec.name}: {what}, plan {the_plan.plan_hash()}")
         err_console.print(f"wrote {plot_path}")
+
+
+def _default(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT
+
+
+def _calibrate(spec, the_plan, warmup_steps: int, timed_steps: int, as_json: bool) -> None:
+    """``plan --calibrate``: measure (progress on stderr), then the table or the JSON object."""
+    from service.report import calibration_lines, calibration_table
+    from workers.calibrate import calibrate
+
+    cal = calibrate(
+        spec, the_plan, warmup_steps, timed_steps, say=lambda t: err_console.print(t, soft_wrap=True)
+    )
+    if as_json:
+        click.echo(json.dumps(cal.model_dump(mode="json"), indent=2))
+        return
+    console.print(calibration_table(cal, title=f"{spec.name}: calibration, plan {cal.plan_hash}"))
+    for line in calibration_lines(cal):
+        console.print(line, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------ printing results
@@ -656,6 +726,40 @@ def plot(job_id: str, storage: str | None, output: str | None, x_axis: str) -> N
         jobs.storage.write_bytes(buf.getvalue(), PLOT_FILE)
         output = f"{jobs.storage.url}/{PLOT_FILE}"
     err_console.print(f"wrote {output}")
+
+
+@cli.command(name="prepare")
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--tiers",
+    default="auto",
+    show_default=True,
+    help="Shorter-side caps in px, comma-separated (e.g. 160,256), or auto (160,256); full/: originals.",
+)
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
+@click.option("--workers", type=click.IntRange(min=1), help="Threads (default: CPUs + 4, at most 32).")
+@user_errors
+def prepare_tiers(src: str, dst: str, tiers: str, quality: int, workers: int | None) -> None:
+    """Write resolution tiers of the image folder SRC to DST (any fsspec URL), once: a job whose data.train
+    or data.val is DST reads, per stage, the smallest tier that covers the stage's crops without
+    upsampling. Run it again to continue an interrupted prepare; a prepared DST is never overwritten."""
+    from service.prepare import parse_tiers, prepare, progress_display
+
+    def say(line: str) -> None:
+        err_console.print(line, soft_wrap=True)
+
+    with progress_display(err_console) as progress:
+        done = prepare(src, dst, parse_tiers(tiers), quality, workers, progress=progress, say=say)
+    m = done.manifest
+    what = f"{m.samples:,} images in {len(m.classes)} classes from {m.source}"
+    if done.already:
+        line = f"{done.dst}: prepared already ({what}; same listing); nothing to do"
+    else:
+        line = f"prepared {done.dst}: {what} ({done.written:,} now, {done.skipped:,} done before)"
+    sizes = ", ".join(f"{folder}/ {size / 1e6:,.1f} MB" for folder, size in m.tier_bytes.items())
+    line += f"\n  {sizes} (source {m.source_bytes / 1e6:,.1f} MB); use it as data.train or data.val"
+    console.print(line, soft_wrap=True)
 
 
 def main() -> None:

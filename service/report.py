@@ -81,6 +81,72 @@ def plan_table(plan: Plan, title: str = "") -> Table:
     return table
 
 
+def calibration_table(cal, title: str = "") -> Table:
+    """``plan --calibrate`` (``workers.calibrate.Calibration``): per stage the measured img/s of one
+    worker, the projection on the planned workers, and the stage's time; the job's total; the baseline."""
+    table = Table(title=title or None, title_justify="left")
+    for col in [
+        "stage",
+        "res",
+        "batch/worker",
+        "accum",
+        "workers",
+        "img/s/worker",
+        "img/s",
+        "steps",
+        "time",
+        "worker time",
+        "measured",
+    ]:
+        table.add_column(col, justify="right")
+
+    def row(label: str, s) -> None:
+        table.add_row(
+            label,
+            f"{s.resolution}px",
+            str(s.batch_size),
+            str(s.grad_accum),
+            str(s.workers),
+            f"{s.images_per_s_per_worker:,.0f}",
+            f"{s.images_per_s:,.0f}",
+            f"{s.steps:,}",
+            _span(s.seconds),
+            _span(s.worker_seconds),
+            f"as stage {s.measured_as}" if s.measured_as else f"{s.timed_steps} steps, {s.measured_s:.2f}s",
+        )
+
+    for s in cal.stages:
+        row(s.stage, s)
+    table.add_section()
+    steps = sum(s.steps for s in cal.stages)
+    table.add_row(
+        "job", "", "", "", "", "", "", f"{steps:,}", _span(cal.seconds), _span(cal.worker_seconds), ""
+    )
+    table.add_section()
+    for s in cal.baseline.stages:
+        row("baseline", s)
+    return table
+
+
+def calibration_lines(cal) -> list[str]:
+    """Under ``calibration_table``: where it was measured, the scaling rule, and what the schedule saves."""
+    saved = 1 - cal.compute_ratio
+    return [
+        f"measured on {cal.device}, one worker: {cal.warmup_steps} warm-up + {cal.timed_steps} timed "
+        "optimizer steps a stage (fewer in a stage with fewer steps), data from the job's source",
+        f"projection: {cal.scaling}; a stage's resolution ramp runs at its resolution here",
+        f"progressive vs the fixed-resolution baseline (compare --baseline): time {cal.time_ratio:.2f}x "
+        f"({_span(cal.seconds)} vs {_span(cal.baseline.seconds)}), compute {cal.compute_ratio:.2f}x "
+        f"(worker time {_span(cal.worker_seconds)} vs {_span(cal.baseline.worker_seconds)}): "
+        + (f"saves {saved:.0%} of the baseline's compute" if saved >= 0 else f"costs {-saved:.0%} more"),
+    ]
+
+
+def _span(seconds: float) -> str:
+    """A projected time: ``0.42s``, ``12.3s``, or ``_duration``'s from a minute on."""
+    return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s" if seconds < 60 else _duration(seconds)
+
+
 def regularization_lines(spec, plan: Plan) -> list[str]:
     """Each stage's effective regularization (``JobSpec.stage_regularization``), one line per stage; none
     when the job regularizes nothing."""

@@ -9,6 +9,7 @@ import struct
 
 import fsspec
 
+from service import tiers
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -38,7 +39,14 @@ def image_folder_index(root: str) -> tuple[fsspec.AbstractFileSystem, list[str],
     """torchvision's ImageFolder layout (``root/<class>/<image>``) on any fsspec URL:
     (filesystem, class names, [(path, label)]) in a stable order."""
     fs, path = fsspec.core.url_to_fs(root)
-    classes = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))
+    entries = fs.ls(path, detail=False)
+    if {p.rstrip("/").rsplit("/", 1)[-1] for p in entries} & {tiers.MANIFEST, tiers.INTENT}:
+        # its tier folders would be listed as classes, every image once per tier
+        raise ValueError(
+            f"data: {root} holds the resolution tiers of `stagetrain prepare`: a stage reads one of them "
+            "(service.tiers.tier_root), not the folder itself"
+        )
+    classes = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries if fs.isdir(p))
     if not classes:
         raise ValueError(f"data: no class folders under {root} (expected {root}/<class>/<image>)")
     samples = [
@@ -60,7 +68,8 @@ def dataset_size(data: DataSpec) -> int:
         return len(custom_dataset(data, "train"))
     assert isinstance(data, ImageFolderData)
     try:
-        return len(image_folder_index(data.train)[2])
+        prepared = tiers.read_manifest(data.train)  # stagetrain prepare: every tier has the same samples
+        return prepared.samples if prepared else len(image_folder_index(data.train)[2])
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - credentials, network, permissions: say which and where

@@ -174,6 +174,19 @@ class ImageFolderData(_DataBase):
     kind: Literal["imagefolder"]
     train: str = Field(description="local folder or fsspec URL laid out as torchvision's ImageFolder")
     val: str | None = None
+    decode_on: Literal["host", "device"] = Field(
+        "host",
+        description="where JPEGs are decoded: 'host', in the loader workers (PIL, draft mode near the "
+        "stage resolution); 'device', the loaders read bytes and the training device decodes each batch "
+        "(torchvision.io.decode_jpeg: nvjpeg on CUDA, libjpeg on CPU); other formats always on the host. "
+        "Needs augment_on: device",
+    )
+
+    @model_validator(mode="after")
+    def _device_decode(self):
+        if self.decode_on == "device" and self.augment_on != "device":
+            raise ValueError("decode_on: device decodes for the device's crops; it needs augment_on: device")
+        return self
 
 
 class CustomData(_InMemoryData):

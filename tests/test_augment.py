@@ -49,8 +49,8 @@ def test_the_draws_are_the_host_transforms_for_the_same_key():
         for index in range(len(images)):
             for epoch in range(8):
                 expect, label = host[(index, epoch)]
-                image, label2, (top, left, h, w, flip) = device[(index, epoch)]
-                assert torch.equal(image, images[index]) and label == label2
+                image, label2, (top, left, h, w, flip, sample) = device[(index, epoch)]
+                assert torch.equal(image, images[index]) and label == label2 and sample == index
                 got = TF.resized_crop(image, top, left, h, w, [24, 24], antialias=True)
                 got = TF.horizontal_flip(got) if flip else got
                 assert torch.equal(got, expect), (scale, index, epoch)
@@ -87,11 +87,11 @@ def test_device_crops_match_a_per_sample_resized_crop_within_the_filter_differen
     assert torch.equal(crop_resize(batch, p, 32)[1], alone[0])
 
 
-def runner(tmp_path, **data) -> StageRunner:
+def runner(tmp_path, resolution: int = 20, **data) -> StageRunner:
     """A one-stage runner on TINY_IN_PROCESS's synthetic data with ``data`` merged in (a ``kind``:
     replaced), 2 epochs of micro-batches of 4 x 2."""
     data = {"loader_workers": 0, **data} if "kind" in data else {**TINY_IN_PROCESS["data"], **data}
-    stage = {"resolution": 20, "epochs": 2, "batch_size": 4, "workers": 1, "grad_accum": 2}
+    stage = {"resolution": resolution, "epochs": 2, "batch_size": 4, "workers": 1, "grad_accum": 2}
     spec = make_spec(**{**TINY_IN_PROCESS, "data": data, "stages": [stage]})
     return StageRunner(spec, build_plan(spec, dataset_size(spec.data)), 0, "j", str(tmp_path), restore=None)
 
@@ -104,7 +104,7 @@ def test_the_in_memory_gather_reads_what_the_loader_reads(tmp_path):
     memory = runner(tmp_path / "m")
     loader = runner(tmp_path / "l", device_cache_bytes=0)
     host = runner(tmp_path / "h", augment_on="host")
-    assert memory._source("train")[1] is not None and loader._source("train")[1] is None
+    assert memory._source("train", 20)[1] is not None and loader._source("train", 20)[1] is None
     steps = memory.stage.steps
     batches = [list(r.train_data(0)[1]) for r in (memory, loader, host)]
     assert len(batches[0]) == len(batches[1]) == len(batches[2]) == steps * 2  # micro-batches
@@ -145,7 +145,7 @@ def test_an_image_folder_of_mixed_sizes_trains_through_the_device_path_and_a_cor
                 Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.jpg", quality=90)
     data = {"kind": "imagefolder", "train": str(tmp_path / "train"), "val": str(tmp_path / "val")}
     a, b = runner(tmp_path / "a", **data), runner(tmp_path / "b", **data)
-    assert a._source("train")[1] is None  # a folder is read through the loader
+    assert a._source("train", 20)[1] is None  # a folder is read through the loader
     batches = list(a.train_data(0)[1])
     assert len(batches) == 2 * a.stage.steps == 16 and batches[0][0].shape == (4, 3, 20, 20)
     assert all(torch.equal(x, y[0]) for (x, _), y in zip(batches[4:], b.train_data(2)[1], strict=True))
@@ -155,3 +155,36 @@ def test_an_image_folder_of_mixed_sizes_trains_through_the_device_path_and_a_cor
     bad.write_bytes(bad.read_bytes()[:200])  # truncated
     with pytest.raises(ValueError, match=r"data: image 25 \(.*dog/3.jpg, 200 bytes\) cannot be decoded"):
         list(runner(tmp_path / "c", **data).train_data(0)[1])
+
+
+def test_jpegs_decoded_on_the_device_give_the_host_decodes_batches_and_a_corrupt_one_is_named(tmp_path):
+    """data.decode_on: device: the loader sends JPEG bytes (a PNG among them is decoded on the host), the
+    device decodes each batch in one decode_jpeg call (here the CPU: libjpeg, as PIL); the batches equal
+    the host-decoded path's (images too small for draft mode to shrink them at 24 px). A JPEG truncated
+    after its header fails on the device, naming its index and file."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, cls in enumerate(("cat", "dog")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(16):
+                w, h = (40, 46) if (i + label) % 2 else (44, 36)
+                pixels = photos(1, h, w, seed=i + 20 * label)[0].permute(1, 2, 0).numpy()
+                ext = "png" if i == 5 else "jpg"
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.{ext}", quality=90)
+    data = {"kind": "imagefolder", "train": str(tmp_path / "train"), "val": str(tmp_path / "val")}
+    host = runner(tmp_path / "h", 24, **data)
+    device = runner(tmp_path / "d", 24, **data, decode_on="device")
+    a, b = list(host.train_data(0)[1]), list(device.train_data(0)[1])
+    assert device._source("train", 24)[0].encoded and not host._source("train", 24)[0].encoded
+    assert len(a) == len(b) == 16
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert host.validate(host.raw_model) == device.validate(device.raw_model)
+
+    bad = tmp_path / "train" / "cat" / "7.jpg"  # sample 13 (0, 1, 10-15, 2, 3, ..., 7: sorted names)
+    bad.write_bytes(bad.read_bytes()[:-600])  # its header whole: the loader passes it on
+    with pytest.raises(
+        ValueError, match=r"data: image 13 \(.*cat/7.jpg, \d+ bytes\) cannot be decoded on cpu"
+    ):
+        list(runner(tmp_path / "c", **data, decode_on="device").train_data(0)[1])

@@ -23,8 +23,8 @@ from torchvision.ops import roi_align
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 _LOG_RATIO = (math.log(RATIO[0]), math.log(RATIO[1]))
-# params: (top, left, height, width, flip) per sample, one float row each
-PARAMS = 5
+# params: (top, left, height, width, flip, sample index) per sample, one float row each
+PARAMS = 6
 
 
 def draw_crop(
@@ -65,20 +65,61 @@ def centre_box(height: int, width: int) -> tuple[int, int, int, int, int]:
     return (height - side) // 2, (width - side) // 2, side, side, 0
 
 
-def collate(batch: list[tuple[torch.Tensor, int, tuple]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DataLoader ``collate_fn`` for (uint8 CHW image, label, params) samples: images of one size are
-    stacked, mixed sizes zero-padded at the bottom and right (boxes lie inside each image's own area)."""
+def collate(batch: list[tuple[torch.Tensor, int, tuple]]) -> tuple:
+    """DataLoader ``collate_fn`` for (image, label, params) samples: uint8 CHW images batched by
+    ``pad_stack``; a batch holding encoded JPEGs (1-D byte tensors, ``data.decode_on: device``) stays a
+    list, for ``decode_batch`` on the device."""
     images = [b[0] for b in batch]
     labels = torch.tensor([b[1] for b in batch])
     params = torch.tensor([b[2] for b in batch], dtype=torch.float32)
+    return images if any(im.ndim == 1 for im in images) else pad_stack(images), labels, params
+
+
+def pad_stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """CHW images as one batch: stacked when of one size, else zero-padded at the bottom and right (every
+    box lies inside its own image's area), on the images' device."""
     if all(im.shape == images[0].shape for im in images):
-        return torch.stack(images), labels, params
+        return torch.stack(images)
     c = images[0].shape[0]
     h, w = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    out = torch.zeros(len(images), c, h, w, dtype=images[0].dtype)
+    out = torch.zeros(len(images), c, h, w, dtype=images[0].dtype, device=images[0].device)
     for k, im in enumerate(images):
         out[k, :, : im.shape[1], : im.shape[2]] = im
-    return out, labels, params
+    return out
+
+
+def decode_batch(
+    images: list[torch.Tensor], params: torch.Tensor, device: torch.device, channels: int, name
+) -> torch.Tensor:
+    """A loader batch with encoded JPEGs as one uint8 batch on ``device``: the JPEGs decoded there in one
+    ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), the others (decoded on the host) copied.
+    ``name(index)``: a sample's file, for the error a corrupt one raises."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec (not a dependency here);
+    # decode_jpeg, nvjpeg on CUDA, is still shipped and works
+    warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    encoded = [k for k, im in enumerate(images) if im.ndim == 1]
+    out = [im.to(device, non_blocking=True) for im in images]
+    try:
+        decoded = decode_jpeg([images[k] for k in encoded], mode=mode, device=device)
+    except RuntimeError:  # which one: decode them one by one
+        for k in encoded:
+            try:
+                decode_jpeg(images[k], mode=mode, device=device)
+            except RuntimeError as e:
+                index = int(params[k, 5])
+                raise ValueError(
+                    f"data: image {index} ({name(index)}, {images[k].numel()} bytes) cannot be decoded on "
+                    f"{device}: {str(e).splitlines()[0]}"
+                ) from None
+        raise
+    for k, image in zip(encoded, decoded, strict=True):
+        out[k] = image
+    return pad_stack(out)
 
 
 def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
@@ -86,7 +127,7 @@ def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.
     in [0, 255]: one ``roi_align`` over the batch on the images' device."""
     n = images.shape[0]
     params = params.to(images.device, torch.float32)
-    top, left, h, w, flip = params.unbind(1)
+    top, left, h, w, flip = params[:, :5].unbind(1)
     index = torch.arange(n, device=images.device, dtype=torch.float32)
     rois = torch.stack([index, left, top, left + w, top + h], dim=1)  # (batch index, x1, y1, x2, y2)
     out = roi_align(

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
+from service.tiers import FULL, needed_side, tier_root
 from workers.augment import centre_box, draw_crop
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
@@ -91,10 +92,12 @@ class ImageFolderImages(Dataset):
     """torchvision's ImageFolder layout (``root/<class>/<image>``) on a local folder or any fsspec URL.
     JPEGs are decoded in draft mode near the stage resolution, so low-resolution stages decode faster."""
 
-    def __init__(self, root: str, channels: int):
+    def __init__(self, root: str, channels: int, tier: bool = False, decode_on: str = "host"):
+        self.root, self.tier, self.decode_on = root, tier, decode_on  # tier: of `stagetrain prepare`
         self.fs, self.classes, self.samples = image_folder_index(root)
         self.mode = "L" if channels == 1 else "RGB"
         self.draft_size = None  # set per stage: decode JPEGs at >= this size
+        self.encoded = False  # set per stage (decode_on: device, device crops): JPEGs as their bytes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -105,7 +108,9 @@ class ImageFolderImages(Dataset):
         path, label = self.samples[index]
         data = self.fs.cat_file(path)
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                if self.encoded and img.format == "JPEG":
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
                 if self.draft_size and img.format == "JPEG":
                     img.draft(self.mode, (self.draft_size, self.draft_size))
                 img = img.convert(self.mode)
@@ -140,7 +145,11 @@ class CustomImages(Dataset):
         return image, int(label)
 
 
-def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset:
+def open_source(
+    data: DataSpec, channels: int, seed: int, split: str, resolution: int | None = None
+) -> Dataset:
+    """The split's images. ``resolution``: the stage's (train) or evaluation's, for a folder prepared by
+    ``stagetrain prepare``: the smallest tier that covers it (``service.tiers``)."""
     if isinstance(data, SyntheticData):
         return SyntheticImages(
             data.size if split == "train" else data.val_size, data.num_classes, channels, seed, split
@@ -155,7 +164,11 @@ def open_source(data: DataSpec, channels: int, seed: int, split: str) -> Dataset
     root = data.train if split == "train" else data.val
     if root is None:
         raise ValueError("data.val: no validation folder given")
-    return ImageFolderImages(root, channels)
+    if resolution is None:
+        return ImageFolderImages(root, channels, decode_on=data.decode_on)
+    read = tier_root(root, resolution, data.crop_scale if split == "train" else None)
+    tier = read not in (root, f"{root.rstrip('/')}/{FULL}")
+    return ImageFolderImages(read, channels, tier=tier, decode_on=data.decode_on)
 
 
 class InMemory:
@@ -229,7 +242,11 @@ class StageDataset(Dataset):
             raise ValueError("RandAugment and random erasing run per sample on the host: on_device=False")
         self._g = torch.Generator()
         if isinstance(source, ImageFolderImages):
-            source.draft_size = resolution
+            # a tier holds just the detail every crop needs (service.tiers): decode it all
+            source.draft_size = (
+                needed_side(resolution, crop_scale if train else None) if source.tier else resolution
+            )
+            source.encoded = on_device and source.decode_on == "device"
         # regularization_ramp_steps: {sampler step: ((num_ops, magnitude), erasing p)} for the steps whose
         # samples get their own (the sampler then yields (id, epoch, step)); the others, the stage's
         self.augment_at = augment_at or {}
@@ -257,8 +274,9 @@ class StageDataset(Dataset):
         # StageSampler yields (id, epoch), or (id, epoch, step) for a stage that ramps its augmentation
         index, epoch, step = (key + (None,))[:3] if isinstance(key, tuple) else (key, 0, None)
         image, label = self.source[index]
-        if self.on_device:
-            return image, label, self.params(index, epoch, *image.shape[-2:])
+        if self.on_device:  # an encoded JPEG (1-D): its size from its header
+            size = jpeg_size(image) if image.ndim == 1 else image.shape[-2:]
+            return image, label, (*self.params(index, epoch, *size), index)
         if self.augment_at:
             (self._randaugment.num_ops, self._randaugment.magnitude), self._erasing.p = self.augment_at.get(
                 step, self.stage_augment
@@ -280,6 +298,14 @@ class StageDataset(Dataset):
             return centre_box(height, width)
         key = _mix(self.seed, self.stage, epoch, index)
         return draw_crop(key, height, width, self.crop_scale, self.hflip, self._g)
+
+
+def jpeg_size(data: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the encoded JPEG ``data`` (1-D uint8), from its header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+        return img.height, img.width
 
 
 def to_input(

@@ -31,8 +31,8 @@ from service.curve import regularization, resolution, stage_first_step
 from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
-from service.spec import EVAL_METRICS, AdamWSpec, JobSpec
-from workers.augment import centre_box, collate, crop_resize
+from service.spec import EVAL_METRICS, AdamWSpec, ImageFolderData, JobSpec
+from workers.augment import centre_box, collate, crop_resize, decode_batch
 from workers.control import pending_holds, write_held_marker
 from workers.data import (
     InMemory,
@@ -524,28 +524,35 @@ class StageRunner:
             collate_fn=collate if on_device else None,  # (images, labels, crop params)
         )
 
-    def _source(self, split: str) -> tuple:
+    def _source(self, split: str, resolution: int) -> tuple:
         """(the split's source, its ``InMemory`` copy on the device or None), opened once per runner:
-        the stages of a group and every evaluation share them."""
-        if split not in self._sources:
-            data = self.spec.data
-            source = open_source(data, self.spec.model.in_channels, self.spec.seed, split)
+        the stages of a group and every evaluation share them (an image folder: per resolution, which
+        picks a prepared folder's tier)."""
+        data = self.spec.data
+        key = (split, resolution) if isinstance(data, ImageFolderData) else split
+        if key not in self._sources:
+            source = open_source(data, self.spec.model.in_channels, self.spec.seed, split, resolution)
             memory = None
             cache_bytes = getattr(data, "device_cache_bytes", 0)  # image folders: never
             if data.augment_on == "device" and cache_bytes:
                 memory = InMemory.load(source, self.device, cache_bytes)
-            self._sources[split] = (source, memory)
-        return self._sources[split]
+            self._sources[key] = (source, memory)
+        return self._sources[key]
 
-    def _batches(self, batches, size: Callable[[], int]):
+    def _batches(self, batches, size: Callable[[], int], source=None):
         """Batches as model input on the device, at ``size()`` pixels (the step's resolution, read as each
         batch is made: a resolution ramp moves it). (uint8 images, labels, crop params) are cropped and
-        resized there (``workers.augment``); host-augmented (uint8 images, labels) only resized where a
-        ramp moved the resolution. Then uint8 -> normalised float (``data.normalize``)."""
+        resized there (``workers.augment``), encoded JPEGs (a list) decoded there first; host-augmented
+        (uint8 images, labels) only resized where a ramp moved the resolution. Then uint8 -> normalised
+        float (``data.normalize``). ``source``: names a file that cannot be decoded."""
         channels_last = self._cuda and self.spec.train.channels_last
         mean_std = normalize_tensors(self.spec.data.normalize, self.device)
+        channels = self.spec.model.in_channels
         for batch in batches:
-            x = batch[0].to(self.device, non_blocking=True)
+            if isinstance(batch[0], list):  # data.decode_on: device
+                x = decode_batch(batch[0], batch[2], self.device, channels, lambda i: source.samples[i][0])
+            else:
+                x = batch[0].to(self.device, non_blocking=True)
             if len(batch) == 3:
                 x = to_input(crop_resize(x, batch[2], size()), self.device, channels_last, mean_std)
             else:
@@ -563,7 +570,7 @@ class StageRunner:
         for local in range(first, last):
             for micro in sampler.step_ids(local):
                 images, labels = memory.gather(torch.tensor([i for i, _ in micro]))
-                params = [dataset.params(i, epoch, height, width) for i, epoch in micro]
+                params = [(*dataset.params(i, epoch, height, width), i) for i, epoch in micro]
                 yield images, labels, torch.tensor(params, dtype=torch.float32)
 
     def ramped(self, first: int, last: int | None = None) -> dict:
@@ -589,7 +596,7 @@ class StageRunner:
             step - st.step_start: ((r.randaugment.num_ops, r.randaugment.magnitude), r.random_erasing)
             for step, r in ramped.items()
         }
-        source, memory = self._source("train")
+        source, memory = self._source("train", st.resolution)
         if len(source) != self.plan.dataset_size:
             raise RuntimeError(
                 f"data: the training split has {len(source)} samples, but this job was planned "
@@ -632,7 +639,7 @@ class StageRunner:
             raw = self._gathered(memory, train_set, sampler, first, last_local)
         else:
             raw = self._loader(train_set, sampler, on_device=on_device)
-        batches = self._batches(raw, lambda: self.resolution)
+        batches = self._batches(raw, lambda: self.resolution, source)
         mixes = reg.mixes or any(r.mixes for r in ramped.values())
         return sampler, (self._mixed(batches, reg, ramped, first) if mixes else batches), ramped
 
@@ -884,15 +891,16 @@ class StageRunner:
         stage's resolution (or ``data.val_resolution``), over all ranks."""
         spec = self.spec
         top5 = spec.model.num_classes > 5
-        source, memory = self._source("val")
         size = spec.data.val_resolution or self.stage.resolution
+        source, memory = self._source("val", size)
         on_device = spec.data.augment_on == "device"
         val = StageDataset(source, size, train=False, on_device=on_device)
         indices = list(split_evenly(range(len(val)), self.dist.world, self.dist.rank))
         if on_device and memory is not None:
             box = torch.tensor([centre_box(*memory.images.shape[-2:])], dtype=torch.float32)
             ids = torch.tensor(indices, dtype=torch.long).split(spec.data.val_batch_size)
-            loader = ((*memory.gather(part), box.expand(len(part), -1)) for part in ids)
+            params = (torch.cat([box.expand(len(part), -1), part[:, None].float()], 1) for part in ids)
+            loader = ((*memory.gather(part), p) for part, p in zip(ids, params, strict=True))
         else:
             subset = torch.utils.data.Subset(val, indices)
             loader = self._loader(subset, batch_size=spec.data.val_batch_size, on_device=on_device)
@@ -900,7 +908,7 @@ class StageRunner:
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         was_training = model.training
         model.eval()
-        for x, y in self._batches(loader, lambda: size):
+        for x, y in self._batches(loader, lambda: size, source):
             with self._autocast():
                 logits = model(x)
             # accumulated on the device: no host sync per batch

@@ -1,0 +1,288 @@
+"""``stagetrain prepare``: resolution tiers hold the source's samples (ids, labels, capped sizes), the
+stage-to-tier rule (``service.tiers``) against torchvision's own crops, and the commit protocol: a
+prepare killed midway continues where it stopped, a prepared folder is never overwritten, a corrupt
+image is named in one line. Tiny JPEGs, local folders, one test on the moto S3 server; no Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsspec
+import pytest
+from PIL import Image
+
+from service.prepare import INTENT, PROGRESS, list_source, parse_tiers, prepare, read_samples
+from service.sources import dataset_size, image_folder_index
+from service.spec import ImageFolderData
+from service.tiers import FULL, MANIFEST, SAMPLES, capped_size, is_prepared, needed_side, pick_tier, tier_root
+from tests.helpers import REPO, cli_env, stagetrain
+
+SIZES = [(120, 90), (64, 80), (90, 120), (200, 150)]  # shorter sides 90, 64, 90, 150
+TIERS = [48, 72]
+
+
+def make_folder(root, classes=("ant", "bee", "cat"), per_class=8) -> str:
+    """An ImageFolder of small noisy JPEGs of the sizes above (each image its own pixels)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(classes):
+        os.makedirs(f"{root}/{cls}")
+        for i in range(per_class):
+            w, h = SIZES[(c + i) % len(SIZES)]
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(f"{root}/{cls}/{i:02d}.jpg", quality=90)
+    return str(root)
+
+
+def relative(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """``image_folder_index(root)`` with paths relative to ``root`` (a local folder or a URL)."""
+    _, classes, samples = image_folder_index(root)
+    prefix = len(fsspec.core.url_to_fs(root)[1].rstrip("/")) + 1
+    return classes, [(p[prefix:], label) for p, label in samples]
+
+
+def test_tiers_hold_the_sources_ids_labels_and_capped_sizes(tmp_path):
+    src, dst = make_folder(tmp_path / "src"), str(tmp_path / "dst")
+    done = prepare(src, dst, TIERS, quality=85, workers=3)
+    assert (done.written, done.skipped, done.already) == (24, 0, False)
+    assert is_prepared(dst) and not is_prepared(src)
+    assert sorted(os.listdir(dst)) == ["48", "72", FULL, SAMPLES, MANIFEST]
+    want = relative(src)
+    for folder in ("48", "72", FULL):
+        assert relative(f"{dst}/{folder}") == want, folder  # same ids, same order, same labels
+    index = read_samples(dst)
+    assert [(s["id"], s["path"], s["label"]) for s in index] == [
+        (i, p, y) for i, (p, y) in enumerate(want[1])
+    ]
+    for sample in index:
+        original = f"{src}/{sample['path']}"
+        with Image.open(original) as img:
+            assert tuple(sample["size"]) == img.size
+        for tier in TIERS:
+            path = f"{dst}/{tier}/{sample['path']}"
+            with Image.open(path) as img:
+                assert img.size == capped_size(*sample["size"], tier) == tuple(sample["tiers"][str(tier)])
+                assert min(img.size) == min(tier, *sample["size"]) and img.format == "JPEG"
+            if min(sample["size"]) <= tier:  # no smaller: the original, byte for byte
+                assert open(path, "rb").read() == open(original, "rb").read()
+        assert open(f"{dst}/{FULL}/{sample['path']}", "rb").read() == open(original, "rb").read()
+    assert done.manifest.tier_bytes[FULL] == done.manifest.source_bytes
+    assert done.manifest.tier_bytes["48"] < done.manifest.tier_bytes["72"] < done.manifest.source_bytes
+    again = prepare(src, dst, TIERS, quality=85)  # the same prepare again: checked, nothing written
+    assert again.already and again.manifest == done.manifest
+
+
+@pytest.mark.parametrize(
+    "resolution, crop_scale, need",
+    [
+        (128, (0.35, 1.0), 250),  # the default crop_scale: R * sqrt((4/3) / 0.35) = 1.95 R
+        (160, (0.35, 1.0), 313),
+        (224, (0.35, 1.0), 438),
+        (224, (0.08, 1.0), 915),  # torchvision's default scale: 3.9 R
+        (120, (0.75, 1.0), 160),  # the boundary smin = 1/rho: sqrt(smin / rho) = smin, both give R / 0.75
+        (100, (0.9, 1.0), 112),  # above it the crop must fit in the image: R / smin
+        (100, (1.0, 1.0), 100),
+        (224, None, 224),  # evaluation: resize the shorter side to R, centre crop
+    ],
+)
+def test_needed_side(resolution, crop_scale, need):
+    assert needed_side(resolution, crop_scale) == need
+
+
+@pytest.mark.parametrize(
+    "tiers, resolution, crop_scale, tier",
+    [
+        ([256, 320], 128, (0.35, 1.0), "256"),
+        ([256, 320], 131, (0.35, 1.0), "256"),  # needs 256
+        ([256, 320], 132, (0.35, 1.0), "320"),  # needs 258
+        ([256, 320], 160, (0.35, 1.0), "320"),
+        ([256, 320], 164, (0.35, 1.0), FULL),  # needs 321
+        ([256, 320], 224, (0.35, 1.0), FULL),
+        ([256, 320], 224, (0.75, 1.0), "320"),  # needs 299
+        ([256, 320], 224, None, "256"),
+        ([256, 320], 256, None, "256"),
+        ([256, 320], 257, None, "320"),
+        ([256, 320], 384, None, FULL),
+        ([], 32, None, FULL),
+    ],
+)
+def test_pick_tier(tiers, resolution, crop_scale, tier):
+    assert pick_tier(tiers, resolution, crop_scale) == tier
+
+
+def test_the_rule_holds_for_torchvisions_own_crops():
+    """With the shorter side ``needed_side`` no RandomResizedCrop draw is smaller than the stage (up to
+    one pixel of rounding), on a square image (the worst case) and an elongated one; 10% less and some are."""
+    import torch
+    from torchvision.transforms import v2
+
+    def shortest(crop, w: int, h: int) -> int:  # the shortest side of 2000 crops of a w x h image
+        image = [torch.empty(1, h, w)]
+        return min(min(p["height"], p["width"]) for p in (crop.make_params(image) for _ in range(2000)))
+
+    torch.manual_seed(0)
+    for resolution, scale in ((128, (0.35, 1.0)), (96, (0.08, 1.0)), (100, (0.9, 1.0))):
+        crop = v2.RandomResizedCrop(resolution, scale=scale)
+        need = needed_side(resolution, scale)
+        for w, h in ((need, need), (need * 3 // 2, need), (need, 2 * need)):
+            assert shortest(crop, w, h) >= resolution - 1, (resolution, scale, w, h)
+        assert shortest(crop, int(need * 0.9), int(need * 0.9)) < resolution, (resolution, scale)
+
+
+def test_tier_root_names_the_folder_a_stage_reads(tmp_path):
+    src, dst = make_folder(tmp_path / "src"), str(tmp_path / "dst")
+    assert tier_root(src, 64, (0.35, 1.0)) == src  # not prepared: the folder itself
+    prepare(src, dst, TIERS, workers=2)
+    assert tier_root(dst, 24, (0.35, 1.0)) == f"{dst}/48"  # needs 47
+    assert tier_root(dst, 25, (0.35, 1.0)) == f"{dst}/72"  # needs 49
+    assert tier_root(dst + "/", 37, (0.35, 1.0)) == f"{dst}/{FULL}"  # needs 73
+    assert tier_root(dst, 64, None) == f"{dst}/72"
+    assert relative(tier_root(dst, 64, None)) == relative(src)
+    # The prepared folder itself is no ImageFolder (its tiers would be classes); its size is the source's.
+    with pytest.raises(ValueError, match=f"data: {dst} holds the resolution tiers of `stagetrain prepare`"):
+        image_folder_index(dst)
+    assert dataset_size(ImageFolderData(kind="imagefolder", train=dst)) == 24
+
+
+def test_a_killed_prepare_continues_where_it_stopped(tmp_path):
+    src, dst = make_folder(tmp_path / "src"), str(tmp_path / "dst")
+    args = [sys.executable, "-m", "service.cli", "prepare", src, dst, "--tiers", "48,72", "--workers", "1"]
+    env = cli_env(STAGETRAIN_TEST_PREPARE_DELAY_S="0.1")  # 2.4 s of work; progress is appended every 1 s
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:  # until the first progress is appended
+        if os.path.exists(f"{dst}/{PROGRESS}") and open(f"{dst}/{PROGRESS}").read().endswith("\n"):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no clean-up of any kind
+    out, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, (out, err)
+    logged = [json.loads(line) for line in open(f"{dst}/{PROGRESS}")]
+    assert 0 < len(logged) < 24 and not os.path.exists(f"{dst}/{MANIFEST}")
+    with pytest.raises(ValueError, match="has not finished; run the same `stagetrain prepare` again"):
+        tier_root(dst, 32, None)  # a job never reads a half-written prepare
+    # Another prepare into it is refused; the same one continues.
+    refused = stagetrain("prepare", src, dst, "--tiers", "48,96")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith(f"error: {dst}/{INTENT}: tiers [48, 72] there, [48, 96] asked")
+    again = stagetrain("prepare", src, dst, "--tiers", "48,72", check=True)
+    finished = len({e["path"] for e in logged})
+    assert f"continuing the prepare in {dst}: {finished} of 24 images done" in again.stderr
+    assert f"({24 - finished} now, {finished} done before)" in again.stdout
+    assert sorted(os.listdir(dst)) == ["48", "72", FULL, SAMPLES, MANIFEST]
+    for folder in ("48", "72", FULL):
+        assert relative(f"{dst}/{folder}") == relative(src)
+        files = [f for _, _, names in os.walk(f"{dst}/{folder}") for f in names]
+        assert len(files) == 24, files  # no temporary file left by the kill
+
+
+def test_a_prepared_folder_is_never_overwritten(tmp_path):
+    src, dst = make_folder(tmp_path / "src"), str(tmp_path / "dst")
+    other = make_folder(tmp_path / "other", classes=("x", "y"), per_class=2)
+    prepare(src, dst, TIERS, workers=2)
+    cases = [
+        ((other, dst, TIERS, 90), f"{dst}/{MANIFEST}: source {src} there, {other} asked"),
+        ((src, dst, [48], 90), f"{dst}/{MANIFEST}: tiers [48, 72] there, [48] asked"),
+        ((src, dst, TIERS, 80), f"{dst}/{MANIFEST}: quality 90 there, 80 asked"),
+        ((src, str(tmp_path), TIERS, 90), f"{tmp_path}: not empty, and not a stagetrain prepare"),
+        ((src, f"{src}/tiers", TIERS, 90), f"{src}/tiers: inside the source folder {src}"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError) as e:
+            prepare(*args)
+        assert str(e.value).startswith(message), str(e.value)
+    os.remove(f"{src}/bee/03.jpg")  # the source changed since: its prepared folder is stale
+    with pytest.raises(ValueError, match=f"{dst}: prepared from an earlier listing of {src}"):
+        prepare(src, dst, TIERS)
+    assert parse_tiers("auto") == [160, 256] and parse_tiers("256, 160,160") == [160, 256]
+    for bad in ("160,big", "8", ""):
+        with pytest.raises(ValueError, match="--tiers: "):
+            parse_tiers(bad)
+
+
+def test_a_corrupt_image_is_named_in_one_line_and_the_rerun_finishes(tmp_path):
+    src, dst = make_folder(tmp_path / "src"), str(tmp_path / "dst")
+    bad = f"{src}/bee/05.jpg"
+    good = open(bad, "rb").read()
+    with open(bad, "wb") as f:
+        f.write(good[: len(good) // 2])
+    proc = stagetrain("prepare", src, dst, "--tiers", "48,72", "--workers", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"error: {bad}: not a readable image (OSError: image file is"
+    )
+    assert not os.path.exists(f"{dst}/{MANIFEST}")
+    position = [p for p, _ in relative(src)[1]].index("bee/05.jpg")  # 13: the first 13 were finished
+    with open(bad, "wb") as f:
+        f.write(good)
+    done = prepare(src, dst, TIERS, workers=2)
+    assert done.skipped >= position and done.written == 24 - done.skipped
+    assert relative(f"{dst}/72") == relative(src) and is_prepared(dst)
+    empty = tmp_path / "src" / "dog"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"{src}/dog: a class folder without images"):
+        list_source(src)
+
+
+@pytest.mark.s3
+def test_prepare_from_and_to_s3(s3_url, tmp_path):
+    import fsspec
+
+    local = make_folder(tmp_path / "src", per_class=3)
+    fs = fsspec.filesystem("s3")
+    fs.put(local, f"{s3_url}/src", recursive=True)
+    src, dst = f"{s3_url}/src", f"{s3_url}/tiers"
+    done = prepare(src, dst, TIERS, workers=4)
+    assert (done.written, done.manifest.source) == (9, src)
+    assert is_prepared(dst) and tier_root(dst, 64, None) == f"{dst}/72"
+    for folder in ("48", "72", FULL):
+        assert relative(f"{dst}/{folder}") == relative(src), folder
+    assert not fs.exists(f"{dst}/{PROGRESS}.parts") and not fs.exists(f"{dst}/{INTENT}")
+    assert prepare(src, dst, TIERS).already
+
+
+def test_a_job_on_a_prepared_folder_reads_each_stages_tier(tmp_path):
+    """Through the worker loop: a stage at 24 px (needs 47 px with crop_scale 0.35) reads tier 48, one at
+    32 px (needs 63) tier 72, evaluation at 40 px tier 48; the same samples and labels as the source, the
+    tier decoded whole (draft at the needed side), and both stages train."""
+    from service.plan import build_plan
+    from tests.conftest import make_spec
+    from tests.jobs import TINY_IN_PROCESS
+    from workers.train import StageRunner
+
+    src, dst = make_folder(tmp_path / "src", per_class=16), str(tmp_path / "dst")
+    prepare(src, dst, TIERS, quality=85, workers=2)
+    spec = make_spec(
+        **{
+            **TINY_IN_PROCESS,
+            "data": {
+                "kind": "imagefolder",
+                "train": dst,
+                "val": src,
+                "loader_workers": 0,
+                "val_resolution": 40,
+            },
+            "stages": [
+                {"resolution": 24, "epochs": 1, "batch_size": 4, "workers": 1},
+                {"resolution": 32, "epochs": 1, "batch_size": 4, "workers": 1},
+            ],
+        }
+    )
+    plan = build_plan(spec, dataset_size(spec.data))
+    assert plan.dataset_size == 48
+    runner = StageRunner(spec, plan, 0, "j", str(tmp_path / "runs"), restore=None)
+    end = runner.run()
+    source = runner._source("train", 24)[0]
+    assert source.root == f"{dst}/48" and source.tier and source.draft_size == needed_side(24, (0.35, 1.0))
+    assert [(p.rsplit("/48/", 1)[1], y) for p, y in source.samples] == relative(src)[1]
+    runner.next_stage()
+    runner.run()
+    assert runner._source("train", 32)[0].root == f"{dst}/72"
+    assert runner._source("val", 40)[0].root == src  # not prepared: read as it is
+    assert end.val_acc is not None

@@ -23,6 +23,10 @@ decode in draft mode, ``convert("RGB")``, tensor, seeded RandomResizedCrop + fli
 - ``tier``: the folder ``service.tiers.tier_root`` picks, read with ``draft_size = needed_side(...)``
   (train; none when that is ``full``: the same files as ``orig_exact``). For ``eval`` the needed side
   is the resolution itself, so ``draft_size`` is as today.
+- ``now``: what a loader worker does for this stage since crops moved to the device
+  (``augment_on: device``): the folder ``tier_root`` picks, decoded as ``StageDataset`` sets it up, and
+  the crop box drawn; no crop, resize or flip on the host. Its train img/s per resolution over the
+  224 px stage's is ``now_vs_224``: how much cheaper the host makes a low-resolution stage.
 
 Timing: cells advance in lockstep, 8 images each in turn, the order rotated every chunk and reversed
 every other pass, each call timed on its own, the first chunk not counted; a round reads every image
@@ -138,6 +142,8 @@ def open_cells(src: str, dst: str, resolution: int):
             dataset = StageDataset(source, resolution, train=task == "train", seed=0, stage=0)
             source.draft_size = draft  # StageDataset set it to the resolution
             cells[(task, cell)] = dataset
+        now = ImageFolderImages(folder, channels=3, tier=picked[task] != FULL)
+        cells[(task, "now")] = StageDataset(now, resolution, train=task == "train", on_device=True)
     return cells, picked
 
 
@@ -221,11 +227,22 @@ def main(argv: list[str] | None = None) -> int:
                 entry[name] = round(statistics.median(ratios), 3)
                 entry[name + "_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
                 shown.append(f"{entry[name]:.2f} ({min(ratios):.2f}..{max(ratios):.2f})")
+            entry["now_img_s"] = round(statistics.median(x[(task, "now")] for x in per_round), 1)
+            if task == "train" and 224 in rows:
+                ratios = [
+                    x[(task, "now")] / y[(task, "now")] for x, y in zip(per_round, rows[224], strict=True)
+                ]
+                entry["now_vs_224"] = round(statistics.median(ratios), 3)
+                shown_now = (
+                    f"now {entry['now_img_s']:.0f} img/s, {entry['now_vs_224']:.2f}x the 224 px stage's"
+                )
+            else:
+                shown_now = f"now {entry['now_img_s']:.0f} img/s"
             per_stage[f"{r}_{task}"] = entry
             cols = [f"{med[c]:.0f}" if c in med else "-" for c in ("orig", "orig_exact", "tier")]
             print(
-                "{:>4} {:>5} {:>5} {:>7} {:>7} {:>7} {:>18} {:>18}".format(
-                    r, task, entry["tier"], *cols, *shown
+                "{:>4} {:>5} {:>5} {:>7} {:>7} {:>7} {:>18} {:>18}   {}".format(
+                    r, task, entry["tier"], *cols, *shown, shown_now
                 )
             )
     print()

@@ -90,7 +90,8 @@ def _read_idx(url: str) -> torch.Tensor:
 
 class ImageFolderImages(Dataset):
     """torchvision's ImageFolder layout (``root/<class>/<image>``) on a local folder or any fsspec URL.
-    JPEGs are decoded in draft mode near the stage resolution, so low-resolution stages decode faster."""
+    JPEGs are decoded in draft mode near the stage resolution, so low-resolution stages decode faster;
+    with ``encoded`` set (``data.decode_on: device``) a JPEG is its bytes, for the device to decode."""
 
     def __init__(self, root: str, channels: int, tier: bool = False, decode_on: str = "host"):
         self.root, self.tier, self.decode_on = root, tier, decode_on  # tier: of `stagetrain prepare`

@@ -340,7 +340,7 @@ class StageRunner:
         self.resolution = self.stage.resolution  # of the step being trained (resolution_ramp_steps)
         self._tail: list[StepRecord] = []  # the stage's last records, sent with the stage end
         self._evals: list[EvalRecord] = []  # mid-stage evaluations not yet reported
-        self._sources: dict[str, tuple] = {}  # split -> (source, its InMemory copy or None)
+        self._sources: dict = {}  # split (folders: and resolution) -> (source, InMemory copy or None)
 
         # Model, optimizer, schedule. The raw module is what is saved; DDP/compile wrap it.
         torch.manual_seed(spec.seed)  # identical init on every rank (DDP would broadcast it anyway)
@@ -558,7 +558,8 @@ class StageRunner:
             else:
                 x = to_input(x, self.device, channels_last, mean_std)
                 if x.shape[-1] != size():
-                    x = F.interpolate(x, size=(size(), size()), mode="bilinear", antialias=True)
+                    size_ = (size(), size())
+                    x = F.interpolate(x, size=size_, mode="bilinear", antialias=True, align_corners=False)
             yield x, batch[1].to(self.device, non_blocking=True)
 
     def _gathered(

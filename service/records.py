@@ -28,6 +28,7 @@ class StepRecord(BaseModel):
     grad_accum: int
     images_per_s: float
     time: float | None = None  # unix time when the step's report window closed (rank 0's clock)
+    skipped_images: int | None = None  # data.on_bad_image: skip: images left out of this step, all ranks
     sample_ids: list[list[int]] | None = None  # audit mode: the sample ids each rank read, per rank
 
 

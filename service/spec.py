@@ -181,6 +181,12 @@ class ImageFolderData(_DataBase):
         "(torchvision.io.decode_jpeg: nvjpeg on CUDA, libjpeg on CPU); other formats always on the host. "
         "Needs augment_on: device",
     )
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error",
+        description="an image that cannot be decoded: 'error' stops the stage naming its index and file; "
+        "'skip' leaves it out of its batch (one image fewer), names it in the worker's log and counts it "
+        "in metrics.jsonl (skipped_images of the step)",
+    )
 
     @model_validator(mode="after")
     def _device_decode(self):

@@ -188,3 +188,36 @@ def test_jpegs_decoded_on_the_device_give_the_host_decodes_batches_and_a_corrupt
         ValueError, match=r"data: image 13 \(.*cat/7.jpg, \d+ bytes\) cannot be decoded on cpu"
     ):
         list(runner(tmp_path / "c", **data, decode_on="device").train_data(0)[1])
+
+
+@pytest.mark.parametrize("decode_on", ["host", "device"])
+def test_on_bad_image_skip_leaves_bad_images_out_names_them_and_counts_them(tmp_path, capfd, decode_on):
+    """data.on_bad_image: skip: a file that is no image and a JPEG truncated after its header are left out
+    of their batches, each named in the log, and every step's record counts the images it lost (each bad
+    image once per epoch: 2 x 2); the stage trains to its end. Host or device decoding alike."""
+    from PIL import Image
+
+    from service.records import Report
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(16):
+                pixels = photos(1, 36, 44, seed=i)[0].permute(1, 2, 0).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.jpg", quality=90)
+    (tmp_path / "train" / "cat" / "3.jpg").write_bytes(b"not an image at all")  # sample 9 (sorted names)
+    truncated = tmp_path / "train" / "dog" / "5.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:-400])
+    data = {"kind": "imagefolder", "train": str(tmp_path / "train"), "val": str(tmp_path / "val")}
+    bad = runner(tmp_path / "r", 24, **data, decode_on=decode_on, on_bad_image="skip")
+    reports = []
+    bad.report = lambda r: reports.append(Report.model_validate(r))
+    end = bad.run()
+    records = [rec for r in reports for rec in r.records]
+    assert [rec.step for rec in records] == list(range(bad.stage.steps))
+    assert sum(rec.skipped_images for rec in records) == 4 and end.val_acc is not None
+    log = capfd.readouterr().err
+    assert log.count("data: skipped image 9 (") == 2 and log.count("dog/5.jpg") == 2, log
+    assert ("dog/5.jpg, " in log) and ("cannot be decoded on cpu" in log) == (decode_on == "device"), log
+    with pytest.raises(ValueError, match=r"data: image 9 \(.*cat/3.jpg, 19 bytes\) cannot be decoded"):
+        list(runner(tmp_path / "e", 24, **data, decode_on=decode_on).train_data(0)[1])

@@ -382,7 +382,7 @@ def test_imagefolder_with_synthetic_fields():
         "data.train: required field is missing",
         "data.size: unknown field for kind 'imagefolder' (it belongs to kind 'synthetic'); expected one of"
         " loader_workers, val_batch_size, val_resolution, crop_scale, hflip, augment_on, normalize, kind,"
-        " train, val, decode_on",
+        " train, val, decode_on, on_bad_image",
     ]
 
 

@@ -17,6 +17,7 @@ Evaluation is the same operation with the centred square of the image (resize + 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torchvision.ops import roi_align
@@ -69,6 +70,9 @@ def collate(batch: list[tuple[torch.Tensor, int, tuple]]) -> tuple:
     """DataLoader ``collate_fn`` for (image, label, params) samples: uint8 CHW images batched by
     ``pad_stack``; a batch holding encoded JPEGs (1-D byte tensors, ``data.decode_on: device``) stays a
     list, for ``decode_batch`` on the device."""
+    batch = [b for b in batch if b is not None]  # None: skipped by the loader (data.on_bad_image: skip)
+    if not batch:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), torch.empty(0, PARAMS)
     images = [b[0] for b in batch]
     labels = torch.tensor([b[1] for b in batch])
     params = torch.tensor([b[2] for b in batch], dtype=torch.float32)
@@ -89,11 +93,12 @@ def pad_stack(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 def decode_batch(
-    images: list[torch.Tensor], params: torch.Tensor, device: torch.device, channels: int, name
-) -> torch.Tensor:
+    images: list[torch.Tensor], params: torch.Tensor, device: torch.device, channels: int, name, skip=False
+) -> tuple[torch.Tensor, list[int]]:
     """A loader batch with encoded JPEGs as one uint8 batch on ``device``: the JPEGs decoded there in one
-    ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), the others (decoded on the host) copied.
-    ``name(index)``: a sample's file, for the error a corrupt one raises."""
+    ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), the others (decoded on the host) copied; and
+    the positions it holds. A JPEG that does not decode raises an error naming it (``name(index)``: its
+    file), or with ``skip`` (``data.on_bad_image: skip``) is named in the log and left out."""
     import warnings
 
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -107,19 +112,23 @@ def decode_batch(
     try:
         decoded = decode_jpeg([images[k] for k in encoded], mode=mode, device=device)
     except RuntimeError:  # which one: decode them one by one
+        decoded = []
         for k in encoded:
             try:
-                decode_jpeg(images[k], mode=mode, device=device)
+                decoded.append(decode_jpeg(images[k], mode=mode, device=device))
             except RuntimeError as e:
                 index = int(params[k, 5])
-                raise ValueError(
-                    f"data: image {index} ({name(index)}, {images[k].numel()} bytes) cannot be decoded on "
-                    f"{device}: {str(e).splitlines()[0]}"
-                ) from None
-        raise
+                size = images[k].numel()
+                problem = f"image {index} ({name(index)}, {size} bytes) cannot be decoded on {device}: "
+                problem += str(e).splitlines()[0]
+                if not skip:
+                    raise ValueError(f"data: {problem}") from None
+                print(f"data: skipped {problem} (data.on_bad_image: skip)", file=sys.stderr, flush=True)
+                decoded.append(None)
     for k, image in zip(encoded, decoded, strict=True):
         out[k] = image
-    return pad_stack(out)
+    kept = [k for k, image in enumerate(out) if image is not None]
+    return (pad_stack([out[k] for k in kept]) if kept else torch.empty(0, dtype=torch.uint8)), kept
 
 
 def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:

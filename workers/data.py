@@ -12,6 +12,7 @@ import gzip
 import io
 import math
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 
 import fsspec
@@ -93,8 +94,11 @@ class ImageFolderImages(Dataset):
     JPEGs are decoded in draft mode near the stage resolution, so low-resolution stages decode faster;
     with ``encoded`` set (``data.decode_on: device``) a JPEG is its bytes, for the device to decode."""
 
-    def __init__(self, root: str, channels: int, tier: bool = False, decode_on: str = "host"):
+    def __init__(
+        self, root: str, channels: int, tier: bool = False, decode_on: str = "host", skip_bad: bool = False
+    ):
         self.root, self.tier, self.decode_on = root, tier, decode_on  # tier: of `stagetrain prepare`
+        self.skip_bad = skip_bad  # data.on_bad_image: skip: an image that does not decode is None
         self.fs, self.classes, self.samples = image_folder_index(root)
         self.mode = "L" if channels == 1 else "RGB"
         self.draft_size = None  # set per stage: decode JPEGs at >= this size
@@ -117,9 +121,11 @@ class ImageFolderImages(Dataset):
                 img = img.convert(self.mode)
                 return v2.functional.pil_to_tensor(img), label
         except (OSError, ValueError, SyntaxError) as e:  # not an image, truncated, corrupt
-            raise ValueError(
-                f"data: image {index} ({path}, {len(data)} bytes) cannot be decoded: {type(e).__name__}: {e}"
-            ) from None
+            problem = f"image {index} ({path}, {len(data)} bytes) cannot be decoded: {type(e).__name__}: {e}"
+            if not self.skip_bad:
+                raise ValueError(f"data: {problem}") from None
+            print(f"data: skipped {problem} (data.on_bad_image: skip)", file=sys.stderr, flush=True)
+            return None
 
 
 class CustomImages(Dataset):
@@ -165,11 +171,12 @@ def open_source(
     root = data.train if split == "train" else data.val
     if root is None:
         raise ValueError("data.val: no validation folder given")
+    skip = data.on_bad_image == "skip"
     if resolution is None:
-        return ImageFolderImages(root, channels, decode_on=data.decode_on)
+        return ImageFolderImages(root, channels, decode_on=data.decode_on, skip_bad=skip)
     read = tier_root(root, resolution, data.crop_scale if split == "train" else None)
     tier = read not in (root, f"{root.rstrip('/')}/{FULL}")
-    return ImageFolderImages(read, channels, tier=tier, decode_on=data.decode_on)
+    return ImageFolderImages(read, channels, tier=tier, decode_on=data.decode_on, skip_bad=skip)
 
 
 class InMemory:
@@ -274,7 +281,10 @@ class StageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int]:
         # StageSampler yields (id, epoch), or (id, epoch, step) for a stage that ramps its augmentation
         index, epoch, step = (key + (None,))[:3] if isinstance(key, tuple) else (key, 0, None)
-        image, label = self.source[index]
+        item = self.source[index]
+        if item is None:  # a bad image, skipped (data.on_bad_image: skip): left out by the collate
+            return None
+        image, label = item
         if self.on_device:  # an encoded JPEG (1-D): its size from its header
             size = jpeg_size(image) if image.ndim == 1 else image.shape[-2:]
             return image, label, (*self.params(index, epoch, *size), index)
@@ -299,6 +309,11 @@ class StageDataset(Dataset):
             return centre_box(height, width)
         key = _mix(self.seed, self.stage, epoch, index)
         return draw_crop(key, height, width, self.crop_scale, self.hflip, self._g)
+
+
+def collate_host(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's default collate, without the samples a loader skipped (None)."""
+    return torch.utils.data.default_collate([b for b in batch if b is not None])
 
 
 def jpeg_size(data: torch.Tensor) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from workers.data import (
     StageDataset,
     StageSampler,
     _mix,
+    collate_host,
     mix_batch,
     normalize_tensors,
     open_source,
@@ -341,6 +342,7 @@ class StageRunner:
         self._tail: list[StepRecord] = []  # the stage's last records, sent with the stage end
         self._evals: list[EvalRecord] = []  # mid-stage evaluations not yet reported
         self._sources: dict = {}  # split (folders: and resolution) -> (source, InMemory copy or None)
+        self.skipped = 0  # training images data.on_bad_image: skip left out, on this rank
 
         # Model, optimizer, schedule. The raw module is what is saved; DDP/compile wrap it.
         torch.manual_seed(spec.seed)  # identical init on every rank (DDP would broadcast it anyway)
@@ -521,7 +523,7 @@ class StageRunner:
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
             generator=generator,
-            collate_fn=collate if on_device else None,  # (images, labels, crop params)
+            collate_fn=collate if on_device else collate_host,  # (images, labels[, crop params])
         )
 
     def _source(self, split: str, resolution: int) -> tuple:
@@ -539,28 +541,37 @@ class StageRunner:
             self._sources[key] = (source, memory)
         return self._sources[key]
 
-    def _batches(self, batches, size: Callable[[], int], source=None):
+    def _batches(self, batches, size: Callable[[], int], source=None, expected: int | None = None):
         """Batches as model input on the device, at ``size()`` pixels (the step's resolution, read as each
         batch is made: a resolution ramp moves it). (uint8 images, labels, crop params) are cropped and
         resized there (``workers.augment``), encoded JPEGs (a list) decoded there first; host-augmented
         (uint8 images, labels) only resized where a ramp moved the resolution. Then uint8 -> normalised
-        float (``data.normalize``). ``source``: names a file that cannot be decoded."""
+        float (``data.normalize``). ``source``: names a file that cannot be decoded. ``expected``: the
+        batch size, to count the images ``data.on_bad_image: skip`` left out (``self.skipped``)."""
         channels_last = self._cuda and self.spec.train.channels_last
         mean_std = normalize_tensors(self.spec.data.normalize, self.device)
         channels = self.spec.model.in_channels
+        skip = getattr(self.spec.data, "on_bad_image", "error") == "skip"
         for batch in batches:
+            labels, params = batch[1], batch[2] if len(batch) == 3 else None
             if isinstance(batch[0], list):  # data.decode_on: device
-                x = decode_batch(batch[0], batch[2], self.device, channels, lambda i: source.samples[i][0])
+                name = lambda i: source.samples[i][0]  # noqa: E731
+                x, kept = decode_batch(batch[0], params, self.device, channels, name, skip)
+                labels, params = labels[kept], params[kept]
             else:
                 x = batch[0].to(self.device, non_blocking=True)
-            if len(batch) == 3:
-                x = to_input(crop_resize(x, batch[2], size()), self.device, channels_last, mean_std)
+            if not len(labels):
+                raise ValueError("data: every image of a batch was skipped (data.on_bad_image: skip)")
+            if expected:
+                self.skipped += expected - len(labels)
+            if params is not None:
+                x = to_input(crop_resize(x, params, size()), self.device, channels_last, mean_std)
             else:
                 x = to_input(x, self.device, channels_last, mean_std)
                 if x.shape[-1] != size():
                     size_ = (size(), size())
                     x = F.interpolate(x, size=size_, mode="bilinear", antialias=True, align_corners=False)
-            yield x, batch[1].to(self.device, non_blocking=True)
+            yield x, labels.to(self.device, non_blocking=True)
 
     def _gathered(
         self, memory: InMemory, dataset: StageDataset, sampler: StageSampler, first: int, last: int
@@ -640,7 +651,7 @@ class StageRunner:
             raw = self._gathered(memory, train_set, sampler, first, last_local)
         else:
             raw = self._loader(train_set, sampler, on_device=on_device)
-        batches = self._batches(raw, lambda: self.resolution, source)
+        batches = self._batches(raw, lambda: self.resolution, source, expected=st.batch_size)
         mixes = reg.mixes or any(r.mixes for r in ramped.values())
         return sampler, (self._mixed(batches, reg, ramped, first) if mixes else batches), ramped
 
@@ -697,12 +708,12 @@ class StageRunner:
                 smoothing = r.label_smoothing  # loss_fn reads it when called
                 set_stage_rates(self.raw_model, r.dropout, r.drop_path, spec.model.label)
             lr, momentum = self._lr_momentum()
+            skipped = self.skipped
             loss = self.optimizer_step(batches, loss_fn, step)
             self.progress.step = step + 1
             self.on_step(step)
-            pending.append(
-                (step, loss, lr, momentum, self.resolution, sampler.step_ids(local) if audit else None)
-            )
+            ids = sampler.step_ids(local) if audit else None
+            pending.append((step, loss, lr, momentum, self.resolution, ids, self.skipped - skipped))
             done = self.progress.step == st.step_end
             evaluated = None
             if every_eval and self.progress.step % every_eval == 0 and not done:
@@ -777,6 +788,9 @@ class StageRunner:
         img_s = len(pending) * st.global_batch / max(now - window_start, 1e-9)
         audit = pending[0][5] is not None
         ids = self.dist.gather_objects([p[5] for p in pending]) if audit else None
+        skipped = None  # data.on_bad_image: skip: per step, over all ranks
+        if getattr(self.spec.data, "on_bad_image", "error") == "skip":
+            skipped = self.dist.sum(torch.tensor([p[6] for p in pending])).tolist()
         records = [
             StepRecord(
                 step=step,
@@ -793,8 +807,9 @@ class StageRunner:
                 images_per_s=img_s,
                 time=stamp,
                 sample_ids=[[i for micro in rank[k] for i, _ in micro] for rank in ids] if audit else None,
+                skipped_images=skipped[k] if skipped else None,
             )
-            for k, ((step, _, lr, momentum, res, _), loss) in enumerate(
+            for k, ((step, _, lr, momentum, res, _, _), loss) in enumerate(
                 zip(pending, losses.tolist(), strict=True)
             )
         ]

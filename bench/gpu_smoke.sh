@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPU smoke benchmark: stagetrain's worker loop beside a minimal hand-written loop on one GPU.
 #
-#   bash bench/gpu_smoke.sh            # from anywhere; needs one NVIDIA GPU; under 5 min (incl. set-up)
+#   bash bench/gpu_smoke.sh            # from anywhere; needs one NVIDIA GPU; under 9 min (incl. set-up)
 #   bash bench/gpu_smoke.sh 2>&1 | tee gpu_smoke.log
 #
 # What it runs: bench/overhead.py with one worker (a 1-process torch.distributed group, NCCL for CUDA
 # tensors), bf16 autocast, channels_last, ResNet-50, synthetic data at 128/160/224 px, per-worker batch
 # 128, both sides fed by DataLoader workers. It prints img/s per resolution for StageRunner and for the
 # plain loop, their ratio, and ends with one JSON line ({"overhead_ratio": ..., "per_resolution": ...}).
+# Then bench/gpu_pipeline.py: per resolution the model-only ceiling, the loop on in-memory data and on a
+# JPEG folder (decoded on the GPU, and in the loader workers), with ratios to the ceiling (PIPELINE=0: skip).
 # No Ray cluster is started: StageRunner runs in-process with a no-op report. The "st records" column
 # is the img/s StageRunner reports itself; expect it above the timed figure on a GPU (its report
 # windows end before the loss copy that waits for the GPU).
@@ -69,3 +71,16 @@ timeout --signal=INT 270 "$py" bench/overhead.py \
   --warmup "${WARMUP:-8}" --steps "${STEPS:-30}" --rounds "${ROUNDS:-2}" || rc=$?
 [ "$rc" = 124 ] && die "the benchmark ran past its 270 s budget (fewer STEPS/ROUNDS/RESOLUTIONS?)"
 [ "$rc" = 0 ] || die "bench/overhead.py failed (exit $rc); its traceback is above"
+
+# 4. The input pipeline per resolution (issue 19): the model-only ceiling, the loop on in-memory data,
+# the loop on a folder of ImageNet-sized JPEGs decoded on the GPU (nvjpeg) and in the loader workers.
+# Never run on a GPU yet (written 2026-12-02 without one; its --device cpu smoke run passes). PIPELINE=0
+# skips it.
+if [ "${PIPELINE:-1}" != 0 ]; then
+  rc=0
+  timeout --signal=INT 240 "$py" bench/gpu_pipeline.py \
+    --arch "${ARCH:-resnet50}" --resolutions "${RESOLUTIONS:-128,160,224}" --batch "${BATCH:-128}" \
+    --loader-workers "$workers" --warmup "${WARMUP:-5}" --steps "${STEPS:-20}" --rounds "${ROUNDS:-2}" || rc=$?
+  [ "$rc" = 124 ] && die "bench/gpu_pipeline.py ran past its 240 s budget (fewer STEPS/ROUNDS/RESOLUTIONS?)"
+  [ "$rc" = 0 ] || die "bench/gpu_pipeline.py failed (exit $rc); its traceback is above"
+fi

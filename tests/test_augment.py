@@ -221,3 +221,36 @@ def test_on_bad_image_skip_leaves_bad_images_out_names_them_and_counts_them(tmp_
     assert ("dog/5.jpg, " in log) and ("cannot be decoded on cpu" in log) == (decode_on == "device"), log
     with pytest.raises(ValueError, match=r"data: image 9 \(.*cat/3.jpg, 19 bytes\) cannot be decoded"):
         list(runner(tmp_path / "e", 24, **data, decode_on=decode_on).train_data(0)[1])
+
+
+def test_a_stage_ramping_out_of_random_erasing_reads_alike_wherever_a_run_starts(tmp_path):
+    """Stage 2 ramps random erasing down from stage 1's 0.5 over its first 3 steps: the whole stage stays
+    on the per-sample host path (erasing is per image), so a run resumed past the ramp reads exactly the
+    batches an uninterrupted one reads there (on the device path they would differ by the resize filter).
+    And a box at the edge of a smaller image in a padded batch crops as that image alone."""
+    stages = [
+        {
+            "resolution": 16,
+            "epochs": 1,
+            "batch_size": 8,
+            "workers": 1,
+            "regularization": {"random_erasing": 0.5},
+        },
+        {"resolution": 20, "epochs": 2, "batch_size": 8, "workers": 1, "regularization_ramp_steps": 3},
+    ]
+    spec = make_spec(**{**TINY_IN_PROCESS, "stages": stages})
+    plan = build_plan(spec, spec.data.size)
+    r = StageRunner(spec, plan, 0, "j", str(tmp_path), restore=None)
+    r.progress.load_state_dict({"step": plan.stages[1].step_start})
+    r.scheduler.load_state_dict({"step": plan.stages[1].step_start})
+    r.next_stage()
+    whole, resumed = list(r.train_data(0)[1]), list(r.train_data(5)[1])
+    assert len(resumed) == len(whole) - 5 and all(
+        torch.equal(a[0], b[0]) for a, b in zip(whole[5:], resumed, strict=True)
+    )
+
+    big, small = photos(1, 60, 80)[0], photos(1, 30, 40, seed=3)[0]
+    edge = (10, 12, 20, 28, 0)  # to the bottom-right corner of the small image
+    batch, _, params = collate([(big, 0, (0, 0, 60, 80, 0)), (small, 1, edge)])
+    alone = crop_resize(small[None], torch.tensor([edge], dtype=torch.float64), 48)
+    assert torch.allclose(crop_resize(batch, params, 48)[1], alone[0], atol=1e-3)  # the weights: 1 - l, l

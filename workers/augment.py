@@ -9,7 +9,7 @@ the in-memory gather, ``workers.data.InMemory``) hands over full uint8 images wi
 resolution of the step (a resolution ramp needs no second resize). With ``sampling_ratio=-1`` each
 output pixel averages ceil(box / size) samples per axis: an area filter when shrinking, bilinear when
 enlarging, within ~1.3/255 mean absolute difference of ``resized_crop(antialias=True)`` on photos
-(``tests/test_data.py``), apart from the box's edge pixels, which see their neighbours outside the box.
+(``tests/test_augment.py``), apart from the box's edge pixels, which see their neighbours outside the box.
 
 Evaluation is the same operation with the centred square of the image (resize + centre crop).
 """
@@ -22,10 +22,13 @@ import sys
 import torch
 from torchvision.ops import roi_align
 
-RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
-_LOG_RATIO = (math.log(RATIO[0]), math.log(RATIO[1]))
-# params: (top, left, height, width, flip, sample index) per sample, one float row each
+from service.tiers import RATIO  # RandomResizedCrop's default aspect-ratio range
+
+# as torchvision computes it: float32 logs, a float32 exp (float64 math moves ~1 box in 10^5 by a pixel)
+_LOG_RATIO = torch.log(torch.tensor(RATIO))
+# params: (top, left, height, width, flip, sample index) per sample, one float64 row each (exact indices)
 PARAMS = 6
+PARAMS_DTYPE = torch.float64
 
 
 def draw_crop(
@@ -38,7 +41,7 @@ def draw_crop(
     area = height * width
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
-        aspect = math.exp(torch.empty(1).uniform_(_LOG_RATIO[0], _LOG_RATIO[1], generator=g).item())
+        aspect = torch.exp(torch.empty(1).uniform_(_LOG_RATIO[0], _LOG_RATIO[1], generator=g)).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -72,24 +75,38 @@ def collate(batch: list[tuple[torch.Tensor, int, tuple]]) -> tuple:
     list, for ``decode_batch`` on the device."""
     batch = [b for b in batch if b is not None]  # None: skipped by the loader (data.on_bad_image: skip)
     if not batch:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), torch.empty(0, PARAMS)
+        empty = torch.empty(0, PARAMS, dtype=PARAMS_DTYPE)
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), empty
     images = [b[0] for b in batch]
     labels = torch.tensor([b[1] for b in batch])
-    params = torch.tensor([b[2] for b in batch], dtype=torch.float32)
+    params = torch.tensor([b[2] for b in batch], dtype=PARAMS_DTYPE)
     return images if any(im.ndim == 1 for im in images) else pad_stack(images), labels, params
 
 
 def pad_stack(images: list[torch.Tensor]) -> torch.Tensor:
-    """CHW images as one batch: stacked when of one size, else zero-padded at the bottom and right (every
-    box lies inside its own image's area), on the images' device."""
+    """CHW images as one batch: stacked when of one size, else padded at the bottom and right with each
+    image's last row and column, on the images' device: ``roi_align`` then samples a box at an image's
+    edge as it would the image alone (clamped there), not blended with padding."""
     if all(im.shape == images[0].shape for im in images):
         return torch.stack(images)
     c = images[0].shape[0]
     h, w = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    out = torch.zeros(len(images), c, h, w, dtype=images[0].dtype, device=images[0].device)
+    out = torch.empty(len(images), c, h, w, dtype=images[0].dtype, device=images[0].device)
     for k, im in enumerate(images):
-        out[k, :, : im.shape[1], : im.shape[2]] = im
+        ih, iw = im.shape[1:]
+        out[k, :, :ih, :iw] = im
+        out[k, :, :ih, iw:] = im[:, :, -1:]
+        out[k, :, ih:, :] = out[k, :, ih - 1 : ih, :]
     return out
+
+
+def bad_image(problem: str, skip: bool) -> ValueError | None:
+    """An image that cannot be decoded: the error to raise, naming it; or with ``skip``
+    (``data.on_bad_image: skip``) None, after a line in the worker's log: the caller leaves it out."""
+    if not skip:
+        return ValueError(f"data: {problem}")
+    print(f"data: skipped {problem} (data.on_bad_image: skip)", file=sys.stderr, flush=True)
+    return None
 
 
 def decode_batch(
@@ -108,7 +125,7 @@ def decode_batch(
     warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     encoded = [k for k, im in enumerate(images) if im.ndim == 1]
-    out = [im.to(device, non_blocking=True) for im in images]
+    out = [None if im.ndim == 1 else im.to(device, non_blocking=True) for im in images]
     try:
         decoded = decode_jpeg([images[k] for k in encoded], mode=mode, device=device)
     except RuntimeError:  # which one: decode them one by one
@@ -120,10 +137,8 @@ def decode_batch(
                 index = int(params[k, 5])
                 size = images[k].numel()
                 problem = f"image {index} ({name(index)}, {size} bytes) cannot be decoded on {device}: "
-                problem += str(e).splitlines()[0]
-                if not skip:
-                    raise ValueError(f"data: {problem}") from None
-                print(f"data: skipped {problem} (data.on_bad_image: skip)", file=sys.stderr, flush=True)
+                if error := bad_image(problem + str(e).splitlines()[0], skip):
+                    raise error from None
                 decoded.append(None)
     for k, image in zip(encoded, decoded, strict=True):
         out[k] = image

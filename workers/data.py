@@ -12,7 +12,6 @@ import gzip
 import io
 import math
 import struct
-import sys
 from collections.abc import Iterator, Sequence
 
 import fsspec
@@ -25,7 +24,7 @@ from torchvision.transforms import v2
 from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
 from service.tiers import FULL, needed_side, tier_root
-from workers.augment import centre_box, draw_crop
+from workers.augment import bad_image, centre_box, draw_crop
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
 
@@ -122,9 +121,8 @@ class ImageFolderImages(Dataset):
                 return v2.functional.pil_to_tensor(img), label
         except (OSError, ValueError, SyntaxError) as e:  # not an image, truncated, corrupt
             problem = f"image {index} ({path}, {len(data)} bytes) cannot be decoded: {type(e).__name__}: {e}"
-            if not self.skip_bad:
-                raise ValueError(f"data: {problem}") from None
-            print(f"data: skipped {problem} (data.on_bad_image: skip)", file=sys.stderr, flush=True)
+            if error := bad_image(problem, self.skip_bad):
+                raise error from None
             return None
 
 
@@ -313,7 +311,10 @@ class StageDataset(Dataset):
 
 def collate_host(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     """The DataLoader's default collate, without the samples a loader skipped (None)."""
-    return torch.utils.data.default_collate([b for b in batch if b is not None])
+    batch = [b for b in batch if b is not None]
+    if not batch:  # every one skipped: StageRunner says so
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
 
 
 def jpeg_size(data: torch.Tensor) -> tuple[int, int]:

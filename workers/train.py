@@ -32,7 +32,7 @@ from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
 from service.spec import EVAL_METRICS, AdamWSpec, ImageFolderData, JobSpec
-from workers.augment import centre_box, collate, crop_resize, decode_batch
+from workers.augment import PARAMS_DTYPE, centre_box, collate, crop_resize, decode_batch
 from workers.control import pending_holds, write_held_marker
 from workers.data import (
     InMemory,
@@ -343,6 +343,7 @@ class StageRunner:
         self._evals: list[EvalRecord] = []  # mid-stage evaluations not yet reported
         self._sources: dict = {}  # split (folders: and resolution) -> (source, InMemory copy or None)
         self.skipped = 0  # training images data.on_bad_image: skip left out, on this rank
+        self._skip_bad = getattr(spec.data, "on_bad_image", "error") == "skip"  # image folders only
 
         # Model, optimizer, schedule. The raw module is what is saved; DDP/compile wrap it.
         torch.manual_seed(spec.seed)  # identical init on every rank (DDP would broadcast it anyway)
@@ -551,12 +552,11 @@ class StageRunner:
         channels_last = self._cuda and self.spec.train.channels_last
         mean_std = normalize_tensors(self.spec.data.normalize, self.device)
         channels = self.spec.model.in_channels
-        skip = getattr(self.spec.data, "on_bad_image", "error") == "skip"
         for batch in batches:
             labels, params = batch[1], batch[2] if len(batch) == 3 else None
             if isinstance(batch[0], list):  # data.decode_on: device
                 name = lambda i: source.samples[i][0]  # noqa: E731
-                x, kept = decode_batch(batch[0], params, self.device, channels, name, skip)
+                x, kept = decode_batch(batch[0], params, self.device, channels, name, self._skip_bad)
                 labels, params = labels[kept], params[kept]
             else:
                 x = batch[0].to(self.device, non_blocking=True)
@@ -583,7 +583,7 @@ class StageRunner:
             for micro in sampler.step_ids(local):
                 images, labels = memory.gather(torch.tensor([i for i, _ in micro]))
                 params = [(*dataset.params(i, epoch, height, width), i) for i, epoch in micro]
-                yield images, labels, torch.tensor(params, dtype=torch.float32)
+                yield images, labels, torch.tensor(params, dtype=PARAMS_DTYPE)
 
     def ramped(self, first: int, last: int | None = None) -> dict:
         """{step: its ``Regularization``} for the steps among ``[first, last)`` (counted as
@@ -615,8 +615,10 @@ class StageRunner:
                 f"for {self.plan.dataset_size}: the data changed since the job started"
             )
         randaugment = (reg.randaugment.num_ops, reg.randaugment.magnitude) if reg.randaugment else None
-        # RandAugment and random erasing work per sample, on the host (in the loader workers)
-        per_sample = any(ra[0] or erasing for ra, erasing in augment_at.values())
+        # RandAugment and random erasing work per sample, on the host (in the loader workers). Decided for
+        # the whole stage, ramp included, wherever this run starts: a resume reads as the first run did.
+        ramp = self.ramped(0).values()
+        per_sample = any(r.randaugment and r.randaugment.num_ops or r.random_erasing for r in ramp)
         per_sample |= bool(randaugment and randaugment[0]) or reg.random_erasing > 0
         on_device = spec.data.augment_on == "device" and not per_sample
         train_set = StageDataset(
@@ -789,7 +791,7 @@ class StageRunner:
         audit = pending[0][5] is not None
         ids = self.dist.gather_objects([p[5] for p in pending]) if audit else None
         skipped = None  # data.on_bad_image: skip: per step, over all ranks
-        if getattr(self.spec.data, "on_bad_image", "error") == "skip":
+        if self._skip_bad:
             skipped = self.dist.sum(torch.tensor([p[6] for p in pending])).tolist()
         records = [
             StepRecord(
@@ -913,9 +915,9 @@ class StageRunner:
         val = StageDataset(source, size, train=False, on_device=on_device)
         indices = list(split_evenly(range(len(val)), self.dist.world, self.dist.rank))
         if on_device and memory is not None:
-            box = torch.tensor([centre_box(*memory.images.shape[-2:])], dtype=torch.float32)
+            box = torch.tensor([centre_box(*memory.images.shape[-2:])], dtype=PARAMS_DTYPE)
             ids = torch.tensor(indices, dtype=torch.long).split(spec.data.val_batch_size)
-            params = (torch.cat([box.expand(len(part), -1), part[:, None].float()], 1) for part in ids)
+            params = (torch.cat([box.expand(len(part), -1), part[:, None].to(box.dtype)], 1) for part in ids)
             loader = ((*memory.gather(part), p) for part, p in zip(ids, params, strict=True))
         else:
             subset = torch.utils.data.Subset(val, indices)

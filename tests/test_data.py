@@ -9,7 +9,7 @@ from PIL import Image
 
 from service.sources import dataset_size
 from service.spec import FashionMNISTData, ImageFolderData, SyntheticData
-from workers.data import StageDataset, StageSampler, open_source, stage_subset
+from workers.data import ImageFolderImages, StageDataset, StageSampler, open_source, stage_subset
 
 
 @pytest.fixture
@@ -92,3 +92,21 @@ def test_sampler_gives_each_rank_disjoint_slices_of_every_step():
     assert not set(ids[0]) & set(ids[1]) and set(ids[0]) | set(ids[1]) == set(subset.tolist())
     # later stages' subsets contain earlier ones
     assert set(stage_subset(1000, 300, 0).tolist()) <= set(subset.tolist())
+
+
+def test_jpegs_that_draft_mode_cannot_shrink_decode_through_torchvision_to_pils_pixels(image_folder):
+    """Where PIL's draft mode would not shrink a JPEG (draft size above half its shorter side, or none),
+    ImageFolderImages decodes it with torchvision's decode_jpeg (faster); the pixels are PIL's, bit for bit,
+    at every draft size, the draft-shrunk ones included."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    source = ImageFolderImages(str(image_folder / "train"), channels=3)
+    for draft in (None, 64, 40, 24):  # 96 x 128 images: PIL shrinks by 1, 1, 2, 4
+        source.draft_size = draft
+        for i, (path, _) in enumerate(source.samples):
+            with Image.open(path) as img:
+                if draft and img.format == "JPEG":
+                    img.draft("RGB", (draft, draft))
+                expect = v2.functional.pil_to_tensor(img.convert("RGB"))
+            assert torch.equal(source[i][0], expect), (draft, path)

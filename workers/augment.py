@@ -109,6 +109,18 @@ def bad_image(problem: str, skip: bool) -> ValueError | None:
     return None
 
 
+def jpeg_decoder():
+    """(``torchvision.io.decode_jpeg``, ``ImageReadMode``). torchvision 0.29 marks its image codecs
+    deprecated in favour of TorchCodec (not a dependency here); decode_jpeg, nvjpeg on CUDA and
+    libjpeg-turbo on CPU, is shipped and works: its warning is silenced."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+    return decode_jpeg, ImageReadMode
+
+
 def decode_batch(
     images: list[torch.Tensor], params: torch.Tensor, device: torch.device, channels: int, name, skip=False
 ) -> tuple[torch.Tensor, list[int]]:
@@ -116,14 +128,8 @@ def decode_batch(
     ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), the others (decoded on the host) copied; and
     the positions it holds. A JPEG that does not decode raises an error naming it (``name(index)``: its
     file), or with ``skip`` (``data.on_bad_image: skip``) is named in the log and left out."""
-    import warnings
-
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec (not a dependency here);
-    # decode_jpeg, nvjpeg on CUDA, is still shipped and works
-    warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    decode_jpeg, modes = jpeg_decoder()
+    mode = modes.GRAY if channels == 1 else modes.RGB
     encoded = [k for k, im in enumerate(images) if im.ndim == 1]
     out = [None if im.ndim == 1 else im.to(device, non_blocking=True) for im in images]
     try:

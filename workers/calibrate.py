@@ -20,6 +20,7 @@ after, and no checkpoint is restored or saved.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -27,14 +28,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from service.compare import baseline_spec
 from service.console import first_line
 from service.plan import Plan, StagePlan, build_plan
 from service.spec import JobSpec
-from workers.train import StageRunner
+from workers.train import StageRunner, training_loss
 
 SCALING = (
     "linear: a stage's img/s on N workers = one worker's measured img/s x N (gradient all-reduce, stage "
@@ -286,12 +286,7 @@ def _time_steps(runner: StageRunner, warm: int, timed: int, name: str) -> float:
     # The stage's first steps' data. A rank alone in its world reads a whole global batch a step (its
     # ``workers`` x grad_accum micro-batches): more than the steps measured here need, read lazily.
     _, batches, _ = _readable(lambda: runner.train_data(0, warm + timed), what)
-    smoothing = spec.stage_regularization(st.index).label_smoothing
-
-    def loss_fn(logits, y):  # as StageRunner.run's: y is class indices, or probabilities after mixing
-        return F.cross_entropy(
-            logits.float() if y.is_floating_point() else logits, y, label_smoothing=smoothing
-        )
+    loss_fn = functools.partial(training_loss, smoothing=spec.stage_regularization(st.index).label_smoothing)
 
     stream = _read_errors(iter(batches), what)
     runner.model.train()

@@ -32,7 +32,7 @@ from service.layout import CHECKPOINTS, REQUESTS_DIR
 from service.plan import Plan
 from service.records import EvalRecord, Report, StageEnd, StepRecord
 from service.spec import EVAL_METRICS, AdamWSpec, ImageFolderData, JobSpec
-from workers.augment import PARAMS_DTYPE, centre_box, collate, crop_resize, decode_batch
+from workers.augment import PARAMS_DTYPE, collate, crop_resize, decode_batch
 from workers.control import pending_holds, write_held_marker
 from workers.data import (
     InMemory,
@@ -292,6 +292,12 @@ def accumulate(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return loss_sum
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy with label smoothing; ``y``: class indices, or probabilities after mixup/cutmix
+    (then in float32)."""
+    return F.cross_entropy(logits.float() if y.is_floating_point() else logits, y, label_smoothing=smoothing)
 
 
 NEWEST_VERIFIED = "newest-verified"  # StageRunner(restore=...): find it here (in-process runs, tests)
@@ -573,17 +579,15 @@ class StageRunner:
                     x = F.interpolate(x, size=size_, mode="bilinear", antialias=True, align_corners=False)
             yield x, labels.to(self.device, non_blocking=True)
 
-    def _gathered(
-        self, memory: InMemory, dataset: StageDataset, sampler: StageSampler, first: int, last: int
-    ):
-        """The batches the loader would deliver for steps ``[first, last)``, gathered from ``memory`` on
-        the device: (images, labels, crop params) per micro-batch, the same samples and draws."""
+    def _gathered(self, memory: InMemory, dataset: StageDataset, keys):
+        """The batches a loader of ``dataset`` would deliver for ``keys`` (each batch's samples as (id,
+        epoch)), gathered from ``memory`` on the device: (images, labels, crop params), the same samples
+        and draws."""
         height, width = memory.images.shape[-2:]
-        for local in range(first, last):
-            for micro in sampler.step_ids(local):
-                images, labels = memory.gather(torch.tensor([i for i, _ in micro]))
-                params = [(*dataset.params(i, epoch, height, width), i) for i, epoch in micro]
-                yield images, labels, torch.tensor(params, dtype=PARAMS_DTYPE)
+        for batch in keys:
+            images, labels = memory.gather(torch.tensor([i for i, _ in batch]))
+            params = [(*dataset.params(i, epoch, height, width), i) for i, epoch in batch]
+            yield images, labels, torch.tensor(params, dtype=PARAMS_DTYPE)
 
     def ramped(self, first: int, last: int | None = None) -> dict:
         """{step: its ``Regularization``} for the steps among ``[first, last)`` (counted as
@@ -650,7 +654,8 @@ class StageRunner:
         )
         last_local = st.steps if last is None else last
         if on_device and memory is not None:
-            raw = self._gathered(memory, train_set, sampler, first, last_local)
+            micro_batches = (micro for local in range(first, last_local) for micro in sampler.step_ids(local))
+            raw = self._gathered(memory, train_set, micro_batches)
         else:
             raw = self._loader(train_set, sampler, on_device=on_device)
         batches = self._batches(raw, lambda: self.resolution, source, expected=st.batch_size)
@@ -691,10 +696,8 @@ class StageRunner:
         reg = spec.stage_regularization(st.index)
         smoothing = reg.label_smoothing
 
-        def loss_fn(logits, y):  # y: class indices, or probabilities after mixup/cutmix
-            return F.cross_entropy(
-                logits.float() if y.is_floating_point() else logits, y, label_smoothing=smoothing
-            )
+        def loss_fn(logits, y):  # reads ``smoothing`` when called: a regularization ramp moves it
+            return training_loss(logits, y, smoothing)
 
         for local in range(first, st.steps):
             step = st.step_start + local
@@ -915,10 +918,9 @@ class StageRunner:
         val = StageDataset(source, size, train=False, on_device=on_device)
         indices = list(split_evenly(range(len(val)), self.dist.world, self.dist.rank))
         if on_device and memory is not None:
-            box = torch.tensor([centre_box(*memory.images.shape[-2:])], dtype=PARAMS_DTYPE)
-            ids = torch.tensor(indices, dtype=torch.long).split(spec.data.val_batch_size)
-            params = (torch.cat([box.expand(len(part), -1), part[:, None].to(box.dtype)], 1) for part in ids)
-            loader = ((*memory.gather(part), p) for part, p in zip(ids, params, strict=True))
+            per = spec.data.val_batch_size
+            keys = ([(i, 0) for i in indices[k : k + per]] for k in range(0, len(indices), per))
+            loader = self._gathered(memory, val, keys)
         else:
             subset = torch.utils.data.Subset(val, indices)
             loader = self._loader(subset, batch_size=spec.data.val_batch_size, on_device=on_device)

@@ -23,10 +23,13 @@ decode in draft mode, ``convert("RGB")``, tensor, seeded RandomResizedCrop + fli
 - ``tier``: the folder ``service.tiers.tier_root`` picks, read with ``draft_size = needed_side(...)``
   (train; none when that is ``full``: the same files as ``orig_exact``). For ``eval`` the needed side
   is the resolution itself, so ``draft_size`` is as today.
-- ``now``: what a loader worker does for this stage since crops moved to the device
-  (``augment_on: device``): the folder ``tier_root`` picks, decoded as ``StageDataset`` sets it up, and
-  the crop box drawn; no crop, resize or flip on the host. Its train img/s per resolution over the
-  224 px stage's is ``now_vs_224``: how much cheaper the host makes a low-resolution stage.
+- ``stage``: what a loader worker did for this stage once crops moved to the device (``augment_on:
+  device``) and before the tier was chosen per sample: the folder ``tier_root`` picks for the stage,
+  decoded as ``StageDataset`` sets it up, and the crop box drawn on it; no crop, resize or flip on the host.
+- ``now``: what a loader worker does today (``workers.data.PreparedImages``): each sample's box drawn on
+  the original's size, the smallest tier that covers that box read and decoded, the box scaled to it.
+  Its train img/s per resolution over the 224 px stage's is ``now_vs_224``: how much cheaper the host
+  makes a low-resolution stage; ``now / stage`` is what choosing the tier per sample gained.
 
 Timing: cells advance in lockstep, 8 images each in turn, the order rotated every chunk and reversed
 every other pass, each call timed on its own, the first chunk not counted; a round reads every image
@@ -124,9 +127,10 @@ def build_folder(root: str, n: int) -> tuple[str, str]:
 
 def open_cells(src: str, dst: str, resolution: int):
     """{(task, cell): StageDataset} for one resolution, and the tier each task reads."""
-    from service.tiers import FULL, needed_side, tier_root
-    from workers.data import ImageFolderImages, StageDataset
+    from service.tiers import FULL, needed_side, read_manifest, tier_root
+    from workers.data import ImageFolderImages, PreparedImages, StageDataset
 
+    manifest = read_manifest(dst)
     cells, picked = {}, {}
     for task, crop_scale in (("train", (0.35, 1.0)), ("eval", None)):
         need = needed_side(resolution, crop_scale)
@@ -142,7 +146,9 @@ def open_cells(src: str, dst: str, resolution: int):
             dataset = StageDataset(source, resolution, train=task == "train", seed=0, stage=0)
             source.draft_size = draft  # StageDataset set it to the resolution
             cells[(task, cell)] = dataset
-        now = ImageFolderImages(folder, channels=3, tier=picked[task] != FULL)
+        stage = ImageFolderImages(folder, channels=3, tier=picked[task] != FULL)
+        cells[(task, "stage")] = StageDataset(stage, resolution, train=task == "train", on_device=True)
+        now = PreparedImages(dst, manifest, picked[task], 3, "host", False)
         cells[(task, "now")] = StageDataset(now, resolution, train=task == "train", on_device=True)
     return cells, picked
 
@@ -228,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 entry[name + "_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
                 shown.append(f"{entry[name]:.2f} ({min(ratios):.2f}..{max(ratios):.2f})")
             entry["now_img_s"] = round(statistics.median(x[(task, "now")] for x in per_round), 1)
+            entry["stage_img_s"] = round(statistics.median(x[(task, "stage")] for x in per_round), 1)
+            gains = [x[(task, "now")] / x[(task, "stage")] for x in per_round]
+            entry["now_vs_stage"] = round(statistics.median(gains), 3)
+            entry["now_vs_stage_range"] = [round(min(gains), 3), round(max(gains), 3)]
             if task == "train" and 224 in rows:
                 ratios = [
                     x[(task, "now")] / y[(task, "now")] for x, y in zip(per_round, rows[224], strict=True)
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 shown_now = f"now {entry['now_img_s']:.0f} img/s"
+            shown_now += f" ({entry['now_vs_stage']:.2f}x stage-wide tier, {entry['stage_img_s']:.0f})"
             per_stage[f"{r}_{task}"] = entry
             cols = [f"{med[c]:.0f}" if c in med else "-" for c in ("orig", "orig_exact", "tier")]
             print(

@@ -43,11 +43,12 @@ from service.sources import image_folder_index
 from service.tiers import FULL, INTENT, MANIFEST, SAMPLES, TiersManifest, capped_size
 
 PROGRESS = "stagetrain-prepare.jsonl"
-# --tiers auto, chosen from bench/tiers.py's figures (README, "Resolution tiers"): 256 is what a 128 px
-# training stage needs at the default crop_scale (250 px; 1.1x today's img/s, with more detail) and what
-# evaluation at 224 reads (1.5x); 160, evaluation at 128-160 px (1.8-2.6x). Not 320 (160 px training
-# needs 313): 0.85x of today's img/s, whose draft decode gives those crops less detail than the tier.
-AUTO_TIERS = (160, 256)
+# --tiers auto, chosen from bench/tiers.py's figures (README, "Resolution tiers"): with crops on the device
+# each sample reads the smallest tier its own box needs (between R and 1.95 R at the default crop_scale),
+# so tiers about 1.3x apart serve 128-224 px stages: 160,208,272 trains at 128 / 160 / 224 px 1.2x / 1.2x /
+# 1.07x as fast as 160,256 (which stores 0.68x the source where this stores 1.06x); 160,192,256,320
+# (1.66x) adds ~8% at 224 px only.
+AUTO_TIERS = (160, 208, 272)
 MIN_TIER = 16
 FLUSH_S = 1.0  # progress is appended at most this often (one object per append on object stores)
 PLAIN_EVERY_S = 10.0  # progress lines when the output is not a terminal
@@ -381,17 +382,6 @@ def _commit(
     out.remove(PROGRESS)
     out.remove(PROGRESS + ".parts")
     return manifest
-
-
-def read_samples(root: str) -> list[dict]:
-    """The samples index of the prepared folder ``root`` (id, path, label, byte size, size, tier sizes),
-    checked against the manifest's checksum."""
-    store = Storage(normalized_url(root))
-    manifest = TiersManifest.model_validate_json(store.read_text(MANIFEST))
-    body = store.read_bytes(SAMPLES)
-    if hashlib.sha256(body).hexdigest() != manifest.samples_sha256:
-        raise ValueError(f"{store.url}/{SAMPLES}: does not match its checksum in {MANIFEST}")
-    return [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]
 
 
 @contextlib.contextmanager

@@ -28,11 +28,23 @@ Up to rounding of the crop to whole pixels. No tier large enough: ``full``. Deco
 draft mode at ``R`` would undo the rule (PIL would decode a 256 px tier image at 1/2 scale for a
 128 px stage): read a tier with ``draft_size = needed_side(...)``.
 
+That is the stage-wide rule, for stages that crop on the host (RandAugment or random erasing,
+``augment_on: host``). With crops on the device (the default) the worst crop no longer sets the tier:
+each sample's box is drawn first, on its original's size (``size`` in the samples index), and the sample
+reads the smallest tier in which that box is at least ``R`` px on each side (``workers.data.PreparedImages.
+tier_for``), the box scaled to it: the same guarantee, per sample, and the region the originals give. At
+the default ``crop_scale`` a box needs between ``R`` and ``1.95 R`` of shorter side, ``1.4 R`` for the
+median one, hence tiers about 1.3x apart (``--tiers auto``). Evaluation's box is the centred square: the
+same tier as the stage-wide rule.
+
 Imports nothing from stagetrain, and neither torch nor PIL: the coordinator uses it too.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import math
 from typing import Literal
 
@@ -117,6 +129,20 @@ def read_manifest(root: str) -> TiersManifest | None:
             ) from None
         return None
     return TiersManifest.model_validate_json(text)
+
+
+def read_samples(root: str, manifest: TiersManifest | None = None) -> list[dict]:
+    """The samples index of the prepared folder ``root``: one dict per sample, in id order (id, path
+    relative to the source, label, byte size, size ``[w, h]``, size in each tier), checked against the
+    manifest's checksum."""
+    manifest = manifest or read_manifest(root)
+    if manifest is None:
+        raise ValueError(f"data: {root} is not a folder written by `stagetrain prepare`")
+    fs, path = fsspec.core.url_to_fs(root)
+    body = fs.cat_file(f"{path.rstrip('/')}/{SAMPLES}")
+    if hashlib.sha256(body).hexdigest() != manifest.samples_sha256:
+        raise ValueError(f"{root}/{SAMPLES}: does not match its checksum in {MANIFEST}")
+    return [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]
 
 
 def is_prepared(root: str) -> bool:

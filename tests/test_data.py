@@ -110,3 +110,41 @@ def test_jpegs_that_draft_mode_cannot_shrink_decode_through_torchvision_to_pils_
                     img.draft("RGB", (draft, draft))
                 expect = v2.functional.pil_to_tensor(img.convert("RGB"))
             assert torch.equal(source[i][0], expect), (draft, path)
+
+
+def test_jpeg_header_reads_what_pil_reads_and_nothing_from_other_bytes():
+    """The loader's header walk (instead of PIL's Image.open): size and component count of baseline,
+    progressive, greyscale and CMYK JPEGs, with EXIF, an ICC profile, restart markers and every chroma
+    subsampling; None for a PNG, a truncated header, or bytes that are no JPEG."""
+    import io
+
+    from workers.augment import jpeg_header
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "camera"  # Make
+    cases = [
+        (rgb, {}),
+        (rgb, {"progressive": True}),
+        (rgb, {"subsampling": 0}),
+        (rgb, {"subsampling": 1, "restart_marker_blocks": 2}),
+        (rgb, {"exif": exif.tobytes(), "icc_profile": b"\0" * 3000}),  # APP1, a long APP2
+        (rgb.convert("L"), {}),
+        (rgb.convert("CMYK"), {}),
+        (rgb.resize((1, 1)), {}),
+    ]
+    for image, options in cases:
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=90, **options)
+        data = buf.getvalue()
+        with Image.open(io.BytesIO(data)) as img:
+            expect = (img.height, img.width, len(img.getbands()))
+        assert jpeg_header(data) == expect, options
+        assert jpeg_header(memoryview(torch.frombuffer(bytearray(data), dtype=torch.uint8).numpy())) == expect
+    buf = io.BytesIO()
+    rgb.save(buf, "PNG")
+    jpeg = io.BytesIO()
+    rgb.save(jpeg, "JPEG", exif=exif.tobytes())
+    for data in (buf.getvalue(), jpeg.getvalue()[:40], b"", b"\xff\xd8", rng.bytes(500)):
+        assert jpeg_header(data) is None

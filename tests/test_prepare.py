@@ -14,12 +14,23 @@ import time
 
 import fsspec
 import pytest
+import torch
 from PIL import Image
 
-from service.prepare import INTENT, PROGRESS, list_source, parse_tiers, prepare, read_samples
+from service.prepare import INTENT, PROGRESS, list_source, parse_tiers, prepare
 from service.sources import dataset_size, image_folder_index
 from service.spec import ImageFolderData
-from service.tiers import FULL, MANIFEST, SAMPLES, capped_size, is_prepared, needed_side, pick_tier, tier_root
+from service.tiers import (
+    FULL,
+    MANIFEST,
+    SAMPLES,
+    capped_size,
+    is_prepared,
+    needed_side,
+    pick_tier,
+    read_samples,
+    tier_root,
+)
 from tests.helpers import REPO, cli_env, stagetrain
 
 SIZES = [(120, 90), (64, 80), (90, 120), (200, 150)]  # shorter sides 90, 64, 90, 150
@@ -200,7 +211,7 @@ def test_a_prepared_folder_is_never_overwritten(tmp_path):
     os.remove(f"{src}/bee/03.jpg")  # the source changed since: its prepared folder is stale
     with pytest.raises(ValueError, match=f"{dst}: prepared from an earlier listing of {src}"):
         prepare(src, dst, TIERS)
-    assert parse_tiers("auto") == [160, 256] and parse_tiers("256, 160,160") == [160, 256]
+    assert parse_tiers("auto") == [160, 208, 272] and parse_tiers("256, 160,160") == [160, 256]
     for bad in ("160,big", "8", ""):
         with pytest.raises(ValueError, match="--tiers: "):
             parse_tiers(bad)
@@ -254,6 +265,7 @@ def test_a_job_on_a_prepared_folder_reads_each_stages_tier(tmp_path):
     from service.plan import build_plan
     from tests.conftest import make_spec
     from tests.jobs import TINY_IN_PROCESS
+    from workers.data import PreparedImages
     from workers.train import StageRunner
 
     src, dst = make_folder(tmp_path / "src", per_class=16), str(tmp_path / "dst")
@@ -279,10 +291,110 @@ def test_a_job_on_a_prepared_folder_reads_each_stages_tier(tmp_path):
     runner = StageRunner(spec, plan, 0, "j", str(tmp_path / "runs"), restore=None)
     end = runner.run()
     source = runner._source("train", 24)[0]
-    assert source.root == f"{dst}/48" and source.tier and source.draft_size == needed_side(24, (0.35, 1.0))
+    assert isinstance(source, PreparedImages)  # with device crops, each sample reads its box's tier
+    assert source.folder == "48" and source.tier and source.draft_size == needed_side(24, (0.35, 1.0))
     assert [(p.rsplit("/48/", 1)[1], y) for p, y in source.samples] == relative(src)[1]
     runner.next_stage()
     runner.run()
-    assert runner._source("train", 32)[0].root == f"{dst}/72"
+    assert runner._source("train", 32)[0].folder == "72"
     assert runner._source("val", 40)[0].root == src  # not prepared: read as it is
     assert end.val_acc is not None
+
+
+def smooth_folder(root) -> str:
+    """An ImageFolder of photo-like JPEGs (smooth colour fields, mild grain): what a tier keeps of a region
+    is then comparable with what the original gives."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for c, cls in enumerate(("ant", "bee", "cat")):
+        os.makedirs(f"{root}/{cls}")
+        for i in range(8):
+            w, h = [(124, 90), (64, 80), (90, 124), (200, 150)][(c + i) % 4]  # 124 -> 66 in tier 48, not 66.1
+            low = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize(
+                (w, h), Image.BICUBIC
+            )
+            pixels = np.asarray(low, dtype=np.float32) + rng.normal(0, 3, (h, w, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                f"{root}/{cls}/{i:02d}.jpg", quality=95
+            )
+    return str(root)
+
+
+def test_with_device_crops_each_sample_reads_the_smallest_tier_its_own_box_needs(tmp_path):
+    """Crops on the device: a sample's box is drawn on the original's size (the region reading the
+    originals gives, exactly), then read from the smallest tier in which that box is at least the stage's
+    resolution on each side (else the original), and scaled to it: the stage at 40 px reads all three
+    folders, never upsamples a box a tier could have covered, and crops what the originals crop (mean
+    difference under 3/255). ``decode_on: device`` gets the same boxes with the tier's bytes. Evaluation
+    at a tier's size reads that tier (its longer side rounded: the box is scaled by the shorter's factor)."""
+    from service.tiers import read_manifest
+    from workers.augment import crop_resize, decode_batch
+    from workers.data import ImageFolderImages, PreparedImages, StageDataset
+
+    src, dst = smooth_folder(tmp_path / "src"), str(tmp_path / "dst")
+    prepare(src, dst, TIERS, quality=90, workers=2)
+    manifest = read_manifest(dst)
+    resolution, crop_scale = 40, (0.35, 1.0)
+    folder = pick_tier(manifest.tiers, resolution, crop_scale)  # the stage-wide rule: full (needs 78)
+    tiered = StageDataset(
+        PreparedImages(dst, manifest, folder, 3, "host", False), resolution, True, 5, 1, on_device=True
+    )
+    encoded = StageDataset(
+        PreparedImages(dst, manifest, folder, 3, "device", False), resolution, True, 5, 1, on_device=True
+    )
+    originals = StageDataset(ImageFolderImages(src, 3), resolution, True, 5, 1, on_device=True)
+    originals.source.draft_size = None  # decoded whole: the box drawn on the original's size
+    read, diffs = set(), []
+    for index in range(len(originals)):
+        for epoch in range(4):
+            image, label, params = tiered[(index, epoch)]
+            image0, label0, params0 = originals[(index, epoch)]
+            assert label == label0 and params[4:] == params0[4:]
+            (h0, w0), (th, tw) = image0.shape[1:], image.shape[1:]
+            sy, sx = th / h0, tw / w0
+            top, left, h, w = params0[:4]
+            assert params[:4] == pytest.approx((top * sy, left * sx, h * sy, w * sx), abs=1e-9)
+            if (th, tw) != (h0, w0):  # never upsampled (up to the rounding of the tier's longer side)...
+                assert min(h, w) * min(th, tw) >= resolution * min(h0, w0)
+                assert min(h * sy, w * sx) > resolution - 0.5
+            for t in TIERS:  # ...and no smaller tier would have done
+                ct = capped_size(w0, h0, t)
+                if ct[0] < tw and ct != (w0, h0):
+                    assert min(h, w) * min(ct) < resolution * min(h0, w0)
+            read.add("full" if (th, tw) == (h0, w0) else str(min(th, tw)))
+            got, expect = (
+                crop_resize(x[None], torch.tensor([p]), resolution)
+                for x, p in ((image, params), (image0, params0))
+            )
+            diffs.append((got - expect).abs().mean().item())
+            raw, _, params_enc = encoded[(index, epoch)]
+            assert raw.ndim == 1 and params_enc == params  # the tier's bytes, the same box
+            decoded, _ = decode_batch([raw], torch.tensor([params_enc]), torch.device("cpu"), 3, str)
+            assert torch.equal(decoded[0], image)
+    assert read == {"48", "72", "full"}
+    # evaluation (the centred square) at a tier's own size reads that tier: the stage-wide rule, S >= R
+    evaluation = PreparedImages(dst, manifest, pick_tier(manifest.tiers, 48, None), 3, "host", False)
+    for index in range(len(evaluation)):
+        assert min(StageDataset(evaluation, 48, False, on_device=True)[index][0].shape[1:]) == 48
+    assert max(diffs) < 3, max(diffs)
+
+
+def test_a_tier_file_that_is_not_the_size_its_index_says_is_named(tmp_path):
+    """A prepared folder edited after its prepare (a tier file of another size): a clear error naming the
+    file and what to do, never a box cropped from the wrong place."""
+    from service.tiers import read_manifest
+    from workers.data import PreparedFolderChanged, PreparedImages, StageDataset
+
+    src, dst = make_folder(tmp_path / "src"), str(tmp_path / "dst")
+    prepare(src, dst, TIERS, quality=85, workers=2)
+    for rel in relative(f"{dst}/48")[1]:
+        Image.new("RGB", (33, 33)).save(f"{dst}/48/{rel[0]}", quality=85)
+    source = PreparedImages(dst, read_manifest(dst), "48", 3, "host", False)
+    with pytest.raises(
+        PreparedFolderChanged,
+        match=r"/48/ant/00\.jpg\) is 33x33 px where the index .* says 64x48.*prepare it again",
+    ):
+        StageDataset(source, 20, train=True, on_device=True)[(0, 0)]
+    with pytest.raises(PreparedFolderChanged, match="prepare it again"):
+        source[0]  # the host path reads the stage's tier, checked alike

@@ -25,28 +25,39 @@ from torchvision.ops import roi_align
 from service.tiers import RATIO  # RandomResizedCrop's default aspect-ratio range
 
 # as torchvision computes it: float32 logs, a float32 exp (float64 math moves ~1 box in 10^5 by a pixel)
-_LOG_RATIO = torch.log(torch.tensor(RATIO))
+_LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()  # float32 values, as Python floats
 # params: (top, left, height, width, flip, sample index) per sample, one float64 row each (exact indices)
 PARAMS = 6
 PARAMS_DTYPE = torch.float64
 
 
+class Draws:
+    """A generator and the one-element tensors ``draw_crop`` draws into, reused: a fresh tensor per draw
+    (``torch.empty(1).uniform_``, as torchvision writes it) is most of a draw's cost; the values are the
+    same, the generator's stream being consumed alike."""
+
+    def __init__(self):
+        self.g = torch.Generator()
+        self.real, self.int = torch.empty(1), torch.empty(1, dtype=torch.int64)
+
+
 def draw_crop(
-    key: int, height: int, width: int, scale: tuple[float, float], hflip: bool, g: torch.Generator
+    key: int, height: int, width: int, scale: tuple[float, float], hflip: bool, draws: Draws
 ) -> tuple[int, int, int, int, int]:
     """(top, left, height, width, flip) of one sample: the draws ``v2.RandomResizedCrop(size, scale)``
     followed by ``v2.RandomHorizontalFlip()`` make under ``torch.manual_seed(key)``, in the same order,
-    from ``g`` (reseeded here: no global RNG state is touched)."""
+    from ``draws.g`` (reseeded here: no global RNG state is touched)."""
+    g, real, integer = draws.g, draws.real, draws.int
     g.manual_seed(key)
     area = height * width
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
-        aspect = torch.exp(torch.empty(1).uniform_(_LOG_RATIO[0], _LOG_RATIO[1], generator=g)).item()
+        target_area = area * real.uniform_(scale[0], scale[1], generator=g).item()
+        aspect = real.uniform_(_LOG_RATIO[0], _LOG_RATIO[1], generator=g).exp_().item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+            top = int(integer.random_(0, height - h + 1, generator=g).item())  # torch.randint's draw
+            left = int(integer.random_(0, width - w + 1, generator=g).item())
             break
     else:  # torchvision's fallback: the central crop, clamped to the ratio range
         in_ratio = width / height
@@ -58,7 +69,7 @@ def draw_crop(
             w, h = width, height
         top, left = (height - h) // 2, (width - w) // 2
     # RandomHorizontalFlip (a _RandomApplyTransform, p=0.5): flipped unless rand(1) >= p
-    flip = int(hflip and torch.rand(1, generator=g).item() < 0.5)
+    flip = int(hflip and real.uniform_(0, 1, generator=g).item() < 0.5)  # torch.rand(1)'s draw
     return top, left, h, w, flip
 
 
@@ -106,6 +117,37 @@ def bad_image(problem: str, skip: bool) -> ValueError | None:
     if not skip:
         return ValueError(f"data: {problem}")
     print(f"data: skipped {problem} (data.on_bad_image: skip)", file=sys.stderr, flush=True)
+    return None
+
+
+# JPEG frame headers (SOF0-SOF15 but DHT, JPG and DAC), which hold the size and the component count
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_header(data: bytes | memoryview) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG's frame header, read by walking its markers (a few us;
+    PIL's ``Image.open`` takes ~20); None if ``data`` is not a JPEG or has no frame header before its
+    scan (PIL then reads it, or names it as a bad image)."""
+    if bytes(data[:2]) != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length: TEM, RSTn, SOI
+            i += 2
+        elif marker in _SOF:
+            if i + 10 > n:
+                return None
+            height, width = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            return (height, width, data[i + 9]) if height and width else None  # 0: defined later (DNL)
+        elif marker in (0xDA, 0xD9):  # the scan, or the end, before any frame header
+            return None
+        else:
+            i += 2 + ((data[i + 2] << 8) | data[i + 3])
     return None
 
 

@@ -8,6 +8,7 @@ resume mid-epoch, even on a different number of workers, with no repeated and no
 
 from __future__ import annotations
 
+import array
 import gzip
 import io
 import math
@@ -18,13 +19,14 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
-from service.tiers import FULL, needed_side, tier_root
-from workers.augment import bad_image, centre_box, draw_crop, jpeg_decoder
+from service.tiers import FULL, capped_size, needed_side, pick_tier, read_manifest, read_samples
+from workers.augment import Draws, bad_image, centre_box, draw_crop, jpeg_decoder, jpeg_header
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
 
@@ -99,6 +101,7 @@ class ImageFolderImages(Dataset):
         self.root, self.tier, self.decode_on = root, tier, decode_on  # tier: of `stagetrain prepare`
         self.skip_bad = skip_bad  # data.on_bad_image: skip: an image that does not decode is None
         self.fs, self.classes, self.samples = image_folder_index(root)
+        self.local = isinstance(self.fs, LocalFileSystem)
         self.mode = "L" if channels == 1 else "RGB"
         self.draft_size = None  # set per stage: decode JPEGs at >= this size
         self.encoded = False  # set per stage (decode_on: device, device crops): JPEGs as their bytes
@@ -107,34 +110,106 @@ class ImageFolderImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        return self.load(index, self.samples[index][0], self.draft_size)
 
-        path, label = self.samples[index]
-        data = self.fs.cat_file(path)
+    def load(
+        self, index: int, path: str, draft_size: int | None, size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, int] | None:
+        """Sample ``index`` read from ``path`` (its file in one of the folders that hold it): the image
+        decoded at no less than ``draft_size`` px a side (JPEG draft mode), or its bytes (``encoded``); None
+        if it does not decode and bad images are skipped. ``size``: the (width, height) the file must have
+        (a prepared folder's index says it; checked from the header)."""
+        if self.local:  # fsspec's cat_file costs ~10 us a call in path handling
+            with open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = self.fs.cat_file(path)
         try:
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                if self.encoded and img.format == "JPEG":
-                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
-                if (
-                    img.format == "JPEG"
-                    and self.mode == img.mode == "RGB"
-                    and _draft_scale(img, self.draft_size) == 1
-                ):
-                    # nothing for draft mode to shrink: torchvision's libjpeg-turbo decode gives PIL's
-                    # pixels, ~1.5x faster (no PIL image, convert and copy; bench/tiers.py)
-                    decode_jpeg, modes = jpeg_decoder()
-                    return decode_jpeg(
-                        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=modes.RGB
-                    ), label
-                if self.draft_size and img.format == "JPEG":
-                    img.draft(self.mode, (self.draft_size, self.draft_size))
-                img = img.convert(self.mode)
-                return v2.functional.pil_to_tensor(img), label
+            return self._decode(data, index, path, draft_size, size), self.samples[index][1]
         except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # not an image, truncated, corrupt
             problem = f"image {index} ({path}, {len(data)} bytes) cannot be decoded: {type(e).__name__}: {e}"
             if error := bad_image(problem, self.skip_bad):
                 raise error from None
             return None
+
+    def _decode(
+        self, data: bytes, index: int, path: str, draft_size: int | None, size: tuple[int, int] | None
+    ) -> torch.Tensor:
+        header = jpeg_header(data)  # (height, width, components) of a JPEG, else None
+        if header is not None:
+            height, width, components = header
+            _check_size(index, path, (width, height), size)
+            if self.encoded:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if self.mode == "RGB" and components == 3 and _draft_scale(width, height, draft_size) == 1:
+                # nothing for draft mode to shrink: torchvision's libjpeg-turbo decode gives PIL's pixels,
+                # ~1.5x faster (no PIL image, convert and copy; bench/tiers.py)
+                decode_jpeg, modes = jpeg_decoder()
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=modes.RGB)
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            _check_size(index, path, img.size, size)
+            if draft_size and img.format == "JPEG":
+                img.draft(self.mode, (draft_size, draft_size))
+            return v2.functional.pil_to_tensor(img.convert(self.mode))
+
+
+def _check_size(index: int, path: str, got: tuple[int, int], want: tuple[int, int] | None) -> None:
+    if want is not None and tuple(got) != tuple(want):
+        raise PreparedFolderChanged(
+            f"data: image {index} ({path}) is {got[0]}x{got[1]} px where the index of `stagetrain prepare` "
+            f"says {want[0]}x{want[1]}: the folder changed after it was prepared; prepare it again"
+        )
+
+
+class PreparedFolderChanged(Exception):
+    """A file of a prepared folder is not the size its index says: not a bad image, a stale index."""
+
+
+class PreparedImages(ImageFolderImages):
+    """A folder written by ``stagetrain prepare`` (``service.tiers``), listed from its samples index. Read
+    by index (``source[i]``, host crops), a sample comes from the stage's tier, ``folder``, which covers
+    every crop the stage can draw; with crops on the device, ``StageDataset`` draws each sample's box on
+    the original's size first and reads the smallest tier that covers that box (``tier_for``)."""
+
+    def __init__(self, root: str, manifest, folder: str, channels: int, decode_on: str, skip_bad: bool):
+        self.root, self.tier, self.decode_on, self.skip_bad = root, folder != FULL, decode_on, skip_bad
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.base, self.folder, self.tiers = path.rstrip("/"), folder, manifest.tiers
+        index = read_samples(root, manifest)
+        self.classes = manifest.classes
+        self.relative = [s["path"] for s in index]
+        self.samples = [(f"{self.base}/{folder}/{s['path']}", s["label"]) for s in index]
+        self.sizes = array.array("i", [v for s in index for v in s["size"]])  # w0, h0, w1, h1, ...: originals
+        self.mode = "L" if channels == 1 else "RGB"
+        self.draft_size, self.encoded = None, False  # set per stage, as ImageFolderImages'
+
+    def size(self, index: int) -> tuple[int, int]:
+        """(width, height) of sample ``index``'s original."""
+        return self.sizes[2 * index], self.sizes[2 * index + 1]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        width, height = self.size(index)
+        size = (width, height) if self.folder == FULL else capped_size(width, height, int(self.folder))
+        return self.load(index, self.samples[index][0], self.draft_size, size)
+
+    def tier_for(
+        self, index: int, width: int, height: int, box_h: int, box_w: int, resolution: int
+    ) -> tuple[str, int, int]:
+        """(path, width, height) of sample ``index`` (a ``width`` x ``height`` original) in the smallest tier
+        where its crop box (``box_h`` x ``box_w`` px of the original) is at least ``resolution`` px on each
+        side; else the original's. Up to the rounding of the tier's longer side (``capped_size``): the box
+        is scaled by the shorter side's exact factor."""
+        short, box = min(width, height), min(box_h, box_w)
+        for t in self.tiers:
+            if t >= short:  # the original's size: a byte copy of it (and so are larger tiers)
+                break
+            if box * t >= resolution * short:
+                tw, th = capped_size(width, height, t)
+                return f"{self.base}/{t}/{self.relative[index]}", tw, th
+        return f"{self.base}/{FULL}/{self.relative[index]}", width, height
 
 
 class CustomImages(Dataset):
@@ -183,9 +258,11 @@ def open_source(
     skip = data.on_bad_image == "skip"
     if resolution is None:
         return ImageFolderImages(root, channels, decode_on=data.decode_on, skip_bad=skip)
-    read = tier_root(root, resolution, data.crop_scale if split == "train" else None)
-    tier = read not in (root, f"{root.rstrip('/')}/{FULL}")
-    return ImageFolderImages(read, channels, tier=tier, decode_on=data.decode_on, skip_bad=skip)
+    manifest = read_manifest(root)
+    if manifest is None:
+        return ImageFolderImages(root, channels, decode_on=data.decode_on, skip_bad=skip)
+    folder = pick_tier(manifest.tiers, resolution, data.crop_scale if split == "train" else None)
+    return PreparedImages(root, manifest, folder, channels, data.decode_on, skip)
 
 
 class InMemory:
@@ -257,7 +334,7 @@ class StageDataset(Dataset):
         self.on_device, self.crop_scale, self.hflip = on_device, crop_scale, hflip
         if on_device and (augment_at or (randaugment and randaugment[0]) or random_erasing):
             raise ValueError("RandAugment and random erasing run per sample on the host: on_device=False")
-        self._g = torch.Generator()
+        self._draws = Draws()  # for the crop boxes (params)
         if isinstance(source, ImageFolderImages):
             # a tier holds just the detail every crop needs (service.tiers): decode it all
             source.draft_size = (
@@ -290,6 +367,8 @@ class StageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int]:
         # StageSampler yields (id, epoch), or (id, epoch, step) for a stage that ramps its augmentation
         index, epoch, step = (key + (None,))[:3] if isinstance(key, tuple) else (key, 0, None)
+        if self.on_device and isinstance(self.source, PreparedImages):
+            return self._from_tier(index, epoch)
         item = self.source[index]
         if item is None:  # a bad image, skipped (data.on_bad_image: skip): left out by the collate
             return None
@@ -311,21 +390,40 @@ class StageDataset(Dataset):
             image = self.transform(image)
         return image, label  # uint8: 4x less to collate, pin and copy; normalised on the device
 
+    def _from_tier(self, index: int, epoch: int) -> tuple | None:
+        """Sample ``index`` of a prepared folder, crops on the device: its box drawn on the original's
+        size (the same box as reading the originals), read from the smallest tier that gives the box at
+        least the stage's resolution on each side (``PreparedImages.tier_for``), decoded no smaller than
+        that (draft mode: a large original), and the box scaled to what was decoded."""
+        source = self.source
+        width, height = source.size(index)
+        top, left, h, w, flip = self.params(index, epoch, height, width)
+        path, tw, th = source.tier_for(index, width, height, h, w, self.resolution)
+        draft = math.ceil(self.resolution * min(tw, th) / (min(h * th / height, w * tw / width)) - 1e-9)
+        item = source.load(index, path, draft, size=(tw, th))
+        if item is None:
+            return None
+        image, label = item
+        if image.ndim == 3:  # decoded here (a draft may have shrunk it), else bytes of (tw, th)
+            th, tw = image.shape[-2:]
+        sy, sx = th / height, tw / width
+        return image, label, (top * sy, left * sx, h * sy, w * sx, flip, index)
+
     def params(self, index: int, epoch: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """Sample ``index``'s (top, left, height, width, flip) in its ``height`` x ``width`` image: the
         draws the host transform makes for the same key (train), the centred square (eval)."""
         if not self.train:
             return centre_box(height, width)
         key = _mix(self.seed, self.stage, epoch, index)
-        return draw_crop(key, height, width, self.crop_scale, self.hflip, self._g)
+        return draw_crop(key, height, width, self.crop_scale, self.hflip, self._draws)
 
 
-def _draft_scale(img, size: int | None) -> int:
-    """The factor (1, 2, 4 or 8) by which ``img.draft(mode, (size, size))`` would shrink this JPEG: PIL's
-    rule, the largest that keeps both sides >= ``size``."""
+def _draft_scale(width: int, height: int, size: int | None) -> int:
+    """The factor (1, 2, 4 or 8) by which ``img.draft(mode, (size, size))`` would shrink a ``width`` x
+    ``height`` JPEG: PIL's rule, the largest that keeps both sides >= ``size``."""
     if not size:
         return 1
-    fits = min(img.width // size, img.height // size)
+    fits = min(width // size, height // size)
     return next((s for s in (8, 4, 2) if fits >= s), 1)  # smaller than size: not shrunk
 
 
@@ -339,10 +437,10 @@ def collate_host(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 def jpeg_size(data: torch.Tensor) -> tuple[int, int]:
     """(height, width) of the encoded JPEG ``data`` (1-D uint8), from its header."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-        return img.height, img.width
+    header = jpeg_header(memoryview(data.numpy()))
+    if header is None:
+        raise ValueError("not a JPEG with a frame header")
+    return header[:2]
 
 
 def to_input(

@@ -31,6 +31,11 @@ decode in draft mode, ``convert("RGB")``, tensor, seeded RandomResizedCrop + fli
   Its train img/s per resolution over the 224 px stage's is ``now_vs_224``: how much cheaper the host
   makes a low-resolution stage; ``now / stage`` is what choosing the tier per sample gained.
 
+Then, per resolution, the collate a loader worker runs on those samples (batches of ``--batch``): cut to
+their boxes (``workers.augment.collate``, ``crop_to_box``) vs whole images padded to the largest (the
+collate before), ms and MB per batch; and the loader's whole work per image (sample + its share of the
+collate) as img/s and its ratio to the 224 px stage's (``loader_vs_224``).
+
 Timing: cells advance in lockstep, 8 images each in turn, the order rotated every chunk and reversed
 every other pass, each call timed on its own, the first chunk not counted; a round reads every image
 once per cell. Reported: median img/s over rounds per cell, and per round the ratios tier/orig
@@ -70,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolutions", default="128,160,224", help="stage sizes (default 128,160,224)")
     p.add_argument("--tiers", default="auto", help="prepare's --tiers (default auto)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--batch", type=int, default=64, help="per-worker batch for the collate figures (64)")
     args = p.parse_args(argv)
     args.resolutions = sorted({int(r) for r in args.resolutions.split(",") if r})
     if args.images < 4 * CHUNK or args.rounds < 1:
@@ -173,6 +179,30 @@ def measure_round(cells: dict, images: int, k: int) -> dict:
     return {key: counted / seconds for key, seconds in spent.items()}
 
 
+def measure_batches(dataset, images: int, batch: int, rounds: int) -> dict:
+    """What else a loader worker does with crops on the device: collating ``batch`` samples of the ``now``
+    cell, cut to their boxes (``workers.augment.collate``) vs whole images padded to the largest (the
+    collate before ``crop_to_box``), alternating; ms per batch (median) and MB per batch (what is
+    pinned and copied to the device)."""
+    from workers.augment import collate, pad_stack
+
+    items = [dataset[(i, 0)] for i in range(images)]
+    batches = [items[k : k + batch] for k in range(0, images - batch + 1, batch)]
+    spent, size = {"crops": [], "whole": []}, {}
+    for k in range(rounds):
+        for name in ("crops", "whole") if k % 2 else ("whole", "crops"):
+            for b in batches:
+                t0 = time.perf_counter()
+                x = collate(b)[0] if name == "crops" else pad_stack([im for im, _, _ in b])
+                spent[name].append(time.perf_counter() - t0)
+                size.setdefault(name, []).append(x.numel() / 1e6)
+    return {
+        f"{name}_{what}": round(statistics.median(v), 2)
+        for name in spent
+        for what, v in (("ms", [t * 1e3 for t in spent[name]]), ("mb", size[name]))
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import PIL
@@ -202,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         for path in glob.glob(f"{work}/**/*.jpg", recursive=True):  # untimed: into the page cache
             with open(path, "rb") as f:
                 f.read()
-        rows, picked = {}, {}
+        rows, picked, collates = {}, {}, {}
         for r in args.resolutions:
             cells, picked[r] = open_cells(src, f"{work}/dst", r)
             rows[r] = []
             for k in range(args.rounds):
                 rows[r].append(measure_round(cells, args.images, k))
+            collates[r] = measure_batches(cells[("train", "now")], args.images, args.batch, args.rounds)
             line = ", ".join(f"{t}/{c} {statistics.median(x[(t, c)] for x in rows[r]):.0f}" for t, c in cells)
             print(
                 f"  {r} px (train reads {picked[r]['train']}/, eval {picked[r]['eval']}/): img/s {line}",
@@ -256,10 +287,30 @@ def main(argv: list[str] | None = None) -> int:
                     r, task, entry["tier"], *cols, *shown, shown_now
                 )
             )
+    print(f"\ncollate, batches of {args.batch} (train, per sample tiers): cut to the boxes vs whole images")
+    loader = {}
+    for r, c in collates.items():
+        # a loader worker's whole work per image: the sample (now cell) plus its share of the collate
+        per_image = 1 / per_stage[f"{r}_train"]["now_img_s"] + c["crops_ms"] / 1e3 / args.batch
+        c["loader_img_s"] = round(1 / per_image, 1)
+        loader[r] = c["loader_img_s"]
+        print(
+            f"  {r} px: {c['crops_ms']:.1f} ms, {c['crops_mb']:.1f} MB vs {c['whole_ms']:.1f} ms, "
+            f"{c['whole_mb']:.1f} MB; sample + collate {c['loader_img_s']:.0f} img/s"
+        )
+    for r, c in collates.items():
+        if 224 in loader:
+            c["loader_vs_224"] = round(loader[r] / loader[224], 3)
+    print(
+        "  loader work per image vs the 224 px stage's: "
+        + ", ".join(f"{r} px {c.get('loader_vs_224', float('nan')):.2f}x" for r, c in collates.items())
+    )
     print()
     summary = {
         "date": datetime.date.today().isoformat(),
         "per_stage": per_stage,
+        "collate": {str(r): c for r, c in collates.items()},
+        "batch": args.batch,
         "tiers": m.tiers,
         "images": args.images,
         "mean_kb": round(statistics.mean(sizes) / 1e3, 1),

@@ -81,17 +81,33 @@ def centre_box(height: int, width: int) -> tuple[int, int, int, int, int]:
 
 
 def collate(batch: list[tuple[torch.Tensor, int, tuple]]) -> tuple:
-    """DataLoader ``collate_fn`` for (image, label, params) samples: uint8 CHW images batched by
-    ``pad_stack``; a batch holding encoded JPEGs (1-D byte tensors, ``data.decode_on: device``) stays a
-    list, for ``decode_batch`` on the device."""
+    """DataLoader ``collate_fn`` for (image, label, params) samples: uint8 CHW images cut to their boxes
+    (``crop_to_box``) and batched by ``pad_stack``; a batch holding encoded JPEGs (1-D byte tensors,
+    ``data.decode_on: device``) stays a list, for ``decode_batch`` on the device."""
     batch = [b for b in batch if b is not None]  # None: skipped by the loader (data.on_bad_image: skip)
     if not batch:
         empty = torch.empty(0, PARAMS, dtype=PARAMS_DTYPE)
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), empty
-    images = [b[0] for b in batch]
     labels = torch.tensor([b[1] for b in batch])
-    params = torch.tensor([b[2] for b in batch], dtype=PARAMS_DTYPE)
-    return images if any(im.ndim == 1 for im in images) else pad_stack(images), labels, params
+    if any(b[0].ndim == 1 for b in batch):  # encoded JPEGs: the boxes are in the images they will be
+        params = torch.tensor([b[2] for b in batch], dtype=PARAMS_DTYPE)
+        return [b[0] for b in batch], labels, params
+    images, params = zip(*(crop_to_box(b[0], b[2]) for b in batch), strict=True)
+    return pad_stack(list(images)), labels, torch.tensor(params, dtype=PARAMS_DTYPE)
+
+
+def crop_to_box(image: torch.Tensor, params: tuple) -> tuple[torch.Tensor, tuple]:
+    """The part of a CHW ``image`` that ``crop_resize`` reads for the box ``params`` (top, left, height,
+    width, ...): the box and one pixel around it, within the image (a view), and the box moved into it.
+    ``roi_align`` (``aligned=True``) samples inside the box and interpolates with the next pixel at
+    most, and where the part ends at the image's edge it is clamped there as before: the same pixels
+    (up to float rounding of the moved box, ~0.01/255), with a loader's batch, its padding and the copy
+    to the device holding crops instead of whole images."""
+    top, left, h, w = params[:4]
+    height, width = image.shape[-2:]
+    r0, c0 = max(0, math.floor(top) - 1), max(0, math.floor(left) - 1)
+    r1, c1 = min(height, math.ceil(top + h) + 1), min(width, math.ceil(left + w) + 1)
+    return image[:, r0:r1, c0:c1], (top - r0, left - c0, *params[2:])
 
 
 def pad_stack(images: list[torch.Tensor]) -> torch.Tensor:

@@ -211,7 +211,7 @@ def test_a_prepared_folder_is_never_overwritten(tmp_path):
     os.remove(f"{src}/bee/03.jpg")  # the source changed since: its prepared folder is stale
     with pytest.raises(ValueError, match=f"{dst}: prepared from an earlier listing of {src}"):
         prepare(src, dst, TIERS)
-    assert parse_tiers("auto") == [160, 208, 272] and parse_tiers("256, 160,160") == [160, 256]
+    assert parse_tiers("auto") == [160, 224, 288] and parse_tiers("256, 160,160") == [160, 256]
     for bad in ("160,big", "8", ""):
         with pytest.raises(ValueError, match="--tiers: "):
             parse_tiers(bad)

@@ -42,10 +42,14 @@ Imports nothing from stagetrain, and neither torch nor PIL: the coordinator uses
 
 from __future__ import annotations
 
+import array
 import gzip
 import hashlib
+import io
 import json
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import fsspec
@@ -131,10 +135,9 @@ def read_manifest(root: str) -> TiersManifest | None:
     return TiersManifest.model_validate_json(text)
 
 
-def read_samples(root: str, manifest: TiersManifest | None = None) -> list[dict]:
-    """The samples index of the prepared folder ``root``: one dict per sample, in id order (id, path
-    relative to the source, label, byte size, size ``[w, h]``, size in each tier), checked against the
-    manifest's checksum."""
+def _samples_lines(root: str, manifest: TiersManifest | None) -> Iterator[bytes]:
+    """The lines of the samples index of the prepared folder ``root``, checked against the manifest's
+    checksum first, decompressed as they are read."""
     manifest = manifest or read_manifest(root)
     if manifest is None:
         raise ValueError(f"data: {root} is not a folder written by `stagetrain prepare`")
@@ -142,7 +145,44 @@ def read_samples(root: str, manifest: TiersManifest | None = None) -> list[dict]
     body = fs.cat_file(f"{path.rstrip('/')}/{SAMPLES}")
     if hashlib.sha256(body).hexdigest() != manifest.samples_sha256:
         raise ValueError(f"{root}/{SAMPLES}: does not match its checksum in {MANIFEST}")
-    return [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]
+    with gzip.GzipFile(fileobj=io.BytesIO(body)) as lines:
+        yield from lines
+
+
+def read_samples(root: str, manifest: TiersManifest | None = None) -> list[dict]:
+    """The samples index of the prepared folder ``root``: one dict per sample, in id order (id, path
+    relative to the source, label, byte size, size ``[w, h]``, size in each tier). ``SampleIndex`` holds
+    what a job reads of it, compactly."""
+    return [json.loads(line) for line in _samples_lines(root, manifest)]
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    """What a job reads of a samples index, compact (ImageNet's 1.28M samples: ~100 MB, mostly the
+    paths): paths relative to the source, labels, and the originals' sizes as ``w0, h0, w1, h1, ...``."""
+
+    relative: list[str]
+    labels: array.array
+    sizes: array.array
+
+
+_INDEXES: dict[tuple[str, str], SampleIndex] = {}  # (root, samples_sha256): every tier and stage shares one
+
+
+def sample_index(root: str, manifest: TiersManifest) -> SampleIndex:
+    """The ``SampleIndex`` of the prepared folder ``root``, read once per process."""
+    key = (root, manifest.samples_sha256)
+    if key not in _INDEXES:
+        relative, labels, sizes = [], array.array("q"), array.array("i")
+        for line in _samples_lines(root, manifest):
+            sample = json.loads(line)  # one at a time: no list of 1.28M dicts
+            relative.append(sample["path"])
+            labels.append(sample["label"])
+            sizes.extend(sample["size"])
+        while len(_INDEXES) >= 4:  # a job reads one or two (train, val): a long-lived process, a few
+            del _INDEXES[next(iter(_INDEXES))]
+        _INDEXES[key] = SampleIndex(relative, labels, sizes)
+    return _INDEXES[key]
 
 
 def is_prepared(root: str) -> bool:

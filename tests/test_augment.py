@@ -49,8 +49,8 @@ def test_the_draws_are_the_host_transforms_for_the_same_key():
         for index in range(len(images)):
             for epoch in range(8):
                 expect, label = host[(index, epoch)]
-                image, label2, (top, left, h, w, flip, sample) = device[(index, epoch)]
-                assert torch.equal(image, images[index]) and label == label2 and sample == index
+                image, label2, (top, left, h, w, flip, sample, tier) = device[(index, epoch)]
+                assert torch.equal(image, images[index]) and label == label2 and (sample, tier) == (index, 0)
                 got = TF.resized_crop(image, top, left, h, w, [24, 24], antialias=True)
                 got = TF.horizontal_flip(got) if flip else got
                 assert torch.equal(got, expect), (scale, index, epoch)

@@ -350,7 +350,7 @@ def test_with_device_crops_each_sample_reads_the_smallest_tier_its_own_box_needs
         for epoch in range(4):
             image, label, params = tiered[(index, epoch)]
             image0, label0, params0 = originals[(index, epoch)]
-            assert label == label0 and params[4:] == params0[4:]
+            assert label == label0 and params[4:6] == params0[4:6]
             (h0, w0), (th, tw) = image0.shape[1:], image.shape[1:]
             sy, sx = th / h0, tw / w0
             top, left, h, w = params0[:4]
@@ -363,6 +363,7 @@ def test_with_device_crops_each_sample_reads_the_smallest_tier_its_own_box_needs
                 if ct[0] < tw and ct != (w0, h0):
                     assert min(h, w) * min(ct) < resolution * min(h0, w0)
             read.add("full" if (th, tw) == (h0, w0) else str(min(th, tw)))
+            assert params[6] == (0 if (th, tw) == (h0, w0) else min(th, tw))  # the tier, to name the file
             got, expect = (
                 crop_resize(x[None], torch.tensor([p]), resolution)
                 for x, p in ((image, params), (image0, params0))
@@ -373,6 +374,16 @@ def test_with_device_crops_each_sample_reads_the_smallest_tier_its_own_box_needs
             decoded, _ = decode_batch([raw], torch.tensor([params_enc]), torch.device("cpu"), 3, str)
             assert torch.equal(decoded[0], image)
     assert read == {"48", "72", "full"}
+    # a tier file that fails to decode on the device is named as the file the sample read
+    index, epoch = next(
+        (i, e) for i in range(len(originals)) for e in range(4) if encoded[(i, e)][2][6] == 72
+    )
+    path = encoded.source.path(index, 72)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 300)
+    raw, _, params_enc = encoded[(index, epoch)]
+    with pytest.raises(ValueError, match=rf"image {index} \({path}, \d+ bytes\) cannot be decoded on cpu"):
+        decode_batch([raw], torch.tensor([params_enc]), torch.device("cpu"), 3, encoded.source.path)
     # evaluation (the centred square) at a tier's own size reads that tier: the stage-wide rule, S >= R
     evaluation = PreparedImages(dst, manifest, pick_tier(manifest.tiers, 48, None), 3, "host", False)
     for index in range(len(evaluation)):
@@ -398,3 +409,20 @@ def test_a_tier_file_that_is_not_the_size_its_index_says_is_named(tmp_path):
         StageDataset(source, 20, train=True, on_device=True)[(0, 0)]
     with pytest.raises(PreparedFolderChanged, match="prepare it again"):
         source[0]  # the host path reads the stage's tier, checked alike
+
+
+def test_a_large_original_decoded_in_draft_mode_keeps_its_box_in_place(tmp_path):
+    """A sample no tier covers reads its original, decoded in draft mode as small as its box allows: the
+    box scales by exactly 1/s (libjpeg's DCT scaling), not by the decoded size, whose last partial block
+    is rounded up (251 x 171 at 1/2: 126 x 86)."""
+    from service.tiers import read_manifest
+    from workers.data import PreparedImages, StageDataset
+
+    os.makedirs(tmp_path / "src" / "a")
+    Image.new("RGB", (251, 171), (90, 120, 150)).save(tmp_path / "src" / "a" / "0.jpg", quality=90)
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    prepare(src, dst, TIERS, quality=90, workers=1)
+    source = PreparedImages(dst, read_manifest(dst), pick_tier(TIERS, 80, None), 3, "host", False)
+    image, _, params = StageDataset(source, 80, train=False, on_device=True)[0]  # needs 80 px: full/
+    assert tuple(image.shape) == (3, 86, 126)  # draft at 80: 1/2
+    assert params == (0, 20, 85.5, 85.5, 0, 0, 0)  # centre_box(171, 251) = (0, 40, 171, 171), halved

@@ -3,8 +3,9 @@
 The per-sample draws stay where they were: each sample's crop box and flip come from a generator seeded
 by (seed, stage, epoch, index), with torchvision's own algorithm (``v2.RandomResizedCrop.make_params``,
 then ``RandomHorizontalFlip``'s one draw), so which pixels a sample becomes is a function of its key,
-and a resumed run crops exactly as an uninterrupted one. What moves is the pixel work: the loader (or
-the in-memory gather, ``workers.data.InMemory``) hands over full uint8 images with their boxes, and one
+and a resumed run crops exactly as an uninterrupted one. What moves is the pixel work: the loader hands
+over uint8 images cut to their boxes (``crop_to_box``), the in-memory gather (``workers.data.InMemory``)
+whole images, each with its box, and one
 ``torchvision.ops.roi_align`` over the batch crops and resizes them all on the device, at the
 resolution of the step (a resolution ramp needs no second resize). With ``sampling_ratio=-1`` each
 output pixel averages ceil(box / size) samples per axis: an area filter when shrinking, bilinear when
@@ -26,8 +27,9 @@ from service.tiers import RATIO  # RandomResizedCrop's default aspect-ratio rang
 
 # as torchvision computes it: float32 logs, a float32 exp (float64 math moves ~1 box in 10^5 by a pixel)
 _LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()  # float32 values, as Python floats
-# params: (top, left, height, width, flip, sample index) per sample, one float64 row each (exact indices)
-PARAMS = 6
+# params: (top, left, height, width, flip, sample index, tier) per sample, one float64 row each (exact
+# indices); tier: the px of the tier of a prepared folder the image was read from (0: the folder itself)
+PARAMS = 7
 PARAMS_DTYPE = torch.float64
 
 
@@ -184,8 +186,9 @@ def decode_batch(
 ) -> tuple[torch.Tensor, list[int]]:
     """A loader batch with encoded JPEGs as one uint8 batch on ``device``: the JPEGs decoded there in one
     ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), the others (decoded on the host) copied; and
-    the positions it holds. A JPEG that does not decode raises an error naming it (``name(index)``: its
-    file), or with ``skip`` (``data.on_bad_image: skip``) is named in the log and left out."""
+    the positions it holds. A JPEG that does not decode raises an error naming it (``name(index, tier)``:
+    its file, ``params``' last two columns), or with ``skip`` (``data.on_bad_image: skip``) is named in
+    the log and left out."""
     decode_jpeg, modes = jpeg_decoder()
     mode = modes.GRAY if channels == 1 else modes.RGB
     encoded = [k for k, im in enumerate(images) if im.ndim == 1]
@@ -198,9 +201,9 @@ def decode_batch(
             try:
                 decoded.append(decode_jpeg(images[k], mode=mode, device=device))
             except RuntimeError as e:
-                index = int(params[k, 5])
+                index, tier = int(params[k, 5]), int(params[k, 6])
                 size = images[k].numel()
-                problem = f"image {index} ({name(index)}, {size} bytes) cannot be decoded on {device}: "
+                problem = f"image {index} ({name(index, tier)}, {size} bytes) cannot be decoded on {device}: "
                 if error := bad_image(problem + str(e).splitlines()[0], skip):
                     raise error from None
                 decoded.append(None)

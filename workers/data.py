@@ -8,7 +8,6 @@ resume mid-epoch, even on a different number of workers, with no repeated and no
 
 from __future__ import annotations
 
-import array
 import gzip
 import io
 import math
@@ -25,7 +24,7 @@ from torchvision.transforms import v2
 
 from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
-from service.tiers import FULL, capped_size, needed_side, pick_tier, read_manifest, read_samples
+from service.tiers import FULL, capped_size, needed_side, pick_tier, read_manifest, sample_index
 from workers.augment import Draws, bad_image, centre_box, draw_crop, jpeg_decoder, jpeg_header
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
@@ -112,6 +111,10 @@ class ImageFolderImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.load(index, self.samples[index][0], self.draft_size)
 
+    def path(self, index: int, tier: int = 0) -> str:
+        """Sample ``index``'s file (``tier``: of a prepared folder, ``PreparedImages``)."""
+        return self.samples[index][0]
+
     def load(
         self, index: int, path: str, draft_size: int | None, size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, int] | None:
@@ -178,17 +181,19 @@ class PreparedImages(ImageFolderImages):
         self.fs, path = fsspec.core.url_to_fs(root)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.base, self.folder, self.tiers = path.rstrip("/"), folder, manifest.tiers
-        index = read_samples(root, manifest)
+        self.index = sample_index(root, manifest)  # shared by every tier and stage of this folder
         self.classes = manifest.classes
-        self.relative = [s["path"] for s in index]
-        self.samples = [(f"{self.base}/{folder}/{s['path']}", s["label"]) for s in index]
-        self.sizes = array.array("i", [v for s in index for v in s["size"]])  # w0, h0, w1, h1, ...: originals
+        self.samples = _PreparedSamples(self)
         self.mode = "L" if channels == 1 else "RGB"
         self.draft_size, self.encoded = None, False  # set per stage, as ImageFolderImages'
 
     def size(self, index: int) -> tuple[int, int]:
         """(width, height) of sample ``index``'s original."""
-        return self.sizes[2 * index], self.sizes[2 * index + 1]
+        return self.index.sizes[2 * index], self.index.sizes[2 * index + 1]
+
+    def path(self, index: int, tier: int = 0) -> str:
+        """Sample ``index``'s file in tier ``tier`` (px; 0: ``full/``, the originals)."""
+        return f"{self.base}/{tier or FULL}/{self.index.relative[index]}"
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         width, height = self.size(index)
@@ -197,19 +202,35 @@ class PreparedImages(ImageFolderImages):
 
     def tier_for(
         self, index: int, width: int, height: int, box_h: int, box_w: int, resolution: int
-    ) -> tuple[str, int, int]:
-        """(path, width, height) of sample ``index`` (a ``width`` x ``height`` original) in the smallest tier
+    ) -> tuple[int, int, int]:
+        """(tier, width, height) of sample ``index`` (a ``width`` x ``height`` original) in the smallest tier
         where its crop box (``box_h`` x ``box_w`` px of the original) is at least ``resolution`` px on each
-        side; else the original's. Up to the rounding of the tier's longer side (``capped_size``): the box
-        is scaled by the shorter side's exact factor."""
+        side; else the original's (tier 0: ``full/``). Up to the rounding of the tier's longer side
+        (``capped_size``): the box is scaled by the shorter side's exact factor."""
         short, box = min(width, height), min(box_h, box_w)
         for t in self.tiers:
             if t >= short:  # the original's size: a byte copy of it (and so are larger tiers)
                 break
             if box * t >= resolution * short:
-                tw, th = capped_size(width, height, t)
-                return f"{self.base}/{t}/{self.relative[index]}", tw, th
-        return f"{self.base}/{FULL}/{self.relative[index]}", width, height
+                return (t, *capped_size(width, height, t))
+        return 0, width, height
+
+
+class _PreparedSamples(Sequence):
+    """``PreparedImages.samples``: (path in the stage's folder, label) per sample, made when asked for
+    (a list of them would hold every path once more)."""
+
+    def __init__(self, images: PreparedImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images.index.labels)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        folder = 0 if self.images.folder == FULL else int(self.images.folder)
+        return self.images.path(index, folder), self.images.index.labels[index]
 
 
 class CustomImages(Dataset):
@@ -375,7 +396,7 @@ class StageDataset(Dataset):
         image, label = item
         if self.on_device:  # an encoded JPEG (1-D): its size from its header
             size = jpeg_size(image) if image.ndim == 1 else image.shape[-2:]
-            return image, label, (*self.params(index, epoch, *size), index)
+            return image, label, (*self.params(index, epoch, *size), index, 0)
         if self.augment_at:
             (self._randaugment.num_ops, self._randaugment.magnitude), self._erasing.p = self.augment_at.get(
                 step, self.stage_augment
@@ -398,16 +419,19 @@ class StageDataset(Dataset):
         source = self.source
         width, height = source.size(index)
         top, left, h, w, flip = self.params(index, epoch, height, width)
-        path, tw, th = source.tier_for(index, width, height, h, w, self.resolution)
+        tier, tw, th = source.tier_for(index, width, height, h, w, self.resolution)
         draft = math.ceil(self.resolution * min(tw, th) / (min(h * th / height, w * tw / width)) - 1e-9)
-        item = source.load(index, path, draft, size=(tw, th))
+        item = source.load(index, source.path(index, tier), draft, size=(tw, th))
         if item is None:
             return None
         image, label = item
-        if image.ndim == 3:  # decoded here (a draft may have shrunk it), else bytes of (tw, th)
-            th, tw = image.shape[-2:]
+        if image.ndim == 3 and tuple(image.shape[-2:]) != (th, tw):
+            # shrunk by draft mode: libjpeg scales by 1/s exactly, the last partial block rounded up
+            dh, dw = image.shape[-2:]
+            s = next((s for s in (2, 4, 8) if (-(-th // s), -(-tw // s)) == (dh, dw)), None)
+            th, tw = (th / s, tw / s) if s else (dh, dw)
         sy, sx = th / height, tw / width
-        return image, label, (top * sy, left * sx, h * sy, w * sx, flip, index)
+        return image, label, (top * sy, left * sx, h * sy, w * sx, flip, index, tier)
 
     def params(self, index: int, epoch: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """Sample ``index``'s (top, left, height, width, flip) in its ``height`` x ``width`` image: the

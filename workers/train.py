@@ -561,8 +561,7 @@ class StageRunner:
         for batch in batches:
             labels, params = batch[1], batch[2] if len(batch) == 3 else None
             if isinstance(batch[0], list):  # data.decode_on: device
-                name = lambda i: source.samples[i][0]  # noqa: E731
-                x, kept = decode_batch(batch[0], params, self.device, channels, name, self._skip_bad)
+                x, kept = decode_batch(batch[0], params, self.device, channels, source.path, self._skip_bad)
                 labels, params = labels[kept], params[kept]
             else:
                 x = batch[0].to(self.device, non_blocking=True)
@@ -586,7 +585,7 @@ class StageRunner:
         height, width = memory.images.shape[-2:]
         for batch in keys:
             images, labels = memory.gather(torch.tensor([i for i, _ in batch]))
-            params = [(*dataset.params(i, epoch, height, width), i) for i, epoch in batch]
+            params = [(*dataset.params(i, epoch, height, width), i, 0) for i, epoch in batch]
             yield images, labels, torch.tensor(params, dtype=PARAMS_DTYPE)
 
     def ramped(self, first: int, last: int | None = None) -> dict:

@@ -8,7 +8,8 @@
   conditional PUT on S3, elsewhere compared, written and read back), so two coordinators cannot both
   hold it. A renewal gives up after one renewal interval (the next one tries again). A coordinator
   that finds its lease taken, or cannot renew it for ``LEASE_TIMEOUT_S`` less one interval, loses it:
-  its writes to the job are fenced (``LeaseKeeper.check`` raises ``LeaseLost``) and it exits with
+  its writes to the job are fenced (each is made inside ``LeaseKeeper.fenced``, which raises
+  ``LeaseLost``; a write under way when the loss is found lands first, none after) and it exits with
   ``EXIT_LEASE_LOST``.
 - **Requests** (``<job>/control/requests/*.json``): what ``stagetrain scale`` and ``cancel`` leave for the
   coordinator, which applies and removes them (``scale`` at the next stage boundary, or ``resume``).
@@ -25,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict
@@ -145,9 +146,10 @@ class _Taken(Exception):
 class LeaseKeeper:
     """Holds the lease while the coordinator runs: acquire, renew in a daemon thread, release.
 
-    ``check()`` fences the holder's writes: it raises ``LeaseLost`` once another coordinator took the
-    lease, or when the last renewal is older than the timeout less one renewal interval (another
-    coordinator may take a lease that old). ``on_lost(reason)`` is called once, from the renewal thread."""
+    ``fenced()`` fences the holder's writes: ``check()`` raises ``LeaseLost`` once another coordinator
+    took the lease, or when the last renewal is older than the timeout less one renewal interval (another
+    coordinator may take a lease that old). ``on_lost(reason)`` is called once, from the thread that
+    found the loss."""
 
     def __init__(
         self,
@@ -177,6 +179,9 @@ class LeaseKeeper:
         self._renewals = job.bounded(self.interval_s)
         self.took_over: Lease | None = None
         self.lost: str | None = None
+        # held by a fenced write (``fenced``) and while the lease is declared lost: once ``lost`` is set,
+        # no write of this coordinator is still under way
+        self._writing = threading.RLock()
 
     @property
     def interval_s(self) -> float:
@@ -251,16 +256,28 @@ class LeaseKeeper:
         return True
 
     def _lose(self, reason: str) -> None:
-        self.lost = f"lost the lease of job {self.job_id}: {reason}"
+        with self._writing:  # a write under way lands first: none lands after
+            if self.lost is not None:
+                return
+            self.lost = f"lost the lease of job {self.job_id}: {reason}"
         if self.on_lost is not None:
             self.on_lost(self.lost)
 
     def check(self) -> None:
-        """Raise ``LeaseLost`` unless this coordinator still holds the lease (call before every write)."""
+        """Raise ``LeaseLost`` unless this coordinator still holds the lease."""
         if self.lost is None and time.monotonic() - self._renewed >= self.timeout_s - self.interval_s:
             self._lose(f"its last renewal is {time.monotonic() - self._renewed:.0f}s old")
         if self.lost is not None:
             raise LeaseLost(self.lost)
+
+    @contextmanager
+    def fenced(self) -> Iterator[None]:
+        """Around every write to the job: ``LeaseLost`` unless this coordinator still holds the lease, and
+        the lease is not declared lost until the write is done (a renewal that finds it taken waits), so
+        nothing this coordinator writes lands after ``lost`` is set."""
+        with self._writing:
+            self.check()
+            yield
 
     def _renew(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -292,7 +309,7 @@ def holding(jobs) -> Iterator[LeaseKeeper]:
     The lease is left as it was found: the stale lease of a coordinator that died is put back, so the
     next coordinator takes it over (and says so in its log)."""
     keeper = LeaseKeeper(jobs.storage, jobs.job_id).acquire()
-    jobs.fence = keeper.check
+    jobs.fence = keeper.fenced
     try:
         yield keeper
     finally:
@@ -354,7 +371,11 @@ class JobLog:
     progress line every few seconds)."""
 
     def __init__(
-        self, job: Storage, attempt: int, flush_s: float = 2.0, fence: Callable[[], None] | None = None
+        self,
+        job: Storage,
+        attempt: int,
+        flush_s: float = 2.0,
+        fence: Callable[[], AbstractContextManager] | None = None,
     ):
         self.job, self.name, self.flush_s, self.fence = job, log_name(attempt), flush_s, fence
         self._buf: list[str] = []
@@ -372,12 +393,11 @@ class JobLog:
         with self._lock:
             text, self._buf = "".join(self._buf), []
         if text:
-            if self.fence is not None:
-                try:
-                    self.fence()
-                except LeaseLost:
-                    return  # the job is another coordinator's now
-            self.job.append_text(text, LOGS_DIR, self.name)
+            try:
+                with self.fence() if self.fence is not None else nullcontext():
+                    self.job.append_text(text, LOGS_DIR, self.name)
+            except LeaseLost:
+                return  # the job is another coordinator's now
 
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_s):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Literal
@@ -297,9 +298,9 @@ class JobStore:
         self.root = storage
         self.storage = storage.child(job_id)
         self.checkpoints = CheckpointStore(self.storage.child(CHECKPOINTS))
-        # Called before every write of the record and metrics: the coordinator's lease check
-        # (``LeaseKeeper.check``), so a coordinator that lost the job writes nothing more to it.
-        self.fence: Callable[[], None] | None = None
+        # Held around every write of the record and metrics: the coordinator's lease
+        # (``LeaseKeeper.fenced``), so a coordinator that lost the job writes nothing more to it.
+        self.fence: Callable[[], AbstractContextManager] | None = None
 
     def exists(self) -> bool:
         return self.storage.exists(JOB_FILE)
@@ -325,18 +326,19 @@ class JobStore:
             )
         return JobRecord.model_validate_json(self.storage.read_bytes(JOB_FILE))
 
+    def _fenced(self) -> AbstractContextManager:
+        return self.fence() if self.fence is not None else nullcontext()
+
     def save(self, record: JobRecord) -> None:
-        if self.fence is not None:
-            self.fence()
-        record.updated = now()
-        self.storage.write_text(record.model_dump_json(indent=2), JOB_FILE)
+        with self._fenced():
+            record.updated = now()
+            self.storage.write_text(record.model_dump_json(indent=2), JOB_FILE)
 
     def append_metrics(self, records: list[StepRecord | EvalRecord | StageEnd]) -> None:
         if records:
-            if self.fence is not None:
-                self.fence()
             lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
-            self.storage.append_text(lines, METRICS_FILE)
+            with self._fenced():
+                self.storage.append_text(lines, METRICS_FILE)
 
     def read_metrics(self) -> list[dict]:
         """Metric records in step order. Steps re-run after a resume appear twice in the file; the

@@ -200,7 +200,7 @@ def take_lease(jobs: JobStore) -> LeaseKeeper:
     from service.submit import SUBMISSION_ENV
 
     lease = LeaseKeeper(jobs.storage, jobs.job_id, os.environ.get(SUBMISSION_ENV)).acquire()
-    jobs.fence = lease.check
+    jobs.fence = lease.fenced
     if not os.environ.get(SUBMISSION_ENV):  # a user continues the job: an old cancel request is void
         jobs.storage.remove(CANCEL_FILE)
     return lease

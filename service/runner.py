@@ -111,9 +111,9 @@ class JobRunner:
         # when the job lost capacity (monotonic), while it has not run a stage since
         self.lost_at: float | None = None
         # Once another coordinator holds the job, every write to it raises LeaseLost (the run ends).
-        self.jobs.fence = lease.check
+        self.jobs.fence = lease.fenced
         lease.on_lost = self._lease_lost
-        self.log = JobLog(jobs.storage, self.record.coordinator_attempts, fence=lease.check)
+        self.log = JobLog(jobs.storage, self.record.coordinator_attempts, fence=lease.fenced)
         self._settled: dict[int, Outcome] = {}  # rows of the current run that ended at their boundary
         self._stage_clock = time.perf_counter()  # when the running stage started
 

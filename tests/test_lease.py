@@ -74,6 +74,40 @@ def test_a_coordinator_that_cannot_renew_stops_before_another_may_take_over(tmp_
     assert store.exists(LEASE_FILE)  # a lost lease is never removed by its former holder
 
 
+def test_a_write_under_way_when_the_lease_is_found_taken_lands_before_the_loss_and_none_after(tmp_path):
+    """The fence is held for the whole write, not only checked before it: a renewal that finds the lease
+    taken while a write is under way waits for it, so once ``lost`` is set nothing of this coordinator
+    can still land (a check-then-write let one job.json write land after the loss: seen under load)."""
+    store = Storage(str(tmp_path)).child("j")
+    keeper = LeaseKeeper(store, "j", timeout_s=30).acquire()
+    keeper._stop.set()  # renewals by hand below
+    inside, release, lost_seen = threading.Event(), threading.Event(), []
+
+    def write():
+        with keeper.fenced():
+            inside.set()
+            release.wait(10)
+            store.write_text("last", "written-while-held")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert inside.wait(10)
+    usurper = read_lease(store).model_copy(update={"owner": "usurper", "pid": 1})
+    store.write_text(usurper.model_dump_json(), LEASE_FILE)
+    renewal = threading.Thread(target=lambda: lost_seen.append(keeper.renew()))
+    renewal.start()
+    renewal.join(0.5)
+    assert renewal.is_alive() and keeper.lost is None  # waits for the write under way
+    release.set()
+    writer.join(10)
+    renewal.join(10)
+    assert lost_seen == [False] and "coordinator usurper" in keeper.lost
+    assert store.read_text("written-while-held") == "last"
+    with pytest.raises(LeaseLost), keeper.fenced():
+        store.write_text("never", "after-the-loss")
+    assert not store.exists("after-the-loss") and read_lease(store).owner == "usurper"
+
+
 def test_two_coordinators_racing_for_a_lease_get_one_holder(tmp_path):
     """Ten rounds of two keepers acquiring the same stale lease at the same moment: one holds it."""
     store = Storage(str(tmp_path)).child("j")

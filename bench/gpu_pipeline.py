@@ -13,7 +13,10 @@ Cells, per resolution, each a few warm-up and then timed optimizer steps on one 
 - ``folder``: the same loop on an ImageFolder of ``--images`` ImageNet-sized JPEGs (``bench/tiers.py``'s
   photos, ~500x375) read by ``--loader-workers`` DataLoader workers as bytes and decoded per batch on the
   device (``data.decode_on: device``; nvjpeg on CUDA);
-- ``folder_host``: the same folder decoded in the loader workers (PIL, draft mode), the default.
+- ``folder_host``: the same folder decoded in the loader workers (PIL, draft mode), the default;
+- ``folder_tiers``: the same folder after ``stagetrain prepare`` (``--tiers auto``; the prepare is timed
+  and printed, not counted), decoded in the loader workers, each sample from the smallest tier its own
+  crop box needs: what the README recommends for image folders.
 
 Rounds interleave the cells (the order rotates each round); figures are medians of img/s over rounds,
 and each loop cell's ratio to the ceiling. The issue's targets on one H200 (ResNet-50 bf16 channels_last):
@@ -37,7 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-CELLS = ("ceiling", "memory", "folder", "folder_host")
+CELLS = ("ceiling", "memory", "folder", "folder_host", "folder_tiers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.tiers import build_folder
+    from service.prepare import parse_tiers, prepare
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -153,6 +157,10 @@ def main(argv=None) -> int:
             f"{args.images} JPEGs from {what} in {time.perf_counter() - t0:.0f} s; measuring on {name}",
             flush=True,
         )
+        t0 = time.perf_counter()
+        tiers = f"{work}/tiers"
+        prepare(folder, tiers, parse_tiers("auto"))
+        print(f"prepare --tiers auto: {args.images / (time.perf_counter() - t0):,.0f} img/s", flush=True)
         synthetic = args.batch * (args.warmup + args.steps)
         datas = {
             "memory": ({"kind": "synthetic", "size": synthetic, "val_size": 1, "num_classes": 10}, synthetic),
@@ -161,6 +169,7 @@ def main(argv=None) -> int:
                 args.images,
             ),
             "folder_host": ({"kind": "imagefolder", "train": folder, "val": folder}, args.images),
+            "folder_tiers": ({"kind": "imagefolder", "train": tiers, "val": tiers}, args.images),
         }
         rows: dict[int, dict[str, list[float]]] = {r: {c: [] for c in CELLS} for r in args.resolutions}
         for k in range(args.rounds):

@@ -9,7 +9,8 @@
 # 128, both sides fed by DataLoader workers. It prints img/s per resolution for StageRunner and for the
 # plain loop, their ratio, and ends with one JSON line ({"overhead_ratio": ..., "per_resolution": ...}).
 # Then bench/gpu_pipeline.py: per resolution the model-only ceiling, the loop on in-memory data and on a
-# JPEG folder (decoded on the GPU, and in the loader workers), with ratios to the ceiling (PIPELINE=0: skip).
+# JPEG folder (decoded on the GPU, in the loader workers, and from its `stagetrain prepare` tiers), with
+# ratios to the ceiling (PIPELINE=0: skip).
 # No Ray cluster is started: StageRunner runs in-process with a no-op report. The "st records" column
 # is the img/s StageRunner reports itself; expect it above the timed figure on a GPU (its report
 # windows end before the loss copy that waits for the GPU).

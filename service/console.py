@@ -40,6 +40,16 @@ def first_line(text, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception; for one re-raised from a DataLoader worker ("Caught X in
+    DataLoader worker process 0." and the original traceback), the original's last line, which is the
+    error itself (``ValueError: data: image 25 (.../3.jpg, 200 bytes) cannot be decoded: ...``)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        return first_line(text.strip().splitlines()[-1])
+    return f"{type(e).__name__}: {first_line(text)}"
+
+
 def redact_url(url: str) -> str:
     """``url`` with any credentials in it shown as ``***``: ``https://user:token@host`` ->
     ``https://***@host``. For printing and logging tracking URIs and server addresses."""

@@ -187,6 +187,10 @@ def next_action(
 # Spec fields naming user code: a worker error that starts with one (``model.builder: cannot import ...``)
 # is the job's configuration, not a crash worth retrying.
 CONFIG_FIELDS = ("model.builder", "data.factory", "regularization.dropout", "regularization.drop_path")
+# A worker error about the data itself (``workers.data``: an image that cannot be decoded with
+# ``data.on_bad_image: error``, a prepared folder whose files changed since ``stagetrain prepare``): the
+# same files on every attempt.
+DATA_ERRORS = ("data: image ",)
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,8 @@ def after_outcome(outcome: Outcome, failure: FailureSpec, restarts: int) -> Retr
         return Retry(outcome.reason, infra=True)
     if isinstance(outcome, Failed) and any(f"{field}:" in outcome.reason for field in CONFIG_FIELDS):
         return None  # the job's own import paths do not resolve: the same on every attempt
+    if isinstance(outcome, Failed) and any(error in outcome.reason for error in DATA_ERRORS):
+        return None  # a bad image or a changed prepared folder: the same files on every attempt
     if isinstance(outcome, Failed) and (failure.max_failures == -1 or restarts < failure.max_failures):
         limit = "unlimited" if failure.max_failures == -1 else failure.max_failures
         return Retry(f"{outcome.reason}; retry {restarts + 1} of {limit}", infra=False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from checkpoints.storage import Storage, forwarded_env
-from service.console import first_line
+from service.console import error_line
 from service.layout import RAY_DIR
 from service.plan import Plan
 from service.spec import JobSpec
@@ -266,7 +266,7 @@ def _make_callback(q):
             q.put(
                 {
                     "worker_errors": {
-                        r: (f"{type(e).__name__}: {first_line(e)}", "".join(traceback.format_exception(e)))
+                        r: (error_line(e), "".join(traceback.format_exception(e)))
                         for r, e in worker_exceptions.items()
                     }
                 }
@@ -293,5 +293,5 @@ def _root_cause(e: BaseException) -> str:
     failures = getattr(e, "worker_failures", None)
     if failures:
         rank, err = next(iter(failures.items()))
-        return f"worker {rank}: {type(err).__name__}: {first_line(err)}"
-    return f"{type(e).__name__}: {first_line(e)}"
+        return f"worker {rank}: {error_line(err)}"
+    return error_line(e)

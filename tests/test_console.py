@@ -92,3 +92,29 @@ def test_checkpoints_table_prints_a_garbled_manifest_verbatim(tmp_path):
     out = stagetrain("checkpoints", "nasty", "--storage", str(tmp_path))
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "unreadable manifest" in out.stdout and "[/x] [bold]b" in out.stdout.replace("\n", ""), out.stdout
+
+
+def test_an_error_from_a_dataloader_worker_is_summed_up_by_its_own_line():
+    """A bad image read by a DataLoader worker process reaches the coordinator's summary as the image's
+    own error (index, file), not as DataLoader's "Caught ValueError in DataLoader worker process 0."; the
+    coordinator then does not retry it (the same files on every attempt)."""
+    import torch
+
+    from service.console import error_line
+    from service.decisions import Failed, after_outcome
+    from service.spec import FailureSpec
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ValueError(f"data: image {i} (/d/dog/{i}.jpg, 200 bytes) cannot be decoded: truncated")
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(torch.utils.data.DataLoader(Bad(), num_workers=1)))
+    assert str(caught.value).startswith("Caught ValueError in DataLoader worker process 0")
+    line = error_line(caught.value)
+    assert line == "ValueError: data: image 0 (/d/dog/0.jpg, 200 bytes) cannot be decoded: truncated"
+    assert after_outcome(Failed(f"stage 1 failed: worker 0: {line}"), FailureSpec(max_failures=3), 0) is None
+    assert error_line(KeyError("x")) == "KeyError: 'x'"

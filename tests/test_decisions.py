@@ -373,6 +373,8 @@ def test_a_lost_node_is_the_infrastructure_even_when_the_cluster_still_holds_the
 
 
 def test_after_outcome_retries_lost_capacity_always_and_code_crashes_up_to_max_failures():
+    """Lost capacity always; a crash of the code up to max_failures; the job's own import paths and its
+    bad data (the same on every attempt) never."""
     node = Preempted("lost", "needs 2 CPUs", cause="node")
     notice = Preempted("notice", cause="notice", nodes=("n",))
     crash = Failed("stage 2 failed: worker 0: ZeroDivisionError: boom")
@@ -389,6 +391,16 @@ def test_after_outcome_retries_lost_capacity_always_and_code_crashes_up_to_max_f
     for field in ("model.builder", "data.factory"):
         config = Failed(f"stage 1 failed: worker 0: ImportError: {field}: cannot import 'nope' (...)")
         assert after_outcome(config, forever, restarts=0) is None
+    # the data itself: a bad image (data.on_bad_image: error), a prepared folder changed since its prepare
+    for data in (
+        "ValueError: data: image 25 (/d/dog/3.jpg, 200 bytes) cannot be decoded: OSError: truncated",
+        "Caught PreparedFolderChanged in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+        "last):\n ...\nworkers.data.PreparedFolderChanged: data: image 3 (/t/160/a/0.jpg) is 33x33 px",
+    ):
+        assert after_outcome(Failed(f"stage 1 failed: worker 0: {data}"), forever, restarts=0) is None
+    assert (
+        after_outcome(Failed("stage 1 failed: worker 0: OSError: data: read timed out"), two, 0) is not None
+    )
 
 
 def test_next_action_after_a_capacity_loss_waits_then_gives_up_with_todays_message():

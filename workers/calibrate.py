@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from service.compare import baseline_spec
-from service.console import first_line
+from service.console import error_line
 from service.plan import Plan, StagePlan, build_plan
 from service.spec import JobSpec
 from workers.train import StageRunner, training_loss
@@ -327,20 +327,11 @@ class DataUnreadable(ValueError):
     """The job's data cannot be read: invalid input (exit 2), in one line."""
 
 
-def _cause(e: Exception) -> str:
-    # A DataLoader worker's error arrives as "Caught X in DataLoader worker process 0. Original
-    # Traceback ...": its last line is the error itself.
-    text = str(e)
-    if "Original Traceback" in text:
-        return first_line(text.strip().splitlines()[-1])
-    return f"{type(e).__name__}: {first_line(text)}"
-
-
 def _readable(make, what: str):
     try:
         return make()
     except Exception as e:  # noqa: BLE001 - the user's data (files, bucket, factory): say what and where
-        raise DataUnreadable(f"data: cannot read {what}: {_cause(e)}") from e
+        raise DataUnreadable(f"data: cannot read {what}: {error_line(e)}") from e
 
 
 def _read_errors(batches: Iterator, what: str) -> Iterator:
@@ -352,5 +343,5 @@ def _read_errors(batches: Iterator, what: str) -> Iterator:
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 - as in _readable
-            raise DataUnreadable(f"data: cannot read {what}: {_cause(e)}") from e
+            raise DataUnreadable(f"data: cannot read {what}: {error_line(e)}") from e
         yield item

@@ -97,10 +97,14 @@ class ImageFolderImages(Dataset):
     def __init__(
         self, root: str, channels: int, tier: bool = False, decode_on: str = "host", skip_bad: bool = False
     ):
-        self.root, self.tier, self.decode_on = root, tier, decode_on  # tier: of `stagetrain prepare`
+        fs, self.classes, self.samples = image_folder_index(root)
+        self._reader(root, fs, channels, tier, decode_on, skip_bad)
+
+    def _reader(self, root: str, fs, channels: int, tier: bool, decode_on: str, skip_bad: bool) -> None:
+        """What a reader of an image folder holds, listed either way (``PreparedImages``: from its index)."""
+        self.root, self.fs, self.tier, self.decode_on = root, fs, tier, decode_on  # tier: of `prepare`
         self.skip_bad = skip_bad  # data.on_bad_image: skip: an image that does not decode is None
-        self.fs, self.classes, self.samples = image_folder_index(root)
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self.local = isinstance(fs, LocalFileSystem)
         self.mode = "L" if channels == 1 else "RGB"
         self.draft_size = None  # set per stage: decode JPEGs at >= this size
         self.encoded = False  # set per stage (decode_on: device, device crops): JPEGs as their bytes
@@ -115,6 +119,9 @@ class ImageFolderImages(Dataset):
         """Sample ``index``'s file (``tier``: of a prepared folder, ``PreparedImages``)."""
         return self.samples[index][0]
 
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
     def load(
         self, index: int, path: str, draft_size: int | None, size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, int] | None:
@@ -128,7 +135,7 @@ class ImageFolderImages(Dataset):
         else:
             data = self.fs.cat_file(path)
         try:
-            return self._decode(data, index, path, draft_size, size), self.samples[index][1]
+            return self._decode(data, index, path, draft_size, size), self.label(index)
         except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # not an image, truncated, corrupt
             problem = f"image {index} ({path}, {len(data)} bytes) cannot be decoded: {type(e).__name__}: {e}"
             if error := bad_image(problem, self.skip_bad):
@@ -177,15 +184,13 @@ class PreparedImages(ImageFolderImages):
     the original's size first and reads the smallest tier that covers that box (``tier_for``)."""
 
     def __init__(self, root: str, manifest, folder: str, channels: int, decode_on: str, skip_bad: bool):
-        self.root, self.tier, self.decode_on, self.skip_bad = root, folder != FULL, decode_on, skip_bad
-        self.fs, path = fsspec.core.url_to_fs(root)
-        self.local = isinstance(self.fs, LocalFileSystem)
+        fs, path = fsspec.core.url_to_fs(root)
+        self._reader(root, fs, channels, folder != FULL, decode_on, skip_bad)
         self.base, self.folder, self.tiers = path.rstrip("/"), folder, manifest.tiers
+        self.folder_tier = 0 if folder == FULL else int(folder)  # ``folder`` as ``path`` takes it
         self.index = sample_index(root, manifest)  # shared by every tier and stage of this folder
         self.classes = manifest.classes
         self.samples = _PreparedSamples(self)
-        self.mode = "L" if channels == 1 else "RGB"
-        self.draft_size, self.encoded = None, False  # set per stage, as ImageFolderImages'
 
     def size(self, index: int) -> tuple[int, int]:
         """(width, height) of sample ``index``'s original."""
@@ -195,10 +200,14 @@ class PreparedImages(ImageFolderImages):
         """Sample ``index``'s file in tier ``tier`` (px; 0: ``full/``, the originals)."""
         return f"{self.base}/{tier or FULL}/{self.index.relative[index]}"
 
+    def label(self, index: int) -> int:
+        return self.index.labels[index]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         width, height = self.size(index)
-        size = (width, height) if self.folder == FULL else capped_size(width, height, int(self.folder))
-        return self.load(index, self.samples[index][0], self.draft_size, size)
+        tier = self.folder_tier
+        size = capped_size(width, height, tier) if tier else (width, height)
+        return self.load(index, self.path(index, tier), self.draft_size, size)
 
     def tier_for(
         self, index: int, width: int, height: int, box_h: int, box_w: int, resolution: int
@@ -229,8 +238,7 @@ class _PreparedSamples(Sequence):
     def __getitem__(self, index: int) -> tuple[str, int]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        folder = 0 if self.images.folder == FULL else int(self.images.folder)
-        return self.images.path(index, folder), self.images.index.labels[index]
+        return self.images.path(index, self.images.folder_tier), self.images.label(index)
 
 
 class CustomImages(Dataset):

@@ -18,6 +18,9 @@ Cells, per resolution, each a few warm-up and then timed optimizer steps on one 
   and printed, not counted), decoded in the loader workers, each sample from the smallest tier its own
   crop box needs: what the README recommends for image folders.
 
+Before them, on CUDA, ``host_syncs_per_step`` (memory and folder_tiers, first resolution): how often a
+step makes the host wait for the GPU (expected 0: the data path copies from pinned memory, non-blocking).
+
 Rounds interleave the cells (the order rotates each round); figures are medians of img/s over rounds,
 and each loop cell's ratio to the ceiling. The issue's targets on one H200 (ResNet-50 bf16 channels_last):
 memory >= 0.9x the ceiling at every resolution, folder >= 0.8x at 128 px, 224 px >= 5,000 img/s. Ends
@@ -99,6 +102,30 @@ def loop_img_s(args, spec, device) -> float:
     return speed.images_per_s_per_worker
 
 
+def syncs_per_step(args, spec, device) -> float | None:
+    """Host syncs per optimizer step of the loop (``torch.cuda.set_sync_debug_mode``, which sees copies
+    and ``.item()``): a sync a step lets the GPU run dry while the host prepares the next one. Counted
+    over two runs of different lengths, so the set-up's and the timing's own syncs cancel out. None on
+    a CPU."""
+    import warnings
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+    counts = []
+    for steps in (2, 6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loop_img_s(argparse.Namespace(**{**vars(args), "warmup": 1, "steps": steps}), spec, device)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum("synchronizing CUDA operation" in str(w.message) for w in caught))
+    return (counts[1] - counts[0]) / 4
+
+
 def ceiling_img_s(args, resolution: int, device) -> float:
     """The model alone: random batches already on the device, the same step."""
     import torch
@@ -171,6 +198,14 @@ def main(argv=None) -> int:
             "folder_host": ({"kind": "imagefolder", "train": folder, "val": folder}, args.images),
             "folder_tiers": ({"kind": "imagefolder", "train": tiers, "val": tiers}, args.images),
         }
+        syncs = {}  # cell -> host syncs per step at the first resolution (CUDA only)
+        for cell in ("memory", "folder_tiers"):
+            data, samples = datas[cell]
+            data = {**data, "loader_workers": 0 if cell == "memory" else args.loader_workers}
+            syncs[cell] = syncs_per_step(
+                args, job(args, args.resolutions[0], data, samples, f"{work}/runs"), device
+            )
+            print(f"{cell}: host syncs per step {syncs[cell]}", flush=True)
         rows: dict[int, dict[str, list[float]]] = {r: {c: [] for c in CELLS} for r in args.resolutions}
         for k in range(args.rounds):
             for r in args.resolutions:
@@ -192,6 +227,7 @@ def main(argv=None) -> int:
         "arch": args.arch,
         "batch": args.batch,
         "compile": args.compile,
+        "host_syncs_per_step": syncs,
         "per_resolution": {},
     }
     print(f"\n{'px':>4} " + " ".join(f"{c:>12}" for c in CELLS) + "   (img/s, median; ratio to the ceiling)")

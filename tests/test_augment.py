@@ -138,6 +138,30 @@ def test_in_memory_holds_only_what_fits_and_keeps_the_sources_pixels():
     assert InMemory.load(mixed, torch.device("cpu"), max_bytes=10**6) is None  # sizes differ: the loader
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync exists only with a CUDA device")
+def test_a_device_batch_does_not_make_the_host_wait_for_the_gpu():
+    """The gather, the crop boxes' copy and the normalisation queue on the GPU: a blocking copy from
+    pageable memory here (``.to("cuda")``) would stall the host once a step (``to_device``)."""
+    from workers.augment import PARAMS_DTYPE
+    from workers.data import to_input
+
+    device = torch.device("cuda")
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    memory = InMemory(images.to(device), torch.arange(8, device=device))
+    params = torch.tensor([[2, 3, 20, 24, 1, 4, 0], [0, 0, 32, 32, 0, 1, 0]], dtype=PARAMS_DTYPE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x, y = memory.gather(torch.tensor([4, 1]))
+        out = to_input(crop_resize(x, params, 16), device)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected = crop_resize(images[[4, 1]], params, 16)
+    assert y.tolist() == [4, 1] and torch.allclose(
+        out.cpu(), to_input(expected, torch.device("cpu")), atol=1e-4
+    )
+
+
 def test_an_image_folder_of_mixed_sizes_trains_through_the_device_path_and_a_corrupt_file_is_named(tmp_path):
     """Folders stream through the loader (never in memory): full decoded images of mixed sizes and their
     boxes, padded into one batch, cropped on the device; a mid-stage resume reads the same batches. A

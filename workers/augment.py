@@ -213,11 +213,22 @@ def decode_batch(
     return (pad_stack([out[k] for k in kept]) if kept else torch.empty(0, dtype=torch.uint8)), kept
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the host) on ``device`` without making the host wait for the GPU. A plain
+    ``.to("cuda")`` from pageable memory waits until every kernel already queued on the stream is done:
+    once a step, that stall lets the GPU run dry while the host draws and launches the next step. From
+    pinned memory with ``non_blocking`` the copy is queued like a kernel; the caching host allocator
+    keeps the pinned buffer until the copy is done. (A loader with ``pin_memory`` pins it already.)"""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
     """Each image's box, resized to ``size`` x ``size`` and flipped where its flag says, as float pixels
     in [0, 255]: one ``roi_align`` over the batch on the images' device."""
     n = images.shape[0]
-    params = params.to(images.device, torch.float32)
+    params = to_device(params, images.device).float()
     top, left, h, w, flip = params[:, :5].unbind(1)
     index = torch.arange(n, device=images.device, dtype=torch.float32)
     rois = torch.stack([index, left, top, left + w, top + h], dim=1)  # (batch index, x1, y1, x2, y2)

@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
 from service.tiers import FULL, capped_size, needed_side, pick_tier, read_manifest, sample_index
-from workers.augment import Draws, bad_image, centre_box, draw_crop, jpeg_decoder, jpeg_header
+from workers.augment import Draws, bad_image, centre_box, draw_crop, jpeg_decoder, jpeg_header, to_device
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
 
@@ -330,7 +330,7 @@ class InMemory:
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) of the samples ``ids``, on the device."""
-        ids = ids.to(self.labels.device)
+        ids = to_device(ids, self.labels.device)  # no host sync: see to_device
         return self.images.index_select(0, ids), self.labels.index_select(0, ids)
 
 

@@ -1,67 +1,42 @@
-"""Images/s of the ``imagefolder`` input pipeline at each stage resolution, with and without JPEG draft mode.
+"""Images/s of a stage's host input pipeline at each stage resolution, and its ratio to the 224 px stage's.
 
-    .venv/bin/python bench/data.py            # 2000 images, 128/160/224 px, 3 rounds (~1.5-2 min on 2 cores)
-    .venv/bin/python bench/data.py --quick    # ~25 s smoke: 500 images, 2 rounds
-    .venv/bin/python bench/data.py --loader-workers 8 --images 8000   # a bigger box
+    .venv/bin/python bench/data.py            # 500 ImageNet-like photos, 128/160/224 px, 3 rounds (~1 min)
+    .venv/bin/python bench/data.py --quick    # ~15 s smoke: 200 photos, 2 rounds
+    .venv/bin/python bench/data.py --source fashion-mnist --images 2000   # 256 px JPEGs (the earlier set)
+    .venv/bin/python bench/data.py --loader-workers 8 --images 4000       # a bigger box
 
-Data: real images, not synthetic ones. The first ``--images`` Fashion-MNIST training images (Debian's
-``dataset-fashion-mnist``, read from its gzipped IDX files: a 16-byte header for images, 8 for labels),
-each upscaled from 28 to 256 px (PIL bicubic), made RGB and saved as JPEG quality 90 in torchvision's
-ImageFolder layout ``<dir>/<class>/<i>.jpg``. The folder is built once and reused: it lives under
-``--cache`` (default: the system temp dir) and counts only once its ``COMPLETE`` marker exists.
+Data (``--source``): ``photos`` (default), ImageNet-like JPEGs (~500x375, q90) made from the real photos
+installed on this machine (``bench/tiers.py``'s ``build_folder``); ``fashion-mnist``, the first
+``--images`` Fashion-MNIST training images (Debian's ``dataset-fashion-mnist``) upscaled to 256 px RGB
+JPEGs q90. Either folder is built once under ``--cache`` (default: the system temp dir) with its
+resolution tiers (``stagetrain prepare --tiers auto``), and counts only once its ``COMPLETE`` marker exists.
 
-What is measured is stagetrain's own pipeline, as a worker builds it for an ``imagefolder`` stage:
-``workers.data.ImageFolderImages(root, channels=3)`` wrapped in ``StageDataset(source, resolution,
-train=True, seed=0, stage=0)`` (file read through fsspec, JPEG decode, ``convert("RGB")``, uint8 CHW
-tensor, seeded RandomResizedCrop + horizontal flip), batched by a ``torch.utils.data.DataLoader``
-(``--batch`` 64, ``--loader-workers`` 0, in order, so every run reads the same sample indices and the
-same crops). This process runs torch on ``--threads`` 1 intra-op thread, as every DataLoader worker
-does: it is per-sample work, and extra threads spin-waiting on a shared 2-core box only add noise (and
-CPU time). Stage resolutions default to those of examples/imagenet-resnet50.yaml (128/160/224).
+What is measured is what a training worker's DataLoader does for a stage of an ``imagefolder`` job,
+built with the worker's own code (``open_source`` with the job's ``data`` settings, ``StageDataset``, the
+loader's collate): batches of ``--batch`` read in order, ``--loader-workers`` 0 (this process, one torch
+thread, as in each DataLoader worker). Modes, each at each resolution:
 
-Per resolution there are two modes: ``draft`` as shipped (``StageDataset`` sets ``source.draft_size =
-resolution``) and ``full``, the same with ``source.draft_size = None`` set afterwards. Each (resolution,
-mode) cell times two things over the same images: ``pipeline``, its DataLoader's batches (the whole
-StageDataset), and ``decode``, the source alone (``source[i]``: file read, decode, ``convert``, tensor;
-no crop, flip, seeding or collation) -- the gap says how much of a sample's cost is the decode draft mode
-can shrink and how much is the per-sample work it cannot. Both also per second of this process's CPU
-time (``pipeline_cpu``, ``decode_cpu``; ``time.process_time``), a second opinion.
+- ``tiers``: the prepared folder, crops on the device (the default ``augment_on: device``): each sample
+  reads the smallest tier its own crop box needs and the loader batches the boxes' pixels
+  (``workers.augment.collate``); what the README recommends for image folders;
+- ``device``: the original folder, crops on the device: each JPEG decoded in draft mode no smaller than
+  its box needs, the same collate;
+- ``host``: the original folder with ``augment_on: host``: random-resized-crop, resize and flip per
+  sample in the loader (draft mode at the stage's size): the pipeline before the device crops.
 
-Timing. A round reads the whole folder once per cell (6 cells by default) in lockstep: batch by batch,
-each cell in turn decodes the batch's images through its source, then draws its next DataLoader batch,
-each call timed on its own; the cells' order rotates by one every batch and reverses every len(cells)
-batches, so each goes first equally often and follows every other cell (which cell ran just before moved
-a no-op draft cell's decode by ~10% when the order only rotated). Interleaving at ~0.1 s matters here:
-this shared VM's speed drifts by up to 1.5x within seconds, and whole passes interleaved AB/BA still
-disagreed by +-30%; per batch, every cell sees the same drift. The first batch is not counted (warm-up);
-img/s = images counted / summed call time. With ``--loader-workers`` > 0 the workers prefetch, so a
-call's time is not its cost: the pipeline is then timed as one whole pass per cell (from its first
-batch's arrival to its last, cells in an order rotated per round; no ``pipeline_cpu``: the work is in the
-workers), while ``decode`` stays in lockstep.
-
-Reported per metric: the median img/s over rounds per (resolution, mode); ``draft_speedup``, the median
-over rounds of draft/full within a round; and ``vs_224``, a resolution's median draft img/s over the
-median full img/s at 224 px (or the largest resolution given): how much faster a low-resolution stage
-reads its images than the full-resolution stage does. The target is >= 2x for each lower resolution,
-judged on ``pipeline`` (``meets_2x``, ``target_met``).
-
-What draft mode can and cannot do. ``Image.draft(mode, (s, s))`` asks libjpeg to decode at a reduced
-DCT scale; PIL picks the strongest of 1/8, 1/4, 1/2 whose result is still >= the requested size on both
-sides, else 1/1. For a 256 px JPEG that is 1/2 (128 px) for a 128 px stage, but 1/1 for 160 and 224 (1/2
-would give 128 < 160), so those decode at full size and draft mode saves nothing there. At 1/2 the
-inverse DCT, chroma upsampling and colour conversion produce a quarter of the pixels, but the file is
-still read, parsed and entropy-decoded in full, so decoding is well under 4x faster; the crop/resize that
-follows then starts from a quarter of the pixels. The table's ``decoded`` column shows the
-size each resolution actually decodes at. Larger photos (ImageNet's are ~400-500 px) can reach 1/2 at
-160 px as well, so this 256 px set is the harder case for the middle stage. The flip side: a draft-decoded
-image is only as large as the stage, so RandomResizedCrop's crop (35-100% of its area) is upscaled to the
-stage size rather than downscaled from a larger decode -- fewer source pixels per crop than with
-``draft_size = None``.
+Timing: cells advance in lockstep, one batch each in turn, the order rotated every batch and reversed
+every len(cells) batches, each call timed on its own, the first batch not counted (with loader workers,
+which prefetch, one whole pass per cell instead). Reported per (resolution, mode): the median img/s over
+rounds (also per second of this process's CPU time, ``_cpu``), and ``vs_224``: the median over rounds
+of its img/s over the same mode's at 224 px (or the largest resolution) in that round. The issue's target
+on the 2-core developer machine: the 128 px stage's host pipeline >= 2.5x the 224 px stage's, judged on
+``tiers`` (``target_met``). Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import json
 import math
@@ -82,70 +57,43 @@ if REPO not in sys.path:  # runnable as `python bench/data.py` from a checkout w
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
-SIZE, QUALITY = 256, 90
-MODES = ("draft", "full")
+FMNIST_PX, QUALITY = 256, 90
+MODES = ("tiers", "device", "host")
+TARGET = 2.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--images", type=int, help="JPEGs in the folder, all read by every run (default 2000; quick 500)"
-    )
-    p.add_argument(
-        "--resolutions", default="128,160,224", help="comma-separated stage sizes (default 128,160,224)"
-    )
+    p.add_argument("--source", choices=["photos", "fashion-mnist"], default="photos")
+    p.add_argument("--images", type=int, help="JPEGs in the folder, all read by every run (default 500)")
+    p.add_argument("--resolutions", default="128,160,224", help="stage sizes (default 128,160,224)")
     p.add_argument("--batch", type=int, default=64, help="DataLoader batch size (default 64)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader num_workers (default 0)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 2)")
+    p.add_argument("--cache", default=None, help="folder that keeps the JPEG folders (default: temp dir)")
     p.add_argument(
-        "--rounds", type=int, help="interleaved rounds, each one run of both modes (default 3; quick 2)"
+        "--fashion-mnist", default=FASHION_MNIST, help=f"IDX files' folder (default {FASHION_MNIST})"
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads in this process (default 1, as in each DataLoader worker)",
-    )
-    p.add_argument(
-        "--cache",
-        default=None,
-        help="folder that holds the JPEG folder between runs (default: the system temp dir)",
-    )
-    p.add_argument(
-        "--fashion-mnist",
-        default=FASHION_MNIST,
-        help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz "
-        f"(default {FASHION_MNIST})",
-    )
-    p.add_argument("--quick", action="store_true", help="~25 s smoke: 500 images, 2 rounds")
+    p.add_argument("--quick", action="store_true", help="~15 s smoke: 200 photos, 2 rounds")
     args = p.parse_args(argv)
-    # Explicit --images/--rounds win over both presets.
-    for name, full, quick in (("images", 2000, 500), ("rounds", 3, 2)):
+    for name, full, quick in (("images", 500, 200), ("rounds", 3, 2)):  # explicit values win
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     args.resolutions = sorted({int(r) for r in args.resolutions.split(",") if r})
     args.cache = args.cache or tempfile.gettempdir()
     problems = []
     if not 1 <= args.images <= 60000:
-        problems.append(
-            f"--images: must be between 1 and 60000 (Fashion-MNIST's training set), got {args.images}"
-        )
+        problems.append(f"--images: must be between 1 and 60000, got {args.images}")
     if args.batch < 1 or args.images < 2 * args.batch:
-        problems.append(
-            f"--batch: must be >= 1 and at most half of --images ({args.images}): the first "
-            f"batch of a run is not timed, got {args.batch}"
-        )
+        problems.append(f"--batch: at least 1 and at most half of --images ({args.images}), got {args.batch}")
     if args.rounds < 1:
         problems.append(f"--rounds: must be >= 1, got {args.rounds}")
-    if args.threads < 1:
-        problems.append(f"--threads: must be >= 1, got {args.threads}")
     if args.loader_workers < 0:
         problems.append(f"--loader-workers: must be >= 0, got {args.loader_workers}")
-    if not args.resolutions or min(args.resolutions) < 1 or max(args.resolutions) > SIZE:
-        problems.append(
-            f"--resolutions: sizes between 1 and {SIZE} px (the JPEGs' size), got {args.resolutions}"
-        )
+    if not args.resolutions or min(args.resolutions) < 16:
+        problems.append(f"--resolutions: sizes of at least 16 px, got {args.resolutions}")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -154,19 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------- data
 
 
-def read_idx(path: str, header: int) -> bytes:
-    with gzip.open(path, "rb") as f:
-        return f.read()[header:]
-
-
-def build_folder(args) -> str:
-    """The ImageFolder of ``args.images`` 256 px RGB JPEGs, built on first use. It is written under a
-    temporary name and renamed into place, then marked complete: a half-written folder is never used."""
+def build_fashion_mnist(root: str, args) -> str:
+    """``args.images`` Fashion-MNIST training images as 256 px RGB JPEGs in ``root/<class>/<i>.jpg``."""
     from PIL import Image
 
-    root = os.path.join(args.cache, f"stagetrain-bench-fmnist-{SIZE}px-q{QUALITY}-{args.images}")
-    if os.path.exists(f"{root}/COMPLETE"):
-        return root
     images_gz = f"{args.fashion_mnist}/train-images-idx3-ubyte.gz"
     labels_gz = f"{args.fashion_mnist}/train-labels-idx1-ubyte.gz"
     if not (os.path.exists(images_gz) and os.path.exists(labels_gz)):
@@ -174,158 +113,144 @@ def build_folder(args) -> str:
             f"error: Fashion-MNIST not found in {args.fashion_mnist}; install Debian's "
             "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --fashion-mnist DIR"
         )
-    t0 = time.perf_counter()
-    pixels, labels = read_idx(images_gz, 16), read_idx(labels_gz, 8)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".", dir=args.cache)
+    with gzip.open(images_gz, "rb") as f:
+        pixels = f.read()[16:]
+    with gzip.open(labels_gz, "rb") as f:
+        labels = f.read()[8:]
     for cls in CLASSES:
-        os.makedirs(f"{tmp}/{cls}")
+        os.makedirs(f"{root}/{cls}")
     for i in range(args.images):
         img = Image.frombytes("L", (28, 28), pixels[i * 784 : (i + 1) * 784])
-        img = img.resize((SIZE, SIZE), Image.Resampling.BICUBIC).convert("RGB")
-        img.save(f"{tmp}/{CLASSES[labels[i]]}/{i}.jpg", "JPEG", quality=QUALITY)
-    os.rename(tmp, root)
-    with open(f"{root}/COMPLETE", "w") as f:
-        f.write(f"{args.images} Fashion-MNIST train images, {SIZE} px RGB, JPEG q{QUALITY}\n")
-    print(f"built {root} ({args.images} JPEGs) in {time.perf_counter() - t0:.1f} s", flush=True)
-    return root
+        img = img.resize((FMNIST_PX, FMNIST_PX), Image.Resampling.BICUBIC).convert("RGB")
+        img.save(f"{root}/{CLASSES[labels[i]]}/{i}.jpg", "JPEG", quality=QUALITY)
+    return f"Fashion-MNIST upscaled to {FMNIST_PX} px"
 
 
-def decoded_size(path: str, resolution: int) -> int:
-    """The width a JPEG decodes at in draft mode for a stage of ``resolution`` px (what PIL picks)."""
-    from PIL import Image
+def build_folders(args) -> tuple[str, str, str]:
+    """(originals, their prepared tiers, what the images are), built on first use under ``args.cache``:
+    written under a temporary name, prepared, renamed into place, then marked complete."""
+    from bench.tiers import build_folder
+    from service.prepare import parse_tiers, prepare
 
-    with Image.open(path) as img:
-        img.draft("RGB", (resolution, resolution))
-        return img.size[0]
+    base = os.path.join(args.cache, f"stagetrain-bench-data-{args.source}-{args.images}")
+    if os.path.exists(f"{base}/COMPLETE"):
+        with open(f"{base}/COMPLETE") as f:
+            return f"{base}/src", f"{base}/tiers", f.read().strip()
+    t0 = time.perf_counter()
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(args.cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(base) + ".", dir=args.cache)
+    if args.source == "photos":
+        what = "ImageNet-like photos from " + build_folder(f"{tmp}/src", args.images)[1]
+    else:
+        what = build_fashion_mnist(f"{tmp}/src", args)
+    os.rename(tmp, base)
+    prepare(f"{base}/src", f"{base}/tiers", parse_tiers("auto"))  # after the rename: it records the path
+    with open(f"{base}/COMPLETE", "w") as f:
+        f.write(what + "\n")
+    print(
+        f"built {base} ({args.images} JPEGs and their tiers) in {time.perf_counter() - t0:.0f} s", flush=True
+    )
+    return f"{base}/src", f"{base}/tiers", what
 
 
 # ------------------------------------------------------------------------------------------ timing
 
 
-def open_cell(root: str, resolution: int, mode: str, args):
-    """One (resolution, mode) cell: the stage's source and its DataLoader, built as a worker builds them."""
+def open_cell(src: str, tiers: str, resolution: int, mode: str, args):
+    """One (resolution, mode) cell's DataLoader, built as a training worker builds it."""
     from torch.utils.data import DataLoader
 
-    from workers.data import ImageFolderImages, StageDataset
+    from service.spec import ImageFolderData
+    from workers.augment import collate
+    from workers.data import StageDataset, collate_host, open_source
 
-    source = ImageFolderImages(root, channels=3)
-    dataset = StageDataset(source, resolution, train=True, seed=0, stage=0)  # sets source.draft_size
-    if mode == "full":
-        source.draft_size = None
-    assert source.draft_size == (resolution if mode == "draft" else None)
-    loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.loader_workers)
-    return source, loader
-
-
-def check_batch(x: torch.Tensor, resolution: int) -> None:
-    assert x.shape[1:] == (3, resolution, resolution) and x.dtype == torch.uint8, (x.shape, x.dtype)
-
-
-def metrics(args) -> tuple[str, ...]:
-    if args.loader_workers == 0:
-        return ("pipeline", "decode", "pipeline_cpu", "decode_cpu")
-    return ("pipeline", "decode", "decode_cpu")  # the pipeline's CPU time is spent in the workers
+    root = tiers if mode == "tiers" else src
+    on_device = mode != "host"
+    data = ImageFolderData(kind="imagefolder", train=root, augment_on="device" if on_device else "host")
+    source = open_source(data, 3, 0, "train", resolution)
+    dataset = StageDataset(source, resolution, train=True, seed=0, stage=0, on_device=on_device)
+    return DataLoader(
+        dataset,
+        batch_size=args.batch,
+        shuffle=False,
+        num_workers=args.loader_workers,
+        collate_fn=collate if on_device else collate_host,
+    )
 
 
-def measure_round(root: str, args, k: int) -> dict[str, dict[tuple[int, str], float]]:
-    """Round ``k``: every cell reads the whole folder; ``{metric: {(resolution, mode): img/s}}``.
-    Cells advance in lockstep, one batch each in turn, the order rotated every batch; every call
-    is timed on its own and the first batch is not counted. With DataLoader workers (which prefetch) the
-    pipeline is instead timed as one whole pass per cell, from its first batch's arrival to its last."""
+def check_batch(batch: tuple, resolution: int, mode: str) -> None:
+    x = batch[0]
+    assert x.dtype == torch.uint8 and x.shape[1] == 3, (x.shape, x.dtype)
+    if mode == "host":
+        assert x.shape[2:] == (resolution, resolution), x.shape
+    else:
+        assert batch[2].shape == (len(x), 7), batch[2].shape  # crop params: boxes for the device
+
+
+def measure_round(src: str, tiers: str, args, k: int) -> dict[str, dict[tuple[int, str], float]]:
+    """Round ``k``: every cell reads the whole folder; ``{"pipeline"[, "pipeline_cpu"]: {cell: img/s}}``."""
     cells = [(r, m) for r in args.resolutions for m in MODES]
-    opened = {c: open_cell(root, *c, args) for c in cells}
-    lockstep = args.loader_workers == 0
-    batches = {c: iter(opened[c][1]) for c in cells} if lockstep else {}
-    timed = ("decode", "decode_cpu", "pipeline", "pipeline_cpu") if lockstep else ("decode", "decode_cpu")
-    wall = {m: dict.fromkeys(cells, 0.0) for m in timed}
+    loaders = {c: open_cell(src, tiers, *c, args) for c in cells}
+    if args.loader_workers:
+        shift = k % len(cells)
+        return {"pipeline": {c: pipeline_pass(loaders[c], *c) for c in cells[shift:] + cells[:shift]}}
+    batches = {c: iter(loaders[c]) for c in cells}
+    wall = {m: dict.fromkeys(cells, 0.0) for m in ("pipeline", "pipeline_cpu")}
     counted = 0
     for b in range(math.ceil(args.images / args.batch)):
-        indices = range(b * args.batch, min((b + 1) * args.batch, args.images))
         shift = (b + k) % len(cells)
         order = cells[shift:] + cells[:shift]
         for c in order[::-1] if (b // len(cells)) % 2 else order:  # every cell follows every other
-            source, _ = opened[c]
             t0, c0 = time.perf_counter(), time.process_time()
-            for i in indices:
-                source[i]
+            batch = next(batches[c])
             t1, c1 = time.perf_counter(), time.process_time()
-            if lockstep:
-                x, _ = next(batches[c])
-                t2, c2 = time.perf_counter(), time.process_time()
-                if b == 0:
-                    check_batch(x, c[0])
-                else:
-                    wall["pipeline"][c] += t2 - t1
-                    wall["pipeline_cpu"][c] += c2 - c1
-            if b > 0:
-                wall["decode"][c] += t1 - t0
-                wall["decode_cpu"][c] += c1 - c0
-        counted += len(indices) if b > 0 else 0
-    out = {m: {c: counted / seconds for c, seconds in per.items()} for m, per in wall.items()}
-    if not lockstep:
-        out["pipeline"] = {}
-        shift = k % len(cells)
-        for c in cells[shift:] + cells[:shift]:
-            out["pipeline"][c] = pipeline_pass(opened[c][1], c[0])
-    return out
+            if b == 0:
+                check_batch(batch, *c)
+            else:
+                wall["pipeline"][c] += t1 - t0
+                wall["pipeline_cpu"][c] += c1 - c0
+        counted += min(args.batch, args.images - b * args.batch) if b > 0 else 0
+    return {m: {c: counted / seconds for c, seconds in per.items()} for m, per in wall.items()}
 
 
-def pipeline_pass(loader, resolution: int) -> float:
+def pipeline_pass(loader, resolution: int, mode: str) -> float:
     """img/s of one whole pass of ``loader``, from its first batch's arrival to its last batch's."""
     start, images = None, 0
-    for x, _ in loader:
+    for batch in loader:
         if start is None:  # the first batch is untimed: worker start-up and the first files' latency
-            check_batch(x, resolution)
+            check_batch(batch, resolution, mode)
             start = time.perf_counter()
         else:
-            images += len(x)
+            images += len(batch[0])
     return images / (time.perf_counter() - start)
-
-
-def measure(root: str, args) -> list[dict]:
-    """One row per round: ``row[metric][(resolution, mode)]`` in img/s."""
-    rows = []
-    for k in range(args.rounds):
-        row = {"round": k + 1, **measure_round(root, args, k)}
-        rows.append(row)
-        line = ", ".join(
-            f"{r} px {row['pipeline'][(r, 'draft')]:.0f}/{row['pipeline'][(r, 'full')]:.0f}"
-            for r in args.resolutions
-        )
-        print(f"  round {k + 1}/{args.rounds}: pipeline img/s draft/full {line}", flush=True)
-    return rows
 
 
 # ------------------------------------------------------------------------------------------ report
 
 
-def summarise(args, rows: list[dict], decoded: dict[int, int]) -> dict:
+def summarise(args, rows: list[dict]) -> dict:
     ref = 224 if 224 in args.resolutions else max(args.resolutions)
-    per_res: dict[str, dict] = {str(r): {"decoded_px": decoded[r]} for r in args.resolutions}
-    for metric in metrics(args):
-        med = {c: statistics.median(row[metric][c] for row in rows) for c in rows[0][metric]}
+    per_res: dict[str, dict] = {}
+    for metric in rows[0]["cells"]:
         for r in args.resolutions:
-            pairs = [row[metric][(r, "draft")] / row[metric][(r, "full")] for row in rows]
-            vs_ref = med[(r, "draft")] / med[(ref, "full")]
-            per_res[str(r)][metric] = {
-                "draft_img_s": round(med[(r, "draft")], 1),
-                "full_img_s": round(med[(r, "full")], 1),
-                "draft_speedup": round(statistics.median(pairs), 3),
-                "draft_speedup_range": [round(min(pairs), 3), round(max(pairs), 3)],
-                f"vs_{ref}": round(vs_ref, 3),
-                "meets_2x": vs_ref >= 2.0 if r < ref else None,
-            }
-    lower = [v for r, v in per_res.items() if int(r) < ref]
+            for mode in MODES:
+                values = [row["cells"][metric][(r, mode)] for row in rows]
+                ratios = [row["cells"][metric][(r, mode)] / row["cells"][metric][(ref, mode)] for row in rows]
+                per_res.setdefault(str(r), {})[f"{mode}_{metric}"] = {
+                    "img_s": round(statistics.median(values), 1),
+                    f"vs_{ref}": round(statistics.median(ratios), 3),
+                    f"vs_{ref}_range": [round(min(ratios), 3), round(max(ratios), 3)],
+                }
+    lowest = str(min(args.resolutions))
+    judged = per_res[lowest]["tiers_pipeline"][f"vs_{ref}"]
     return {
+        "source": args.source,
         "per_resolution": per_res,
         "reference_resolution": ref,
-        "target": f"pipeline draft img/s at each resolution below {ref} >= 2x pipeline full img/s at {ref}",
-        "target_met": all(v["pipeline"]["meets_2x"] for v in lower),
-        **{f"{m}_target_met": all(v[m]["meets_2x"] for v in lower) for m in metrics(args) if m != "pipeline"},
+        "target": f"tiers pipeline img/s at {lowest} px >= {TARGET}x the {ref} px stage's",
+        "target_met": judged >= TARGET if int(lowest) < ref else None,
         "images": args.images,
-        "image_px": SIZE,
-        "jpeg_quality": QUALITY,
         "rounds": args.rounds,
         "batch": args.batch,
         "loader_workers": args.loader_workers,
@@ -339,61 +264,51 @@ def summarise(args, rows: list[dict], decoded: dict[int, int]) -> dict:
     }
 
 
-def print_table(args, rows: list[dict], summary: dict) -> None:
+def print_table(args, summary: dict) -> None:
     ref = summary["reference_resolution"]
-    print()
-    print(f"{'round':>5} {'res':>5} {'metric':>13} {'draft img/s':>12} {'full img/s':>11} {'draft/full':>11}")
-    for row in rows:
-        for r in args.resolutions:
-            for metric in metrics(args):
-                draft, full = row[metric][(r, "draft")], row[metric][(r, "full")]
-                print(
-                    f"{row['round']:>5} {r:>5} {metric:>13} {draft:>12.1f} {full:>11.1f} "
-                    f"{draft / full:>11.3f}"
-                )
-    print()
-    print("Median img/s over rounds. pipeline: StageDataset through the DataLoader; decode: the source")
-    print("alone; *_cpu: images per second of this process's CPU time (less moved by other processes' load).")
-    vs = f"draft vs {ref} full"
+    metrics = [m for m in ("pipeline", "pipeline_cpu") if f"tiers_{m}" in summary["per_resolution"][str(ref)]]
     print(
-        f"{'res':>5} {'decoded':>8} {'metric':>13} {'draft img/s':>12} {'full img/s':>11} "
-        f"{'draft/full (min..max)':>22} {vs:>18} {'>= 2x':>6}"
+        "\nMedian img/s over rounds (pipeline: the DataLoader's batches; _cpu: per second of this process's"
     )
+    print(f"CPU time), and each mode's ratio to its own {ref} px stage, median (min..max) over rounds.")
+    print(f"{'res':>5} {'metric':>13} " + " ".join(f"{m:>24}" for m in MODES))
     for res, per in summary["per_resolution"].items():
-        for metric in metrics(args):
-            v = per[metric]
-            lo, hi = v["draft_speedup_range"]
-            speedup = f"{v['draft_speedup']:.2f} ({lo:.2f}..{hi:.2f})"
-            meets = "-" if v["meets_2x"] is None else ("yes" if v["meets_2x"] else "NO")
-            print(
-                f"{res:>5} {per['decoded_px']:>6}px {metric:>13} {v['draft_img_s']:>12.1f} "
-                f"{v['full_img_s']:>11.1f} {speedup:>22} {v[f'vs_{ref}']:>17.2f}x {meets:>6}"
-            )
-    print()
+        for metric in metrics:
+            cols = []
+            for mode in MODES:
+                v = per[f"{mode}_{metric}"]
+                lo, hi = v[f"vs_{ref}_range"]
+                cols.append(f"{v['img_s']:>7.0f} {v[f'vs_{ref}']:.2f}x ({lo:.2f}..{hi:.2f})")
+            print(f"{res:>5} {metric:>13} " + " ".join(f"{c:>24}" for c in cols))
+    print(f"\n{summary['target']}: {'met' if summary['target_met'] else 'NOT met'}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
-    root = build_folder(args)
-    from workers.data import ImageFolderImages
-
-    paths = [path for path, _ in ImageFolderImages(root, channels=3).samples]
-    decoded = {r: decoded_size(paths[0], r) for r in args.resolutions}
+    src, tiers, what = build_folders(args)
+    files = glob.glob(f"{os.path.dirname(src)}/**/*.*", recursive=True)
     print(
-        f"data: {args.images} Fashion-MNIST JPEGs ({SIZE} px RGB, q{QUALITY}) in {root}; resolutions "
-        f"{args.resolutions}, {args.rounds} rounds, batch {args.batch}, loader workers "
-        f"{args.loader_workers}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs",
+        f"data: {args.images} JPEGs ({what}) in {src}; resolutions {args.resolutions}, {args.rounds} rounds, "
+        f"batch {args.batch}, loader workers {args.loader_workers}, 1 torch thread, {os.cpu_count()} CPUs",
         flush=True,
     )
-    for path in paths:  # untimed: into the page cache
+    for path in files:  # untimed: into the page cache
         with open(path, "rb") as f:
             f.read()
-    rows = measure(root, args)
-    summary = summarise(args, rows, decoded)
+    rows = []
+    for k in range(args.rounds):
+        rows.append({"round": k + 1, "cells": measure_round(src, tiers, args, k)})
+        line = ", ".join(
+            f"{r} px " + "/".join(f"{rows[-1]['cells']['pipeline'][(r, m)]:.0f}" for m in MODES)
+            for r in args.resolutions
+        )
+        print(f"  round {k + 1}/{args.rounds}: pipeline img/s {'/'.join(MODES)}: {line}", flush=True)
+    summary = summarise(args, rows)
+    summary["data"] = what
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    print_table(args, rows, summary)
+    print_table(args, summary)
     print(json.dumps(summary))
     return 0
 

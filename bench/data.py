@@ -185,7 +185,7 @@ def check_batch(batch: tuple, resolution: int, mode: str) -> None:
     if mode == "host":
         assert x.shape[2:] == (resolution, resolution), x.shape
     else:
-        assert batch[2].shape == (len(x), 7), batch[2].shape  # crop params: boxes for the device
+        assert batch[2].shape == (len(batch[1]), 7) and len(x) in (1, len(batch[1])), batch[2].shape
 
 
 def measure_round(src: str, tiers: str, args, k: int) -> dict[str, dict[tuple[int, str], float]]:
@@ -222,7 +222,7 @@ def pipeline_pass(loader, resolution: int, mode: str) -> float:
             check_batch(batch, resolution, mode)
             start = time.perf_counter()
         else:
-            images += len(batch[0])
+            images += len(batch[1])
     return images / (time.perf_counter() - start)
 
 

@@ -32,9 +32,10 @@ decode in draft mode, ``convert("RGB")``, tensor, seeded RandomResizedCrop + fli
   makes a low-resolution stage; ``now / stage`` is what choosing the tier per sample gained.
 
 Then, per resolution, the collate a loader worker runs on those samples (batches of ``--batch``): cut to
-their boxes (``workers.augment.collate``, ``crop_to_box``) vs whole images padded to the largest (the
-collate before), ms and MB per batch; and the loader's whole work per image (sample + its share of the
-collate) as img/s and its ratio to the 224 px stage's (``loader_vs_224``).
+their boxes and packed into one canvas (``workers.augment.collate``: ``crop_to_box``, ``pack``) vs whole
+images padded to the largest (the collate before both), ms and MB per batch; and the loader's whole
+work per image (sample + its share of the collate) as img/s and its ratio to the 224 px stage's
+(``loader_vs_224``).
 
 Timing: cells advance in lockstep, 8 images each in turn, the order rotated every chunk and reversed
 every other pass, each call timed on its own, the first chunk not counted; a round reads every image
@@ -181,9 +182,9 @@ def measure_round(cells: dict, images: int, k: int) -> dict:
 
 def measure_batches(dataset, images: int, batch: int, rounds: int) -> dict:
     """What else a loader worker does with crops on the device: collating ``batch`` samples of the ``now``
-    cell, cut to their boxes (``workers.augment.collate``) vs whole images padded to the largest (the
-    collate before ``crop_to_box``), alternating; ms per batch (median) and MB per batch (what is
-    pinned and copied to the device)."""
+    cell, cut to their boxes and packed (``workers.augment.collate``) vs whole images padded to the
+    largest (the collate before ``crop_to_box`` and ``pack``), alternating; ms per batch (median) and MB
+    per batch (what is pinned and copied to the device)."""
     from workers.augment import collate, pad_stack
 
     items = [dataset[(i, 0)] for i in range(images)]

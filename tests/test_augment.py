@@ -11,7 +11,7 @@ from service.plan import build_plan
 from service.sources import dataset_size
 from tests.conftest import make_spec
 from tests.jobs import TINY_IN_PROCESS
-from workers.augment import collate, crop_resize
+from workers.augment import collate, crop_resize, pack
 from workers.data import CustomImages, InMemory, StageDataset, SyntheticImages
 from workers.train import StageRunner
 
@@ -86,13 +86,38 @@ def test_device_crops_match_a_per_sample_resized_crop_within_the_filter_differen
     items = [(images[1], 0, boxes[1]), (small, 1, (5, 7, 60, 80, 1)), (small, 2, (30.5, 39.25, 60, 80.75, 0))]
     items += [(images[2], 3, (275, 400, 100, 100, 0)), (images[5], 4, boxes[5])]  # bottom right; full height
     batch, labels, p = collate(items)
-    assert batch.shape == (5, 3, 375, 377) and labels.tolist() == [0, 1, 2, 3, 4]
-    assert p[3, :4].tolist() == [1, 1, 100, 100] and p[4, :4].tolist() == [0, 1, 375, 375]
-    assert p[1, :4].tolist() == [1, 1, 60, 80] and p[2, :4].tolist() == [1.5, 1.25, 60, 80.75]
+    assert batch.shape[0] == 1 and labels.tolist() == [0, 1, 2, 3, 4]  # one canvas (pack)
+    assert (p[:, :2] % 1).tolist() == [[0, 0], [0, 0], [0.5, 0.25], [0, 0], [0, 0]]  # moved by whole px
+    assert p[:, 2:4].tolist() == [list(box[2:4]) for _, _, box in items]
     for k, (image, _, box) in enumerate(items):
+        if k != 2:  # the box's own pixels, where the canvas has it
+            (top, left), (t, x, h, w) = p[k, :2].int().tolist(), box[:4]
+            assert torch.equal(batch[0, :, top : top + h, left : left + w], image[:, t : t + h, x : x + w])
         for size in (32, 96):
             alone = crop_resize(image[None], torch.tensor([box], dtype=torch.float32), size)[0]
             assert torch.allclose(crop_resize(batch, p, size)[k], alone, atol=0.02), (k, size)
+
+
+def test_pack_places_every_image_whole_with_its_edges_repeated_and_little_space_between():
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(20, 90, (64, 2), generator=g).tolist()
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    canvas, places = pack(images)
+    assert canvas.shape[:2] == (1, 3)
+    taken = torch.zeros(canvas.shape[2:], dtype=torch.int)
+    for im, (top, left) in zip(images, places, strict=True):
+        h, w = im.shape[1:]
+        slot = canvas[0, :, top - 1 : top + h + 1, left - 1 : left + w + 1]
+        assert slot.shape[1:] == (h + 2, w + 2) and torch.equal(slot[:, 1:-1, 1:-1], im)
+        assert torch.equal(slot[:, 1:-1, 0], im[:, :, 0]) and torch.equal(slot[:, 1:-1, -1], im[:, :, -1])
+        assert torch.equal(slot[:, 0], slot[:, 1]) and torch.equal(slot[:, -1], slot[:, -2])
+        taken[top - 1 : top + h + 1, left - 1 : left + w + 1] += 1
+    assert taken.max() == 1  # no two slots overlap
+    used = sum((h + 2) * (w + 2) for h, w in sizes)
+    assert canvas.shape[2] * canvas.shape[3] < 1.25 * used  # padding each to the largest: ~2.4x here
+    one = torch.randint(0, 256, (1, 5, 7), generator=g, dtype=torch.uint8)  # greyscale, alone
+    canvas, places = pack([one])
+    assert canvas.shape == (1, 1, 7, 9) and places == [(1, 1)] and torch.equal(canvas[0, :, 1:6, 1:8], one)
 
 
 def runner(tmp_path, resolution: int = 20, **data) -> StageRunner:

@@ -4,8 +4,8 @@ The per-sample draws stay where they were: each sample's crop box and flip come 
 by (seed, stage, epoch, index), with torchvision's own algorithm (``v2.RandomResizedCrop.make_params``,
 then ``RandomHorizontalFlip``'s one draw), so which pixels a sample becomes is a function of its key,
 and a resumed run crops exactly as an uninterrupted one. What moves is the pixel work: the loader hands
-over uint8 images cut to their boxes (``crop_to_box``), the in-memory gather (``workers.data.InMemory``)
-whole images, each with its box, and one
+over uint8 images cut to their boxes (``crop_to_box``) and packed into one canvas (``pack``), the
+in-memory gather (``workers.data.InMemory``) whole images, each with its box, and one
 ``torchvision.ops.roi_align`` over the batch crops and resizes them all on the device, at the
 resolution of the step (a resolution ramp needs no second resize). With ``sampling_ratio=-1`` each
 output pixel averages ceil(box / size) samples per axis: an area filter when shrinking, bilinear when
@@ -84,8 +84,9 @@ def centre_box(height: int, width: int) -> tuple[int, int, int, int, int]:
 
 def collate(batch: list[tuple[torch.Tensor, int, tuple]]) -> tuple:
     """DataLoader ``collate_fn`` for (image, label, params) samples: uint8 CHW images cut to their boxes
-    (``crop_to_box``) and batched by ``pad_stack``; a batch holding encoded JPEGs (1-D byte tensors,
-    ``data.decode_on: device``) stays a list, for ``decode_batch`` on the device."""
+    (``crop_to_box``) and packed into one canvas (``pack``), the boxes moved with them; a batch holding
+    encoded JPEGs (1-D byte tensors, ``data.decode_on: device``) stays a list, for ``decode_batch`` on the
+    device."""
     batch = [b for b in batch if b is not None]  # None: skipped by the loader (data.on_bad_image: skip)
     if not batch:
         empty = torch.empty(0, PARAMS, dtype=PARAMS_DTYPE)
@@ -94,22 +95,63 @@ def collate(batch: list[tuple[torch.Tensor, int, tuple]]) -> tuple:
     if any(b[0].ndim == 1 for b in batch):  # encoded JPEGs: the boxes are in the images they will be
         params = torch.tensor([b[2] for b in batch], dtype=PARAMS_DTYPE)
         return [b[0] for b in batch], labels, params
-    images, params = zip(*(crop_to_box(b[0], b[2]) for b in batch), strict=True)
-    return pad_stack(list(images)), labels, torch.tensor(params, dtype=PARAMS_DTYPE)
+    crops, boxes, edges = zip(*(crop_to_box(b[0], b[2]) for b in batch), strict=True)
+    canvas, places = pack(list(crops), list(edges))
+    params = [(top + y, left + x, *rest) for (top, left, *rest), (y, x) in zip(boxes, places, strict=True)]
+    return canvas, labels, torch.tensor(params, dtype=PARAMS_DTYPE)
 
 
-def crop_to_box(image: torch.Tensor, params: tuple) -> tuple[torch.Tensor, tuple]:
+def crop_to_box(image: torch.Tensor, params: tuple) -> tuple[torch.Tensor, tuple, tuple]:
     """The part of a CHW ``image`` that ``crop_resize`` reads for the box ``params`` (top, left, height,
-    width, ...): the box and one pixel around it, within the image (a view), and the box moved into it.
-    ``roi_align`` (``aligned=True``) samples inside the box and interpolates with the next pixel at
-    most, and where the part ends at the image's edge it is clamped there as before: the same pixels
-    (up to float rounding of the moved box, ~0.01/255), with a loader's batch, its padding and the copy
-    to the device holding crops instead of whole images."""
+    width, ...): the box and one pixel around it, within the image (a view); the box moved into it; and
+    the sides (top, bottom, left, right) where the image ends before that pixel. ``roi_align``
+    (``aligned=True``) samples inside the box and interpolates with the next pixel at most, and clamps at
+    an image's edge: ``pack`` repeats the edge there, so a box reads the same values (up to float rounding
+    of the moved box, ~0.01/255) with a loader's batch holding crops instead of whole images."""
     top, left, h, w = params[:4]
     height, width = image.shape[-2:]
-    r0, c0 = max(0, math.floor(top) - 1), max(0, math.floor(left) - 1)
-    r1, c1 = min(height, math.ceil(top + h) + 1), min(width, math.ceil(left + w) + 1)
-    return image[:, r0:r1, c0:c1], (top - r0, left - c0, *params[2:])
+    r0, c0 = math.floor(top) - 1, math.floor(left) - 1
+    r1, c1 = math.ceil(top + h) + 1, math.ceil(left + w) + 1
+    edges = (r0 < 0, r1 > height, c0 < 0, c1 > width)
+    r0, c0, r1, c1 = max(0, r0), max(0, c0), min(height, r1), min(width, c1)
+    return image[:, r0:r1, c0:c1], (top - r0, left - c0, *params[2:]), edges
+
+
+def pack(images: list[torch.Tensor], edges: list[tuple] | None = None) -> tuple[torch.Tensor, list[tuple]]:
+    """CHW images as one (1, C, H, W) canvas, and where each one's top-left pixel is in it. Shelves of the
+    tallest first, about as wide as the canvas is high: ~1.1x the images' pixels, where padding each to
+    the largest (``pad_stack``) took 1.8x (128 px) to 2.5x (224 px) at the default crop scale. Each image
+    has a slot one pixel larger on every side; on its ``edges`` (top, bottom, left, right; default all)
+    the image's own edge is repeated there, as ``roi_align`` would clamp at it alone. Pixels that no box
+    reads (the others, between slots) are left unset. Stored channels-last (H, W, C), as decoders write
+    images: each row of an image is one contiguous copy. ``crop_resize`` reads a canvas's boxes from its
+    one image."""
+    c, n = images[0].shape[0], len(images)
+    slots = [(im.shape[1] + 2, im.shape[2] + 2) for im in images]
+    width = max(max(w for _, w in slots), math.isqrt(sum(h * w for h, w in slots)))
+    places: list[tuple[int, int]] = [(0, 0)] * n
+    x = y = shelf = 0
+    for k in sorted(range(n), key=lambda k: -slots[k][0]):
+        h, w = slots[k]
+        if x + w > width:  # the next shelf
+            x, y, shelf = 0, y + shelf, 0
+        places[k], x, shelf = (y + 1, x + 1), x + w, max(shelf, h)
+    dtype, device = images[0].dtype, images[0].device
+    canvas = torch.empty(1, y + shelf, width, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    for k, (im, (top, left)) in enumerate(zip(images, places, strict=True)):
+        h, w = im.shape[1:]
+        slot = canvas[0, :, top - 1 : top + h + 1, left - 1 : left + w + 1]
+        slot[:, 1:-1, 1:-1] = im
+        up, down, before, after = edges[k] if edges is not None else (True,) * 4
+        if before:  # columns first, then rows with their corners
+            slot[:, 1:-1, 0] = im[:, :, 0]
+        if after:
+            slot[:, 1:-1, -1] = im[:, :, -1]
+        if up:
+            slot[:, 0] = slot[:, 1]
+        if down:
+            slot[:, -1] = slot[:, -2]
+    return canvas, places
 
 
 def pad_stack(images: list[torch.Tensor]) -> torch.Tensor:
@@ -225,12 +267,16 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
-    """Each image's box, resized to ``size`` x ``size`` and flipped where its flag says, as float pixels
-    in [0, 255]: one ``roi_align`` over the batch on the images' device."""
-    n = images.shape[0]
+    """Each box, resized to ``size`` x ``size`` and flipped where its flag says, as float pixels in
+    [0, 255]: one ``roi_align`` over the batch on the images' device. ``images``: one image per box, or
+    one canvas (``pack``) that holds them all."""
+    n = params.shape[0]
+    if images.shape[0] not in (1, n):
+        raise ValueError(f"crop_resize: {n} boxes, {images.shape[0]} images (expected {n} or one canvas)")
     params = to_device(params, images.device).float()
+    images = images.contiguous()  # a canvas is channels-last; roi_align reads (N, C, H, W)
     top, left, h, w, flip = params[:, :5].unbind(1)
-    index = torch.arange(n, device=images.device, dtype=torch.float32)
+    index = torch.arange(n, device=images.device, dtype=torch.float32) * (images.shape[0] > 1)
     rois = torch.stack([index, left, top, left + w, top + h], dim=1)  # (batch index, x1, y1, x2, y2)
     out = roi_align(
         images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True

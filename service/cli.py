@@ -739,8 +739,18 @@ def plot(job_id: str, storage: str | None, output: str | None, x_axis: str) -> N
 )
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: CPUs + 4, at most 32).")
+@click.option(
+    "--on-bad-image",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="An unreadable image: stop (error), or name it, copy it as it is and mark it (skip): jobs with "
+    "data.on_bad_image: skip leave it out.",
+)
 @user_errors
-def prepare_tiers(src: str, dst: str, tiers: str, quality: int, workers: int | None) -> None:
+def prepare_tiers(
+    src: str, dst: str, tiers: str, quality: int, workers: int | None, on_bad_image: str
+) -> None:
     """Write resolution tiers of the image folder SRC to DST (any fsspec URL), once: a job whose data.train
     or data.val is DST reads, per stage, the smallest tier that covers the stage's crops without
     upsampling. Run it again to continue an interrupted prepare; a prepared DST is never overwritten."""
@@ -750,7 +760,16 @@ def prepare_tiers(src: str, dst: str, tiers: str, quality: int, workers: int | N
         err_console.print(line, soft_wrap=True)
 
     with progress_display(err_console) as progress:
-        done = prepare(src, dst, parse_tiers(tiers), quality, workers, progress=progress, say=say)
+        done = prepare(
+            src,
+            dst,
+            parse_tiers(tiers),
+            quality,
+            workers,
+            progress=progress,
+            say=say,
+            on_bad_image=on_bad_image,
+        )
     m = done.manifest
     what = f"{m.samples:,} images in {len(m.classes)} classes from {m.source}"
     if done.already:
@@ -759,6 +778,11 @@ def prepare_tiers(src: str, dst: str, tiers: str, quality: int, workers: int | N
         line = f"prepared {done.dst}: {what} ({done.written:,} now, {done.skipped:,} done before)"
     sizes = ", ".join(f"{folder}/ {size / 1e6:,.1f} MB" for folder, size in m.tier_bytes.items())
     line += f"\n  {sizes} (source {m.source_bytes / 1e6:,.1f} MB); use it as data.train or data.val"
+    if m.bad_images:
+        line += (
+            f"\n  {len(m.bad_images):,} unreadable image(s) copied as they are (first: {m.bad_images[0]}): "
+            "set data.on_bad_image: skip in the job to leave them out"
+        )
     console.print(line, soft_wrap=True)
 
 

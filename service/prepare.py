@@ -10,7 +10,10 @@ a copy of the ImageFolder ``SRC`` whose images' shorter side is capped at ``T`` 
   for each tier it is larger than, and written in its own format (JPEG at ``quality``) under the same
   relative name; an image no larger than a tier, and every image in ``full/``, is copied byte for byte
   (re-encoding would lose quality and save no decoding). A file that does not decode stops the prepare
-  with one line naming it.
+  with one line naming it; with ``on_bad_image="skip"`` (``--on-bad-image skip``) it is named, copied as
+  it is into every tier (the tiers keep the source's listing, so ids and labels stay the source's), marked
+  in the samples index (size 0 x 0) and listed in the manifest (``bad_images``): a job leaves it out with
+  ``data.on_bad_image: skip``, and names it in its error without.
 - Commit protocol: ``DST/stagetrain-prepare.json`` (the arguments) first, then the images, each written
   whole (a temporary name renamed, locally; one PUT on object stores), with the finished ones appended to
   ``DST/stagetrain-prepare.jsonl`` about once a second; then every tier's listing is checked against the
@@ -150,6 +153,7 @@ def prepare(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     say: Callable[[str], None] | None = None,
+    on_bad_image: Literal["error", "skip"] = "error",
 ) -> Prepared:
     """Write (or finish writing) the tiers of ``src`` into ``dst``; see the module docstring."""
     tiers = sorted(set(tiers))
@@ -157,6 +161,9 @@ def prepare(
         raise ValueError(f"--tiers: each size must be at least {MIN_TIER} px; got {tiers}")
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality: must be between 1 and 100, got {quality}")
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"--on-bad-image: error or skip, got {on_bad_image!r}")
+    skip = on_bad_image == "skip"
     say = say or (lambda _: None)
     args = PrepareArgs(source=normalized_url(src), tiers=tiers, quality=quality)
     if normalized_url(dst).startswith(args.source + "/"):
@@ -182,7 +189,7 @@ def prepare(
         return Prepared(out.url, manifest, written=0, skipped=manifest.samples, already=True)
     if out.exists(INTENT):
         _refuse_other(out, INTENT, args, PrepareArgs.model_validate_json(out.read_text(INTENT)))
-        done = _finished(out, source, folders)
+        done = _finished(out, source, folders, skip)
         say(f"continuing the prepare in {out.url}: {len(done):,} of {len(source.samples):,} images done")
     else:
         if out.listdir():
@@ -202,6 +209,11 @@ def prepare(
         nonlocal count, last_flush
         done[entry["path"]] = entry
         log.append(json.dumps(entry))
+        if "bad" in entry:
+            say(
+                f"{source.url}/{entry['path']}: not a readable image ({entry['bad']}); copied as it is: jobs "
+                "leave it out with data.on_bad_image: skip (--on-bad-image skip)"
+            )
         count += 1
         if time.monotonic() - last_flush >= FLUSH_S:
             flush()
@@ -216,7 +228,7 @@ def prepare(
         last_flush = time.monotonic()
 
     try:
-        _run_all(pending, lambda item: _tiers_of(source, out, tiers, quality, *item), workers, finished)
+        _run_all(pending, lambda item: _tiers_of(source, out, tiers, quality, skip, *item), workers, finished)
     finally:
         flush()
 
@@ -240,9 +252,10 @@ def _refuse_other(out: Storage, name: str, asked: PrepareArgs, found: PrepareArg
             )
 
 
-def _finished(out: Storage, source: Listing, folders: list[str]) -> dict[str, dict]:
+def _finished(out: Storage, source: Listing, folders: list[str], skip: bool) -> dict[str, dict]:
     """Images an interrupted prepare finished: in its progress file with the byte size the source has
-    now, and with all their tier files there."""
+    now, and with all their tier files there (an unreadable one only if ``skip``: else it is read again,
+    and stops the prepare)."""
     try:
         lines = out.read_appended(PROGRESS).splitlines()
     except FileNotFoundError:
@@ -257,7 +270,8 @@ def _finished(out: Storage, source: Listing, folders: list[str]) -> dict[str, di
     for rel, _, size in source.samples:
         entry = entries.get(rel)
         if entry and entry["bytes"] == size and all(out.path(f, rel) in existing for f in folders):
-            done[rel] = entry
+            if skip or "bad" not in entry:
+                done[rel] = entry
     return done
 
 
@@ -286,8 +300,11 @@ def _run_all(items: list, work: Callable, workers: int | None, on_done: Callable
         raise error
 
 
-def _tiers_of(source: Listing, out: Storage, tiers: list[int], quality: int, rel: str, size: int) -> dict:
-    """Read one source image, write its tier files; its progress entry."""
+def _tiers_of(
+    source: Listing, out: Storage, tiers: list[int], quality: int, skip: bool, rel: str, size: int
+) -> dict:
+    """Read one source image, write its tier files; its progress entry (``bad``: why it is unreadable,
+    with ``skip``: its bytes copied into every tier)."""
     from PIL import Image
 
     if TEST_DELAY_S:
@@ -305,7 +322,20 @@ def _tiers_of(source: Listing, out: Storage, tiers: list[int], quality: int, rel
             img.draft(img.mode, capped_size(width, height, smaller[-1]))
         img.load()  # a truncated or corrupt file fails here, before anything of it is written
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise ValueError(f"{url}: not a readable image ({type(e).__name__}: {e})") from None
+        if not skip:
+            raise ValueError(
+                f"{url}: not a readable image ({type(e).__name__}: {e}); replace or remove it, or prepare "
+                "with --on-bad-image skip"
+            ) from None
+        for folder in [str(t) for t in tiers] + [FULL]:
+            _write(out, data, folder, rel)
+        return {
+            "path": rel,
+            "bytes": size,
+            "size": None,
+            "tier_bytes": [len(data)] * (len(tiers) + 1),
+            "bad": f"{type(e).__name__}: {e}",
+        }
     if img.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):
         img = img.convert("RGB")  # palette and bilevel images resize badly (nearest neighbour only)
     tier_bytes = []
@@ -320,12 +350,16 @@ def _tiers_of(source: Listing, out: Storage, tiers: list[int], quality: int, rel
                 options["icc_profile"] = img.info["icc_profile"]
             small.save(buf, format=fmt, **options)
             body = buf.getvalue()
-        try:
-            out.write_bytes(body, folder, rel)
-        except OSError as e:
-            raise StorageError(f"cannot write {out.url}/{folder}/{rel}: {type(e).__name__}: {e}") from None
+        _write(out, body, folder, rel)
         tier_bytes.append(len(body))
     return {"path": rel, "bytes": size, "size": [width, height], "tier_bytes": tier_bytes}
+
+
+def _write(out: Storage, body: bytes, folder: str, rel: str) -> None:
+    try:
+        out.write_bytes(body, folder, rel)
+    except OSError as e:
+        raise StorageError(f"cannot write {out.url}/{folder}/{rel}: {type(e).__name__}: {e}") from None
 
 
 def _check_tier(out: Storage, folder: str, source: Listing) -> None:
@@ -355,15 +389,15 @@ def _commit(
 ) -> TiersManifest:
     """The samples index, then the manifest (the folder counts as prepared from then on), then the
     bookkeeping of the prepare is removed."""
-    lines = []
+    lines, bad = [], []
     for i, (rel, label, size) in enumerate(source.samples):
-        w, h = done[rel]["size"]
+        w, h = done[rel]["size"] or (0, 0)  # 0 x 0: unreadable, copied as it is (bad)
         per_tier = {str(t): list(capped_size(w, h, t)) for t in args.tiers}
-        lines.append(
-            json.dumps(
-                {"id": i, "path": rel, "label": label, "bytes": size, "size": [w, h], "tiers": per_tier}
-            )
-        )
+        sample = {"id": i, "path": rel, "label": label, "bytes": size, "size": [w, h], "tiers": per_tier}
+        if "bad" in done[rel]:
+            sample["bad"] = done[rel]["bad"]
+            bad.append(rel)
+        lines.append(json.dumps(sample))
     body = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
     out.write_bytes(body, SAMPLES)
     manifest = TiersManifest(
@@ -378,6 +412,7 @@ def _commit(
         tier_bytes={
             f: sum(done[rel]["tier_bytes"][k] for rel, _, _ in source.samples) for k, f in enumerate(folders)
         },
+        bad_images=bad,
     )
     out.write_text(manifest.model_dump_json(indent=2), MANIFEST)
     out.remove(INTENT)

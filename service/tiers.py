@@ -77,6 +77,8 @@ class TiersManifest(BaseModel):
     samples_sha256: str  # of DST/stagetrain-samples.jsonl.gz
     source_bytes: int
     tier_bytes: dict[str, int]  # bytes stored per tier folder (``full`` included)
+    # unreadable source images (paths relative to the source) that --on-bad-image skip copied as they are
+    bad_images: list[str] = []
 
 
 def needed_side(

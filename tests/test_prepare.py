@@ -241,6 +241,65 @@ def test_a_corrupt_image_is_named_in_one_line_and_the_rerun_finishes(tmp_path):
         list_source(src)
 
 
+def test_on_bad_image_skip_copies_an_unreadable_image_and_jobs_leave_it_out_or_name_it(tmp_path):
+    """``--on-bad-image skip``: the corrupt file is named, copied as it is into every tier (the tiers list
+    the source's samples), marked in the index and the manifest; a job leaves it out with
+    ``data.on_bad_image: skip`` (host and device crops, evaluation too) and names it without."""
+    from workers.data import StageDataset, open_source
+
+    src, dst = make_folder(tmp_path / "src"), str(tmp_path / "dst")
+    bad = f"{src}/bee/05.jpg"
+    good = open(bad, "rb").read()
+    with open(bad, "wb") as f:
+        f.write(good[: len(good) // 2])
+    proc = stagetrain("prepare", src, dst, "--tiers", "48,72", "--on-bad-image", "skip", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{bad}: not a readable image (OSError: image file is truncated" in proc.stderr
+    assert "1 unreadable image(s) copied as they are (first: bee/05.jpg)" in proc.stdout
+    assert is_prepared(dst) and relative(f"{dst}/48") == relative(f"{dst}/{FULL}") == relative(src)
+    for folder in ("48", "72", FULL):
+        assert open(f"{dst}/{folder}/bee/05.jpg", "rb").read() == good[: len(good) // 2]
+    manifest = json.load(open(f"{dst}/{MANIFEST}"))
+    assert manifest["bad_images"] == ["bee/05.jpg"]
+    index = [p for p, _ in relative(src)[1]].index("bee/05.jpg")
+    sample = read_samples(dst)[index]
+    assert sample["size"] == [0, 0] and sample["bad"].startswith("OSError: image file is truncated")
+    assert all(s["size"] != [0, 0] for k, s in enumerate(read_samples(dst)) if k != index)
+
+    named = f"data: image {index} ({dst}/{FULL}/bee/05.jpg) cannot be decoded: `stagetrain prepare` found"
+    for skip in (True, False):
+        data = ImageFolderData(kind="imagefolder", train=dst, on_bad_image="skip" if skip else "error")
+        for on_device, train in ((True, True), (True, False), (False, True)):
+            source = open_source(data, 3, 0, "train", 40)
+            dataset = StageDataset(source, 40, train=train, on_device=on_device)
+            assert dataset[(index + 1, 0)] is not None  # the others read as before
+            if skip:
+                assert dataset[(index, 0)] is None  # left out by the collate, counted
+            else:
+                with pytest.raises(ValueError) as e:
+                    dataset[(index, 0)]
+                assert str(e.value).startswith(named), str(e.value)
+    # without --on-bad-image skip, a prepare that marked it (then stopped) reads it again and stops there
+    os.remove(f"{dst}/{MANIFEST}")
+    (tmp_path / "dst" / INTENT).write_text(json.dumps({"source": src, "tiers": TIERS, "quality": 90}))
+    (tmp_path / "dst" / PROGRESS).write_text(
+        json.dumps(
+            {
+                "path": "bee/05.jpg",
+                "bytes": len(good) // 2,
+                "size": None,
+                "tier_bytes": [1] * 3,
+                "bad": "OSError",
+            }
+        )
+        + "\n"
+    )
+    with pytest.raises(
+        ValueError, match=f"{bad}: not a readable image .*or prepare with --on-bad-image skip"
+    ):
+        prepare(src, dst, TIERS, workers=1)
+
+
 @pytest.mark.s3
 def test_prepare_from_and_to_s3(s3_url, tmp_path):
     import fsspec

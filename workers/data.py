@@ -203,8 +203,20 @@ class PreparedImages(ImageFolderImages):
     def label(self, index: int) -> int:
         return self.index.labels[index]
 
+    def unreadable(self, index: int) -> None:
+        """Sample ``index`` is an image ``prepare --on-bad-image skip`` found unreadable (size 0 x 0 in the
+        index): the error naming it, or with ``data.on_bad_image: skip`` None (the loader leaves it out)."""
+        problem = (
+            f"image {index} ({self.path(index)}) cannot be decoded: `stagetrain prepare` found it unreadable "
+            "and copied it as it is"
+        )
+        if error := bad_image(problem, self.skip_bad):
+            raise error
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         width, height = self.size(index)
+        if not width:
+            return self.unreadable(index)
         tier = self.folder_tier
         size = capped_size(width, height, tier) if tier else (width, height)
         return self.load(index, self.path(index, tier), self.draft_size, size)
@@ -426,6 +438,8 @@ class StageDataset(Dataset):
         that (draft mode: a large original), and the box scaled to what was decoded."""
         source = self.source
         width, height = source.size(index)
+        if not width:
+            return source.unreadable(index)
         top, left, h, w, flip = self.params(index, epoch, height, width)
         tier, tw, th = source.tier_for(index, width, height, h, w, self.resolution)
         draft = math.ceil(self.resolution * min(tw, th) / (min(h * th / height, w * tw / width)) - 1e-9)

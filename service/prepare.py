@@ -211,8 +211,8 @@ def prepare(
         log.append(json.dumps(entry))
         if "bad" in entry:
             say(
-                f"{source.url}/{entry['path']}: not a readable image ({entry['bad']}); copied as it is: jobs "
-                "leave it out with data.on_bad_image: skip (--on-bad-image skip)"
+                f"{source.url}/{entry['path']}: not a readable image ({entry['bad']}); copied as it is "
+                "(--on-bad-image skip): jobs leave it out with data.on_bad_image: skip"
             )
         count += 1
         if time.monotonic() - last_flush >= FLUSH_S:
@@ -321,6 +321,10 @@ def _tiers_of(
         if smaller:  # decode once, at the largest size needed (JPEG: a reduced DCT scale where it can)
             img.draft(img.mode, capped_size(width, height, smaller[-1]))
         img.load()  # a truncated or corrupt file fails here, before anything of it is written
+    except MemoryError:
+        raise  # this machine, not the file
+    except Image.DecompressionBombError as e:  # a readable image, too large for PIL: not one to skip
+        raise ValueError(f"{url}: {e}; take it out of the source or make it smaller") from None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
         if not skip:
             raise ValueError(
@@ -414,7 +418,9 @@ def _commit(
         },
         bad_images=bad,
     )
-    out.write_text(manifest.model_dump_json(indent=2), MANIFEST)
+    # bad_images only where there are any: a manifest without them stays readable by earlier versions
+    exclude = None if bad else {"bad_images"}
+    out.write_text(manifest.model_dump_json(indent=2, exclude=exclude), MANIFEST)
     out.remove(INTENT)
     out.remove(PROGRESS)
     out.remove(PROGRESS + ".parts")

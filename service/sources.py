@@ -69,6 +69,8 @@ def dataset_size(data: DataSpec) -> int:
     assert isinstance(data, ImageFolderData)
     try:
         prepared = tiers.read_manifest(data.train)  # stagetrain prepare: every tier has the same samples
+        if prepared:
+            tiers.check_bad_images(prepared, data.on_bad_image == "skip")
         return prepared.samples if prepared else len(image_folder_index(data.train)[2])
     except ValueError:
         raise

@@ -166,6 +166,7 @@ class SampleIndex:
     relative: list[str]
     labels: array.array
     sizes: array.array
+    bad: dict[int, str]  # id -> why `prepare --on-bad-image skip` found it unreadable (its size: 0 x 0)
 
 
 _INDEXES: dict[tuple[str, str], SampleIndex] = {}  # (root, samples_sha256): every tier and stage shares one
@@ -175,16 +176,32 @@ def sample_index(root: str, manifest: TiersManifest) -> SampleIndex:
     """The ``SampleIndex`` of the prepared folder ``root``, read once per process."""
     key = (root, manifest.samples_sha256)
     if key not in _INDEXES:
-        relative, labels, sizes = [], array.array("q"), array.array("i")
+        relative, labels, sizes, bad = [], array.array("q"), array.array("i"), {}
         for line in _samples_lines(root, manifest):
             sample = json.loads(line)  # one at a time: no list of 1.28M dicts
             relative.append(sample["path"])
             labels.append(sample["label"])
             sizes.extend(sample["size"])
+            if "bad" in sample:
+                bad[sample["id"]] = sample["bad"]
         while len(_INDEXES) >= 4:  # a job reads one or two (train, val): a long-lived process, a few
             del _INDEXES[next(iter(_INDEXES))]
-        _INDEXES[key] = SampleIndex(relative, labels, sizes)
+        _INDEXES[key] = SampleIndex(relative, labels, sizes, bad)
     return _INDEXES[key]
+
+
+def check_bad_images(manifest: TiersManifest, skip: bool) -> None:
+    """A prepared folder with images ``prepare --on-bad-image skip`` found unreadable is read only by a job
+    that skips them (``data.on_bad_image: skip``): else the job stops before it starts, not when its
+    sampler first draws one (hours in, maybe)."""
+    if manifest.bad_images and not skip:
+        more = len(manifest.bad_images) - 1
+        raise ValueError(
+            f"data: image {manifest.source}/{manifest.bad_images[0]}"
+            + (f" and {more} more" if more else "")
+            + " cannot be decoded (`stagetrain prepare` found it unreadable); set data.on_bad_image: skip "
+            "to leave them out, or replace them in the source and prepare into a new folder"
+        )
 
 
 def is_prepared(root: str) -> bool:

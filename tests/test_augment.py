@@ -11,7 +11,7 @@ from service.plan import build_plan
 from service.sources import dataset_size
 from tests.conftest import make_spec
 from tests.jobs import TINY_IN_PROCESS
-from workers.augment import collate, crop_resize, pack
+from workers.augment import BOX_GRID, collate, crop_resize, pack
 from workers.data import CustomImages, InMemory, StageDataset, SyntheticImages
 from workers.train import StageRunner
 
@@ -115,6 +115,13 @@ def test_pack_places_every_image_whole_with_its_edges_repeated_and_little_space_
     assert taken.max() == 1  # no two slots overlap
     used = sum((h + 2) * (w + 2) for h, w in sizes)
     assert canvas.shape[2] * canvas.shape[3] < 1.25 * used  # padding each to the largest: ~2.4x here
+    # a box on the BOX_GRID crops alike alone and anywhere in a canvas: its width stays exact in float32
+    # (26.96574359585201 + 6 moved by whole pixels came out 6.0000005: 3 samples a pixel instead of 2)
+    image = torch.randint(0, 256, (3, 12, 37), generator=g, dtype=torch.uint8)
+    box = (2.0, round(26.96574359585201 * BOX_GRID) / BOX_GRID, 10.0, 6.0, 0)
+    batch, _, params = collate([(images[0][:, :30, :30], 0, (0, 0, 30, 30, 0)), (image, 1, box)])
+    alone = crop_resize(image[None], torch.tensor([box], dtype=torch.float64), 3)[0]
+    assert torch.allclose(crop_resize(batch, params, 3)[1], alone, atol=1e-3)
     one = torch.randint(0, 256, (1, 5, 7), generator=g, dtype=torch.uint8)  # greyscale, alone
     canvas, places = pack([one])
     assert canvas.shape == (1, 1, 7, 9) and places == [(1, 1)] and torch.equal(canvas[0, :, 1:6, 1:8], one)

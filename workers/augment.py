@@ -31,6 +31,11 @@ _LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()  # float32 values, as Pytho
 # indices); tier: the px of the tier of a prepared folder the image was read from (0: the folder itself)
 PARAMS = 7
 PARAMS_DTYPE = torch.float64
+# A box that is not in whole pixels (scaled to a prepared folder's tier) is rounded to 1/BOX_GRID px: then
+# its edges, moved by whole pixels into a crop and a canvas (up to 2**16 px), and its width stay exact in
+# float32, so ``roi_align`` takes as many samples per output pixel wherever the box is (a width of
+# 6.0000005 where 6.0 was meant takes 3 samples a pixel, not 2, at 3 px: up to ~8/255 apart).
+BOX_GRID = 256
 
 
 class Draws:
@@ -106,8 +111,9 @@ def crop_to_box(image: torch.Tensor, params: tuple) -> tuple[torch.Tensor, tuple
     width, ...): the box and one pixel around it, within the image (a view); the box moved into it; and
     the sides (top, bottom, left, right) where the image ends before that pixel. ``roi_align``
     (``aligned=True``) samples inside the box and interpolates with the next pixel at most, and clamps at
-    an image's edge: ``pack`` repeats the edge there, so a box reads the same values (up to float rounding
-    of the moved box, ~0.01/255) with a loader's batch holding crops instead of whole images."""
+    an image's edge: ``pack`` repeats the edge there, so a box reads the same values with a loader's batch
+    holding crops instead of whole images (up to float rounding, < 0.1/255: boxes are whole pixels or on
+    the ``BOX_GRID``, so the moved box is exact)."""
     top, left, h, w = params[:4]
     height, width = image.shape[-2:]
     r0, c0 = math.floor(top) - 1, math.floor(left) - 1

@@ -24,8 +24,25 @@ from torchvision.transforms import v2
 
 from service.sources import custom_dataset, fashion_mnist_files, image_folder_index
 from service.spec import CustomData, DataSpec, FashionMNISTData, ImageFolderData, SyntheticData
-from service.tiers import FULL, capped_size, needed_side, pick_tier, read_manifest, sample_index
-from workers.augment import Draws, bad_image, centre_box, draw_crop, jpeg_decoder, jpeg_header, to_device
+from service.tiers import (
+    FULL,
+    capped_size,
+    check_bad_images,
+    needed_side,
+    pick_tier,
+    read_manifest,
+    sample_index,
+)
+from workers.augment import (
+    BOX_GRID,
+    Draws,
+    bad_image,
+    centre_box,
+    draw_crop,
+    jpeg_decoder,
+    jpeg_header,
+    to_device,
+)
 
 MEAN, STD = 0.5, 0.25  # generic; BatchNorm absorbs the rest
 
@@ -189,6 +206,7 @@ class PreparedImages(ImageFolderImages):
         self.base, self.folder, self.tiers = path.rstrip("/"), folder, manifest.tiers
         self.folder_tier = 0 if folder == FULL else int(folder)  # ``folder`` as ``path`` takes it
         self.index = sample_index(root, manifest)  # shared by every tier and stage of this folder
+        self.source_url = manifest.source
         self.classes = manifest.classes
         self.samples = _PreparedSamples(self)
 
@@ -207,8 +225,8 @@ class PreparedImages(ImageFolderImages):
         """Sample ``index`` is an image ``prepare --on-bad-image skip`` found unreadable (size 0 x 0 in the
         index): the error naming it, or with ``data.on_bad_image: skip`` None (the loader leaves it out)."""
         problem = (
-            f"image {index} ({self.path(index)}) cannot be decoded: `stagetrain prepare` found it unreadable "
-            "and copied it as it is"
+            f"image {index} ({self.source_url}/{self.index.relative[index]}) cannot be decoded: "
+            f"{self.index.bad[index]} (found by `stagetrain prepare`, which copied it as it is)"
         )
         if error := bad_image(problem, self.skip_bad):
             raise error
@@ -302,6 +320,7 @@ def open_source(
     manifest = read_manifest(root)
     if manifest is None:
         return ImageFolderImages(root, channels, decode_on=data.decode_on, skip_bad=skip)
+    check_bad_images(manifest, skip)
     folder = pick_tier(manifest.tiers, resolution, data.crop_scale if split == "train" else None)
     return PreparedImages(root, manifest, folder, channels, data.decode_on, skip)
 
@@ -453,7 +472,8 @@ class StageDataset(Dataset):
             s = next((s for s in (2, 4, 8) if (-(-th // s), -(-tw // s)) == (dh, dw)), None)
             th, tw = (th / s, tw / s) if s else (dh, dw)
         sy, sx = th / height, tw / width
-        return image, label, (top * sy, left * sx, h * sy, w * sx, flip, index, tier)
+        box = (round(v * BOX_GRID) / BOX_GRID for v in (top * sy, left * sx, h * sy, w * sx))
+        return image, label, (*box, flip, index, tier)
 
     def params(self, index: int, epoch: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """Sample ``index``'s (top, left, height, width, flip) in its ``height`` x ``width`` image: the

@@ -114,12 +114,16 @@ def syncs_per_step(args, spec, device) -> float | None:
     if device.type != "cuda":
         return None
     counts = []
-    for steps in (2, 6):
+    spec = spec.model_copy(
+        update={"stages": [st.model_copy(update={"compile": False}) for st in spec.stages]}
+    )
+    for steps in (2, 6):  # eager: the data path's syncs are the same, without compiling twice
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                loop_img_s(argparse.Namespace(**{**vars(args), "warmup": 1, "steps": steps}), spec, device)
+                short = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": steps})
+                loop_img_s(short, spec, device)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         counts.append(sum("synchronizing CUDA operation" in str(w.message) for w in caught))

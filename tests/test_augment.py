@@ -221,6 +221,29 @@ def test_an_image_folder_of_mixed_sizes_trains_through_the_device_path_and_a_cor
         list(runner(tmp_path / "c", **data).train_data(0)[1])
 
 
+def test_a_batch_of_encoded_jpegs_crosses_from_a_loader_worker_as_one_byte_tensor():
+    """decode_on: device: the JPEGs' bytes in one tensor (one shared-memory segment through the loader's
+    queue, not one per image), a host-decoded image (not a JPEG) beside them, all back in their places."""
+    from workers.augment import unpack_encoded
+
+    g = torch.Generator().manual_seed(0)
+    jpegs = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in (50, 7, 300)]
+    png = photos(1, 9, 11)[0]
+    items = [(jpegs[0], 0, (0, 0, 5, 5, 0)), (png, 1, (1, 1, 4, 4, 1)), (jpegs[1], 2, (0, 0, 3, 3, 0))]
+    items.append((jpegs[2], 3, (2, 2, 6, 6, 0)))
+    packed, labels, params = collate(items)
+    assert packed["jpeg_bytes"].shape == (357,) and packed["jpeg_at"].tolist() == [0, 2, 3]
+    assert labels.tolist() == [0, 1, 2, 3] and params[:, :5].tolist()[1] == [1, 1, 4, 4, 1]
+    back = unpack_encoded(packed)
+    assert [torch.equal(a, b) for a, b in zip(back, [jpegs[0], png, jpegs[1], jpegs[2]], strict=True)] == [
+        True
+    ] * 4
+    loader = torch.utils.data.DataLoader(items, batch_size=4, num_workers=1, collate_fn=collate)
+    ((from_worker, _, _),) = list(loader)  # through a real loader worker (a separate process)
+    assert torch.equal(from_worker["jpeg_bytes"], packed["jpeg_bytes"])
+    assert torch.equal(from_worker["decoded"][0], png)
+
+
 def test_jpegs_decoded_on_the_device_give_the_host_decodes_batches_and_a_corrupt_one_is_named(tmp_path):
     """data.decode_on: device: the loader sends JPEG bytes (a PNG among them is decoded on the host), the
     device decodes each batch in one decode_jpeg call (here the CPU: libjpeg, as PIL); the batches equal

@@ -560,7 +560,7 @@ class StageRunner:
         channels = self.spec.model.in_channels
         for batch in batches:
             labels, params = batch[1], batch[2] if len(batch) == 3 else None
-            if isinstance(batch[0], list):  # data.decode_on: device
+            if isinstance(batch[0], dict):  # data.decode_on: device (workers.augment.pack_encoded)
                 x, kept = decode_batch(batch[0], params, self.device, channels, source.path, self._skip_bad)
                 labels, params = labels[kept], params[kept]
             else:

@@ -298,7 +298,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     ``.to("cuda")`` from pageable memory waits until every kernel already queued on the stream is done:
     once a step, that stall lets the GPU run dry while the host draws and launches the next step. From
     pinned memory with ``non_blocking`` the copy is queued like a kernel; the caching host allocator
-    keeps the pinned buffer until the copy is done. (A loader with ``pin_memory`` pins it already.)"""
+    keeps the pinned buffer until the copy is done. (A loader with ``pin_memory`` pins it already: a
+    pinned ``tensor`` is copied from as it is, so it must not be changed before the copy has run.)"""
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)

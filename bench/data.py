@@ -130,9 +130,10 @@ def build_folders(args) -> tuple[str, str, str]:
     """(originals, their prepared tiers, what the images are), built on first use under ``args.cache``:
     written under a temporary name, prepared, renamed into place, then marked complete."""
     from bench.tiers import build_folder
-    from service.prepare import parse_tiers, prepare
+    from service.prepare import AUTO_TIERS, prepare
 
-    base = os.path.join(args.cache, f"stagetrain-bench-data-{args.source}-{args.images}")
+    tiers = "-".join(str(t) for t in AUTO_TIERS)
+    base = os.path.join(args.cache, f"stagetrain-bench-data-{args.source}-{args.images}-tiers-{tiers}")
     if os.path.exists(f"{base}/COMPLETE"):
         with open(f"{base}/COMPLETE") as f:
             return f"{base}/src", f"{base}/tiers", f.read().strip()
@@ -145,7 +146,7 @@ def build_folders(args) -> tuple[str, str, str]:
     else:
         what = build_fashion_mnist(f"{tmp}/src", args)
     os.rename(tmp, base)
-    prepare(f"{base}/src", f"{base}/tiers", parse_tiers("auto"))  # after the rename: it records the path
+    prepare(f"{base}/src", f"{base}/tiers", None)  # --tiers auto; after the rename: it records the path
     with open(f"{base}/COMPLETE", "w") as f:
         f.write(what + "\n")
     print(

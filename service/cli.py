@@ -735,7 +735,8 @@ def plot(job_id: str, storage: str | None, output: str | None, x_axis: str) -> N
     "--tiers",
     default="auto",
     show_default=True,
-    help="Shorter-side caps in px, comma-separated (e.g. 160,256), or auto (160,224,288); full/: originals.",
+    help="Shorter-side caps in px, comma-separated (e.g. 160,256), or auto (160,192,224,288; a DST prepared "
+    "or half-prepared keeps its own); full/: originals.",
 )
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: CPUs + 4, at most 32).")

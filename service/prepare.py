@@ -48,12 +48,14 @@ from service.tiers import FULL, INTENT, MANIFEST, SAMPLES, TiersManifest, capped
 PROGRESS = "stagetrain-prepare.jsonl"
 # --tiers auto, chosen from bench/tiers.py's figures (README, "Resolution tiers"): with crops on the device
 # each sample reads the smallest tier its own box needs (R to 1.95 R at the default crop_scale, 1.4 R for
-# the median box), so tiers ~1.3x apart serve 128-224 px stages: 160 (a 128 px stage's median box), 224
-# (evaluation at 224 px, a 160 px stage's median box), 288 (a 224 px stage's larger boxes). Against
-# 160,256 (0.68x the source's bytes; this is 1.16x): a loader's work 1.19x / 1.11x / 1.14x as fast at
-# 128 / 160 / 224 px training, evaluation at 224 px 1.23x; 160,208,272 (1.06x) is as fast at 128 px,
-# slower at 160 and 224 px (evaluation 0.75x); 160,192,256,320 (1.66x) is faster at 224 px training only.
-AUTO_TIERS = (160, 224, 288)
+# the median box), so tiers close together serve 128-224 px stages: 160 (a 128 px stage's median box),
+# 192 (a 128 px stage's smaller boxes: without it half of them read 224, 0.31 against 0.18 ms a decode),
+# 224 (evaluation at 224 px, a 160 px stage's median box), 288 (a 224 px stage's larger boxes). Against
+# 160,224,288 (the default before; 1.16x the source's bytes, this 1.43x): a loader's work 1.08-1.13x /
+# 1.03-1.12x / 1.00-1.10x as fast at 128 / 160 / 224 px, evaluation the same. Against 160,256: 1.19x /
+# 1.11x / 1.14x more, evaluation at 224 px 1.23x; 160,208,272 is slower at 160 and 224 px (evaluation
+# 0.75x); 160,192,256,320 (1.66x) is faster at 224 px training only, slower at evaluating 224 px.
+AUTO_TIERS = (160, 192, 224, 288)
 MIN_TIER = 16
 FLUSH_S = 1.0  # progress is appended at most this often (one object per append on object stores)
 PLAIN_EVERY_S = 10.0  # progress lines when the output is not a terminal
@@ -101,10 +103,11 @@ class Prepared:
     already: bool  # DST was prepared already (nothing written)
 
 
-def parse_tiers(text: str) -> list[int]:
-    """``--tiers``: ``auto`` or comma-separated sizes in px (ascending, distinct)."""
+def parse_tiers(text: str) -> list[int] | None:
+    """``--tiers``: comma-separated sizes in px (ascending, distinct), or None for ``auto`` (``prepare``:
+    ``AUTO_TIERS`` for a new folder, a prepared or half-prepared folder's own)."""
     if text.strip() == "auto":
-        return list(AUTO_TIERS)
+        return None
     try:
         tiers = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
@@ -148,14 +151,20 @@ def list_source(src: str) -> Listing:
 def prepare(
     src: str,
     dst: str,
-    tiers: list[int],
+    tiers: list[int] | None,
     quality: int = 90,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     say: Callable[[str], None] | None = None,
     on_bad_image: Literal["error", "skip"] = "error",
 ) -> Prepared:
-    """Write (or finish writing) the tiers of ``src`` into ``dst``; see the module docstring."""
+    """Write (or finish writing) the tiers of ``src`` into ``dst``; see the module docstring. ``tiers``
+    None: ``auto``, the tiers of a prepare of ``dst`` under way or done (one started with an earlier
+    default continues as it began), else ``AUTO_TIERS``."""
+    out = Storage(normalized_url(dst))
+    out.check()
+    if tiers is None:
+        tiers = _tiers_there(out) or list(AUTO_TIERS)
     tiers = sorted(set(tiers))
     if not tiers or tiers[0] < MIN_TIER:
         raise ValueError(f"--tiers: each size must be at least {MIN_TIER} px; got {tiers}")
@@ -168,8 +177,6 @@ def prepare(
     args = PrepareArgs(source=normalized_url(src), tiers=tiers, quality=quality)
     if normalized_url(dst).startswith(args.source + "/"):
         raise ValueError(f"{dst}: inside the source folder {src}, where its tiers would be read as classes")
-    out = Storage(normalized_url(dst))
-    out.check()
     source = list_source(src)
     folders = [str(t) for t in tiers] + [FULL]
 
@@ -240,6 +247,15 @@ def prepare(
         _check_tier(out, folder, source)
     manifest = _commit(out, args, source, done, folders)
     return Prepared(out.url, manifest, written=len(pending), skipped=total - len(pending), already=False)
+
+
+def _tiers_there(out: Storage) -> list[int] | None:
+    """The tiers of the prepare in ``out`` (done, or under way), if there is one."""
+    for name, model in ((MANIFEST, TiersManifest), (INTENT, PrepareArgs)):
+        if out.exists(name):
+            with contextlib.suppress(ValueError):  # not ours: refused later, with the reason
+                return model.model_validate_json(out.read_text(name)).tiers
+    return None
 
 
 def _refuse_other(out: Storage, name: str, asked: PrepareArgs, found: PrepareArgs) -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.prepare import INTENT, PROGRESS, list_source, parse_tiers, prepare
+from service.prepare import AUTO_TIERS, INTENT, PROGRESS, list_source, parse_tiers, prepare
 from service.sources import dataset_size, image_folder_index
 from service.spec import ImageFolderData
 from service.tiers import (
@@ -183,7 +183,7 @@ def test_a_killed_prepare_continues_where_it_stopped(tmp_path):
     refused = stagetrain("prepare", src, dst, "--tiers", "48,96")
     assert refused.returncode == 2
     assert refused.stderr.strip().startswith(f"error: {dst}/{INTENT}: tiers [48, 72] there, [48, 96] asked")
-    again = stagetrain("prepare", src, dst, "--tiers", "48,72", check=True)
+    again = stagetrain("prepare", src, dst, check=True)  # --tiers auto: the folder's own, 48,72
     finished = len({e["path"] for e in logged})
     assert f"continuing the prepare in {dst}: {finished} of 24 images done" in again.stderr
     assert f"({24 - finished} now, {finished} done before)" in again.stdout
@@ -210,10 +210,14 @@ def test_a_prepared_folder_is_never_overwritten(tmp_path):
         with pytest.raises(ValueError) as e:
             prepare(*args)
         assert str(e.value).startswith(message), str(e.value)
+    # auto (None): a prepared or half-prepared folder keeps its own tiers (an earlier default, maybe),
+    # a new one gets AUTO_TIERS
+    assert prepare(src, dst, None).already and prepare(src, dst, None).manifest.tiers == TIERS
+    assert prepare(src, str(tmp_path / "new"), None, workers=2).manifest.tiers == list(AUTO_TIERS)
     os.remove(f"{src}/bee/03.jpg")  # the source changed since: its prepared folder is stale
     with pytest.raises(ValueError, match=f"{dst}: prepared from an earlier listing of {src}"):
         prepare(src, dst, TIERS)
-    assert parse_tiers("auto") == [160, 224, 288] and parse_tiers("256, 160,160") == [160, 256]
+    assert parse_tiers("auto") is None and parse_tiers("256, 160,160") == [160, 256]
     for bad in ("160,big", "8", ""):
         with pytest.raises(ValueError, match="--tiers: "):
             parse_tiers(bad)

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.tiers import build_folder
-    from service.prepare import parse_tiers, prepare
+    from service.prepare import prepare
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         )
         t0 = time.perf_counter()
         tiers = f"{work}/tiers"
-        prepare(folder, tiers, parse_tiers("auto"))
+        prepare(folder, tiers, None)  # --tiers auto
         print(f"prepare --tiers auto: {args.images / (time.perf_counter() - t0):,.0f} img/s", flush=True)
         synthetic = args.batch * (args.warmup + args.steps)
         datas = {
@@ -202,10 +202,11 @@ def main(argv=None) -> int:
             "folder_host": ({"kind": "imagefolder", "train": folder, "val": folder}, args.images),
             "folder_tiers": ({"kind": "imagefolder", "train": tiers, "val": tiers}, args.images),
         }
+        for cell, (data, _) in datas.items():  # in-memory data needs no loader processes
+            data["loader_workers"] = 0 if cell == "memory" else args.loader_workers
         syncs = {}  # cell -> host syncs per step at the first resolution (CUDA only)
         for cell in ("memory", "folder_tiers"):
             data, samples = datas[cell]
-            data = {**data, "loader_workers": 0 if cell == "memory" else args.loader_workers}
             syncs[cell] = syncs_per_step(
                 args, job(args, args.resolutions[0], data, samples, f"{work}/runs"), device
             )
@@ -219,7 +220,6 @@ def main(argv=None) -> int:
                         value = ceiling_img_s(args, r, device)
                     else:
                         data, samples = datas[cell]
-                        data = {**data, "loader_workers": 0 if cell == "memory" else args.loader_workers}
                         value = loop_img_s(args, job(args, r, data, samples, f"{work}/runs"), device)
                     rows[r][cell].append(value)
                     print(f"round {k + 1} {r} px {cell}: {value:,.0f} img/s", flush=True)

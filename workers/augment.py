@@ -313,7 +313,7 @@ def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.
     if images.shape[0] not in (1, n):
         raise ValueError(f"crop_resize: {n} boxes, {images.shape[0]} images (expected {n} or one canvas)")
     params = to_device(params, images.device).float()
-    images = images.contiguous()  # a canvas is channels-last; roi_align reads (N, C, H, W)
+    images = images.contiguous()  # a canvas is channels-last; made (N, C, H, W) as uint8, not as float
     top, left, h, w, flip = params[:, :5].unbind(1)
     index = torch.arange(n, device=images.device, dtype=torch.float32) * (images.shape[0] > 1)
     rois = torch.stack([index, left, top, left + w, top + h], dim=1)  # (batch index, x1, y1, x2, y2)

@@ -176,7 +176,8 @@ class ImageFolderImages(Dataset):
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as img:
-            _check_size(index, path, img.size, size)
+            if header is None:  # a JPEG's size was checked from its header
+                _check_size(index, path, img.size, size)
             if draft_size and img.format == "JPEG":
                 img.draft(self.mode, (draft_size, draft_size))
             return v2.functional.pil_to_tensor(img.convert(self.mode))
